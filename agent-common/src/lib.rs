@@ -1,0 +1,337 @@
+//! Layouts shared by the kernel programs (`agent-ebpf`) and the agent.
+//!
+//! Every record the kernel sends starts with one [`EventHeader`]. All types
+//! are `#[repr(C)]` with explicit padding and no `bool`, so both sides agree
+//! on every byte; the agent decodes them with length checks and never trusts
+//! the kernel's bytes beyond what it has checked.
+#![no_std]
+
+/// Largest payload prefix one data event can carry (`--capture-bytes` max).
+pub const MAX_CAPTURE_BYTES: u32 = 32 * 1024;
+/// Default payload prefix: ordinary request heads (with several KiB of
+/// cookies) fit, while bulk bodies are cut short.
+pub const DEFAULT_CAPTURE_BYTES: u32 = 8 * 1024;
+/// Most iovec entries copied from one readv/writev/sendmsg/recvmsg.
+pub const MAX_IOVECS: u32 = 8;
+/// Scratch space behind the event header in the per-CPU staging buffer.
+/// Larger than `MAX_CAPTURE_BYTES` so the verifier can bound masked copies.
+pub const SCRATCH_PAYLOAD_BYTES: usize = 3 * MAX_CAPTURE_BYTES as usize;
+
+/// Map names, defined once for both sides.
+pub mod maps {
+    pub const EVENTS_RINGBUF: &str = "EVENTS_RINGBUF";
+    pub const EVENTS_PERF: &str = "EVENTS_PERF";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const PENDING: &str = "PENDING";
+    pub const TRACED_PIDS: &str = "TRACED_PIDS";
+    pub const TRACED_COMMS: &str = "TRACED_COMMS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SCRATCH: &str = "SCRATCH";
+}
+
+/// Name of the read-only global holding [`KernelConfig`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+/// Kind of record, first byte of every [`EventHeader`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Data = 1,
+    ConnOpen = 2,
+    ConnClose = 3,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Data),
+            2 => Some(Self::ConnOpen),
+            3 => Some(Self::ConnClose),
+            _ => None,
+        }
+    }
+}
+
+/// Data direction as seen by the traced process.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The process sent the bytes (write, send*).
+    Egress = 1,
+    /// The process received the bytes (read, recv*).
+    Ingress = 2,
+}
+
+impl Direction {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Egress),
+            2 => Some(Self::Ingress),
+            _ => None,
+        }
+    }
+}
+
+/// How the connection came to be known.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// First seen mid-stream (opened before the agent, or via dup/fd passing).
+    Unknown = 0,
+    /// The process connect()ed it.
+    Client = 1,
+    /// The process accept()ed it.
+    Server = 2,
+}
+
+impl Role {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Client,
+            2 => Self::Server,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// The syscall that produced a data event.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    Sendto = 5,
+    Recvfrom = 6,
+    Sendmsg = 7,
+    Recvmsg = 8,
+}
+
+impl Syscall {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Read,
+            2 => Self::Write,
+            3 => Self::Readv,
+            4 => Self::Writev,
+            5 => Self::Sendto,
+            6 => Self::Recvfrom,
+            7 => Self::Sendmsg,
+            8 => Self::Recvmsg,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Readv => "readv",
+            Self::Writev => "writev",
+            Self::Sendto => "sendto",
+            Self::Recvfrom => "recvfrom",
+            Self::Sendmsg => "sendmsg",
+            Self::Recvmsg => "recvmsg",
+        }
+    }
+
+    pub fn direction(self) -> Direction {
+        match self {
+            Self::Write | Self::Writev | Self::Sendto | Self::Sendmsg => Direction::Egress,
+            Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg => Direction::Ingress,
+        }
+    }
+}
+
+/// Common start of every record (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`EventKind`] as u8.
+    pub kind: u8,
+    /// Data: [`Syscall`]; ConnOpen: [`Role`]; else 0.
+    pub detail: u8,
+    pub _pad: [u8; 2],
+    /// Process id (thread group id) in the initial pid namespace.
+    pub tgid: u32,
+    /// Thread id in the initial pid namespace.
+    pub tid: u32,
+    /// File descriptor in the process.
+    pub fd: i32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the syscall returned.
+    pub ts_ns: u64,
+    /// Unique per connection for the life of the agent.
+    pub conn_id: u64,
+}
+
+/// A chunk of socket payload. `captured` bytes of payload follow the struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// Bytes the syscall really moved (its return value).
+    pub total_bytes: u64,
+    /// Payload bytes that follow (≤ capture limit, ≤ total_bytes).
+    pub captured: u32,
+    pub _pad: u32,
+}
+
+/// A connection became known: connect/accept returned, or first sight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOpenEvent {
+    pub header: EventHeader,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    /// IPv4 in the first 4 bytes, or IPv6; network byte order.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Command name of the thread that opened it.
+    pub comm: [u8; 16],
+}
+
+/// The process closed the connection's fd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCloseEvent {
+    pub header: EventHeader,
+}
+
+/// Offsets of kernel struct members, read from the running kernel's BTF by
+/// the agent (aya has no CO-RE relocations for Rust eBPF).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_num: u32,
+    pub sk_dport: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    /// Offset of `child_pid` in the sched_process_fork tracepoint record.
+    pub fork_child_pid: u32,
+    pub _pad: u32,
+}
+
+/// Filter modes for [`KernelConfig::filter_mode`].
+pub const FILTER_ALL: u32 = 0;
+pub const FILTER_SELECTED: u32 = 1;
+/// Transports for [`KernelConfig::transport`].
+pub const TRANSPORT_RINGBUF: u32 = 0;
+pub const TRANSPORT_PERF: u32 = 1;
+
+/// Read-only configuration the agent writes into the object before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// The agent's own tgid: never traced.
+    pub agent_tgid: u32,
+    /// Payload prefix to copy per event, ≤ [`MAX_CAPTURE_BYTES`].
+    pub capture_bytes: u32,
+    /// [`FILTER_ALL`] or [`FILTER_SELECTED`] (only tgids in TRACED_PIDS).
+    pub filter_mode: u32,
+    /// [`TRANSPORT_RINGBUF`] or [`TRANSPORT_PERF`].
+    pub transport: u32,
+    pub offsets: KernelOffsets,
+}
+
+/// Per-CPU counters in the COUNTERS map, by index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Records handed to the transport.
+    EventsSent = 0,
+    /// Records the transport refused (buffer full): lost.
+    EventsLost = 1,
+    /// Payload bytes handed to the transport.
+    BytesSent = 2,
+    /// Syscall entries dropped because the PENDING map was full.
+    PendingFull = 3,
+    /// Socket-table insertions that failed.
+    SocketsFull = 4,
+    /// fd → socket look-ups that failed to read kernel memory.
+    WalkFailed = 5,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// Kind of value in the SOCKETS table.
+pub const SOCKET_TRACKED: u8 = 1;
+/// The fd is not an inet stream socket: remembered so it is not looked up again.
+pub const SOCKET_IGNORED: u8 = 2;
+
+/// SOCKETS value: what the kernel remembers about one (tgid, fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub conn_id: u64,
+    pub state: u8,
+    pub role: u8,
+    pub _pad: [u8; 6],
+}
+
+/// SOCKETS key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C) plain data with explicit padding.
+    unsafe impl aya::Pod for KernelConfig {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for SocketInfo {}
+    unsafe impl aya::Pod for SocketKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_fixed_sizes() {
+        assert_eq!(size_of::<EventHeader>(), 32);
+        assert_eq!(size_of::<DataEvent>(), 48);
+        assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
+        assert_eq!(size_of::<ConnCloseEvent>(), 32);
+        assert_eq!(size_of::<SocketKey>(), 8);
+        assert_eq!(size_of::<SocketInfo>(), 16);
+        assert_eq!(size_of::<KernelConfig>(), 16 + 18 * 4);
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for k in [EventKind::Data, EventKind::ConnOpen, EventKind::ConnClose] {
+            assert_eq!(EventKind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(EventKind::from_u8(0), None);
+        for s in 1..=8u8 {
+            assert_eq!(Syscall::from_u8(s).map(|s| s as u8), Some(s));
+        }
+        assert_eq!(Syscall::from_u8(9), None);
+        assert_eq!(Role::from_u8(2), Role::Server);
+        assert_eq!(Role::from_u8(77), Role::Unknown);
+    }
+}

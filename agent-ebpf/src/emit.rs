@@ -1,0 +1,122 @@
+//! Handing records to userspace over the chosen transport, with counting.
+
+use core::{
+    ffi::c_void,
+    ptr::{read_volatile, write_volatile},
+};
+
+use agent_common::{Counter, DataEvent, SCRATCH_PAYLOAD_BYTES, TRANSPORT_PERF};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_CURRENT_CPU,
+    helpers::{
+        bpf_get_smp_processor_id,
+        generated::{bpf_perf_event_output, bpf_ringbuf_output},
+    },
+};
+
+use crate::{COUNTERS, EVENTS_PERF, EVENTS_RINGBUF, SCRATCH, config};
+
+/// Staging area for a data event: too big for the BPF stack.
+#[repr(C)]
+pub struct Scratch {
+    /// Non-zero while a program on this CPU fills the slot. Syscall
+    /// tracepoints may be preempted on recent kernels, so a second program
+    /// on the same CPU must not reuse the slot meanwhile. A plain load and
+    /// store, not an exchange: BPF atomics with fetch need kernel 5.12 and
+    /// cpu v3; the window left is two instructions.
+    busy: u32,
+    _pad: u32,
+    pub event: DataEvent,
+    pub payload: [u8; SCRATCH_PAYLOAD_BYTES],
+}
+
+/// Exclusive use of this CPU's staging slot; released on drop.
+pub struct ScratchGuard {
+    slot: *mut Scratch,
+}
+
+impl ScratchGuard {
+    pub fn acquire() -> Option<Self> {
+        // SAFETY: helper without preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        let slot = SCRATCH.get_ptr_mut(cpu)?;
+        // SAFETY: map value pointer, valid for the program's run.
+        let busy = unsafe { &raw mut (*slot).busy };
+        // SAFETY: map value pointer.
+        if unsafe { read_volatile(busy) } != 0 {
+            count(Counter::EventsLost, 1);
+            return None;
+        }
+        // SAFETY: map value pointer.
+        unsafe { write_volatile(busy, 1) };
+        Some(Self { slot })
+    }
+
+    pub fn get(&mut self) -> &mut Scratch {
+        // SAFETY: exclusive by the busy flag.
+        unsafe { &mut *self.slot }
+    }
+}
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `get`.
+        unsafe { write_volatile(&raw mut (*self.slot).busy, 0) };
+    }
+}
+
+/// Adds to a per-CPU counter.
+#[inline(always)]
+pub fn count(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; a lost increment under preemption is harmless.
+        unsafe { *slot += n };
+    }
+}
+
+/// Sends `len` bytes at `data` as one record. `len` must be verifier-bounded
+/// by the caller. Returns whether the transport accepted it.
+#[inline(always)]
+pub fn output<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64) -> bool {
+    let ok = if config!(transport) == TRANSPORT_PERF {
+        // SAFETY: map pointer of a perf event array; data/len bounded by caller.
+        unsafe {
+            bpf_perf_event_output(
+                ctx.as_ptr(),
+                (&raw const EVENTS_PERF).cast_mut().cast::<c_void>(),
+                u64::from(BPF_F_CURRENT_CPU),
+                data.cast_mut().cast::<c_void>(),
+                len,
+            ) == 0
+        }
+    } else {
+        // SAFETY: map pointer of a ring buffer; data/len bounded by caller.
+        unsafe {
+            bpf_ringbuf_output(
+                (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>(),
+                data.cast_mut().cast::<c_void>(),
+                len,
+                0,
+            ) == 0
+        }
+    };
+    if ok {
+        count(Counter::EventsSent, 1);
+        count(Counter::BytesSent, payload);
+    } else {
+        count(Counter::EventsLost, 1);
+    }
+    ok
+}
+
+/// Sends a fixed-size record.
+#[inline(always)]
+pub fn output_record<C: EbpfContext, T>(ctx: &C, record: &T) -> bool {
+    output(
+        ctx,
+        (record as *const T).cast::<u8>(),
+        core::mem::size_of::<T>() as u64,
+        0,
+    )
+}

@@ -1,0 +1,103 @@
+//! zerotrace kernel programs.
+//!
+//! Syscall tracepoints see every socket read and write of selected processes;
+//! the enter hook remembers the call's arguments per thread, the exit hook
+//! copies what really moved and hands it to userspace over the ring buffer or
+//! the perf event array. Maps are bounded; every drop is counted.
+#![no_std]
+#![no_main]
+
+mod emit;
+mod process;
+mod socket;
+mod syscalls;
+
+use agent_common::{KernelConfig, KernelOffsets, SocketInfo, SocketKey};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
+};
+
+/// Written by the agent before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+static CONFIG: KernelConfig = KernelConfig {
+    agent_tgid: 0,
+    capture_bytes: agent_common::DEFAULT_CAPTURE_BYTES,
+    filter_mode: agent_common::FILTER_ALL,
+    transport: agent_common::TRANSPORT_RINGBUF,
+    offsets: KernelOffsets {
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_inode: 0,
+        file_private_data: 0,
+        inode_mode: 0,
+        socket_type: 0,
+        socket_sk: 0,
+        sk_family: 0,
+        sk_num: 0,
+        sk_dport: 0,
+        sk_daddr: 0,
+        sk_rcv_saddr: 0,
+        sk_v6_daddr: 0,
+        sk_v6_rcv_saddr: 0,
+        fork_child_pid: 0,
+        _pad: 0,
+    },
+};
+
+/// Reads a field of [`CONFIG`]; volatile so the compiler cannot fold the default.
+#[inline(always)]
+pub(crate) fn read_config<T: Copy>(field: *const T) -> T {
+    // SAFETY: `field` points into the CONFIG static.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// `config!(capture_bytes)`, `config!(offsets.task_files)`.
+macro_rules! config {
+    ($($field:tt)+) => {
+        $crate::read_config(&raw const $crate::CONFIG.$($field)+)
+    };
+}
+pub(crate) use config;
+
+// Sizes here are defaults; the agent sets the real ones before load.
+#[map(name = "EVENTS_RINGBUF")]
+static EVENTS_RINGBUF: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map(name = "EVENTS_PERF")]
+static EVENTS_PERF: PerfEventByteArray = PerfEventByteArray::new(0);
+
+/// (tgid, fd) → what the fd is; removed on close.
+#[map(name = "SOCKETS")]
+static SOCKETS: LruHashMap<SocketKey, SocketInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid → arguments of a data syscall in flight on that thread.
+#[map(name = "PENDING")]
+static PENDING: LruHashMap<u64, syscalls::PendingCall> = LruHashMap::with_max_entries(32768, 0);
+
+/// Selected processes (when CONFIG.filter_mode is FILTER_SELECTED).
+#[map(name = "TRACED_PIDS")]
+static TRACED_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Command names whose exec selects the process (`--exe`).
+#[map(name = "TRACED_COMMS")]
+static TRACED_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(agent_common::COUNTER_SLOTS, 0);
+
+/// One staging slot per CPU (index = CPU id); per-CPU arrays cap values at 32 KiB.
+#[map(name = "SCRATCH")]
+static SCRATCH: Array<emit::Scratch> = Array::with_max_entries(1, 0);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,79 @@
+//! Process selection: which tgids are traced, following forks and execs.
+
+use agent_common::FILTER_SELECTED;
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{TRACED_COMMS, TRACED_PIDS, config};
+
+/// Whether the process's socket traffic is traced. The agent never traces itself.
+#[inline(always)]
+pub fn selected(tgid: u32) -> bool {
+    if tgid == config!(agent_tgid) {
+        return false;
+    }
+    if config!(filter_mode) != FILTER_SELECTED {
+        return true;
+    }
+    // SAFETY: presence check only.
+    unsafe { TRACED_PIDS.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+fn filtering() -> bool {
+    config!(filter_mode) == FILTER_SELECTED
+}
+
+/// `sched/sched_process_fork`: children of selected processes are selected.
+/// The child pid's offset in the record varies by kernel; the agent reads it
+/// from the tracepoint's format file.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if !filtering() {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: presence check only.
+    if unsafe { TRACED_PIDS.get(&parent) }.is_none() {
+        return 0;
+    }
+    // SAFETY: offset from the format file; faulting-safe read.
+    if let Ok(child) = unsafe { ctx.read_at::<u32>(config!(offsets.fork_child_pid) as usize) } {
+        let _ = TRACED_PIDS.insert(&child, &1, 0);
+    }
+    0
+}
+
+/// `sched/sched_process_exec`: a process that execs a selected name is selected.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if !filtering() {
+        return 0;
+    }
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    // SAFETY: presence check only.
+    if unsafe { TRACED_COMMS.get(&comm) }.is_some() {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = TRACED_PIDS.insert(&tgid, &1, 0);
+    }
+    0
+}
+
+/// `sched/sched_process_exit`: forget a process when its last thread leaves.
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    if !filtering() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tgid == tid {
+        let _ = TRACED_PIDS.remove(&tgid);
+    }
+    0
+}

@@ -1,0 +1,7 @@
+//! Capture: reading the kernel's records off the transport and decoding them.
+
+pub mod event;
+pub mod reader;
+
+pub use event::{Data, DecodeError, Event, Open, decode};
+pub use reader::{Reader, ReaderStats};

@@ -1,0 +1,154 @@
+//! Connections: the table that attributes every data event to a
+//! connection with its tuple and role.
+
+pub mod seed;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
+
+use agent_common::Role;
+
+use crate::capture::Open;
+
+/// One traced connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub fd: i32,
+    pub role: Role,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub comm: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Connections by id, bounded: when full, the oldest is evicted (and
+/// counted), so a flood of connections that never close cannot grow it.
+pub struct ConnTable {
+    conns: HashMap<u64, Connection>,
+    order: VecDeque<u64>,
+    capacity: usize,
+    seed: seed::Seed,
+    pub evicted: u64,
+}
+
+impl ConnTable {
+    pub fn new(capacity: usize, seed: seed::Seed) -> Self {
+        Self {
+            conns: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            seed,
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn get(&self, conn_id: u64) -> Option<&Connection> {
+        self.conns.get(&conn_id)
+    }
+
+    pub fn get_mut(&mut self, conn_id: u64) -> Option<&mut Connection> {
+        self.conns.get_mut(&conn_id)
+    }
+
+    /// Records a connection from a ConnOpen event, resolving an unknown
+    /// role from the /proc seed. Returns the stored connection.
+    pub fn open(&mut self, open: &Open) -> &Connection {
+        let h = &open.header;
+        let role = match open.role {
+            Role::Unknown => self.seed.role_of(h.tgid, h.fd, open.local),
+            known => known,
+        };
+        while self.conns.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if self.conns.remove(&oldest).is_some() {
+                self.evicted += 1;
+            }
+        }
+        // Ids of closed connections linger in `order`; compact now and then.
+        if self.order.len() > 2 * self.capacity {
+            let conns = &self.conns;
+            self.order.retain(|id| conns.contains_key(id));
+        }
+        self.order.push_back(h.conn_id);
+        self.conns
+            .entry(h.conn_id)
+            .insert_entry(Connection {
+                conn_id: h.conn_id,
+                tgid: h.tgid,
+                fd: h.fd,
+                role,
+                local: open.local,
+                remote: open.remote,
+                comm: open.comm.clone(),
+                bytes_in: 0,
+                bytes_out: 0,
+            })
+            .into_mut()
+    }
+
+    pub fn close(&mut self, conn_id: u64) -> Option<Connection> {
+        self.conns.remove(&conn_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::EventHeader;
+
+    fn open(id: u64, role: Role) -> Open {
+        Open {
+            header: EventHeader {
+                conn_id: id,
+                tgid: 1,
+                fd: id as i32,
+                ..Default::default()
+            },
+            role,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:50000".parse().unwrap(),
+            comm: "x".into(),
+        }
+    }
+
+    #[test]
+    fn bounded_with_eviction_of_the_oldest() {
+        let mut table = ConnTable::new(3, seed::Seed::default());
+        for id in 1..=5 {
+            table.open(&open(id, Role::Client));
+        }
+        assert_eq!(table.len(), 3);
+        assert_eq!(table.evicted, 2);
+        assert!(table.get(1).is_none() && table.get(5).is_some());
+        assert!(table.close(5).is_some());
+        for id in 6..1000 {
+            table.open(&open(id, Role::Client));
+            table.close(id);
+        }
+        assert!(table.order.len() <= 2 * 3 + 1);
+    }
+
+    #[test]
+    fn unknown_roles_come_from_the_seed() {
+        let mut seed = seed::Seed::default();
+        seed.listeners.insert("127.0.0.1:8080".parse().unwrap());
+        let mut table = ConnTable::new(10, seed);
+        assert_eq!(table.open(&open(1, Role::Unknown)).role, Role::Server);
+        assert_eq!(table.open(&open(2, Role::Client)).role, Role::Client);
+    }
+}

@@ -1,0 +1,320 @@
+//! Probing what the running kernel allows: the rows of `zerotrace check`.
+
+use std::path::Path;
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{Stats, enable_stats, is_map_supported, is_program_supported},
+};
+use serde::Serialize;
+
+use super::{btf::Btf, tracefs};
+
+/// One probed capability.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: &'static str,
+    pub available: bool,
+    /// Whether the base capture layer cannot work without it.
+    pub required: bool,
+    pub detail: String,
+}
+
+/// Result of probing the kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// The base layer (syscall tracepoints + a transport) can run.
+    pub capture_ready: bool,
+    /// Which kernel-function probe type the agent would use, if any.
+    pub kernel_function_layer: Option<&'static str>,
+}
+
+impl Report {
+    pub fn get(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.name == name)
+    }
+
+    /// Required rows that are missing, for the error message.
+    pub fn blockers(&self) -> Vec<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.required && !r.available)
+            .collect()
+    }
+}
+
+fn row(name: &'static str, required: bool, result: Result<String, String>) -> Row {
+    let (available, detail) = match result {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    Row {
+        name,
+        available,
+        required,
+        detail,
+    }
+}
+
+/// Linux capabilities the agent uses (bit numbers from linux/capability.h).
+pub const CAPABILITIES: [(&str, u32, &str); 5] = [
+    ("CAP_BPF", 39, "load programs and create maps"),
+    ("CAP_PERFMON", 38, "attach tracepoints, read kernel memory"),
+    ("CAP_SYS_ADMIN", 21, "mount tracefs, BPF run-time stats"),
+    ("CAP_SYS_PTRACE", 19, "read other processes' /proc/PID/fd"),
+    (
+        "CAP_DAC_READ_SEARCH",
+        2,
+        "read /proc of processes of other users",
+    ),
+];
+
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Missing capabilities by name, from an effective set.
+pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |bit: u32| effective & (1u64 << bit) != 0;
+    CAPABILITIES
+        .iter()
+        // CAP_SYS_ADMIN covers BPF and PERFMON on kernels older than 5.8.
+        .filter(|(name, bit, _)| {
+            !has(*bit) && !(has(21) && matches!(*name, "CAP_BPF" | "CAP_PERFMON"))
+        })
+        .map(|(name, _, _)| *name)
+        .collect()
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Parses "6.18.44-foo" into (6, 18).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn lockdown() -> Result<String, String> {
+    const PATH: &str = "/sys/kernel/security/lockdown";
+    if !Path::new(PATH).exists() {
+        // securityfs may simply not be mounted; try once.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    match std::fs::read_to_string(PATH) {
+        Ok(text) => {
+            let mode = text
+                .split_whitespace()
+                .find(|w| w.starts_with('['))
+                .map(|w| w.trim_matches(['[', ']']).to_owned())
+                .unwrap_or_else(|| text.trim().to_owned());
+            match mode.as_str() {
+                "none" => Ok("none".into()),
+                "integrity" => Ok("integrity: bpf_probe_write_user blocked (not used)".into()),
+                // confidentiality blocks reading kernel memory: no fd → socket walk.
+                other => Err(format!("{other}: kernel memory reads are blocked")),
+            }
+        }
+        Err(_) => Ok("no lockdown LSM (securityfs has no lockdown file)".into()),
+    }
+}
+
+fn probe_program(kind: ProgramType) -> Result<(), String> {
+    match is_program_supported(kind) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("program type refused by the kernel".into()),
+        Err(e) => Err(format!("probe failed: {e}")),
+    }
+}
+
+fn probe_map(kind: MapType) -> Result<(), String> {
+    match is_map_supported(kind) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("map type refused by the kernel".into()),
+        Err(e) => Err(format!("probe failed: {e}")),
+    }
+}
+
+fn event_source(name: &str) -> bool {
+    Path::new("/sys/bus/event_source/devices")
+        .join(name)
+        .join("type")
+        .exists()
+}
+
+/// Probes everything `zerotrace check` reports. Mounts tracefs if needed.
+pub fn probe() -> Report {
+    let mut rows = Vec::new();
+
+    let release = kernel_release();
+    let version_ok = parse_release(&release).is_some_and(|v| v >= (5, 8));
+    rows.push(row(
+        "kernel",
+        true,
+        if version_ok {
+            Ok(release.clone())
+        } else {
+            Err(format!("{release}: need Linux 5.8 or newer"))
+        },
+    ));
+
+    let btf = Btf::from_sys_fs();
+    rows.push(row(
+        "btf",
+        true,
+        match &btf {
+            Ok(_) => Ok("/sys/kernel/btf/vmlinux".into()),
+            Err(e) => Err(e.to_string()),
+        },
+    ));
+
+    let tracefs = tracefs::ensure_mounted();
+    rows.push(row(
+        "tracefs",
+        true,
+        match &tracefs {
+            Ok((p, true)) => Ok(format!("{} (mounted now)", p.display())),
+            Ok((p, false)) => Ok(p.display().to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    ));
+
+    rows.push(row("lockdown", true, lockdown()));
+
+    rows.push(row(
+        "ring buffer",
+        false,
+        probe_map(MapType::RingBuf).map(|()| "BPF_MAP_TYPE_RINGBUF".into()),
+    ));
+    rows.push(row(
+        "perf event array",
+        false,
+        probe_map(MapType::PerfEventArray).map(|()| "BPF_MAP_TYPE_PERF_EVENT_ARRAY".into()),
+    ));
+
+    let syscalls = match (&tracefs, probe_program(ProgramType::TracePoint)) {
+        (Ok((path, _)), Ok(())) => {
+            if tracefs::has_tracepoint(path, "syscalls", "sys_enter_read") {
+                Ok("syscalls/sys_enter_* and sys_exit_*".into())
+            } else {
+                Err("no syscalls/ tracepoints (CONFIG_FTRACE_SYSCALLS off)".into())
+            }
+        }
+        (Err(_), _) => Err("tracefs unavailable".into()),
+        (_, Err(e)) => Err(e),
+    };
+    rows.push(row("syscall tracepoints", true, syscalls));
+
+    let kprobe = if !event_source("kprobe") {
+        Err("no kprobe PMU (kernel built without CONFIG_KPROBES)".into())
+    } else {
+        probe_program(ProgramType::KProbe).map(|()| "kprobe PMU present".into())
+    };
+    let kprobe_ok = kprobe.is_ok();
+    rows.push(row("kprobes", false, kprobe));
+
+    let fentry = match &btf {
+        Err(_) => Err("needs BTF".into()),
+        Ok(btf) if !btf.has_func("tcp_sendmsg") => Err("tcp_sendmsg not in BTF".into()),
+        Ok(_) => match is_program_supported(ProgramType::Tracing) {
+            Ok(true) => {
+                // Loading the type is not enough on every kernel: attach
+                // needs trampolines. The probe loads with a BTF target, so a
+                // kernel that refuses trampolines refuses here.
+                Ok("BPF trampolines (fentry/fexit)".into())
+            }
+            Ok(false) => Err("tracing programs refused by the kernel".into()),
+            Err(e) => Err(format!(
+                "tracing programs refused: {:#}",
+                anyhow::Error::from(e)
+            )),
+        },
+    };
+    let fentry_ok = fentry.is_ok();
+    rows.push(row("fentry/fexit", false, fentry));
+
+    rows.push(row(
+        "uprobes",
+        false,
+        if event_source("uprobe") {
+            Ok("uprobe PMU present".into())
+        } else {
+            Err("no uprobe PMU (CONFIG_UPROBE_EVENTS off)".into())
+        },
+    ));
+
+    rows.push(row(
+        "bpf run-time stats",
+        false,
+        match enable_stats(Stats::RunTime) {
+            Ok(_fd) => Ok("BPF_ENABLE_STATS".into()),
+            Err(e) => Err(format!("BPF_ENABLE_STATS failed: {e}")),
+        },
+    ));
+
+    let caps = match effective_capabilities() {
+        None => Err("cannot read CapEff from /proc/self/status".into()),
+        Some(eff) => {
+            let missing = missing_capabilities(eff);
+            if missing.is_empty() {
+                Ok("none missing".into())
+            } else {
+                Err(format!("missing {}", missing.join(", ")))
+            }
+        }
+    };
+    rows.push(row("capabilities", true, caps));
+
+    let transport = rows
+        .iter()
+        .any(|r| matches!(r.name, "ring buffer" | "perf event array") && r.available);
+    let capture_ready = transport && rows.iter().all(|r| !r.required || r.available);
+    Report {
+        rows,
+        capture_ready,
+        kernel_function_layer: if fentry_ok {
+            Some("fentry/fexit")
+        } else if kprobe_ok {
+            Some("kprobe/kretprobe")
+        } else {
+            None
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names() {
+        assert!(missing_capabilities(u64::MAX).is_empty());
+        assert_eq!(missing_capabilities(0).len(), CAPABILITIES.len());
+        // SYS_ADMIN alone stands in for BPF and PERFMON.
+        let m = missing_capabilities(1 << 21);
+        assert!(!m.contains(&"CAP_BPF") && m.contains(&"CAP_SYS_PTRACE"));
+    }
+
+    #[test]
+    fn releases() {
+        assert_eq!(parse_release("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0"), Some((5, 4)));
+        assert_eq!(parse_release("x"), None);
+    }
+}

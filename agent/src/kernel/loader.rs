@@ -1,0 +1,433 @@
+//! Loading the embedded eBPF object and attaching its programs.
+//!
+//! Programs are listed in [`HOOKS`], a registry rather than a hard-coded
+//! attach sequence: a hook whose tracepoint the kernel lacks is skipped with
+//! a recorded reason unless it is essential.
+
+use std::{
+    collections::HashMap,
+    os::fd::OwnedFd,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
+    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, maps,
+};
+use anyhow::{Context, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    programs::TracePoint,
+    sys::{Stats, enable_stats},
+    util::online_cpus,
+};
+
+use super::{btf::Btf, offsets, tracefs};
+
+/// The kernel programs, built by build.rs from agent-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace-ebpf"));
+
+/// Which kernel → user transport carries events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// Ring buffer where the kernel has it (5.8+), else perf buffers.
+    Auto,
+    #[value(name = "ringbuf")]
+    RingBuf,
+    Perf,
+}
+
+/// The transport actually in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    RingBuf,
+    Perf,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RingBuf => "ringbuf",
+            Self::Perf => "perf",
+        }
+    }
+
+    pub fn resolve(choice: TransportChoice) -> Self {
+        match choice {
+            TransportChoice::RingBuf => Self::RingBuf,
+            TransportChoice::Perf => Self::Perf,
+            TransportChoice::Auto => {
+                if aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false) {
+                    Self::RingBuf
+                } else {
+                    Self::Perf
+                }
+            }
+        }
+    }
+}
+
+/// One tracepoint attachment of a program.
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub tracepoint: &'static str,
+    /// The agent refuses to start without it.
+    pub essential: bool,
+}
+
+const fn hook(
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    essential: bool,
+) -> Hook {
+    Hook {
+        program,
+        category,
+        tracepoint,
+        essential,
+    }
+}
+
+/// Every attachment, in attach order (exits before enters, so no enter
+/// record waits for an exit hook that is not there yet).
+pub const HOOKS: &[Hook] = &[
+    hook("sched_process_fork", "sched", "sched_process_fork", true),
+    hook("sched_process_exec", "sched", "sched_process_exec", true),
+    hook("sched_process_exit", "sched", "sched_process_exit", true),
+    hook("sys_exit_data", "syscalls", "sys_exit_read", true),
+    hook("sys_exit_data", "syscalls", "sys_exit_write", true),
+    hook("sys_exit_data", "syscalls", "sys_exit_readv", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_writev", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_sendto", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_recvfrom", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_sendmsg", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_recvmsg", false),
+    hook("sys_exit_connect", "syscalls", "sys_exit_connect", true),
+    hook("sys_exit_accept", "syscalls", "sys_exit_accept", false),
+    hook("sys_exit_accept", "syscalls", "sys_exit_accept4", true),
+    hook("sys_enter_close", "syscalls", "sys_enter_close", true),
+    hook("sys_enter_read", "syscalls", "sys_enter_read", true),
+    hook("sys_enter_write", "syscalls", "sys_enter_write", true),
+    hook("sys_enter_readv", "syscalls", "sys_enter_readv", false),
+    hook("sys_enter_writev", "syscalls", "sys_enter_writev", false),
+    hook("sys_enter_sendto", "syscalls", "sys_enter_sendto", false),
+    hook(
+        "sys_enter_recvfrom",
+        "syscalls",
+        "sys_enter_recvfrom",
+        false,
+    ),
+    hook("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", false),
+    hook("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
+    hook("sys_enter_connect", "syscalls", "sys_enter_connect", true),
+];
+
+/// What the caller wants captured.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub transport: TransportChoice,
+    pub capture_bytes: u32,
+    /// Ring buffer bytes, or perf buffer bytes per CPU.
+    pub buffer_bytes: usize,
+    pub pids: Vec<u32>,
+    pub exes: Vec<String>,
+}
+
+/// How one program load went (for logs and the startup trace).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgramLoad {
+    pub program: String,
+    pub duration: Duration,
+    pub instructions: Option<u32>,
+}
+
+/// How one attach went.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub target: String,
+    pub kind: &'static str,
+    pub outcome: Result<(), String>,
+}
+
+/// Loaded and attached kernel programs. Dropping it detaches everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub transport: Transport,
+    pub tracefs: PathBuf,
+    pub loads: Vec<ProgramLoad>,
+    pub attachments: Vec<Attachment>,
+    /// Keeps BPF run-time statistics on while held.
+    _stats: Option<OwnedFd>,
+}
+
+/// Rounds a ring buffer size to a power of two ≥ one page, as the kernel requires.
+pub fn ringbuf_size(bytes: usize) -> u32 {
+    let page = 4096usize;
+    bytes.max(page).next_power_of_two().min(1 << 30) as u32
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels before 5.11 (memcg accounting makes it moot later).
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels ≥ 5.11)");
+    }
+}
+
+/// Encodes a command name as the kernel stores it (15 bytes + NUL).
+pub fn comm_key(name: &str) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    for (dst, src) in key.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src;
+    }
+    key
+}
+
+impl Probes {
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        if opts.capture_bytes > MAX_CAPTURE_BYTES {
+            bail!(
+                "--capture-bytes {} exceeds the maximum of {MAX_CAPTURE_BYTES}",
+                opts.capture_bytes
+            );
+        }
+        raise_memlock();
+        let (tracefs, _) = tracefs::ensure_mounted()?;
+        let btf = Btf::from_sys_fs()?;
+        let offsets = offsets::resolve(&btf, &tracefs)?;
+        let transport = Transport::resolve(opts.transport);
+        let filtered = !opts.pids.is_empty() || !opts.exes.is_empty();
+        let config = KernelConfig {
+            agent_tgid: std::process::id(),
+            capture_bytes: opts.capture_bytes,
+            filter_mode: if filtered {
+                FILTER_SELECTED
+            } else {
+                FILTER_ALL
+            },
+            transport: match transport {
+                Transport::RingBuf => TRANSPORT_RINGBUF,
+                Transport::Perf => TRANSPORT_PERF,
+            },
+            offsets,
+        };
+        let cpus = online_cpus()
+            .map_err(|(_, e)| e)
+            .context("reading online CPUs")?;
+        let max_cpu = cpus.iter().copied().max().unwrap_or(0) + 1;
+        let ring_bytes = match transport {
+            Transport::RingBuf => ringbuf_size(opts.buffer_bytes),
+            // Unused but still created: keep it one page.
+            Transport::Perf => ringbuf_size(0),
+        };
+        let stats = enable_stats(Stats::RunTime)
+            .map_err(|e| log::info!("BPF run-time stats unavailable: {e}"))
+            .ok();
+
+        let ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &config, true)
+            .map_max_entries(maps::EVENTS_RINGBUF, ring_bytes)
+            .map_max_entries(maps::SCRATCH, max_cpu)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+
+        let mut probes = Probes {
+            ebpf,
+            transport,
+            tracefs,
+            loads: Vec::new(),
+            attachments: Vec::new(),
+            _stats: stats,
+        };
+        probes.select_processes(opts)?;
+        probes.attach_all()?;
+        Ok(probes)
+    }
+
+    fn select_processes(&mut self, opts: &LoadOptions) -> anyhow::Result<()> {
+        let mut pids: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(maps::TRACED_PIDS)
+                .context("TRACED_PIDS map")?,
+        )?;
+        for pid in crate::conn::seed::select_pids(&opts.pids, &opts.exes) {
+            pids.insert(pid, 1, 0)?;
+        }
+        let mut comms: BpfHashMap<_, [u8; 16], u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(maps::TRACED_COMMS)
+                .context("TRACED_COMMS map")?,
+        )?;
+        for exe in &opts.exes {
+            comms.insert(comm_key(exe), 1, 0)?;
+        }
+        Ok(())
+    }
+
+    fn attach_all(&mut self) -> anyhow::Result<()> {
+        let mut loaded: HashMap<&str, ()> = HashMap::new();
+        for hook in HOOKS {
+            let program: &mut TracePoint = self
+                .ebpf
+                .program_mut(hook.program)
+                .with_context(|| format!("program {} missing from the object", hook.program))?
+                .try_into()?;
+            if loaded.insert(hook.program, ()).is_none() {
+                let started = Instant::now();
+                program
+                    .load()
+                    .with_context(|| format!("verifier rejected {}", hook.program))?;
+                self.loads.push(ProgramLoad {
+                    program: hook.program.to_owned(),
+                    duration: started.elapsed(),
+                    instructions: program
+                        .info()
+                        .ok()
+                        .and_then(|i| i.verified_instruction_count()),
+                });
+            }
+            let outcome = if tracefs::has_tracepoint(&self.tracefs, hook.category, hook.tracepoint)
+            {
+                program
+                    .attach(hook.category, hook.tracepoint)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("tracepoint not present on this kernel".to_owned())
+            };
+            if let Err(reason) = &outcome {
+                if hook.essential {
+                    bail!(
+                        "attaching {} to {}/{}: {reason}",
+                        hook.program,
+                        hook.category,
+                        hook.tracepoint
+                    );
+                }
+                log::warn!("skipping {}/{}: {reason}", hook.category, hook.tracepoint);
+            }
+            self.attachments.push(Attachment {
+                program: hook.program,
+                target: format!("{}/{}", hook.category, hook.tracepoint),
+                kind: "tracepoint",
+                outcome,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the transport's map for a reader.
+    pub fn take_events_map(&mut self) -> anyhow::Result<Map> {
+        let name = match self.transport {
+            Transport::RingBuf => maps::EVENTS_RINGBUF,
+            Transport::Perf => maps::EVENTS_PERF,
+        };
+        self.ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing"))
+    }
+
+    /// Kernel-side counters, summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<KernelCounters> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).context("COUNTERS map")?)?;
+        let mut sums = [0u64; COUNTER_SLOTS as usize];
+        for (slot, sum) in sums.iter_mut().enumerate() {
+            *sum = map.get(&(slot as u32), 0)?.iter().sum();
+        }
+        let at = |c: Counter| sums[c as usize];
+        Ok(KernelCounters {
+            events_sent: at(Counter::EventsSent),
+            events_lost: at(Counter::EventsLost),
+            bytes_sent: at(Counter::BytesSent),
+            pending_full: at(Counter::PendingFull),
+            sockets_full: at(Counter::SocketsFull),
+            walk_failed: at(Counter::WalkFailed),
+        })
+    }
+
+    /// Run count and total run time per loaded program (BPF_ENABLE_STATS).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramStats {
+                    program: name.to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Kernel-side counters (see `agent_common::Counter`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct KernelCounters {
+    pub events_sent: u64,
+    pub events_lost: u64,
+    pub bytes_sent: u64,
+    pub pending_full: u64,
+    pub sockets_full: u64,
+    pub walk_failed: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgramStats {
+    pub program: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ringbuf_sizes_are_pages_powers_of_two() {
+        assert_eq!(ringbuf_size(0), 4096);
+        assert_eq!(ringbuf_size(5000), 8192);
+        assert_eq!(ringbuf_size(16 << 20), 16 << 20);
+    }
+
+    #[test]
+    fn comm_keys_truncate_like_the_kernel() {
+        assert_eq!(&comm_key("curl")[..5], b"curl\0");
+        let long = comm_key("a-very-long-executable-name");
+        assert_eq!(&long[..15], b"a-very-long-exe");
+        assert_eq!(long[15], 0);
+    }
+
+    #[test]
+    fn every_program_in_the_registry_exists_in_the_object() {
+        let object = aya_obj_names();
+        for hook in HOOKS {
+            assert!(
+                object.contains(&hook.program),
+                "{} not in object",
+                hook.program
+            );
+        }
+    }
+
+    /// Program names from the ELF symbol table, without loading anything.
+    fn aya_obj_names() -> Vec<&'static str> {
+        HOOKS
+            .iter()
+            .map(|h| h.program)
+            .filter(|name| OBJECT.windows(name.len()).any(|w| w == name.as_bytes()))
+            .collect()
+    }
+}

@@ -1,0 +1,177 @@
+//! Wires the stages: kernel probes → capture reader → connection table,
+//! handing each record with its connection to a consumer until stopped.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use agent_common::Direction;
+use anyhow::Context;
+
+use crate::{
+    capture::{Data, Event, Reader, ReaderStats},
+    conn::{ConnTable, Connection, seed::Seed},
+    kernel::loader::{KernelCounters, LoadOptions, Probes, Transport},
+};
+
+/// Most connections the agent remembers at once.
+pub const MAX_CONNECTIONS: usize = 65_536;
+/// Default ring buffer size.
+pub const DEFAULT_RINGBUF_BYTES: usize = 8 << 20;
+/// Default perf buffer size per CPU.
+pub const DEFAULT_PERF_BYTES_PER_CPU: usize = 1 << 20;
+
+/// A record with the connection it belongs to.
+pub enum Record<'a> {
+    Opened(&'a Connection),
+    /// `None` when the connection is unknown (its open record was lost or evicted).
+    Data(Option<&'a Connection>, &'a Data<'a>),
+    Closed(&'a Connection),
+}
+
+/// Everything the pipeline counted.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PipelineStats {
+    pub transport: &'static str,
+    pub reader: ReaderStats,
+    pub kernel: KernelCounters,
+    pub data_events: u64,
+    pub payload_bytes: u64,
+    pub orphan_data_events: u64,
+    pub connections_open: usize,
+    pub connections_evicted: u64,
+}
+
+impl PipelineStats {
+    /// All losses: refused by the transport in the kernel, or reported
+    /// lost by perf.
+    pub fn lost(&self) -> u64 {
+        self.kernel.events_lost + self.reader.lost
+    }
+}
+
+pub struct Pipeline {
+    pub probes: Probes,
+    reader: Reader,
+    conns: ConnTable,
+    data_events: u64,
+    payload_bytes: u64,
+    orphans: u64,
+}
+
+/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handler")?;
+    }
+    Ok(stop)
+}
+
+impl Pipeline {
+    /// Loads and attaches the probes, seeds connections from /proc, and
+    /// opens the transport.
+    pub fn start(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let mut probes = Probes::load(opts)?;
+        // Seed after attaching: a connection opened in between is seen by
+        // the probes, one opened before is in /proc.
+        let seed = Seed::scan();
+        let map = probes.take_events_map()?;
+        let reader = Reader::new(probes.transport, map, opts.buffer_bytes)?;
+        Ok(Self {
+            probes,
+            reader,
+            conns: ConnTable::new(MAX_CONNECTIONS, seed),
+            data_events: 0,
+            payload_bytes: 0,
+            orphans: 0,
+        })
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.probes.transport
+    }
+
+    /// Processes records until `stop` is set or `deadline` passes; calls
+    /// `tick` about every `tick_every`.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        deadline: Option<Instant>,
+        tick_every: Duration,
+        on_record: &mut impl FnMut(Record<'_>),
+        tick: &mut impl FnMut(&Self),
+    ) -> anyhow::Result<()> {
+        let mut next_tick = Instant::now() + tick_every;
+        while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+            self.step(Duration::from_millis(100), on_record)?;
+            if Instant::now() >= next_tick {
+                tick(self);
+                next_tick += tick_every;
+            }
+        }
+        // Whatever is already in the buffers still counts.
+        self.step(Duration::ZERO, on_record)?;
+        Ok(())
+    }
+
+    /// One wait-and-drain round.
+    pub fn step(
+        &mut self,
+        timeout: Duration,
+        on_record: &mut impl FnMut(Record<'_>),
+    ) -> anyhow::Result<u64> {
+        let Self {
+            reader,
+            conns,
+            data_events,
+            payload_bytes,
+            orphans,
+            ..
+        } = self;
+        reader.poll(timeout, &mut |event| match event {
+            Event::Open(open) => on_record(Record::Opened(conns.open(&open))),
+            Event::Data(data) => {
+                *data_events += 1;
+                *payload_bytes += data.payload.len() as u64;
+                let conn = conns.get_mut(data.header.conn_id);
+                match conn {
+                    Some(conn) => {
+                        match data.direction {
+                            Direction::Egress => conn.bytes_out += data.total_bytes,
+                            Direction::Ingress => conn.bytes_in += data.total_bytes,
+                        }
+                        on_record(Record::Data(Some(conn), &data));
+                    }
+                    None => {
+                        *orphans += 1;
+                        on_record(Record::Data(None, &data));
+                    }
+                }
+            }
+            Event::Close(header) => {
+                if let Some(conn) = conns.close(header.conn_id) {
+                    on_record(Record::Closed(&conn));
+                }
+            }
+        })
+    }
+
+    pub fn stats(&self) -> PipelineStats {
+        PipelineStats {
+            transport: self.probes.transport.name(),
+            reader: self.reader.stats(),
+            kernel: self.probes.counters().unwrap_or_default(),
+            data_events: self.data_events,
+            payload_bytes: self.payload_bytes,
+            orphan_data_events: self.orphans,
+            connections_open: self.conns.len(),
+            connections_evicted: self.conns.evicted,
+        }
+    }
+}
