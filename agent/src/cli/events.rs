@@ -37,6 +37,25 @@ pub struct EventsArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
+    /// Test hook: after attaching, exchange bytes over a loopback connection
+    /// inside the agent process (which must not be captured).
+    #[arg(long, hide = true)]
+    self_traffic: bool,
+}
+
+/// Sends and receives a message over loopback from inside the agent.
+fn self_traffic() -> anyhow::Result<u16> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let (mut server, _) = listener.accept()?;
+    client.write_all(b"zerotrace-self-traffic")?;
+    let mut buf = [0u8; 22];
+    server.read_exact(&mut buf)?;
+    server.write_all(&buf)?;
+    client.read_exact(&mut buf)?;
+    Ok(port)
 }
 
 /// Converts kernel monotonic timestamps to wall-clock time.
@@ -154,9 +173,14 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
         "zerotrace: capturing ({} transport); Ctrl-C to stop",
         pipeline.transport().name()
     );
+    if args.self_traffic {
+        eprintln!("zerotrace: self traffic on port {}", self_traffic()?);
+    }
     let clock = Clock::new();
     let stdout = std::io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+    // Shared by the record callback and the tick that flushes it, so
+    // readers of a pipe see records within a tick, not only at exit.
+    let out = std::cell::RefCell::new(BufWriter::new(stdout.lock()));
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
@@ -229,18 +253,22 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
             }
         };
         if write_error.is_none()
-            && let Err(e) = writeln!(out, "{line}")
+            && let Err(e) = writeln!(out.borrow_mut(), "{line}")
         {
             write_error = Some(e);
         }
+    };
+    let mut flush = |_: &Pipeline| {
+        let _ = out.borrow_mut().flush();
     };
     pipeline.run(
         &stop,
         deadline,
         Duration::from_millis(200),
         &mut on_record,
-        &mut |_| {},
+        &mut flush,
     )?;
+    let mut out = out.into_inner();
     let stats = pipeline.stats();
     if matches!(args.format, Format::Json) {
         let mut v = serde_json::to_value(stats)?;

@@ -1,0 +1,498 @@
+//! End-to-end: the capture pipeline against real clients and servers.
+//! Needs root; `cargo xtask test` runs it one test at a time.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use zerotrace_tests::*;
+
+const TRANSPORTS: [&str; 2] = ["ringbuf", "perf"];
+
+/// A real `python3 -m http.server` on loopback serving one known file.
+struct HttpServer {
+    _guard: Guard,
+    pid: u32,
+    port: u16,
+    body: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpServer {
+    fn start() -> HttpServer {
+        let dir = tempfile::tempdir().unwrap();
+        // Not all one byte, so any mix-up of offsets shows.
+        let body: Vec<u8> = (0..3000u32)
+            .map(|i| b"zerotrace-"[(i % 10) as usize] ^ (i / 10 % 2) as u8)
+            .collect();
+        std::fs::write(dir.path().join("file.bin"), &body).unwrap();
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let guard = Guard(child);
+        wait_for_port(port, Duration::from_secs(10)).unwrap();
+        HttpServer {
+            _guard: guard,
+            pid,
+            port,
+            body,
+            _dir: dir,
+        }
+    }
+}
+
+fn curl(url: &str, out: &std::path::Path) -> u32 {
+    let child = Command::new("curl")
+        .args(["-s", "-o"])
+        .arg(out)
+        .arg(url)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status = child.wait_with_output().unwrap().status;
+    assert!(status.success(), "curl failed: {status}");
+    pid
+}
+
+fn opens_of<'a>(records: &'a [Value], pid: u32) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "open" && r["pid"] == pid)
+        .collect()
+}
+
+#[test]
+fn captures_curl_and_http_server_in_both_directions_on_each_transport() {
+    if !can_trace() {
+        return;
+    }
+    let server = HttpServer::start();
+    for transport in TRANSPORTS {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let agent = Agent::start(&[
+            "--transport",
+            transport,
+            "--pid",
+            &server.pid.to_string(),
+            "--exe",
+            "curl",
+        ])
+        .unwrap();
+        let url = format!("http://127.0.0.1:{}/file.bin", server.port);
+        let curl_pid = curl(&url, out.path());
+        let done = agent.wait_for(Duration::from_secs(10), |r| {
+            r.iter()
+                .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
+        });
+        let records = agent.stop().unwrap();
+        assert!(
+            done,
+            "[{transport}] no close record for curl within 10 s: {}",
+            brief(&records)
+        );
+        assert_eq!(summary(&records)["transport"], transport);
+        assert_eq!(summary(&records)["lost"], 0);
+
+        // curl's side: one client connection to the server's port.
+        let opens = opens_of(&records, curl_pid);
+        assert_eq!(opens.len(), 1, "[{transport}] {opens:?}");
+        let open = opens[0];
+        assert_eq!(open["role"], "client");
+        assert_eq!(open["remote"], format!("127.0.0.1:{}", server.port));
+        let client_local = open["local"].as_str().unwrap().to_owned();
+
+        let client = data_of(&records, curl_pid);
+        assert!(
+            client
+                .iter()
+                .all(|r| r["remote"] == open["remote"] && r["local"] == client_local.as_str())
+        );
+        let request = stream(&client, "egress");
+        assert!(
+            request.starts_with(b"GET /file.bin HTTP/1.1\r\n"),
+            "[{transport}] {:?}",
+            String::from_utf8_lossy(&request)
+        );
+        let response = stream(&client, "ingress");
+        assert!(response.starts_with(b"HTTP/1.0 200 OK\r\n"));
+        assert!(
+            response.ends_with(&server.body),
+            "[{transport}] response body differs from the file"
+        );
+        // The byte counts are what the syscalls moved, and nothing was cut.
+        let total: u64 = client.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+        assert_eq!(total as usize, request.len() + response.len());
+        assert_eq!(std::fs::read(out.path()).unwrap(), server.body);
+
+        // The server's side of the same connection: the mirror image.
+        let server_side: Vec<&Value> = data_of(&records, server.pid)
+            .into_iter()
+            .filter(|r| r["remote"] == client_local.as_str())
+            .collect();
+        assert!(
+            server_side.iter().all(
+                |r| r["role"] == "server" && r["local"] == format!("127.0.0.1:{}", server.port)
+            )
+        );
+        assert_eq!(
+            stream(&server_side, "ingress"),
+            request,
+            "[{transport}] server received other bytes"
+        );
+        assert_eq!(
+            stream(&server_side, "egress"),
+            response,
+            "[{transport}] server sent other bytes"
+        );
+    }
+}
+
+/// A loopback Redis server with a client connected before the agent starts.
+#[test]
+fn captures_a_redis_connection_opened_before_the_agent() {
+    if !can_trace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let redis = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (apt-get install redis-server)");
+    let redis_pid = redis.id();
+    let _redis = Guard(redis);
+    wait_for_port(port, Duration::from_secs(10)).unwrap();
+
+    // Connects and talks once, then waits for a line before talking again.
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.create_connection(('127.0.0.1',{port}))\n\
+         s.sendall(b'PING\\r\\n'); s.recv(100)\n\
+         print('connected', flush=True); sys.stdin.readline()\n\
+         s.sendall(b'*3\\r\\n$3\\r\\nSET\\r\\n$4\\r\\nseed\\r\\n$5\\r\\nvalue\\r\\n')\n\
+         print(s.recv(100).decode().strip(), flush=True)\n"
+    );
+    let mut client = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client_pid = client.id();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
+
+    let agent = Agent::start(&[
+        "--pid",
+        &client_pid.to_string(),
+        "--pid",
+        &redis_pid.to_string(),
+    ])
+    .unwrap();
+    client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "+OK");
+    client.wait().unwrap();
+    agent.wait_for(Duration::from_secs(5), |r| {
+        r.iter()
+            .any(|x| x["type"] == "close" && x["pid"] == client_pid)
+    });
+    let records = agent.stop().unwrap();
+
+    let sent = data_of(&records, client_pid);
+    let set = b"*3\r\n$3\r\nSET\r\n$4\r\nseed\r\n$5\r\nvalue\r\n";
+    assert_eq!(stream(&sent, "egress"), set, "{}", brief(&records));
+    assert_eq!(stream(&sent, "ingress"), b"+OK\r\n");
+    assert!(
+        sent.iter()
+            .all(|r| r["role"] == "client" && r["remote"] == format!("127.0.0.1:{port}"))
+    );
+    // Redis accepted this connection before the agent: the seed says server.
+    let served: Vec<&Value> = data_of(&records, redis_pid);
+    assert!(
+        served
+            .iter()
+            .any(|r| payload(r) == set && r["role"] == "server" && r["direction"] == "ingress"),
+        "{}",
+        brief(&records)
+    );
+}
+
+#[test]
+fn regular_files_and_pipes_produce_no_events() {
+    if !can_trace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = HttpServer::start();
+    // File and pipe I/O, then one HTTP request so we know capture was live.
+    let script = format!(
+        "import os,sys,urllib.request\n\
+         sys.stdin.readline()\n\
+         for i in range(200):\n\
+         \x20   with open('{dir}/f', 'wb') as f: f.write(b'x'*1000)\n\
+         \x20   with open('{dir}/f', 'rb') as f: f.read()\n\
+         r,w=os.pipe(); os.write(w,b'pipe'); os.read(r,4)\n\
+         urllib.request.urlopen('http://127.0.0.1:{port}/file.bin').read()\n\
+         print('done', flush=True)\n",
+        dir = dir.path().display(),
+        port = server.port
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let agent = Agent::start(&["--pid", &pid.to_string()]).unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert!(read_all(&mut child).contains("done"));
+    child.wait().unwrap();
+    agent.wait_for(Duration::from_secs(5), |r| {
+        r.iter().any(|x| x["type"] == "close" && x["pid"] == pid)
+    });
+    let records = agent.stop().unwrap();
+    let data = data_of(&records, pid);
+    assert!(
+        !data.is_empty(),
+        "the HTTP request was not captured, so the test proves nothing"
+    );
+    for r in &data {
+        assert_eq!(
+            r["remote"],
+            format!("127.0.0.1:{}", server.port),
+            "a non-socket event: {r}"
+        );
+    }
+}
+
+#[test]
+fn never_captures_the_agents_own_sockets() {
+    if !can_trace() {
+        return;
+    }
+    let server = HttpServer::start();
+    // No selection: every process except the agent itself.
+    let mut agent = Agent::start(&["--self-traffic"]).unwrap();
+    let line = agent
+        .wait_for_stderr("self traffic on port", Duration::from_secs(10))
+        .unwrap();
+    let port: u16 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let curl_pid = curl(
+        &format!("http://127.0.0.1:{}/file.bin", server.port),
+        out.path(),
+    );
+    agent.wait_for(Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
+    });
+    let records = agent.stop().unwrap();
+    assert!(
+        !data_of(&records, curl_pid).is_empty(),
+        "capture of other processes was not live"
+    );
+    let mine = format!(":{port}");
+    let leaked: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["local"].as_str().is_some_and(|a| a.ends_with(&mine))
+                || r["remote"].as_str().is_some_and(|a| a.ends_with(&mine))
+        })
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "agent's own traffic captured: {leaked:?}"
+    );
+}
+
+#[test]
+fn reports_losses_when_a_tiny_buffer_is_flooded() {
+    if !can_trace() {
+        return;
+    }
+    for transport in TRANSPORTS {
+        let mut load = Command::new(agent_bin())
+            .args(["loadgen", "--seconds", "2"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = load.id();
+        let agent = Agent::start(&[
+            "--transport",
+            transport,
+            "--buffer-size",
+            "4096",
+            "--pid",
+            &pid.to_string(),
+        ])
+        .unwrap();
+        load.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let generated: Value = serde_json::from_str(read_all(&mut load).trim()).unwrap();
+        load.wait().unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let records = agent.stop().unwrap();
+        let summary = summary(&records);
+        let delivered = summary["data_events"].as_u64().unwrap();
+        let lost = summary["lost"].as_u64().unwrap();
+        eprintln!(
+            "[{transport}] generated {} syscalls, delivered {delivered}, lost {lost}",
+            generated["syscalls"]
+        );
+        assert!(delivered > 0, "[{transport}] nothing delivered");
+        assert!(
+            lost > 0,
+            "[{transport}] a 4 KiB buffer under a flood reported no loss: {summary}"
+        );
+        // Every syscall is either delivered or counted lost (open/close records aside).
+        let syscalls = generated["syscalls"].as_u64().unwrap();
+        assert!(
+            delivered + lost >= syscalls,
+            "[{transport}] {delivered} + {lost} < {syscalls}: losses undercounted"
+        );
+    }
+}
+
+fn our_programs_loaded() -> Vec<String> {
+    let out = run(Command::new("bpftool").args(["prog", "list", "--json"]))
+        .expect("bpftool (apt-get install bpftool)");
+    let progs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    progs
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| {
+            [
+                "sys_exit_data",
+                "sys_enter_read",
+                "sched_process_for",
+                "sys_enter_close",
+            ]
+            .iter()
+            .any(|o| n.starts_with(o))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn sigint_and_sigterm_detach_every_program() {
+    if !can_trace() {
+        return;
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(agent_bin())
+            .args(["run", "--stats-interval", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+        assert!(err.any(|l| l.unwrap().contains("capturing")));
+        assert!(
+            !our_programs_loaded().is_empty(),
+            "programs not visible in bpftool while running"
+        );
+        signal(&child, sig);
+        let status = wait_timeout(&mut child, Duration::from_secs(2))
+            .expect("agent did not exit within 2 s");
+        assert!(status.success(), "exit status {status}");
+        assert_eq!(
+            our_programs_loaded(),
+            Vec::<String>::new(),
+            "programs left after signal {sig}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_this_kernel_truthfully() {
+    if !can_trace() {
+        return;
+    }
+    let out = Command::new(agent_bin())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| -> Value {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    for name in [
+        "kernel",
+        "btf",
+        "tracefs",
+        "lockdown",
+        "ring buffer",
+        "perf event array",
+        "syscall tracepoints",
+        "kprobes",
+        "fentry/fexit",
+        "uprobes",
+        "bpf run-time stats",
+        "capabilities",
+    ] {
+        assert!(
+            row(name)["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{name} has no reason"
+        );
+    }
+    assert_eq!(report["capture_ready"], true);
+    assert_eq!(row("syscall tracepoints")["available"], true);
+    // kprobes: the kernel's own word is the kprobe PMU.
+    let kprobe_pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    assert_eq!(row("kprobes")["available"], kprobe_pmu);
+    // fentry: an independent attempt with bpftool's feature probe.
+    let probe = run(Command::new("bpftool").args(["feature", "probe", "kernel", "--json"]))
+        .unwrap_or_default();
+    if let Ok(features) = serde_json::from_str::<Value>(&probe) {
+        let tracing = &features["program_types"]["have_tracing_prog_type"];
+        if tracing == false {
+            assert_eq!(row("fentry/fexit")["available"], false);
+        }
+    }
+    let text = Command::new(agent_bin()).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("kprobes") && text.contains("capture: ready"),
+        "{text}"
+    );
+}

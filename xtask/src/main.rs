@@ -1,0 +1,257 @@
+//! `cargo xtask`: zerotrace's development tasks (see README.md, "Commands").
+
+mod bench;
+mod setup;
+mod util;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use util::{ChildFailed, Ctx, exec, run};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "zerotrace development tasks",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly, rust-src, bpf-linker,
+    /// Debian packages); skips what is present.
+    Setup,
+    /// Check the toolchain, then build the agent (and its eBPF programs).
+    Build {
+        /// Release profile (target/release/zerotrace).
+        #[arg(long, short)]
+        release: bool,
+    },
+    /// Build, then run `zerotrace ARGS` as root (through `sudo -E` if needed).
+    #[command(
+        after_help = "Examples:\n  cargo xtask run -- check\n  cargo xtask run -- events --exe curl"
+    )]
+    Run {
+        /// Release profile (target/release/zerotrace).
+        #[arg(long, short)]
+        release: bool,
+        /// Arguments for zerotrace [default: run].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Full setup, then `cargo test --workspace EXTRA` as root, one test at a time.
+    #[command(after_help = "Example:\n  cargo xtask test -- -p zerotrace-tests -- --nocapture")]
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        extra: Vec<OsString>,
+    },
+    /// Run benchmarks and write their results under bench/ (all when none is named).
+    Bench {
+        #[arg(value_enum)]
+        which: Option<Bench>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+    },
+    /// `cargo fmt --check` and clippy with warnings denied.
+    Lint,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Kernel → userspace event throughput and losses, ring buffer vs perf buffer.
+    Capture,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(child) = e.downcast_ref::<ChildFailed>() {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(u8::try_from(child.code()).unwrap_or(1).max(1));
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<()> {
+    let ctx = Ctx::new()?;
+    match cmd {
+        Cmd::Setup => setup::full(&ctx),
+        Cmd::Build { release } => build(&ctx, release),
+        Cmd::Run { release, args } => {
+            build(&ctx, release)?;
+            let bin = ctx.zerotrace_bin(release);
+            let mut c = ctx.as_root(&bin, "zerotrace")?;
+            if args.is_empty() {
+                c.arg("run");
+            } else {
+                c.args(&args);
+            }
+            say!("run", "{}", util::describe(&c));
+            Err(exec(&mut c))
+        }
+        Cmd::Test { extra } => test(&ctx, extra),
+        Cmd::Bench { which, seconds } => match which {
+            Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
+        },
+        Cmd::Lint => lint(&ctx),
+    }
+}
+
+fn build(ctx: &Ctx, release: bool) -> Result<()> {
+    setup::toolchain(ctx, false)?;
+    build_agent(ctx, release)
+}
+
+/// `cargo build -p agent`, without the toolchain check.
+fn build_agent(ctx: &Ctx, release: bool) -> Result<()> {
+    let mut c = ctx.cargo();
+    c.args(["build", "-p", "agent"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    let bin = ctx.zerotrace_bin(release);
+    if !bin.is_file() {
+        bail!("cargo build succeeded but {} is missing", bin.display());
+    }
+    say!("build", "{}", ctx.rel(&bin));
+    Ok(())
+}
+
+fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
+    setup::full(ctx)?;
+    // The end-to-end tests run the zerotrace binary; build it in the profile
+    // the tests use (the args before a second `--` are cargo's).
+    let release = extra
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--release" || a == "-r");
+    build_agent(ctx, release)?;
+
+    let mut c = ctx.cargo();
+    c.args(["test", "--workspace"]).args(&extra);
+    // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
+    c.env("RUST_TEST_THREADS", "1");
+    c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));
+    if !ctx.is_root {
+        // Build as the calling user (target/ stays theirs), run each test binary as root.
+        ctx.require_sudo("cargo xtask test")?;
+        c.env(
+            format!("CARGO_TARGET_{}_RUNNER", host_triple_env(ctx)?),
+            "sudo -E",
+        );
+        say!("test", "not root: test binaries run through `sudo -E`");
+    }
+    say!("test", "RUST_TEST_THREADS=1 {}", util::describe(&c));
+    Err(exec(&mut c))
+}
+
+/// The host triple in the form cargo's `CARGO_TARGET_<TRIPLE>_RUNNER` uses.
+fn host_triple_env(ctx: &Ctx) -> Result<String> {
+    let vv = util::output(ctx.cmd("rustc").arg("-vV"))?;
+    let Some(host) = vv.lines().find_map(|l| l.strip_prefix("host:")) else {
+        bail!("`rustc -vV` shows no host triple");
+    };
+    Ok(host.trim().to_uppercase().replace(['-', '.'], "_"))
+}
+
+fn lint(ctx: &Ctx) -> Result<()> {
+    setup::toolchain(ctx, false)?;
+    let fmt = run(ctx.cargo().args(["fmt", "--all", "--", "--check"]));
+    let clippy = run(ctx.cargo().args([
+        "clippy",
+        "-p",
+        "agent",
+        "-p",
+        "agent-common",
+        "-p",
+        "xtask",
+        "-p",
+        "zerotrace-tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]));
+    match (fmt, clippy) {
+        (Ok(()), Ok(())) => {
+            say!("lint", "fmt and clippy clean");
+            Ok(())
+        }
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(f), Err(c)) => bail!("{f:#}; {c:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+            .unwrap()
+            .cmd
+    }
+
+    #[test]
+    fn cli_shapes() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for (argv, want_release, want) in [
+            (
+                &["run", "--", "events", "--exe", "curl"][..],
+                false,
+                &["events", "--exe", "curl"][..],
+            ),
+            (
+                &["run", "--release", "check", "--json"][..],
+                true,
+                &["check", "--json"][..],
+            ),
+            (&["run", "-r", "--", "--help"][..], true, &["--help"][..]),
+            (&["run"][..], false, &[][..]),
+        ] {
+            let Cmd::Run { release, args } = parse(argv) else {
+                panic!("{argv:?}")
+            };
+            assert_eq!(release, want_release, "{argv:?}");
+            assert_eq!(args, want, "{argv:?}");
+        }
+        let Cmd::Test { extra } =
+            parse(&["test", "--", "-p", "zerotrace-tests", "--", "--nocapture"])
+        else {
+            panic!()
+        };
+        assert_eq!(extra, ["-p", "zerotrace-tests", "--", "--nocapture"]);
+        assert!(matches!(
+            parse(&["bench"]),
+            Cmd::Bench {
+                which: None,
+                seconds: 5
+            }
+        ));
+        assert!(matches!(
+            parse(&["bench", "capture", "--seconds", "2"]),
+            Cmd::Bench {
+                which: Some(Bench::Capture),
+                seconds: 2
+            }
+        ));
+        assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
+    }
+}

@@ -1,0 +1,359 @@
+//! `cargo xtask setup`: installs what building and testing zerotrace need, and
+//! skips whatever is already there.
+//!
+//! Toolchain: rustup's `nightly` with `rust-src` (agent/build.rs builds
+//! agent-ebpf with `-Z build-std=core --target bpfel-unknown-none`) and a
+//! `bpf-linker` linked against nightly's own libLLVM. System: the Debian
+//! packages the end-to-end tests use.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::say;
+use crate::util::{Ctx, output, run};
+
+/// Debian packages the end-to-end tests use.
+pub const PACKAGES: &[&str] = &[
+    "bpftool",
+    "curl",
+    "python3",
+    "redis-server",
+    "redis-tools",
+    "procps",
+    "iproute2",
+];
+
+/// The nightly toolchain as found (or installed).
+pub struct Nightly {
+    pub release: String,
+    pub llvm_version: String,
+    pub llvm_major: u32,
+    pub sysroot: PathBuf,
+}
+
+/// Full setup: toolchain, system packages, kernel report.
+pub fn full(ctx: &Ctx) -> Result<()> {
+    let start = Instant::now();
+    toolchain(ctx, true)?;
+    packages(ctx)?;
+    kernel_report();
+    say!("setup", "done in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Makes sure the toolchain pieces are there. `verbose` prints one line per
+/// step; otherwise only actions and a one-line summary are printed.
+pub fn toolchain(ctx: &Ctx, verbose: bool) -> Result<Nightly> {
+    if ctx.path_fixed {
+        say!(
+            "setup",
+            "{}/bin is not on PATH; using it for this run (add it to your shell's PATH)",
+            ctx.cargo_home.display()
+        );
+    }
+
+    let Some(rustup) = ctx.which("rustup") else {
+        bail!("rustup not found on PATH; install it from https://rustup.rs and run again");
+    };
+    if verbose {
+        let v = output(ctx.cmd(&rustup).arg("--version"))?;
+        say!("setup", "rustup: {}", first_line(&v));
+    }
+
+    let nightly = nightly(ctx)?;
+    if verbose {
+        say!(
+            "setup",
+            "nightly toolchain: present (rustc {}, LLVM {})",
+            nightly.release,
+            nightly.llvm_version
+        );
+    }
+
+    let core = nightly.sysroot.join("lib/rustlib/src/rust/library/core");
+    if core.is_dir() {
+        if verbose {
+            say!("setup", "rust-src (nightly): present");
+        }
+    } else {
+        say!("setup", "rust-src (nightly): missing, adding it…");
+        run(ctx
+            .cmd("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        if !core.is_dir() {
+            bail!(
+                "rust-src was added but {} does not exist; check `rustup component list --toolchain nightly`",
+                core.display()
+            );
+        }
+        say!("setup", "rust-src (nightly): added");
+    }
+
+    let linker = bpf_linker(ctx, &nightly, verbose)?;
+    if !verbose {
+        say!(
+            "setup",
+            "toolchain ok: nightly {} (LLVM {}), rust-src, {linker}",
+            nightly.release,
+            nightly.llvm_major
+        );
+    }
+    Ok(nightly)
+}
+
+fn nightly(ctx: &Ctx) -> Result<Nightly> {
+    let probe = || output(ctx.cmd("rustup").args(["run", "nightly", "rustc", "-vV"]));
+    let vv = match probe() {
+        Ok(vv) => vv,
+        Err(_) => {
+            say!(
+                "setup",
+                "nightly toolchain: missing, installing (profile minimal)…"
+            );
+            run(ctx.cmd("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            probe().context("nightly was installed but `rustc -vV` still fails")?
+        }
+    };
+    let field = |name: &str| {
+        vv.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let release = field("release:").unwrap_or_else(|| "?".into());
+    let llvm_version =
+        field("LLVM version:").context("`rustc +nightly -vV` shows no LLVM version")?;
+    let llvm_major = llvm_major(&llvm_version)
+        .with_context(|| format!("cannot read the LLVM major version from {llvm_version:?}"))?;
+    let sysroot = output(
+        ctx.cmd("rustup")
+            .args(["run", "nightly", "rustc", "--print", "sysroot"]),
+    )?;
+    Ok(Nightly {
+        release,
+        llvm_version,
+        llvm_major,
+        sysroot: PathBuf::from(sysroot.trim()),
+    })
+}
+
+/// "22.1.4" → 22.
+fn llvm_major(version: &str) -> Option<u32> {
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The libLLVM major a binary is dynamically linked against, from `ldd`
+/// (`libLLVM.so.22.1-rust-…` or `libLLVM-22…`). None if static or unknown.
+fn linked_llvm_major(ldd: &str) -> Option<u32> {
+    ldd.split_whitespace().find_map(|tok| {
+        let name = tok.rsplit('/').next()?;
+        let rest = name
+            .strip_prefix("libLLVM.so.")
+            .or_else(|| name.strip_prefix("libLLVM-"))?;
+        llvm_major(rest)
+    })
+}
+
+enum Linker {
+    Ok(String),
+    Missing,
+    Broken(String),
+}
+
+fn probe_linker(ctx: &Ctx, want_major: u32) -> Linker {
+    let Some(path) = ctx.which("bpf-linker") else {
+        return Linker::Missing;
+    };
+    let version = match output(ctx.cmd(&path).arg("--version")) {
+        Ok(v) => first_line(&v).to_string(),
+        Err(e) => return Linker::Broken(format!("{} does not run: {e:#}", path.display())),
+    };
+    if let Ok(ldd) = output(ctx.cmd("ldd").arg(&path))
+        && let Some(major) = linked_llvm_major(&ldd)
+        && major != want_major
+    {
+        return Linker::Broken(format!(
+            "{} uses LLVM {major}, nightly uses LLVM {want_major}",
+            path.display()
+        ));
+    }
+    Linker::Ok(version)
+}
+
+/// Ensures a working bpf-linker built against nightly's LLVM; returns its version.
+fn bpf_linker(ctx: &Ctx, nightly: &Nightly, verbose: bool) -> Result<String> {
+    let major = nightly.llvm_major;
+    match probe_linker(ctx, major) {
+        Linker::Ok(version) => {
+            if verbose {
+                say!("setup", "bpf-linker: present (LLVM {major}, {version})");
+            }
+            return Ok(version);
+        }
+        Linker::Missing => say!("setup", "bpf-linker: missing"),
+        Linker::Broken(why) => say!("setup", "bpf-linker: {why}; rebuilding"),
+    }
+    say!(
+        "setup",
+        "building bpf-linker against nightly LLVM {major} (~2 min)…"
+    );
+    let prefix = llvm_prefix(nightly)?;
+    let mut install = ctx.cmd("cargo");
+    install
+        .args(["install", "bpf-linker", "--locked", "--force"])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix)
+        .current_dir(&ctx.cargo_home);
+    run(&mut install).context("building bpf-linker failed")?;
+    match probe_linker(ctx, major) {
+        Linker::Ok(version) => {
+            say!("setup", "bpf-linker: built (LLVM {major}, {version})");
+            Ok(version)
+        }
+        Linker::Missing => bail!(
+            "bpf-linker was installed but is not on PATH (expected in {}/bin)",
+            ctx.cargo_home.display()
+        ),
+        Linker::Broken(why) => bail!("bpf-linker was rebuilt but still fails: {why}"),
+    }
+}
+
+/// `~/.cache/zerotrace/llvm-N` with `lib/libLLVM.so` pointing at nightly's
+/// libLLVM. bpf-linker's rpath points here, so this directory must stay.
+fn llvm_prefix(nightly: &Nightly) -> Result<PathBuf> {
+    let lib_dir = nightly.sysroot.join("lib");
+    let lib = fs::read_dir(&lib_dir)
+        .with_context(|| format!("cannot read {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("nightly has no libLLVM.so.* in {}", lib_dir.display()))?;
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")?;
+    let prefix = home
+        .join(".cache/zerotrace")
+        .join(format!("llvm-{}", nightly.llvm_major));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    let target = lib_dir.join(&lib);
+    for name in ["libLLVM.so", lib.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("cannot link {} → {}", link.display(), target.display()))?;
+    }
+    Ok(prefix)
+}
+
+/// Installs the Debian packages that are missing.
+pub fn packages(ctx: &Ctx) -> Result<()> {
+    let list = PACKAGES.join(" ");
+    if ctx.which("dpkg-query").is_none() || ctx.which("apt-get").is_none() {
+        say!(
+            "setup",
+            "system packages: not a Debian/Ubuntu system; install these (names may differ) yourself: {list}"
+        );
+        return Ok(());
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(ctx, p))
+        .collect();
+    if missing.is_empty() {
+        say!("setup", "debian packages: present ({list})");
+        return Ok(());
+    }
+    let missing_list = missing.join(" ");
+    let via = if ctx.is_root {
+        String::new()
+    } else {
+        ctx.require_sudo(&format!("installing {missing_list}"))
+            .with_context(|| format!("missing Debian packages: {missing_list}"))?;
+        " with sudo".to_string()
+    };
+    say!(
+        "setup",
+        "debian packages: missing {missing_list}; installing{via}…"
+    );
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut c = ctx.as_root("env", "apt-get")?;
+        c.args(["DEBIAN_FRONTEND=noninteractive", "apt-get"])
+            .args(args);
+        run(&mut c)
+    };
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(ctx, p))
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get finished but these are still not installed: {}",
+            still.join(" ")
+        );
+    }
+    say!("setup", "debian packages: installed {missing_list}");
+    Ok(())
+}
+
+fn dpkg_installed(ctx: &Ctx, package: &str) -> bool {
+    output(ctx.cmd("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .map(|s| s.trim_end().ends_with(" installed") && !s.starts_with("deinstall"))
+        .unwrap_or(false)
+}
+
+/// One informational line about the kernel; missing BTF is a warning only.
+fn kernel_report() {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        say!("setup", "kernel: {release}, BTF present");
+    } else {
+        say!(
+            "setup",
+            "kernel: {release}, WARNING: no /sys/kernel/btf/vmlinux; zerotrace needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF)"
+        );
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("").trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_majors() {
+        assert_eq!(llvm_major("22.1.4"), Some(22));
+        assert_eq!(llvm_major("x"), None);
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+            \tlibLLVM.so.22.1-rust-1.97.0-nightly => /root/.cache/zerotrace/llvm-22/lib/libLLVM.so.22.1-rust-1.97.0-nightly (0x00007f)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n";
+        assert_eq!(linked_llvm_major(ldd), Some(22));
+        assert_eq!(
+            linked_llvm_major("\tlibLLVM-19.so => /usr/lib/libLLVM-19.so\n"),
+            Some(19)
+        );
+        assert_eq!(linked_llvm_major("\tlibc.so.6 => /lib/libc.so.6\n"), None);
+    }
+}
