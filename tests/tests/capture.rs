@@ -70,7 +70,7 @@ fn curl(url: &str, out: &std::path::Path) -> u32 {
     pid
 }
 
-fn opens_of<'a>(records: &'a [Value], pid: u32) -> Vec<&'a Value> {
+fn opens_of(records: &[Value], pid: u32) -> Vec<&Value> {
     records
         .iter()
         .filter(|r| r["type"] == "open" && r["pid"] == pid)

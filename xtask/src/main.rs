@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Full setup, then `cargo test --workspace EXTRA` as root, one test at a time.
+    /// Full setup, then `cargo test EXTRA` over the default members (all but agent-ebpf) as root, one test at a time.
     #[command(after_help = "Example:\n  cargo xtask test -- -p zerotrace-tests -- --nocapture")]
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -144,7 +144,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     build_agent(ctx, release)?;
 
     let mut c = ctx.cargo();
-    c.args(["test", "--workspace"]).args(&extra);
+    c.arg("test").args(&extra);
     // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
     c.env("RUST_TEST_THREADS", "1");
     c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));
@@ -158,10 +158,68 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
         say!("test", "not root: test binaries run through `sudo -E`");
     }
     say!("test", "RUST_TEST_THREADS=1 {}", util::describe(&c));
-    Err(exec(&mut c))
+    run_tallied(&mut c)
+}
+
+/// Counts from one libtest line `test result: ok. 7 passed; 0 failed; 1 ignored; ...`.
+fn parse_test_result(line: &str) -> Option<[u64; 3]> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut counts = [0u64; 3];
+    for part in rest.split(['.', ';']) {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse() else { continue };
+        match what {
+            "passed" => counts[0] = n,
+            "failed" => counts[1] = n,
+            "ignored" => counts[2] = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one total
+/// line over every test binary (the last binary's own line may be a doc-test
+/// run of zero tests, which says nothing about the whole).
+fn run_tallied(c: &mut std::process::Command) -> Result<()> {
+    use std::io::BufRead;
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut totals = [0u64; 3];
+    let out = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = parse_test_result(&line) {
+            for (total, n) in totals.iter_mut().zip(counts) {
+                *total += n;
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals[0], totals[1], totals[2]
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }
 
 /// The host triple in the form cargo's `CARGO_TARGET_<TRIPLE>_RUNNER` uses.
+#[cfg(test)]
+mod tally_tests {
+    #[test]
+    fn parses_libtest_summaries() {
+        let line = "test result: ok. 7 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(super::parse_test_result(line), Some([7, 2, 1]));
+        assert_eq!(super::parse_test_result("running 7 tests"), None);
+    }
+}
+
 fn host_triple_env(ctx: &Ctx) -> Result<String> {
     let vv = util::output(ctx.cmd("rustc").arg("-vV"))?;
     let Some(host) = vv.lines().find_map(|l| l.strip_prefix("host:")) else {

@@ -213,7 +213,7 @@ pub(crate) mod tests {
             decode(&as_bytes(&header(EventKind::Data, 99))[..]).unwrap_err(),
             DecodeError::Short { len: 32, need: 48 }
         );
-        let mut bad = header(EventKind::Close, 0);
+        let mut bad = header(EventKind::ConnClose, 0);
         bad.kind = 77;
         assert_eq!(decode(&as_bytes(&bad)), Err(DecodeError::Kind(77)));
         let lying = DataEvent {

@@ -97,8 +97,7 @@ impl Reader {
             .iter()
             .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
             .collect();
-        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u16)
-            .unwrap_or(PollTimeout::MAX);
+        let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
         match poll(&mut pollfds, ms) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e).context("polling event buffers"),
@@ -136,7 +135,7 @@ impl Reader {
             Buffers::Perf(bufs) => {
                 for buf in bufs.iter_mut() {
                     buf.for_each(|event| match event {
-                        PerfEvent::Sample { head, tail } if tail.is_empty() => handle(head, stats),
+                        PerfEvent::Sample { head, tail: [] } => handle(head, stats),
                         PerfEvent::Sample { head, tail } => {
                             wrapped.clear();
                             wrapped.extend_from_slice(head);

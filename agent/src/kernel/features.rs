@@ -87,7 +87,8 @@ pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
         .iter()
         // CAP_SYS_ADMIN covers BPF and PERFMON on kernels older than 5.8.
         .filter(|(name, bit, _)| {
-            !has(*bit) && !(has(21) && matches!(*name, "CAP_BPF" | "CAP_PERFMON"))
+            let covered = has(21) && matches!(*name, "CAP_BPF" | "CAP_PERFMON");
+            !has(*bit) && !covered
         })
         .map(|(name, _, _)| *name)
         .collect()
