@@ -25,6 +25,14 @@ pub const DEFAULT_RINGBUF_BYTES: usize = 8 << 20;
 /// Default perf buffer size per CPU.
 pub const DEFAULT_PERF_BYTES_PER_CPU: usize = 1 << 20;
 
+/// The default buffer size for a transport (`--buffer-size` unset).
+pub fn default_buffer_bytes(transport: Transport) -> usize {
+    match transport {
+        Transport::RingBuf => DEFAULT_RINGBUF_BYTES,
+        Transport::Perf => DEFAULT_PERF_BYTES_PER_CPU,
+    }
+}
+
 /// A record with the connection it belongs to.
 pub enum Record<'a> {
     Opened(&'a Connection),

@@ -17,8 +17,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    kernel::loader::{LoadOptions, TransportChoice},
-    pipeline::{DEFAULT_PERF_BYTES_PER_CPU, DEFAULT_RINGBUF_BYTES, Pipeline},
+    kernel::loader::{LoadOptions, Transport, TransportChoice},
+    pipeline::{Pipeline, default_buffer_bytes},
 };
 
 #[derive(Args, Debug)]
@@ -91,14 +91,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the load generator")?;
-    let transport = crate::kernel::loader::Transport::resolve(args.transport);
     let opts = LoadOptions {
         transport: args.transport,
         capture_bytes: agent_common::DEFAULT_CAPTURE_BYTES,
-        buffer_bytes: args.buffer_size.unwrap_or(match transport {
-            crate::kernel::loader::Transport::RingBuf => DEFAULT_RINGBUF_BYTES,
-            crate::kernel::loader::Transport::Perf => DEFAULT_PERF_BYTES_PER_CPU,
-        }),
+        buffer_bytes: args
+            .buffer_size
+            .unwrap_or_else(|| default_buffer_bytes(Transport::resolve(args.transport))),
         pids: vec![child.id()],
         exes: Vec::new(),
     };

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    kernel::loader::{LoadOptions, TransportChoice},
-    pipeline::{DEFAULT_PERF_BYTES_PER_CPU, DEFAULT_RINGBUF_BYTES},
+    kernel::loader::{LoadOptions, Transport, TransportChoice},
+    pipeline::default_buffer_bytes,
 };
 
 #[derive(Parser, Debug)]
@@ -64,11 +64,7 @@ pub struct CaptureArgs {
 
 impl CaptureArgs {
     pub fn load_options(&self) -> LoadOptions {
-        let transport = crate::kernel::loader::Transport::resolve(self.transport);
-        let default = match transport {
-            crate::kernel::loader::Transport::RingBuf => DEFAULT_RINGBUF_BYTES,
-            crate::kernel::loader::Transport::Perf => DEFAULT_PERF_BYTES_PER_CPU,
-        };
+        let default = default_buffer_bytes(Transport::resolve(self.transport));
         LoadOptions {
             transport: self.transport,
             capture_bytes: self.capture_bytes,
