@@ -283,3 +283,13 @@ pub fn brief(records: &[Value]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// `python3 -c script` with piped stdin and stdout.
+pub fn spawn_python(script: &str) -> Child {
+    Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
+}

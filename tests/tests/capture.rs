@@ -200,12 +200,7 @@ fn captures_a_redis_connection_opened_before_the_agent() {
          s.sendall(b'*3\\r\\n$3\\r\\nSET\\r\\n$4\\r\\nseed\\r\\n$5\\r\\nvalue\\r\\n')\n\
          print(s.recv(100).decode().strip(), flush=True)\n"
     );
-    let mut client = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = spawn_python(&script);
     let client_pid = client.id();
     let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "connected");
@@ -265,12 +260,7 @@ fn regular_files_and_pipes_produce_no_events() {
         dir = dir.path().display(),
         port = server.port
     );
-    let mut child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_python(&script);
     let pid = child.id();
     let agent = Agent::start(&["--pid", &pid.to_string()]).unwrap();
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();

@@ -159,9 +159,10 @@ fn data_json(conn: Option<&Connection>, data: &Data<'_>) -> serde_json::Value {
         "payload_hex": hex(data.payload),
     });
     if let Some(conn) = conn {
-        for key in ["comm", "role", "local", "remote"] {
-            v[key] = conn_json(conn)[key].clone();
-        }
+        v["comm"] = conn.comm.as_str().into();
+        v["role"] = role_name(conn.role).into();
+        v["local"] = conn.local.to_string().into();
+        v["remote"] = conn.remote.to_string().into();
     }
     v
 }
