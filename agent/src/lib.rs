@@ -10,3 +10,4 @@ pub mod cli;
 pub mod conn;
 pub mod kernel;
 pub mod pipeline;
+pub mod protocol;

@@ -235,6 +235,10 @@ impl Probes {
             .map_err(|e| log::info!("BPF run-time stats unavailable: {e}"))
             .ok();
 
+        anyhow::ensure!(
+            !OBJECT.is_empty(),
+            "this build has no eBPF object (built with AYA_BUILD_SKIP or for fuzzing)"
+        );
         let ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(maps::EVENTS_RINGBUF, ring_bytes)

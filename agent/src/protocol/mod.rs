@@ -1,0 +1,5 @@
+//! Application protocols: pure parsers over a connection's byte streams.
+//! Each turns the bytes of both directions into request/response
+//! exchanges; none ever panics on bad input.
+
+pub mod http;
