@@ -4,6 +4,9 @@
 //! The tests need root and a kernel with BTF. As a normal user they skip
 //! with a message, except under CI=true, where skipping is a failure.
 
+pub mod otlp;
+pub mod rotel;
+
 use std::{
     io::{BufRead, BufReader, Read},
     net::{TcpListener, TcpStream},

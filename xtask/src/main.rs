@@ -148,6 +148,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
     c.env("RUST_TEST_THREADS", "1");
     c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));
+    // The Python OTel SDK and rotel that `setup` installed (tests/src/otlp.rs).
+    c.env("ZEROTRACE_VENV", setup::otel_venv_dir()?);
     if !ctx.is_root {
         // Build as the calling user (target/ stays theirs), run each test binary as root.
         ctx.require_sudo("cargo xtask test")?;

@@ -4,7 +4,9 @@
 //! Toolchain: rustup's `nightly` with `rust-src` (agent/build.rs builds
 //! agent-ebpf with `-Z build-std=core --target bpfel-unknown-none`) and a
 //! `bpf-linker` linked against nightly's own libLLVM. System: the Debian
-//! packages the end-to-end tests use.
+//! packages the end-to-end tests use, and a Python venv with the
+//! OpenTelemetry SDK, its OTLP exporters and the rotel collector (the tests'
+//! real OTLP exporter and collector).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     "curl",
     "python3",
+    "python3-venv",
     "redis-server",
     "redis-tools",
     "procps",
@@ -39,6 +42,7 @@ pub fn full(ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     toolchain(ctx, true)?;
     packages(ctx)?;
+    otel_venv(ctx)?;
     kernel_report();
     say!("setup", "done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -311,6 +315,128 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
     }
     say!("setup", "debian packages: installed {missing_list}");
     Ok(())
+}
+
+/// What the OTel venv holds: the Python SDK and OTLP exporters (a real
+/// exporter for the tests' in-process receiver) and rotel, a Rust OTLP
+/// collector whose wheel ships `site-packages/rotel/rotel-agent`. rotel is
+/// pinned: the tests read its debug-log layout.
+pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
+    "opentelemetry-sdk~=1.45",
+    "opentelemetry-exporter-otlp-proto-grpc~=1.45",
+    "opentelemetry-exporter-otlp-proto-http~=1.45",
+    "rotel==0.0.1a15",
+];
+
+/// Written into the venv after a successful install; a different list means reinstall.
+const OTEL_VENV_STAMP: &str = ".zerotrace-requirements";
+
+/// The OTel venv: `$ZEROTRACE_VENV`, else `~/.cache/zerotrace/venv-otel`
+/// (tests/src/otlp.rs looks in the same places; `cargo xtask test` exports it).
+pub fn otel_venv_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("ZEROTRACE_VENV").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME").context("neither ZEROTRACE_VENV nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/zerotrace/venv-otel"))
+}
+
+/// `lib/python3.*/site-packages/rotel/rotel-agent` inside the venv.
+fn rotel_agent(venv: &Path) -> Option<PathBuf> {
+    fs::read_dir(venv.join("lib"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/rotel/rotel-agent"))
+        .find(|p| p.is_file())
+}
+
+/// Ok(rotel version) when the venv has this requirement list installed and working.
+fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        bail!("missing");
+    }
+    let stamp = fs::read_to_string(venv.join(OTEL_VENV_STAMP)).unwrap_or_default();
+    if stamp.trim_end() != OTEL_VENV_REQUIREMENTS.join("\n") {
+        bail!("requirements changed");
+    }
+    output(ctx.cmd(&python).args([
+        "-c",
+        "import opentelemetry.sdk.trace, \
+         opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
+         opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    ]))?;
+    let rotel = rotel_agent(venv).context("rotel-agent missing")?;
+    let version = output(ctx.cmd(&rotel).arg("version"))?;
+    Ok(first_line(&version).to_string())
+}
+
+/// Creates (or repairs) the OTel venv unless it is present and working.
+pub fn otel_venv(ctx: &Ctx) -> Result<()> {
+    let venv = otel_venv_dir()?;
+    let why = match probe_otel_venv(ctx, &venv) {
+        Ok(rotel) => {
+            say!(
+                "setup",
+                "otel venv: present ({}, rotel {rotel})",
+                venv.display()
+            );
+            return Ok(());
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    say!(
+        "setup",
+        "otel venv {}: {why}; installing the OpenTelemetry SDK, OTLP exporters and rotel (~10 s)…",
+        venv.display()
+    );
+    let start = Instant::now();
+    if !venv.join("bin/python").is_file() || !venv.join("bin/pip").is_file() {
+        if venv.exists() {
+            fs::remove_dir_all(&venv)
+                .with_context(|| format!("cannot remove the broken venv {}", venv.display()))?;
+        }
+        if let Some(parent) = venv.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        // Debian's python3 (its venv module is the python3-venv package), not
+        // whatever python3 a version manager puts first on PATH.
+        let system = Path::new("/usr/bin/python3");
+        let python = if system.is_file() {
+            system.to_path_buf()
+        } else {
+            ctx.which("python3")
+                .context("python3 not found (it is in the Debian package list)")?
+        };
+        run(ctx.cmd(&python).arg("-m").arg("venv").arg(&venv))
+            .with_context(|| format!("creating the venv {}", venv.display()))?;
+    }
+    let _ = fs::remove_file(venv.join(OTEL_VENV_STAMP));
+    run(ctx
+        .cmd(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(OTEL_VENV_REQUIREMENTS))
+    .context("pip install into the otel venv failed")?;
+    fs::write(
+        venv.join(OTEL_VENV_STAMP),
+        OTEL_VENV_REQUIREMENTS.join("\n") + "\n",
+    )?;
+    match probe_otel_venv(ctx, &venv) {
+        Ok(rotel) => {
+            say!(
+                "setup",
+                "otel venv: installed in {:.1}s ({}, rotel {rotel})",
+                start.elapsed().as_secs_f64(),
+                venv.display()
+            );
+            Ok(())
+        }
+        Err(e) => bail!(
+            "the otel venv {} was installed but does not work: {e:#}",
+            venv.display()
+        ),
+    }
 }
 
 fn dpkg_installed(ctx: &Ctx, package: &str) -> bool {
