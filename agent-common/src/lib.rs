@@ -106,6 +106,8 @@ pub enum Syscall {
     Recvfrom = 6,
     Sendmsg = 7,
     Recvmsg = 8,
+    /// Bytes sent from a file: counted, never captured.
+    Sendfile = 9,
 }
 
 impl Syscall {
@@ -119,6 +121,7 @@ impl Syscall {
             6 => Self::Recvfrom,
             7 => Self::Sendmsg,
             8 => Self::Recvmsg,
+            9 => Self::Sendfile,
             _ => return None,
         })
     }
@@ -133,12 +136,15 @@ impl Syscall {
             Self::Recvfrom => "recvfrom",
             Self::Sendmsg => "sendmsg",
             Self::Recvmsg => "recvmsg",
+            Self::Sendfile => "sendfile",
         }
     }
 
     pub fn direction(self) -> Direction {
         match self {
-            Self::Write | Self::Writev | Self::Sendto | Self::Sendmsg => Direction::Egress,
+            Self::Write | Self::Writev | Self::Sendto | Self::Sendmsg | Self::Sendfile => {
+                Direction::Egress
+            }
             Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg => Direction::Ingress,
         }
     }

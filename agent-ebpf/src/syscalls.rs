@@ -137,6 +137,21 @@ enter_iovec!(sys_enter_writev, Syscall::Writev);
 enter_msg!(sys_enter_sendmsg, Syscall::Sendmsg);
 enter_msg!(sys_enter_recvmsg, Syscall::Recvmsg);
 
+/// Prototype: `sendfile64(int out_fd, int in_fd, loff_t *offset, size_t count)`.
+/// The bytes come from a file, so only their count is reported (a null
+/// buffer pointer tells the exit hook to copy nothing).
+#[tracepoint]
+pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
+    remember(
+        Syscall::Sendfile as u8,
+        arg(&ctx, 0) as i32,
+        0,
+        arg(&ctx, 3),
+        false,
+    );
+    0
+}
+
 /// Exit of every data syscall: emits what really moved.
 #[tracepoint]
 pub fn sys_exit_data(ctx: TracePointContext) -> u32 {
@@ -159,7 +174,9 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
 
     let moved = moved as u64;
     let want = min(moved, u64::from(config!(capture_bytes)));
-    let captured = if call.vectored != 0 {
+    let captured = if call.ptr == 0 {
+        0
+    } else if call.vectored != 0 {
         copy_iovecs(&mut scratch.payload, call.ptr, call.len, want)
     } else {
         copy_user(&mut scratch.payload, 0, call.ptr, want);

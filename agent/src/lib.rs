@@ -1,13 +1,19 @@
 //! zerotrace: an eBPF zero-code tracing agent.
 //!
-//! The data flows kernel → capture → conn → (protocol → trace → export):
+//! The data flows kernel → capture → conn → protocol → trace → export:
 //! [`kernel`] probes features and loads the programs, [`capture`] reads and
-//! decodes their records, [`conn`] attributes them to connections, and
-//! [`pipeline`] wires those stages for the commands in [`cli`].
+//! decodes their records, [`conn`] attributes them to connections,
+//! [`protocol`] parses their bytes into request/response exchanges,
+//! [`trace`] makes those spans with parents and attributes, and [`export`]
+//! sends them on. [`pipeline`] wires the capture stages for the commands
+//! in [`cli`]; [`config`] merges file, environment and flags.
 
 pub mod capture;
 pub mod cli;
+pub mod config;
 pub mod conn;
+pub mod export;
 pub mod kernel;
 pub mod pipeline;
 pub mod protocol;
+pub mod trace;

@@ -39,6 +39,8 @@ pub enum Record<'a> {
     /// `None` when the connection is unknown (its open record was lost or evicted).
     Data(Option<&'a Connection>, &'a Data<'a>),
     Closed(&'a Connection),
+    /// Dropped from the full connection table (only its id is known).
+    Evicted(u64),
 }
 
 /// Everything the pipeline counted.
@@ -143,7 +145,15 @@ impl Pipeline {
             ..
         } = self;
         reader.poll(timeout, &mut |event| match event {
-            Event::Open(open) => on_record(Record::Opened(conns.open(&open))),
+            Event::Open(open) => {
+                conns.open(&open);
+                for id in std::mem::take(&mut conns.just_evicted) {
+                    on_record(Record::Evicted(id));
+                }
+                if let Some(conn) = conns.get(open.header.conn_id) {
+                    on_record(Record::Opened(conn));
+                }
+            }
             Event::Data(data) => {
                 *data_events += 1;
                 *payload_bytes += data.payload.len() as u64;

@@ -101,6 +101,8 @@ impl Drop for Guard {
 pub struct Agent {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
+    /// Every stdout line, JSON or not.
+    text: Arc<Mutex<Vec<String>>>,
     stdout: Option<thread::JoinHandle<()>>,
     stderr: mpsc::Receiver<String>,
     pub stderr_lines: Vec<String>,
@@ -110,21 +112,39 @@ impl Agent {
     /// Starts the agent with `args` after `events --format json` and waits
     /// until it reports that it is capturing.
     pub fn start(args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(agent_bin())
-            .args(["events", "--format", "json"])
-            .args(args)
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["events", "--format", "json"]).args(args);
+        Self::spawn(cmd, "capturing")
+    }
+
+    /// Starts `zerotrace run ARGS` with extra environment variables and
+    /// waits until it reports that it is tracing.
+    pub fn run(args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run").args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, "tracing")
+    }
+
+    /// Spawns the agent and waits for `ready` on its stderr.
+    pub fn spawn(mut cmd: Command, ready: &str) -> anyhow::Result<Self> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting zerotrace")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let text = Arc::new(Mutex::new(Vec::new()));
         let out = BufReader::new(child.stdout.take().unwrap());
-        let sink = Arc::clone(&lines);
+        let (sink, text_sink) = (Arc::clone(&lines), Arc::clone(&text));
         let stdout = thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str(&line) {
                     sink.lock().unwrap().push(v);
                 }
+                text_sink.lock().unwrap().push(line);
             }
         });
         let (tx, stderr) = mpsc::channel();
@@ -140,11 +160,12 @@ impl Agent {
         let mut agent = Agent {
             child,
             lines,
+            text,
             stdout: Some(stdout),
             stderr,
             stderr_lines: Vec::new(),
         };
-        agent.wait_for_stderr("capturing", Duration::from_secs(60))?;
+        agent.wait_for_stderr(ready, Duration::from_secs(60))?;
         Ok(agent)
     }
 
@@ -177,6 +198,16 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Every stdout line so far, joined.
+    pub fn stdout_text(&self) -> String {
+        self.text.lock().unwrap().join("\n")
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Records received so far.

@@ -188,6 +188,7 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let mut write_error = None;
     let mut on_record = |record: Record<'_>| {
         let line = match (args.format, record) {
+            (_, Record::Evicted(_)) => return,
             (Format::Json, Record::Opened(c)) => {
                 let mut v = conn_json(c);
                 v["type"] = "open".into();

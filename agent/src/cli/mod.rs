@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    config::{CaptureConfig, ConfigError},
     kernel::loader::{LoadOptions, Transport, TransportChoice},
     pipeline::default_buffer_bytes,
 };
@@ -26,7 +27,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the agent: capture socket traffic of selected processes.
+    /// Run the agent: trace the HTTP traffic of selected processes and export spans.
     Run(run::RunArgs),
     /// Print captured socket events, one per line.
     Events(events::EventsArgs),
@@ -49,30 +50,47 @@ pub struct CaptureArgs {
     /// Trace processes running this executable (name, repeatable).
     #[arg(long = "exe", value_name = "NAME")]
     pub exes: Vec<String>,
-    /// Kernel → user transport.
-    #[arg(long, value_enum, default_value = "auto", env = "ZEROTRACE_TRANSPORT")]
-    pub transport: TransportChoice,
-    /// Payload bytes copied per syscall (max 32768).
-    #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE_BYTES,
+    /// Kernel → user transport [default: auto].
+    #[arg(long, value_enum, env = "ZEROTRACE_TRANSPORT")]
+    pub transport: Option<TransportChoice>,
+    /// Payload bytes copied per syscall (max 32768) [default: 8192].
+    #[arg(long,
           value_parser = clap::value_parser!(u32).range(0..=agent_common::MAX_CAPTURE_BYTES as i64),
           env = "ZEROTRACE_CAPTURE_BYTES")]
-    pub capture_bytes: u32,
+    pub capture_bytes: Option<u32>,
     /// Ring buffer bytes, or perf buffer bytes per CPU [default: 8 MiB ring, 1 MiB perf].
     #[arg(long, value_name = "BYTES", env = "ZEROTRACE_BUFFER_SIZE")]
     pub buffer_size: Option<usize>,
 }
 
 impl CaptureArgs {
-    pub fn load_options(&self) -> LoadOptions {
-        let default = default_buffer_bytes(Transport::resolve(self.transport));
+    /// Flags and environment over the file's `capture` section.
+    pub fn load_options_over(&self, file: &CaptureConfig) -> LoadOptions {
+        let transport = self
+            .transport
+            .or(file.transport)
+            .unwrap_or(TransportChoice::Auto);
+        let default = default_buffer_bytes(Transport::resolve(transport));
         LoadOptions {
-            transport: self.transport,
-            capture_bytes: self.capture_bytes,
-            buffer_bytes: self.buffer_size.unwrap_or(default),
-            pids: self.pids.clone(),
-            exes: self.exes.clone(),
+            transport,
+            capture_bytes: self
+                .capture_bytes
+                .or(file.capture_bytes)
+                .unwrap_or(agent_common::DEFAULT_CAPTURE_BYTES),
+            buffer_bytes: self.buffer_size.or(file.buffer_size).unwrap_or(default),
+            pids: flag_or_file(&self.pids, &file.pids),
+            exes: flag_or_file(&self.exes, &file.exes),
         }
     }
+
+    pub fn load_options(&self) -> LoadOptions {
+        self.load_options_over(&CaptureConfig::default())
+    }
+}
+
+/// A list given by flags (or their environment variable) replaces the file's.
+fn flag_or_file<T: Clone>(flag: &[T], file: &[T]) -> Vec<T> {
+    if flag.is_empty() { file } else { flag }.to_vec()
 }
 
 pub fn main() -> ExitCode {
@@ -90,6 +108,10 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("zerotrace: configuration error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("zerotrace: error: {e:#}");
             ExitCode::FAILURE

@@ -1,6 +1,7 @@
 //! Connections: the table that attributes every data event to a
 //! connection with its tuple and role.
 
+pub mod own;
 pub mod seed;
 
 use std::{
@@ -22,6 +23,8 @@ pub struct Connection {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub comm: String,
+    /// The kernel saw connect/accept (not first seen mid-stream).
+    pub seen_from_start: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -34,6 +37,9 @@ pub struct ConnTable {
     capacity: usize,
     seed: seed::Seed,
     pub evicted: u64,
+    /// Ids evicted by the last `open`, for the stages that keep state per
+    /// connection.
+    pub just_evicted: Vec<u64>,
 }
 
 impl ConnTable {
@@ -44,6 +50,7 @@ impl ConnTable {
             capacity: capacity.max(1),
             seed,
             evicted: 0,
+            just_evicted: Vec::new(),
         }
     }
 
@@ -71,12 +78,14 @@ impl ConnTable {
             Role::Unknown => self.seed.role_of(h.tgid, h.fd, open.local),
             known => known,
         };
+        self.just_evicted.clear();
         while self.conns.len() >= self.capacity {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
             if self.conns.remove(&oldest).is_some() {
                 self.evicted += 1;
+                self.just_evicted.push(oldest);
             }
         }
         // Ids of closed connections linger in `order`; compact now and then.
@@ -95,6 +104,7 @@ impl ConnTable {
                 local: open.local,
                 remote: open.remote,
                 comm: open.comm.clone(),
+                seen_from_start: open.role != Role::Unknown,
                 bytes_in: 0,
                 bytes_out: 0,
             })

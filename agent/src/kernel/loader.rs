@@ -30,7 +30,9 @@ use super::{btf::Btf, offsets, tracefs};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace-ebpf"));
 
 /// Which kernel → user transport carries events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
     /// Ring buffer where the kernel has it (5.8+), else perf buffers.
@@ -108,12 +110,19 @@ pub const HOOKS: &[Hook] = &[
     hook("sys_exit_data", "syscalls", "sys_exit_recvfrom", false),
     hook("sys_exit_data", "syscalls", "sys_exit_sendmsg", false),
     hook("sys_exit_data", "syscalls", "sys_exit_recvmsg", false),
+    hook("sys_exit_data", "syscalls", "sys_exit_sendfile64", false),
     hook("sys_exit_connect", "syscalls", "sys_exit_connect", true),
     hook("sys_exit_accept", "syscalls", "sys_exit_accept", false),
     hook("sys_exit_accept", "syscalls", "sys_exit_accept4", true),
     hook("sys_enter_close", "syscalls", "sys_enter_close", true),
     hook("sys_enter_read", "syscalls", "sys_enter_read", true),
     hook("sys_enter_write", "syscalls", "sys_enter_write", true),
+    hook(
+        "sys_enter_sendfile64",
+        "syscalls",
+        "sys_enter_sendfile64",
+        false,
+    ),
     hook("sys_enter_readv", "syscalls", "sys_enter_readv", false),
     hook("sys_enter_writev", "syscalls", "sys_enter_writev", false),
     hook("sys_enter_sendto", "syscalls", "sys_enter_sendto", false),

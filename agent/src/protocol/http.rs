@@ -1,0 +1,1506 @@
+//! HTTP/1.x: a pure, incremental parser for the two byte streams of one TCP
+//! connection.
+//!
+//! [`HttpConn::feed`] takes the bytes of one syscall at a time, in order, in
+//! either direction, and appends [`HttpEvent`]s: a [`Request`] as soon as a
+//! request head is complete, an [`Exchange`] when its final response is
+//! complete (or when the request can no longer get one).
+//!
+//! Each direction is a small state machine (start → head → body) that works
+//! on whatever piece of a message a syscall carries: heads are buffered (at
+//! most `max_head_bytes`, and only when a head spans syscalls) and parsed with
+//! `httparse`; bodies are only counted, never copied; chunked framing is
+//! decoded byte by byte except for the chunk data, which is skipped in bulk.
+//! When a direction loses track (a capture gap inside a head or chunk framing,
+//! bytes that are not what HTTP allows there) it resynchronises on the next
+//! syscall whose bytes start with a request line or status line.
+//!
+//! Nothing here panics on any input, and memory per connection is bounded:
+//! one head buffer per direction and at most `max_pending` queued requests.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use agent_common::Direction;
+
+/// Non-HTTP bytes tolerated before a connection is declared [`Detection::NotHttp`]
+/// while it is still undecided (mainly connections seen mid-stream).
+const HUNT_BUDGET: u64 = 64 * 1024;
+/// `max_head_bytes` below this are raised to it (a head must fit a start line).
+const MIN_HEAD_BYTES: usize = 64;
+/// A head buffer that grew beyond this is released after use.
+const KEEP_BUF_CAPACITY: usize = 4096;
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: u32 = 4096;
+/// While a start line is incomplete it is re-checked on every piece up to this
+/// many buffered bytes, later only when a line ends or the buffer is full.
+const EAGER_CHECK: usize = 64;
+/// Headers parsed with a stack array; heads with more get a heap array.
+const STACK_HEADERS: usize = 64;
+
+/// Methods accepted in a request line (RFC 9110, RFC 5789, RFC 4918).
+const METHODS: &[&[u8]] = &[
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+];
+const MAX_METHOD_LEN: usize = 9;
+
+/// Headers never kept, even when configured as extra headers.
+const NEVER_KEEP: &[&str] = &[
+    "cookie",
+    "set-cookie",
+    "authorization",
+    "proxy-authorization",
+];
+
+/// Limits and the extra headers to keep. Shared by all connections.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Lower-case names of extra request headers to keep (e.g. tenant headers "x-tenant-id").
+    /// `cookie`, `set-cookie`, `authorization` and `proxy-authorization` are never kept.
+    pub extra_headers: Vec<String>,
+    /// A message head (start line + headers) longer than this is cut: what fits is parsed,
+    /// the rest skipped. Default 16 KiB (values below 64 count as 64).
+    pub max_head_bytes: usize,
+    /// Kept header values and the request target are cut to this many bytes (on a char
+    /// boundary). Default 256 for values; the target gets 4 * this.
+    pub max_value_bytes: usize,
+    /// Most requests waiting for a response (pipelining); more are dropped and counted.
+    /// Default 32.
+    pub max_pending: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            extra_headers: vec!["x-tenant-id".to_owned(), "x-user-id".to_owned()],
+            max_head_bytes: 16 * 1024,
+            max_value_bytes: 256,
+            max_pending: 32,
+        }
+    }
+}
+
+/// When and on which thread a syscall's bytes moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Moment {
+    pub ts_ns: u64,
+    pub tid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Request {
+    /// 0, 1, 2 … in the order requests appear on the connection.
+    pub seq: u64,
+    /// As sent, e.g. "GET".
+    pub method: String,
+    /// Raw request target, e.g. "/a/b?x=1" or absolute-form, capped.
+    pub target: String,
+    /// "1.0" or "1.1".
+    pub version: &'static str,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The configured extra headers that were present: (lower-case name, value), capped.
+    pub extra: Vec<(String, String)>,
+    /// Moment of the syscall that carried the first byte of the request.
+    pub start: Moment,
+    /// Payload bytes of the message body: the content-length, or the sum of chunk sizes.
+    pub body_bytes: u64,
+    /// The head was longer than max_head_bytes or was cut by a capture gap.
+    pub head_truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Response {
+    pub status: u16,
+    pub version: &'static str,
+    /// Moment of the syscall that carried the first byte of the (final, non-1xx) response.
+    pub start: Moment,
+    /// Moment of the syscall that carried its last byte.
+    pub end: Moment,
+    pub body_bytes: u64,
+    pub head_truncated: bool,
+}
+
+/// A request with its response; `response` is None when the connection closed (or the
+/// parser lost track) before one came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub request: Request,
+    pub response: Option<Response>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpEvent {
+    /// A request head was parsed (emitted as soon as the head is complete, before its
+    /// body and long before the response).
+    Request(Request),
+    /// A request's final response is complete (or the request ended without one).
+    Exchange(Exchange),
+    /// The connection is not HTTP/1.x; emitted once, after which everything is ignored.
+    NotHttp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detection {
+    Undecided,
+    Http,
+    NotHttp,
+    Upgraded,
+}
+
+/// Counters a caller can add up across connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpCounters {
+    /// Times a direction lost track of the message framing and had to resynchronise.
+    pub resyncs: u64,
+    /// Requests not queued because `max_pending` requests were already waiting.
+    pub dropped_requests: u64,
+    /// Exchanges emitted without a response.
+    pub unanswered: u64,
+}
+
+/// What a direction carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Unknown,
+    Requests,
+    Responses,
+}
+
+/// Where a direction is in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// At a message boundary.
+    Start,
+    /// Reading a head (buffered in `Side::buf` when it spans syscalls).
+    Head,
+    /// The head outgrew the limit; it was parsed as far as it fit and the
+    /// rest is skipped up to its end.
+    HeadSkip,
+    /// Content-Length body bytes still to come (never 0).
+    Body(u64),
+    Chunked(Chunk),
+    /// A response body delimited by the end of the connection.
+    UntilClose,
+    /// Lost track: skip until a syscall starts with a start line.
+    Lost,
+    /// Ignore everything (not HTTP, upgraded, closed).
+    Off,
+}
+
+/// Chunked transfer coding (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Chunk-size line: hex digits, then extensions (skipped) up to LF.
+    Size {
+        val: u64,
+        digits: u8,
+        ext: bool,
+        len: u32,
+    },
+    /// Chunk data still to come (never 0).
+    Data(u64),
+    /// CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// Trailer section up to an empty line.
+    Trailer {
+        line_start: bool,
+        len: usize,
+    },
+}
+
+const CHUNK_SIZE: Chunk = Chunk::Size {
+    val: 0,
+    digits: 0,
+    ext: false,
+    len: 0,
+};
+
+/// A start line, recognised on a possibly incomplete buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartLine<'a> {
+    Request {
+        method: &'a [u8],
+        target: &'a [u8],
+        minor: u8,
+    },
+    Response {
+        status: u16,
+        minor: u8,
+    },
+    /// The bytes so far are a prefix of a start line.
+    Partial,
+    No,
+}
+
+impl StartLine<'_> {
+    fn is_request(&self) -> bool {
+        matches!(self, StartLine::Request { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferCoding {
+    None,
+    Chunked,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentLength {
+    None,
+    Len(u64),
+    Invalid,
+}
+
+#[derive(Debug)]
+enum HeadKind {
+    Request(Box<Request>),
+    Response { status: u16, version: &'static str },
+}
+
+/// A parsed head with what it says about framing.
+#[derive(Debug)]
+struct Head {
+    kind: HeadKind,
+    te: TransferCoding,
+    cl: ContentLength,
+}
+
+/// A queued request, or a run of requests dropped because the queue was full
+/// (kept as a count so that FIFO pairing stays aligned).
+#[derive(Debug)]
+enum Slot {
+    Req(Box<Request>),
+    Dropped(u64),
+}
+
+#[derive(Debug)]
+struct Side {
+    role: Role,
+    phase: Phase,
+    /// Head bytes of the current message when its head spans syscalls.
+    buf: Vec<u8>,
+    /// End-of-head matcher: 0 = inside a line, 1 = after LF, 2 = after LF CR.
+    eoh: u8,
+    /// The start line of the current head was recognised.
+    start_ok: bool,
+    /// The current head began while hunting for a start line (after lost sync).
+    tentative: bool,
+    /// Moment of the first byte of the current message.
+    first: Moment,
+    /// Moment of the last syscall on this direction.
+    last: Moment,
+    /// A head cut at the limit, waiting for its end.
+    stashed: Option<Head>,
+    /// Requests: seq of the request whose body is being read.
+    body_of: Option<u64>,
+    /// Responses: the final response being read and the request it answers.
+    cur: Option<Box<(Request, Response)>>,
+}
+
+impl Side {
+    fn new(phase: Phase) -> Self {
+        Self {
+            role: Role::Unknown,
+            phase,
+            buf: Vec::new(),
+            eoh: 0,
+            start_ok: false,
+            tentative: false,
+            first: Moment::default(),
+            last: Moment::default(),
+            stashed: None,
+            body_of: None,
+            cur: None,
+        }
+    }
+
+    fn begin(&mut self, at: Moment, tentative: bool) {
+        self.phase = Phase::Head;
+        self.buf.clear();
+        self.eoh = 0;
+        self.start_ok = false;
+        self.tentative = tentative;
+        self.first = at;
+        self.stashed = None;
+    }
+
+    fn reset_buf(&mut self) {
+        if self.buf.capacity() > KEEP_BUF_CAPACITY {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+    }
+}
+
+/// The HTTP/1.x parser state of one connection.
+pub struct HttpConn {
+    opts: Arc<HttpOptions>,
+    detection: Detection,
+    /// Indexed by direction: 0 = Egress, 1 = Ingress.
+    sides: [Side; 2],
+    pending: VecDeque<Slot>,
+    /// Number of `Slot::Req` in `pending`.
+    queued: usize,
+    next_seq: u64,
+    counters: HttpCounters,
+    undecided_bytes: u64,
+    closed: bool,
+}
+
+impl std::fmt::Debug for HttpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConn")
+            .field("detection", &self.detection)
+            .field("egress", &self.sides[0].phase)
+            .field("ingress", &self.sides[1].phase)
+            .field("queued", &self.queued)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+fn index(dir: Direction) -> usize {
+    match dir {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    }
+}
+
+impl HttpConn {
+    /// `from_start`: true when the connection was seen from its first byte (we saw
+    /// connect/accept); false for a connection already open when tracing began (then
+    /// bytes are skipped until a syscall's bytes start with a request line, and only a
+    /// budget of 64 KiB of non-matching bytes is tolerated before NotHttp).
+    pub fn new(opts: Arc<HttpOptions>, from_start: bool) -> Self {
+        let phase = if from_start {
+            Phase::Start
+        } else {
+            Phase::Lost
+        };
+        Self {
+            opts,
+            detection: Detection::Undecided,
+            sides: [Side::new(phase), Side::new(phase)],
+            pending: VecDeque::new(),
+            queued: 0,
+            next_seq: 0,
+            counters: HttpCounters::default(),
+            undecided_bytes: 0,
+            closed: false,
+        }
+    }
+
+    /// One syscall's bytes. `bytes` is what was captured; `missing` further bytes of the
+    /// same syscall followed and were not captured. Events are appended to `out`.
+    pub fn feed(
+        &mut self,
+        dir: Direction,
+        at: Moment,
+        bytes: &[u8],
+        missing: u64,
+        out: &mut Vec<HttpEvent>,
+    ) {
+        if self.off() {
+            return;
+        }
+        let i = index(dir);
+        self.sides[i].last = at;
+        if self.detection == Detection::Undecided {
+            self.undecided_bytes = self.undecided_bytes.saturating_add(bytes.len() as u64);
+        }
+        let mut data = bytes;
+        let mut first = true;
+        while !data.is_empty() && !self.off() {
+            let n = self.step(i, at, data, first, out).min(data.len());
+            first = false;
+            data = &data[n..];
+        }
+        if missing > 0 && !self.off() {
+            self.gap(i, at, missing, out);
+        }
+        if self.detection == Detection::Undecided && self.undecided_bytes > HUNT_BUDGET {
+            self.not_http(out);
+        }
+    }
+
+    /// The connection closed at `at`: a response delimited by close completes (end = the
+    /// moment of its last byte), then every request still waiting gets an Exchange with
+    /// `response: None` (counted as unanswered).
+    pub fn close(&mut self, at: Moment, out: &mut Vec<HttpEvent>) {
+        if self.off() {
+            return;
+        }
+        // Responses first, so that a request cut mid-head is queued behind them.
+        let order = if self.sides[0].role == Role::Responses {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
+        for i in order {
+            if matches!(self.sides[i].phase, Phase::Head | Phase::HeadSkip) {
+                self.finish_cut_head(i, at, out);
+            }
+            if self.off() {
+                return;
+            }
+            let last = self.sides[i].last;
+            if let Some(cur) = self.sides[i].cur.take() {
+                let (request, mut response) = *cur;
+                response.end = last;
+                out.push(HttpEvent::Exchange(Exchange {
+                    request,
+                    response: Some(response),
+                }));
+            }
+        }
+        self.flush_pending(out);
+        self.closed = true;
+        for side in &mut self.sides {
+            side.phase = Phase::Off;
+            side.buf = Vec::new();
+            side.stashed = None;
+        }
+    }
+
+    pub fn detection(&self) -> Detection {
+        self.detection
+    }
+
+    pub fn counters(&self) -> HttpCounters {
+        self.counters
+    }
+
+    fn off(&self) -> bool {
+        self.closed || matches!(self.detection, Detection::NotHttp | Detection::Upgraded)
+    }
+
+    fn max_head(&self) -> usize {
+        self.opts.max_head_bytes.max(MIN_HEAD_BYTES)
+    }
+
+    /// Consumes a prefix of `data` (possibly empty when only the phase changed).
+    fn step(
+        &mut self,
+        i: usize,
+        at: Moment,
+        data: &[u8],
+        first: bool,
+        out: &mut Vec<HttpEvent>,
+    ) -> usize {
+        match self.sides[i].phase {
+            Phase::Off => data.len(),
+            Phase::Lost => {
+                let side = &mut self.sides[i];
+                if first && classify(data, side.role) != StartLine::No {
+                    side.begin(at, true);
+                    0
+                } else {
+                    data.len()
+                }
+            }
+            Phase::Start => {
+                // RFC 9112 §2.2: empty lines before a request line are ignored.
+                let skip = data
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                if skip < data.len() {
+                    self.sides[i].begin(at, false);
+                }
+                skip
+            }
+            Phase::Head => self.step_head(i, at, data, out),
+            Phase::HeadSkip => {
+                let side = &mut self.sides[i];
+                let (n, found) = scan_eoh(&mut side.eoh, data);
+                if found {
+                    match side.stashed.take() {
+                        Some(head) => self.finish_head(i, at, head, true, out),
+                        None => self.lose_sync(i, at, out),
+                    }
+                }
+                n
+            }
+            Phase::Body(rem) => {
+                let k = rem.min(data.len() as u64);
+                self.add_body(i, k);
+                if k == rem {
+                    self.end_message(i, at, out);
+                } else {
+                    self.sides[i].phase = Phase::Body(rem - k);
+                }
+                k as usize
+            }
+            Phase::Chunked(state) => self.step_chunked(i, at, state, data, out),
+            Phase::UntilClose => {
+                self.add_body(i, data.len() as u64);
+                data.len()
+            }
+        }
+    }
+
+    fn step_head(&mut self, i: usize, at: Moment, data: &[u8], out: &mut Vec<HttpEvent>) -> usize {
+        let max = self.max_head();
+        let side = &mut self.sides[i];
+        let (n, found) = scan_eoh(&mut side.eoh, data);
+
+        // The whole head is in this syscall: parse it in place.
+        if side.buf.is_empty() && found && n <= max {
+            let head_bytes = &data[..n];
+            let line = classify(head_bytes, side.role);
+            if !matches!(line, StartLine::Request { .. } | StartLine::Response { .. }) {
+                self.bad_start(i, at, out);
+                return data.len();
+            }
+            self.decided(i, line.is_request());
+            match parse_head(head_bytes, self.sides[i].role, &self.opts) {
+                Some(head) => self.finish_head(i, at, head, false, out),
+                None => self.lose_sync(i, at, out),
+            }
+            return n;
+        }
+
+        let room = max.saturating_sub(side.buf.len());
+        let take = n.min(room);
+        side.buf.extend_from_slice(&data[..take]);
+        let overflow = take < n;
+        let full = side.buf.len() >= max;
+        if !side.start_ok {
+            let check = side.buf.len() <= EAGER_CHECK
+                || found
+                || overflow
+                || full
+                || data[..take].contains(&b'\n');
+            if check {
+                match classify(&side.buf, side.role) {
+                    line @ (StartLine::Request { .. } | StartLine::Response { .. }) => {
+                        let is_request = line.is_request();
+                        side.start_ok = true;
+                        self.decided(i, is_request);
+                    }
+                    StartLine::Partial if !(found || overflow || full) => {}
+                    _ => {
+                        self.bad_start(i, at, out);
+                        return data.len();
+                    }
+                }
+            }
+        }
+        if found || overflow {
+            let head = self.parse_buffered(i, overflow);
+            let side = &mut self.sides[i];
+            match head {
+                Some(head) if found => self.finish_head(i, at, head, overflow, out),
+                Some(head) => {
+                    side.stashed = Some(head);
+                    side.phase = Phase::HeadSkip;
+                }
+                None => self.lose_sync(i, at, out),
+            }
+        }
+        n
+    }
+
+    /// Parses the buffered head; `cut` when it did not fit (parse whole lines only).
+    fn parse_buffered(&mut self, i: usize, cut: bool) -> Option<Head> {
+        let opts = Arc::clone(&self.opts);
+        let side = &mut self.sides[i];
+        if cut {
+            let keep = side
+                .buf
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+            side.buf.truncate(keep);
+            side.buf.extend_from_slice(b"\r\n");
+        }
+        let head = parse_head(&side.buf, side.role, &opts);
+        side.reset_buf();
+        head
+    }
+
+    /// A head was cut (capture gap or close): finish what it says, if it says anything.
+    fn finish_cut_head(&mut self, i: usize, at: Moment, out: &mut Vec<HttpEvent>) {
+        let side = &mut self.sides[i];
+        let head = match side.phase {
+            Phase::HeadSkip => side.stashed.take(),
+            Phase::Head if side.start_ok => self.parse_buffered(i, true),
+            _ => None,
+        };
+        match head {
+            Some(head) => self.finish_head(i, at, head, true, out),
+            None => {
+                let side = &mut self.sides[i];
+                side.reset_buf();
+                side.phase = Phase::Lost;
+            }
+        }
+    }
+
+    /// The start line of the current head cannot be one.
+    fn bad_start(&mut self, i: usize, at: Moment, out: &mut Vec<HttpEvent>) {
+        let side = &mut self.sides[i];
+        if side.tentative {
+            side.reset_buf();
+            side.phase = Phase::Lost;
+        } else if self.detection == Detection::Undecided {
+            self.not_http(out);
+        } else {
+            self.lose_sync(i, at, out);
+        }
+    }
+
+    /// A start line was recognised on side `i`: the first one decides the roles.
+    fn decided(&mut self, i: usize, is_request: bool) {
+        if self.sides[i].role != Role::Unknown {
+            return;
+        }
+        let (mine, other) = if is_request {
+            (Role::Requests, Role::Responses)
+        } else {
+            (Role::Responses, Role::Requests)
+        };
+        self.sides[i].role = mine;
+        self.sides[1 - i].role = other;
+        self.detection = Detection::Http;
+    }
+
+    fn finish_head(
+        &mut self,
+        i: usize,
+        at: Moment,
+        head: Head,
+        truncated: bool,
+        out: &mut Vec<HttpEvent>,
+    ) {
+        match head.kind {
+            HeadKind::Request(req) => {
+                self.finish_request(i, at, req, head.te, head.cl, truncated, out)
+            }
+            HeadKind::Response { status, version } => {
+                self.finish_response(i, at, status, version, head.te, head.cl, truncated, out)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_request(
+        &mut self,
+        i: usize,
+        at: Moment,
+        mut req: Box<Request>,
+        te: TransferCoding,
+        cl: ContentLength,
+        truncated: bool,
+        out: &mut Vec<HttpEvent>,
+    ) {
+        // While the response direction has lost track, the responses to the requests
+        // still queued went by unseen (a client waits for a response before sending its
+        // next request unless it pipelines): pairing them with later responses would be
+        // wrong, so they end unanswered.
+        if self.sides[1 - i].phase == Phase::Lost {
+            self.flush_pending(out);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        req.seq = seq;
+        req.start = self.sides[i].first;
+        req.head_truncated = truncated;
+        if self.queued >= self.opts.max_pending {
+            self.counters.dropped_requests += 1;
+            match self.pending.back_mut() {
+                Some(Slot::Dropped(n)) => *n += 1,
+                _ => self.pending.push_back(Slot::Dropped(1)),
+            }
+            self.sides[i].body_of = None;
+        } else {
+            out.push(HttpEvent::Request((*req).clone()));
+            self.pending.push_back(Slot::Req(req));
+            self.queued += 1;
+            self.sides[i].body_of = Some(seq);
+        }
+        let side = &mut self.sides[i];
+        side.phase = match (te, cl) {
+            (TransferCoding::Chunked, _) => Phase::Chunked(CHUNK_SIZE),
+            (TransferCoding::Other, _) | (_, ContentLength::Invalid) => {
+                // A request body whose length cannot be known (RFC 9112 §6.3).
+                self.lose_sync(i, at, out);
+                return;
+            }
+            (TransferCoding::None, ContentLength::Len(n)) if n > 0 => Phase::Body(n),
+            _ => Phase::Start,
+        };
+        if side.phase == Phase::Start {
+            side.body_of = None;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_response(
+        &mut self,
+        i: usize,
+        at: Moment,
+        status: u16,
+        version: &'static str,
+        te: TransferCoding,
+        cl: ContentLength,
+        truncated: bool,
+        out: &mut Vec<HttpEvent>,
+    ) {
+        if (100..200).contains(&status) && status != 101 {
+            // Interim response: no body, the final one is still to come.
+            self.sides[i].phase = Phase::Start;
+            return;
+        }
+        let request = match self.pending.front_mut() {
+            Some(Slot::Req(_)) => match self.pending.pop_front() {
+                Some(Slot::Req(req)) => {
+                    self.queued -= 1;
+                    Some(req)
+                }
+                _ => None,
+            },
+            Some(Slot::Dropped(n)) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.pop_front();
+                }
+                None
+            }
+            None => None,
+        };
+        let response = Response {
+            status,
+            version,
+            start: self.sides[i].first,
+            end: at,
+            body_bytes: 0,
+            head_truncated: truncated,
+        };
+        let method = request.as_ref().map_or("", |r| r.method.as_str());
+        let upgrade = status == 101 || (method == "CONNECT" && (200..300).contains(&status));
+        let no_body = method == "HEAD" || status == 204 || status == 304;
+        self.sides[i].cur = request.map(|req| Box::new((*req, response)));
+        if upgrade {
+            self.end_message(i, at, out);
+            self.upgrade(out);
+            return;
+        }
+        let side = &mut self.sides[i];
+        side.phase = if no_body {
+            Phase::Start
+        } else {
+            match (te, cl) {
+                (TransferCoding::Chunked, _) => Phase::Chunked(CHUNK_SIZE),
+                (TransferCoding::None, ContentLength::Len(0)) => Phase::Start,
+                (TransferCoding::None, ContentLength::Len(n)) => Phase::Body(n),
+                _ => Phase::UntilClose,
+            }
+        };
+        if side.phase == Phase::Start {
+            self.end_message(i, at, out);
+        }
+    }
+
+    /// The current message of side `i` ended with a byte carried at `at`.
+    fn end_message(&mut self, i: usize, at: Moment, out: &mut Vec<HttpEvent>) {
+        let side = &mut self.sides[i];
+        side.phase = Phase::Start;
+        side.body_of = None;
+        if let Some(cur) = side.cur.take() {
+            let (request, mut response) = *cur;
+            response.end = at;
+            out.push(HttpEvent::Exchange(Exchange {
+                request,
+                response: Some(response),
+            }));
+        }
+    }
+
+    /// Counts `k` body bytes of side `i`'s current message.
+    fn add_body(&mut self, i: usize, k: u64) {
+        if k == 0 {
+            return;
+        }
+        let side = &mut self.sides[i];
+        if let Some(cur) = side.cur.as_mut() {
+            cur.1.body_bytes = cur.1.body_bytes.saturating_add(k);
+            return;
+        }
+        let Some(seq) = side.body_of else { return };
+        // The request is still queued, or already answered early and held by the
+        // response direction.
+        for slot in self.pending.iter_mut().rev() {
+            if let Slot::Req(req) = slot
+                && req.seq == seq
+            {
+                req.body_bytes = req.body_bytes.saturating_add(k);
+                return;
+            }
+        }
+        if let Some(cur) = self.sides[1 - i].cur.as_mut()
+            && cur.0.seq == seq
+        {
+            cur.0.body_bytes = cur.0.body_bytes.saturating_add(k);
+        }
+    }
+
+    fn step_chunked(
+        &mut self,
+        i: usize,
+        at: Moment,
+        mut state: Chunk,
+        data: &[u8],
+        out: &mut Vec<HttpEvent>,
+    ) -> usize {
+        let max_trailer = self.max_head();
+        let mut pos = 0;
+        let mut body = 0u64;
+        while pos < data.len() {
+            if let Chunk::Data(rem) = state {
+                let k = rem.min((data.len() - pos) as u64);
+                pos += k as usize;
+                body += k;
+                state = if k == rem {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(rem - k)
+                };
+                continue;
+            }
+            let b = data[pos];
+            pos += 1;
+            let next = match state {
+                Chunk::Size {
+                    val,
+                    digits,
+                    ext,
+                    len,
+                } => {
+                    if len >= MAX_CHUNK_LINE {
+                        None
+                    } else if b == b'\n' {
+                        match (digits, val) {
+                            (0, _) => None,
+                            (_, 0) => Some(Chunk::Trailer {
+                                line_start: true,
+                                len: 0,
+                            }),
+                            (_, n) => Some(Chunk::Data(n)),
+                        }
+                    } else if ext {
+                        Some(Chunk::Size {
+                            val,
+                            digits,
+                            ext,
+                            len: len + 1,
+                        })
+                    } else if let Some(d) = hex_value(b) {
+                        if digits >= 16 {
+                            None
+                        } else {
+                            let val = (val << 4) | u64::from(d);
+                            Some(Chunk::Size {
+                                val,
+                                digits: digits + 1,
+                                ext,
+                                len: len + 1,
+                            })
+                        }
+                    } else if digits == 0 {
+                        None
+                    } else {
+                        // Whitespace, ';' extensions or CR: skipped up to LF.
+                        Some(Chunk::Size {
+                            val,
+                            digits,
+                            ext: true,
+                            len: len + 1,
+                        })
+                    }
+                }
+                Chunk::DataCr => match b {
+                    b'\r' => Some(Chunk::DataLf),
+                    b'\n' => Some(CHUNK_SIZE),
+                    _ => None,
+                },
+                Chunk::DataLf => (b == b'\n').then_some(CHUNK_SIZE),
+                Chunk::Trailer { line_start, len } => {
+                    if b == b'\n' && line_start {
+                        self.add_body(i, body);
+                        self.end_message(i, at, out);
+                        return pos;
+                    }
+                    let line_start = match b {
+                        b'\n' => true,
+                        b'\r' => line_start,
+                        _ => false,
+                    };
+                    (len < max_trailer).then_some(Chunk::Trailer {
+                        line_start,
+                        len: len + 1,
+                    })
+                }
+                Chunk::Data(_) => Some(state),
+            };
+            match next {
+                Some(s) => state = s,
+                None => {
+                    self.add_body(i, body);
+                    self.lose_sync(i, at, out);
+                    return data.len();
+                }
+            }
+        }
+        self.add_body(i, body);
+        self.sides[i].phase = Phase::Chunked(state);
+        pos
+    }
+
+    /// `missing` bytes of side `i` were not captured.
+    fn gap(&mut self, i: usize, at: Moment, missing: u64, out: &mut Vec<HttpEvent>) {
+        match self.sides[i].phase {
+            Phase::Off | Phase::Lost | Phase::UntilClose => {
+                // Bytes we never saw: a close-delimited body just counts them.
+                if self.sides[i].phase == Phase::UntilClose {
+                    self.add_body(i, missing);
+                }
+            }
+            Phase::Start => self.lose_sync(i, at, out),
+            Phase::Head | Phase::HeadSkip => {
+                let side = &self.sides[i];
+                if side.phase == Phase::Head && !side.start_ok {
+                    // Not even the start line was seen whole.
+                    if side.tentative || self.detection == Detection::Undecided {
+                        let side = &mut self.sides[i];
+                        side.reset_buf();
+                        side.phase = Phase::Lost;
+                    } else {
+                        self.lose_sync(i, at, out);
+                    }
+                    return;
+                }
+                self.finish_cut_head(i, at, out);
+                if !self.off() {
+                    self.lose_sync(i, at, out);
+                }
+            }
+            Phase::Body(rem) => {
+                let k = rem.min(missing);
+                self.add_body(i, k);
+                if k == rem {
+                    self.end_message(i, at, out);
+                    if missing > k {
+                        // The next message started in the bytes we did not see.
+                        self.lose_sync(i, at, out);
+                    }
+                } else {
+                    self.sides[i].phase = Phase::Body(rem - k);
+                }
+            }
+            Phase::Chunked(Chunk::Data(rem)) if missing <= rem => {
+                self.add_body(i, missing);
+                self.sides[i].phase = Phase::Chunked(if missing == rem {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(rem - missing)
+                });
+            }
+            Phase::Chunked(state) => {
+                if let Chunk::Data(rem) = state {
+                    self.add_body(i, rem);
+                }
+                self.lose_sync(i, at, out);
+            }
+        }
+    }
+
+    /// Side `i` lost track of the framing: finish its response, if any, with what is
+    /// known, then hunt for the next start line.
+    fn lose_sync(&mut self, i: usize, at: Moment, out: &mut Vec<HttpEvent>) {
+        let side = &mut self.sides[i];
+        if let Some(cur) = side.cur.take() {
+            let (request, mut response) = *cur;
+            response.end = at;
+            out.push(HttpEvent::Exchange(Exchange {
+                request,
+                response: Some(response),
+            }));
+        }
+        side.phase = Phase::Lost;
+        side.body_of = None;
+        side.stashed = None;
+        side.reset_buf();
+        if self.detection == Detection::Http {
+            self.counters.resyncs += 1;
+        }
+    }
+
+    fn flush_pending(&mut self, out: &mut Vec<HttpEvent>) {
+        for slot in self.pending.drain(..) {
+            if let Slot::Req(request) = slot {
+                self.counters.unanswered += 1;
+                out.push(HttpEvent::Exchange(Exchange {
+                    request: *request,
+                    response: None,
+                }));
+            }
+        }
+        self.queued = 0;
+    }
+
+    fn not_http(&mut self, out: &mut Vec<HttpEvent>) {
+        self.detection = Detection::NotHttp;
+        out.push(HttpEvent::NotHttp);
+        self.shut();
+    }
+
+    fn upgrade(&mut self, out: &mut Vec<HttpEvent>) {
+        self.flush_pending(out);
+        self.detection = Detection::Upgraded;
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        self.pending.clear();
+        self.queued = 0;
+        for side in &mut self.sides {
+            side.phase = Phase::Off;
+            side.buf = Vec::new();
+            side.stashed = None;
+            side.cur = None;
+            side.body_of = None;
+        }
+    }
+}
+
+/// Advances the end-of-head matcher (CRLF CRLF, also bare LF LF) over `data`.
+/// Returns the bytes consumed and whether the head ended (at the last of them).
+fn scan_eoh(state: &mut u8, data: &[u8]) -> (usize, bool) {
+    let mut s = *state;
+    for (k, &b) in data.iter().enumerate() {
+        s = match (b, s) {
+            (b'\n', 1 | 2) => {
+                *state = 0;
+                return (k + 1, true);
+            }
+            (b'\n', _) => 1,
+            (b'\r', 1) => 2,
+            _ => 0,
+        };
+    }
+    *state = s;
+    (data.len(), false)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Request-target bytes as httparse accepts them.
+fn is_target_byte(b: u8) -> bool {
+    matches!(b, b'!'..=0x7e | 0x80..=0xff)
+}
+
+/// Recognises a start line the side may carry at the start of `b`.
+fn classify(b: &[u8], role: Role) -> StartLine<'_> {
+    let req = if role == Role::Responses {
+        StartLine::No
+    } else {
+        request_line(b)
+    };
+    if let StartLine::Request { .. } = req {
+        return req;
+    }
+    let resp = if role == Role::Requests {
+        StartLine::No
+    } else {
+        status_line(b)
+    };
+    if let StartLine::Response { .. } = resp {
+        return resp;
+    }
+    if req == StartLine::Partial || resp == StartLine::Partial {
+        StartLine::Partial
+    } else {
+        StartLine::No
+    }
+}
+
+/// `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3).
+fn request_line(b: &[u8]) -> StartLine<'_> {
+    let Some(sp) = b.iter().take(MAX_METHOD_LEN + 1).position(|&c| c == b' ') else {
+        let prefix = b.len() <= MAX_METHOD_LEN && METHODS.iter().any(|m| m.starts_with(b));
+        return if prefix {
+            StartLine::Partial
+        } else {
+            StartLine::No
+        };
+    };
+    let method = &b[..sp];
+    if !METHODS.contains(&method) {
+        return StartLine::No;
+    }
+    let rest = &b[sp + 1..];
+    let t = rest
+        .iter()
+        .position(|&c| !is_target_byte(c))
+        .unwrap_or(rest.len());
+    if t == rest.len() {
+        return StartLine::Partial;
+    }
+    if t == 0 || rest[t] != b' ' {
+        return StartLine::No;
+    }
+    match version_eol(&rest[t + 1..]) {
+        Ok(Some(minor)) => StartLine::Request {
+            method,
+            target: &rest[..t],
+            minor,
+        },
+        Ok(None) => StartLine::Partial,
+        Err(()) => StartLine::No,
+    }
+}
+
+/// `HTTP/1.x CRLF` (or bare LF); Ok(None) while incomplete.
+fn version_eol(b: &[u8]) -> Result<Option<u8>, ()> {
+    let minor = match http_version(b)? {
+        Some(minor) => minor,
+        None => return Ok(None),
+    };
+    match (b.get(8), b.get(9)) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => Ok(Some(minor)),
+        _ => Err(()),
+    }
+}
+
+/// `HTTP/1.0` or `HTTP/1.1` at the start of `b`; Ok(None) while incomplete.
+fn http_version(b: &[u8]) -> Result<Option<u8>, ()> {
+    const V: &[u8] = b"HTTP/1.";
+    let n = b.len().min(V.len());
+    if b[..n] != V[..n] {
+        return Err(());
+    }
+    match b.get(7) {
+        None => Ok(None),
+        Some(b'0') => Ok(Some(0)),
+        Some(b'1') => Ok(Some(1)),
+        Some(_) => Err(()),
+    }
+}
+
+/// `HTTP/1.x SP 3DIGIT [SP reason] CRLF` (RFC 9112 §4).
+fn status_line(b: &[u8]) -> StartLine<'_> {
+    let minor = match http_version(b) {
+        Ok(Some(minor)) => minor,
+        Ok(None) => return StartLine::Partial,
+        Err(()) => return StartLine::No,
+    };
+    match b.get(8) {
+        None => return StartLine::Partial,
+        Some(b' ') => {}
+        Some(_) => return StartLine::No,
+    }
+    let mut status = 0u16;
+    for k in 9..12 {
+        match b.get(k) {
+            None => return StartLine::Partial,
+            Some(d) if d.is_ascii_digit() => status = status * 10 + u16::from(d - b'0'),
+            Some(_) => return StartLine::No,
+        }
+    }
+    let done = StartLine::Response { status, minor };
+    match (b.get(12), b.get(13)) {
+        (None, _) | (Some(b'\r'), None) => StartLine::Partial,
+        (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => done,
+        (Some(b' '), _) => {
+            if b[13..].contains(&b'\n') {
+                done
+            } else {
+                StartLine::Partial
+            }
+        }
+        _ => StartLine::No,
+    }
+}
+
+fn version_str(minor: u8) -> &'static str {
+    if minor == 0 { "1.0" } else { "1.1" }
+}
+
+/// Parses a complete head (ending with its empty line) for a side with `role`.
+fn parse_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
+    let strict = match role {
+        Role::Requests => httparse_request(b, opts),
+        Role::Responses => httparse_response(b),
+        Role::Unknown => return None,
+    };
+    strict.or_else(|| lenient_head(b, role, opts))
+}
+
+fn httparse_request(b: &[u8], opts: &HttpOptions) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    match try_request(b, &mut headers, opts) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut headers = vec![httparse::EMPTY_HEADER; line_count(b)];
+            try_request(b, &mut headers, opts).ok().flatten()
+        }
+        r => r.ok().flatten(),
+    }
+}
+
+fn try_request<'b>(
+    b: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+    opts: &HttpOptions,
+) -> Result<Option<Head>, httparse::Error> {
+    let mut config = httparse::ParserConfig::default();
+    config
+        .ignore_invalid_headers_in_requests(true)
+        .allow_multiple_spaces_in_request_line_delimiters(true);
+    let mut req = httparse::Request::new(headers);
+    if config.parse_request(&mut req, b)?.is_partial() {
+        return Ok(None);
+    }
+    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+        return Ok(None);
+    };
+    let fields = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    Ok(Some(build_request(
+        method.as_bytes(),
+        path.as_bytes(),
+        minor,
+        fields,
+        opts,
+    )))
+}
+
+fn httparse_response(b: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    match try_response(b, &mut headers) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut headers = vec![httparse::EMPTY_HEADER; line_count(b)];
+            try_response(b, &mut headers).ok().flatten()
+        }
+        r => r.ok().flatten(),
+    }
+}
+
+fn try_response<'b>(
+    b: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<Head>, httparse::Error> {
+    let mut config = httparse::ParserConfig::default();
+    config
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .allow_multiple_spaces_in_response_status_delimiters(true)
+        .ignore_invalid_headers_in_responses(true);
+    let mut resp = httparse::Response::new(headers);
+    if config.parse_response(&mut resp, b)?.is_partial() {
+        return Ok(None);
+    }
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Ok(None);
+    };
+    let fields = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    Ok(Some(build_response(status, minor, fields)))
+}
+
+fn line_count(b: &[u8]) -> usize {
+    b.iter().filter(|&&c| c == b'\n').count() + 1
+}
+
+/// Fallback for heads httparse rejects (non-UTF-8 targets, stray CR, NUL …): the
+/// start line as recognised by [`classify`], headers split at the first colon.
+fn lenient_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
+    let mut lines = b
+        .split(|&c| c == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    lines.next()?;
+    let fields = lines
+        .take_while(|l| !l.is_empty())
+        .filter(|l| !matches!(l.first(), Some(b' ' | b'\t')))
+        .filter_map(|l| {
+            let colon = l.iter().position(|&c| c == b':')?;
+            Some((trim(&l[..colon]), &l[colon + 1..]))
+        });
+    match (role, classify(b, role)) {
+        (
+            Role::Requests,
+            StartLine::Request {
+                method,
+                target,
+                minor,
+            },
+        ) => Some(build_request(method, target, minor, fields, opts)),
+        (Role::Responses, StartLine::Response { status, minor }) => {
+            Some(build_response(status, minor, fields))
+        }
+        _ => None,
+    }
+}
+
+fn build_request<'a>(
+    method: &[u8],
+    target: &[u8],
+    minor: u8,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    opts: &HttpOptions,
+) -> Head {
+    let cap = opts.max_value_bytes;
+    let mut req = Request {
+        method: String::from_utf8_lossy(method).into_owned(),
+        target: capped(target, cap.saturating_mul(4)),
+        version: version_str(minor),
+        ..Request::default()
+    };
+    let mut te = TransferCoding::None;
+    let mut cl = ContentLength::None;
+    for (name, value) in fields {
+        let slot = if name.eq_ignore_ascii_case(b"host") {
+            Some(&mut req.host)
+        } else if name.eq_ignore_ascii_case(b"user-agent") {
+            Some(&mut req.user_agent)
+        } else if name.eq_ignore_ascii_case(b"traceparent") {
+            Some(&mut req.traceparent)
+        } else if name.eq_ignore_ascii_case(b"tracestate") {
+            Some(&mut req.tracestate)
+        } else {
+            None
+        };
+        if let Some(slot) = slot
+            && slot.is_none()
+        {
+            *slot = Some(capped(value, cap));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl = merge_content_length(cl, value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = transfer_coding(te, value);
+        }
+        if let Some(extra) = opts
+            .extra_headers
+            .iter()
+            .find(|x| name.eq_ignore_ascii_case(x.as_bytes()))
+            && !NEVER_KEEP.iter().any(|n| extra.eq_ignore_ascii_case(n))
+            && !req.extra.iter().any(|(n, _)| n.eq_ignore_ascii_case(extra))
+        {
+            req.extra
+                .push((extra.to_ascii_lowercase(), capped(value, cap)));
+        }
+    }
+    Head {
+        kind: HeadKind::Request(Box::new(req)),
+        te,
+        cl,
+    }
+}
+
+fn build_response<'a>(
+    status: u16,
+    minor: u8,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Head {
+    let mut te = TransferCoding::None;
+    let mut cl = ContentLength::None;
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl = merge_content_length(cl, value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = transfer_coding(te, value);
+        }
+    }
+    Head {
+        kind: HeadKind::Response {
+            status,
+            version: version_str(minor),
+        },
+        te,
+        cl,
+    }
+}
+
+/// Content-Length, possibly repeated or a list: all values must agree (RFC 9112 §6.3).
+fn merge_content_length(cur: ContentLength, value: &[u8]) -> ContentLength {
+    let mut cur = cur;
+    for part in value.split(|&c| c == b',') {
+        let part = trim(part);
+        let parsed = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+            .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+        cur = match (cur, parsed) {
+            (ContentLength::None, Some(n)) => ContentLength::Len(n),
+            (ContentLength::Len(m), Some(n)) if m == n => cur,
+            _ => ContentLength::Invalid,
+        };
+    }
+    cur
+}
+
+/// The final transfer coding decides: chunked or something else.
+fn transfer_coding(cur: TransferCoding, value: &[u8]) -> TransferCoding {
+    match value
+        .split(|&c| c == b',')
+        .map(trim)
+        .rfind(|t| !t.is_empty())
+    {
+        Some(last) if last.eq_ignore_ascii_case(b"chunked") => TransferCoding::Chunked,
+        Some(_) => TransferCoding::Other,
+        None => cur,
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(start, |p| p + 1);
+    &b[start..end]
+}
+
+/// Trimmed, lossily decoded, cut to at most `limit` bytes on a char boundary.
+fn capped(value: &[u8], limit: usize) -> String {
+    let value = trim(value);
+    // Lossy decoding only grows the text, so `limit + 3` input bytes always cover
+    // `limit` output bytes, and a char cut at that end lies beyond the limit.
+    let value = &value[..value.len().min(limit.saturating_add(3))];
+    let mut s = String::from_utf8_lossy(value).into_owned();
+    let mut end = limit.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s
+}

@@ -1,0 +1,346 @@
+//! Configuration: a YAML file, then the environment, then flags — later
+//! sources win. The file is parsed strictly: an unknown key or a bad value
+//! is a [`ConfigError`], which the command line turns into exit code 2.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::kernel::loader::TransportChoice;
+
+/// A configuration the agent cannot run with (exit code 2).
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// Everything `zerotrace run` is configured with, after merging.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub capture: CaptureConfig,
+    pub http: HttpConfig,
+    pub exclude: ExcludeConfig,
+    /// service.name rules, first match wins; else OTEL_SERVICE_NAME, else
+    /// the executable name.
+    pub services: Vec<ServiceRule>,
+    pub export: ExportConfig,
+    pub sampling: SamplingConfig,
+    /// Seconds between statistics lines on stderr.
+    pub stats_interval: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    pub pids: Vec<u32>,
+    pub exes: Vec<String>,
+    pub transport: Option<TransportChoice>,
+    pub capture_bytes: Option<u32>,
+    pub buffer_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Request headers copied to span attributes; no other header value is
+    /// ever exported.
+    pub headers: Vec<HeaderRule>,
+    /// Exported header values are cut to this many bytes.
+    pub max_header_value: usize,
+    /// Route patterns such as `/users/{id}` or `/static/*`: a matching
+    /// server span is named `{method} {route}` and gets http.route.
+    pub routes: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            headers: vec![
+                HeaderRule::new("x-tenant-id", "tenant.id"),
+                HeaderRule::new("x-user-id", "user.id"),
+            ],
+            max_header_value: 128,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Copies request header `header` into span attribute `attribute`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRule {
+    pub header: String,
+    pub attribute: String,
+}
+
+impl HeaderRule {
+    pub fn new(header: &str, attribute: &str) -> Self {
+        Self {
+            header: header.to_ascii_lowercase(),
+            attribute: attribute.to_owned(),
+        }
+    }
+
+    /// `HEADER=ATTRIBUTE`, as given on the command line.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((h, a)) if valid_header_name(h) && !a.trim().is_empty() => {
+                Ok(Self::new(h.trim(), a.trim()))
+            }
+            _ => Err(format!("expected HEADER=ATTRIBUTE, got {s:?}")),
+        }
+    }
+}
+
+fn valid_header_name(name: &str) -> bool {
+    let name = name.trim();
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExcludeConfig {
+    /// URL paths never traced: exact (`/health`) or prefix (`/metrics/*`).
+    pub paths: Vec<String>,
+    /// Executable names whose traffic is never traced.
+    pub processes: Vec<String>,
+}
+
+/// Names the service of processes running `exe` and/or serving on `port`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRule {
+    pub name: String,
+    pub exe: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExporterKind {
+    /// Readable trace trees on stdout.
+    Console,
+    /// OTLP to a collector (OTEL_EXPORTER_OTLP_*).
+    Otlp,
+    /// One OTLP/JSON span per line to --output.
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    #[value(name = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s.trim() {
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            other => Err(ConfigError::new(format!(
+                "unsupported OTLP protocol {other:?} (use grpc or http/protobuf)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Default: otlp when an endpoint is configured, else console.
+    pub exporter: Option<ExporterKind>,
+    /// File for the jsonl exporter.
+    pub output: Option<PathBuf>,
+    /// OTLP endpoint when OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is unset.
+    pub endpoint: Option<String>,
+    /// OTLP protocol when OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL is unset.
+    pub protocol: Option<OtlpProtocol>,
+}
+
+/// Sampling when OTEL_TRACES_SAMPLER is unset.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub sampler: Option<String>,
+    pub ratio: Option<f64>,
+}
+
+impl Config {
+    /// Reads and strictly parses a YAML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(format!("reading {}: {e}", path.display())))?;
+        Self::from_yaml(&text).map_err(|e| ConfigError::new(format!("{}: {}", path.display(), e.0)))
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let config: Self =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::new(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(bytes) = self.capture.capture_bytes
+            && bytes > agent_common::MAX_CAPTURE_BYTES
+        {
+            return Err(ConfigError::new(format!(
+                "capture.capture_bytes {bytes} is above the maximum {}",
+                agent_common::MAX_CAPTURE_BYTES
+            )));
+        }
+        for rule in &self.http.headers {
+            if !valid_header_name(&rule.header) || rule.attribute.trim().is_empty() {
+                return Err(ConfigError::new(format!(
+                    "http.headers: invalid rule {:?} → {:?}",
+                    rule.header, rule.attribute
+                )));
+            }
+        }
+        for route in &self.http.routes {
+            if !route.starts_with('/') {
+                return Err(ConfigError::new(format!(
+                    "http.routes: {route:?} must start with /"
+                )));
+            }
+        }
+        for path in &self.exclude.paths {
+            if !path.starts_with('/') {
+                return Err(ConfigError::new(format!(
+                    "exclude.paths: {path:?} must start with /"
+                )));
+            }
+        }
+        for rule in &self.services {
+            if rule.name.trim().is_empty() || (rule.exe.is_none() && rule.port.is_none()) {
+                return Err(ConfigError::new(format!(
+                    "services: rule {:?} needs a name and an exe or a port",
+                    rule.name
+                )));
+            }
+        }
+        if let Some(ratio) = self.sampling.ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(ConfigError::new(format!(
+                "sampling.ratio {ratio} must be between 0 and 1"
+            )));
+        }
+        if self.export.exporter == Some(ExporterKind::Jsonl) && self.export.output.is_none() {
+            return Err(ConfigError::new("the jsonl exporter needs an output file"));
+        }
+        Ok(())
+    }
+}
+
+/// Reads an environment variable; empty counts as unset.
+pub fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Reads a numeric environment variable, rejecting garbage.
+pub fn env_number<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError> {
+    env(name)
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| ConfigError::new(format!("{name}={v:?} is not a valid number")))
+        })
+        .transpose()
+}
+
+/// OTEL_BSP_*: the span queue and batching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_queue_size: usize,
+    pub scheduled_delay: Duration,
+    pub max_export_batch_size: usize,
+    pub export_timeout: Duration,
+}
+
+impl BatchConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let ms = |name: &str, default: u64| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_millis(env_number(name)?.unwrap_or(default)))
+        };
+        let max_queue_size = env_number("OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(2048usize);
+        let max_export_batch_size =
+            env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?.unwrap_or(512usize);
+        if max_queue_size == 0 || max_export_batch_size == 0 {
+            return Err(ConfigError::new(
+                "OTEL_BSP_MAX_QUEUE_SIZE and OTEL_BSP_MAX_EXPORT_BATCH_SIZE must be above 0",
+            ));
+        }
+        Ok(Self {
+            max_queue_size,
+            scheduled_delay: ms("OTEL_BSP_SCHEDULE_DELAY", 5000)?,
+            max_export_batch_size: max_export_batch_size.min(max_queue_size),
+            export_timeout: ms("OTEL_BSP_EXPORT_TIMEOUT", 30_000)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = Config::from_yaml("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(
+            c.http.headers[0],
+            HeaderRule::new("x-tenant-id", "tenant.id")
+        );
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../deploy/zerotrace.yaml");
+        let c = Config::from_yaml(text).unwrap();
+        assert!(!c.exclude.paths.is_empty());
+        assert!(!c.services.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let unknown = Config::from_yaml("http:\n  headerz: []\n").unwrap_err();
+        assert!(unknown.0.contains("headerz"), "{unknown}");
+        let bad = Config::from_yaml("capture:\n  transport: carrier-pigeon\n").unwrap_err();
+        assert!(bad.0.contains("carrier-pigeon"), "{bad}");
+        let big = Config::from_yaml("capture:\n  capture_bytes: 100000\n").unwrap_err();
+        assert!(big.0.contains("maximum"), "{big}");
+        let ratio = Config::from_yaml("sampling:\n  ratio: 2\n").unwrap_err();
+        assert!(ratio.0.contains("between"), "{ratio}");
+        assert!(Config::from_yaml("services:\n  - name: x\n").is_err());
+        assert!(Config::from_yaml("exclude:\n  paths: [health]\n").is_err());
+    }
+
+    #[test]
+    fn header_rules_from_flags() {
+        assert_eq!(
+            HeaderRule::parse("X-Org=org.id").unwrap(),
+            HeaderRule::new("x-org", "org.id")
+        );
+        assert!(HeaderRule::parse("x-org").is_err());
+        assert!(HeaderRule::parse("bad header=a").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! Export: finished spans go through a bounded queue to an exporter thread
+//! that batches them (OTEL_BSP_*) and hands them to one sink — the OTLP
+//! exporter, the console tree printer or the OTLP/JSON lines file. A full
+//! queue drops spans and counts them; the capture path never waits.
+
+mod console;
+mod jsonl;
+mod otlp;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use opentelemetry_sdk::{Resource, trace::SpanData};
+
+use crate::config::{BatchConfig, OtlpProtocol};
+
+pub use console::render_trees;
+
+/// A finished span with the resource of the process it describes.
+#[derive(Debug, Clone)]
+pub struct ExportSpan {
+    pub resource: Resource,
+    pub span: SpanData,
+}
+
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Console,
+    Jsonl(PathBuf),
+    Otlp {
+        /// None: from OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT or the default.
+        endpoint: Option<String>,
+        protocol: OtlpProtocol,
+    },
+}
+
+impl Target {
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Console => "console".into(),
+            Target::Jsonl(path) => format!("jsonl to {}", path.display()),
+            Target::Otlp { endpoint, protocol } => format!(
+                "otlp {} to {}",
+                match protocol {
+                    OtlpProtocol::Grpc => "grpc",
+                    OtlpProtocol::HttpProtobuf => "http/protobuf",
+                },
+                endpoint
+                    .as_deref()
+                    .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint")
+            ),
+        }
+    }
+}
+
+/// Counters shared by the queue and the exporter thread.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub queued: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub exported: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ExportCounts {
+    pub queued: u64,
+    pub dropped_queue_full: u64,
+    pub exported: u64,
+    pub failed: u64,
+}
+
+impl ExportStats {
+    pub fn snapshot(&self) -> ExportCounts {
+        ExportCounts {
+            queued: self.queued.load(Ordering::Relaxed),
+            dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
+            exported: self.exported.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The producer side: never blocks.
+#[derive(Clone)]
+pub struct SpanQueue {
+    tx: SyncSender<ExportSpan>,
+    stats: Arc<ExportStats>,
+}
+
+impl SpanQueue {
+    pub fn push(&self, span: ExportSpan) {
+        match self.tx.try_send(span) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A queue whose spans land in the returned receiver (for tests).
+    pub fn for_test(capacity: usize) -> (Self, Receiver<ExportSpan>) {
+        let (tx, rx) = sync_channel(capacity);
+        (
+            Self {
+                tx,
+                stats: Arc::default(),
+            },
+            rx,
+        )
+    }
+}
+
+/// One destination for batches of spans.
+trait Sink: Send {
+    /// Exports a batch; returns how many spans were delivered.
+    fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize>;
+    /// Called about every 100 ms and at the end (`last`), for sinks that
+    /// hold spans back (the console waits for whole traces).
+    fn tick(&mut self, _last: bool) {}
+    fn shutdown(&mut self) {}
+}
+
+/// The exporter thread and its queue.
+pub struct Exporter {
+    queue: Option<SpanQueue>,
+    stats: Arc<ExportStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Exporter {
+    /// Builds the sink (a bad endpoint fails here) and starts the thread.
+    pub fn start(target: &Target, batch: BatchConfig) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the exporter runtime")?;
+        let sink: Box<dyn Sink> = match target {
+            Target::Console => Box::new(console::Console::stdout()),
+            Target::Jsonl(path) => Box::new(jsonl::Jsonl::create(path)?),
+            Target::Otlp { endpoint, protocol } => Box::new(otlp::Otlp::new(
+                runtime,
+                endpoint.clone(),
+                *protocol,
+                batch.export_timeout,
+            )?),
+        };
+        let (tx, rx) = sync_channel(batch.max_queue_size);
+        let stats = Arc::new(ExportStats::default());
+        let queue = SpanQueue {
+            tx,
+            stats: Arc::clone(&stats),
+        };
+        let thread_stats = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("zerotrace-export".into())
+            .spawn(move || run(rx, sink, batch, &thread_stats))
+            .context("starting the exporter thread")?;
+        Ok(Self {
+            queue: Some(queue),
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn queue(&self) -> SpanQueue {
+        self.queue.clone().expect("the queue lives until shutdown")
+    }
+
+    pub fn counts(&self) -> ExportCounts {
+        self.stats.snapshot()
+    }
+
+    /// Exports what is queued and stops the thread.
+    pub fn shutdown(mut self) -> ExportCounts {
+        // The thread ends once every sender is gone; the caller must have
+        // dropped its clones.
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.stats.snapshot()
+    }
+}
+
+fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, stats: &ExportStats) {
+    let tick = Duration::from_millis(100);
+    let mut pending: Vec<ExportSpan> = Vec::with_capacity(batch.max_export_batch_size);
+    let mut due = Instant::now() + batch.scheduled_delay;
+    let mut errors = 0u64;
+    let mut flush = |pending: &mut Vec<ExportSpan>, sink: &mut Box<dyn Sink>| {
+        if pending.is_empty() {
+            return;
+        }
+        let n = pending.len() as u64;
+        match sink.export(std::mem::take(pending)) {
+            Ok(done) => {
+                stats.exported.fetch_add(done as u64, Ordering::Relaxed);
+                stats
+                    .failed
+                    .fetch_add(n.saturating_sub(done as u64), Ordering::Relaxed);
+            }
+            Err(e) => {
+                stats.failed.fetch_add(n, Ordering::Relaxed);
+                errors += 1;
+                // The first failure and then every 100th: a dead collector
+                // must not flood the log.
+                if errors % 100 == 1 {
+                    log::warn!("export failed ({errors} failures so far): {e:#}");
+                }
+            }
+        }
+    };
+    loop {
+        let wait = due.saturating_duration_since(Instant::now()).min(tick);
+        match rx.recv_timeout(wait) {
+            Ok(span) => {
+                pending.push(span);
+                if pending.len() >= batch.max_export_batch_size {
+                    flush(&mut pending, &mut sink);
+                    due = Instant::now() + batch.scheduled_delay;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= due {
+            flush(&mut pending, &mut sink);
+            due = Instant::now() + batch.scheduled_delay;
+        }
+        sink.tick(false);
+    }
+    flush(&mut pending, &mut sink);
+    sink.tick(true);
+    sink.shutdown();
+}
+
+/// Groups spans by resource, keeping their order within each group.
+fn by_resource(spans: Vec<ExportSpan>) -> Vec<(Resource, Vec<SpanData>)> {
+    let mut groups: Vec<(Resource, Vec<SpanData>)> = Vec::new();
+    for ExportSpan { resource, span } in spans {
+        match groups.iter_mut().find(|(r, _)| *r == resource) {
+            Some((_, group)) => group.push(span),
+            None => groups.push((resource, vec![span])),
+        }
+    }
+    groups
+}

@@ -1,0 +1,398 @@
+//! HTTP exchanges as spans: names, attributes and statuses per the
+//! OpenTelemetry HTTP semantic conventions.
+
+use std::net::SocketAddr;
+
+use opentelemetry::{KeyValue, trace::Status};
+
+use crate::protocol::http::{Exchange, Request};
+
+/// Methods the semantic conventions know; others are reported as `_OTHER`.
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// The path and query of a request target, in origin or absolute form.
+pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
+    let rest = match target.find("://") {
+        // absolute-form (proxies): skip scheme and authority.
+        Some(i) => {
+            let after = &target[i + 3..];
+            after.find('/').map_or("/", |j| &after[j..])
+        }
+        None => target,
+    };
+    let rest = rest.split('#').next().unwrap_or(rest);
+    match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    }
+}
+
+/// Keeps query keys, replaces every value with `REDACTED`: values often
+/// carry tokens and personal data.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) => format!("{key}=REDACTED"),
+            None => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Route patterns: `{name}` or `:name` matches one path segment, a final
+/// `*` or `{*name}` matches the rest.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(Vec<(String, Vec<String>)>);
+
+impl Routes {
+    pub fn new(patterns: &[String]) -> Self {
+        Self(
+            patterns
+                .iter()
+                .map(|p| (p.clone(), segments(p).map(str::to_owned).collect()))
+                .collect(),
+        )
+    }
+
+    pub fn matching(&self, path: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, pattern)| matches(pattern, path))
+            .map(|(route, _)| route.as_str())
+    }
+}
+
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+fn matches(pattern: &[String], path: &str) -> bool {
+    let mut path = segments(path);
+    for part in pattern {
+        if part == "*" || part.starts_with("{*") {
+            return true;
+        }
+        let Some(segment) = path.next() else {
+            return false;
+        };
+        let wildcard = part.starts_with(':') || (part.starts_with('{') && part.ends_with('}'));
+        if !wildcard && part != segment {
+            return false;
+        }
+    }
+    path.next().is_none()
+}
+
+/// Path exclusion rules: exact paths, or prefixes ending in `*`.
+#[derive(Debug, Clone, Default)]
+pub struct PathFilter(Vec<String>);
+
+impl PathFilter {
+    pub fn new(paths: &[String]) -> Self {
+        Self(paths.to_vec())
+    }
+
+    pub fn excludes(&self, target: &str) -> bool {
+        let (path, _) = path_and_query(target);
+        self.0.iter().any(|rule| match rule.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => path == rule,
+        })
+    }
+}
+
+/// Whether the span describes the server or the client end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+/// The addresses of the connection, from the traced process's view.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// A span's name, attributes and status for one exchange.
+pub struct HttpSpan {
+    pub name: String,
+    pub attributes: Vec<KeyValue>,
+    pub status: Status,
+}
+
+pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes) -> HttpSpan {
+    let request = &exchange.request;
+    let (path, query) = path_and_query(&request.target);
+    let mut attrs = Vec::with_capacity(16);
+    let method = method(request, &mut attrs);
+    let (host, port) = authority(request, side, at);
+    attrs.push(KeyValue::new("url.scheme", "http"));
+    attrs.push(KeyValue::new(
+        "network.protocol.version",
+        request.version.to_owned(),
+    ));
+    attrs.push(KeyValue::new("network.transport", "tcp"));
+    attrs.push(KeyValue::new(
+        "network.peer.address",
+        at.remote.ip().to_string(),
+    ));
+    attrs.push(KeyValue::new(
+        "network.peer.port",
+        i64::from(at.remote.port()),
+    ));
+    attrs.push(KeyValue::new("server.address", host.clone()));
+    attrs.push(KeyValue::new("server.port", i64::from(port)));
+    let query = query.filter(|q| !q.is_empty()).map(redact_query);
+    let mut route = None;
+    match side {
+        Side::Server => {
+            attrs.push(KeyValue::new("url.path", path.to_owned()));
+            if let Some(q) = &query {
+                attrs.push(KeyValue::new("url.query", q.clone()));
+            }
+            attrs.push(KeyValue::new("client.address", at.remote.ip().to_string()));
+            route = routes.matching(path);
+            if let Some(route) = route {
+                attrs.push(KeyValue::new("http.route", route.to_owned()));
+            }
+        }
+        Side::Client => {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            attrs.push(KeyValue::new(
+                "url.full",
+                format!("http://{host}:{port}{path}{query}"),
+            ));
+        }
+    }
+    if let Some(agent) = &request.user_agent {
+        attrs.push(KeyValue::new("user_agent.original", agent.clone()));
+    }
+    if request.body_bytes > 0 {
+        attrs.push(KeyValue::new(
+            "http.request.body.size",
+            request.body_bytes as i64,
+        ));
+    }
+    let mut status = Status::Unset;
+    match &exchange.response {
+        Some(response) => {
+            attrs.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(response.status),
+            ));
+            if response.body_bytes > 0 {
+                attrs.push(KeyValue::new(
+                    "http.response.body.size",
+                    response.body_bytes as i64,
+                ));
+            }
+            let error = match side {
+                Side::Server => response.status >= 500,
+                Side::Client => response.status >= 400,
+            };
+            if error {
+                attrs.push(KeyValue::new("error.type", response.status.to_string()));
+                status = Status::error("");
+            }
+        }
+        None => {
+            // The connection closed (or capture lost track) before a response.
+            attrs.push(KeyValue::new("error.type", "no_response"));
+            status = Status::error("no response before the connection closed");
+        }
+    }
+    let name = match (side, route) {
+        (Side::Server, Some(route)) => format!("{method} {route}"),
+        _ => method.to_owned(),
+    };
+    HttpSpan {
+        name,
+        attributes: attrs,
+        status,
+    }
+}
+
+/// Adds the method attributes; returns the name to use in the span name.
+fn method<'a>(request: &'a Request, attrs: &mut Vec<KeyValue>) -> &'a str {
+    if KNOWN_METHODS.contains(&request.method.as_str()) {
+        attrs.push(KeyValue::new("http.request.method", request.method.clone()));
+        &request.method
+    } else {
+        attrs.push(KeyValue::new("http.request.method", "_OTHER"));
+        attrs.push(KeyValue::new(
+            "http.request.method_original",
+            request.method.clone(),
+        ));
+        "HTTP"
+    }
+}
+
+/// server.address/port: the Host header, else the server end's address.
+fn authority(request: &Request, side: Side, at: Endpoints) -> (String, u16) {
+    let server = match side {
+        Side::Server => at.local,
+        Side::Client => at.remote,
+    };
+    let Some(host) = request
+        .host
+        .as_deref()
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+    else {
+        return (server.ip().to_string(), server.port());
+    };
+    // "[v6]:port", "[v6]", "name:port", "name"
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((ip, after)) = rest.split_once(']') {
+            let port = after
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(server.port());
+            return (ip.to_owned(), port);
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') => match port.parse() {
+            Ok(port) => (name.to_owned(), port),
+            Err(_) => (name.to_owned(), server.port()),
+        },
+        _ => (host.to_owned(), server.port()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::http::Response;
+    use opentelemetry::Value;
+
+    fn exchange(method: &str, target: &str, status: Option<u16>) -> Exchange {
+        Exchange {
+            request: Request {
+                method: method.into(),
+                target: target.into(),
+                version: "1.1",
+                host: Some("shop.example:8080".into()),
+                user_agent: Some("curl/7.88.1".into()),
+                ..Default::default()
+            },
+            response: status.map(|status| Response {
+                status,
+                version: "1.1",
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn at() -> Endpoints {
+        Endpoints {
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:50123".parse().unwrap(),
+        }
+    }
+
+    fn attr<'a>(span: &'a HttpSpan, key: &str) -> Option<&'a Value> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    #[test]
+    fn server_span_follows_the_conventions() {
+        let routes = Routes::new(&["/users/{id}".into(), "/static/*".into()]);
+        let span = describe(
+            Side::Server,
+            &exchange("GET", "/users/42?token=secret&x", Some(503)),
+            at(),
+            &routes,
+        );
+        assert_eq!(span.name, "GET /users/{id}");
+        assert_eq!(attr(&span, "http.route").unwrap().as_str(), "/users/{id}");
+        assert_eq!(attr(&span, "url.path").unwrap().as_str(), "/users/42");
+        assert_eq!(
+            attr(&span, "url.query").unwrap().as_str(),
+            "token=REDACTED&x"
+        );
+        assert_eq!(
+            attr(&span, "server.address").unwrap().as_str(),
+            "shop.example"
+        );
+        assert_eq!(attr(&span, "server.port"), Some(&Value::I64(8080)));
+        assert_eq!(attr(&span, "client.address").unwrap().as_str(), "127.0.0.1");
+        assert_eq!(attr(&span, "network.peer.port"), Some(&Value::I64(50123)));
+        assert_eq!(attr(&span, "error.type").unwrap().as_str(), "503");
+        assert!(matches!(span.status, Status::Error { .. }));
+        let ok = describe(
+            Side::Server,
+            &exchange("GET", "/x", Some(404)),
+            at(),
+            &routes,
+        );
+        assert_eq!(ok.name, "GET");
+        assert_eq!(ok.status, Status::Unset);
+        assert!(attr(&ok, "error.type").is_none());
+        let nested = describe(
+            Side::Server,
+            &exchange("GET", "/static/a/b.css", Some(200)),
+            at(),
+            &routes,
+        );
+        assert_eq!(nested.name, "GET /static/*");
+    }
+
+    #[test]
+    fn client_4xx_is_an_error_and_unknown_methods_are_other() {
+        let span = describe(
+            Side::Client,
+            &exchange("GET", "/a?b=c", Some(404)),
+            at(),
+            &Routes::default(),
+        );
+        assert!(matches!(span.status, Status::Error { .. }));
+        assert_eq!(
+            attr(&span, "url.full").unwrap().as_str(),
+            "http://shop.example:8080/a?b=REDACTED"
+        );
+        let other = describe(
+            Side::Client,
+            &exchange("PROPFIND", "/", Some(207)),
+            at(),
+            &Routes::default(),
+        );
+        assert_eq!(other.name, "HTTP");
+        assert_eq!(
+            attr(&other, "http.request.method").unwrap().as_str(),
+            "_OTHER"
+        );
+        let none = describe(
+            Side::Client,
+            &exchange("GET", "/", None),
+            at(),
+            &Routes::default(),
+        );
+        assert_eq!(attr(&none, "error.type").unwrap().as_str(), "no_response");
+    }
+
+    #[test]
+    fn targets_and_filters() {
+        assert_eq!(path_and_query("http://h:1/p/q?x=1"), ("/p/q", Some("x=1")));
+        assert_eq!(path_and_query("http://h"), ("/", None));
+        assert_eq!(path_and_query("/a#frag"), ("/a", None));
+        let filter = PathFilter::new(&["/health".into(), "/metrics*".into()]);
+        assert!(filter.excludes("/health?full=1"));
+        assert!(filter.excludes("/metrics/x"));
+        assert!(!filter.excludes("/healthz"));
+        assert!(!Routes::new(&["/a/{b}".into()]).matching("/a/b/c").is_some());
+    }
+}

@@ -1,0 +1,504 @@
+//! Trace: turns the records of each connection into spans. The protocol
+//! parser pairs requests with responses; this stage gives each exchange
+//! its place in a trace and its attributes, and queues it for export.
+//!
+//! Parents, most certain first (a span whose parent is ambiguous stays a
+//! root rather than guess):
+//! - a server span is the child of the client span at the other end of the
+//!   same TCP connection when that end is on this host too;
+//! - else of the caller's span named by an incoming `traceparent`;
+//! - a client span is the child of the server request in flight on the
+//!   same thread, when exactly one is;
+//! - else of the span named by its own outgoing `traceparent` (an
+//!   instrumented caller).
+
+pub mod context;
+pub mod http;
+pub mod resource;
+
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agent_common::Direction;
+use nix::time::{ClockId, clock_gettime};
+use opentelemetry::{
+    InstrumentationScope, KeyValue,
+    trace::{SpanContext, SpanId, SpanKind, TraceState},
+};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+
+use self::{
+    context::{Ids, Parent, Sampler, flags, parse_traceparent},
+    http::{Endpoints, PathFilter, Routes, Side},
+    resource::Resources,
+};
+use crate::{
+    config::{Config, HeaderRule},
+    conn::{Connection, own::OwnSockets},
+    export::{ExportSpan, SpanQueue},
+    pipeline::Record,
+    protocol::http::{Exchange, HttpConn, HttpEvent, HttpOptions, Moment, Request},
+};
+
+/// Most requests remembered as in flight per thread or per connection.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// What the tracer is configured with.
+pub struct TraceOptions {
+    pub header_rules: Vec<HeaderRule>,
+    pub max_header_value: usize,
+    pub routes: Routes,
+    pub exclude_paths: PathFilter,
+    pub exclude_processes: Vec<String>,
+    pub sampler: Sampler,
+    pub config: Config,
+}
+
+impl TraceOptions {
+    pub fn new(config: &Config, sampler: Sampler) -> Self {
+        Self {
+            header_rules: config.http.headers.clone(),
+            max_header_value: config.http.max_header_value,
+            routes: Routes::new(&config.http.routes),
+            exclude_paths: PathFilter::new(&config.exclude.paths),
+            exclude_processes: config.exclude.processes.clone(),
+            sampler,
+            config: config.clone(),
+        }
+    }
+}
+
+/// Counters of the trace stage.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TraceStats {
+    pub spans: u64,
+    pub spans_unsampled: u64,
+    pub requests_excluded: u64,
+    pub connections_not_http: u64,
+    pub connections_ignored: u64,
+}
+
+/// A span that has begun: its ids and what its children inherit.
+#[derive(Debug, Clone)]
+struct Begun {
+    seq: u64,
+    side: Side,
+    trace_id: opentelemetry::trace::TraceId,
+    span_id: SpanId,
+    parent: Option<Parent>,
+    sampled: bool,
+    trace_state: TraceState,
+    /// Tenant attributes: the request's own, else the parent's.
+    tenant: Arc<[KeyValue]>,
+    excluded: bool,
+    /// (tgid, tid) that read a server request.
+    thread: (u32, u32),
+}
+
+impl Begun {
+    fn as_parent(&self) -> Parent {
+        Parent {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            sampled: self.sampled,
+            trace_state: self.trace_state.clone(),
+            remote: false,
+        }
+    }
+}
+
+/// Per-connection state.
+struct ConnTrace {
+    http: HttpConn,
+    link: LinkKey,
+    ignored: bool,
+    begun: VecDeque<Begun>,
+    last: Moment,
+}
+
+/// Client requests in flight, keyed by the client's (local, remote).
+type LinkKey = (SocketAddr, SocketAddr);
+
+pub struct Tracer {
+    opts: TraceOptions,
+    http_opts: Arc<HttpOptions>,
+    queue: SpanQueue,
+    ids: Ids,
+    resources: Resources,
+    own: OwnSockets,
+    conns: HashMap<u64, ConnTrace>,
+    /// Server requests being served, per thread.
+    serving: HashMap<(u32, u32), Vec<(u64, u64, Parent, Arc<[KeyValue]>)>>,
+    /// Client requests waiting at the other end, with whether a server span
+    /// already claimed them.
+    calling: HashMap<LinkKey, VecDeque<(u64, Parent, Arc<[KeyValue]>, bool)>>,
+    scope: InstrumentationScope,
+    /// Wall clock minus the monotonic clock the kernel stamps events with.
+    clock_offset: Duration,
+    events: Vec<HttpEvent>,
+    pub stats: TraceStats,
+}
+
+impl Tracer {
+    pub fn new(opts: TraceOptions, queue: SpanQueue) -> Self {
+        let http_opts = Arc::new(HttpOptions {
+            extra_headers: opts.header_rules.iter().map(|r| r.header.clone()).collect(),
+            max_value_bytes: opts.max_header_value,
+            ..HttpOptions::default()
+        });
+        let resources = Resources::new(opts.config.services.clone());
+        Self {
+            opts,
+            http_opts,
+            queue,
+            ids: Ids::default(),
+            resources,
+            own: OwnSockets::default(),
+            conns: HashMap::new(),
+            serving: HashMap::new(),
+            calling: HashMap::new(),
+            scope: InstrumentationScope::builder("zerotrace")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+            clock_offset: clock_offset(),
+            events: Vec::new(),
+            stats: TraceStats::default(),
+        }
+    }
+
+    pub fn on_record(&mut self, record: Record<'_>) {
+        match record {
+            Record::Opened(conn) => {
+                let from_start = conn.seen_from_start;
+                self.conns.remove(&conn.conn_id);
+                let state = self.new_conn(conn, from_start);
+                self.conns.insert(conn.conn_id, state);
+            }
+            Record::Data(Some(conn), data) => {
+                if !self.conns.contains_key(&conn.conn_id) {
+                    let state = self.new_conn(conn, false);
+                    self.conns.insert(conn.conn_id, state);
+                }
+                let Some(state) = self.conns.get_mut(&conn.conn_id) else {
+                    return;
+                };
+                if state.ignored {
+                    return;
+                }
+                let at = Moment {
+                    ts_ns: data.header.ts_ns,
+                    tid: data.header.tid,
+                };
+                state.last = at;
+                let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
+                let mut events = std::mem::take(&mut self.events);
+                state
+                    .http
+                    .feed(data.direction, at, data.payload, missing, &mut events);
+                self.handle(conn, data.direction, &mut events);
+                self.events = events;
+            }
+            Record::Data(None, _) => {}
+            Record::Closed(conn) => {
+                if let Some(mut state) = self.conns.remove(&conn.conn_id) {
+                    let mut events = std::mem::take(&mut self.events);
+                    let at = state.last;
+                    state.http.close(at, &mut events);
+                    self.conns.insert(conn.conn_id, state);
+                    self.handle(conn, Direction::Ingress, &mut events);
+                    self.events = events;
+                    if let Some(state) = self.conns.remove(&conn.conn_id) {
+                        self.forget(conn.conn_id, state);
+                    }
+                }
+            }
+            Record::Evicted(conn_id) => {
+                if let Some(state) = self.conns.remove(&conn_id) {
+                    self.forget(conn_id, state);
+                }
+            }
+        }
+    }
+
+    fn new_conn(&mut self, conn: &Connection, from_start: bool) -> ConnTrace {
+        let exe = self.resources.exe_name(conn.tgid, &conn.comm, None);
+        let excluded = self.opts.exclude_processes.iter().any(|p| p == exe);
+        let ignored = excluded || self.own.is_own(conn.remote);
+        if ignored {
+            self.stats.connections_ignored += 1;
+        }
+        ConnTrace {
+            http: HttpConn::new(Arc::clone(&self.http_opts), from_start),
+            link: (conn.local, conn.remote),
+            ignored,
+            begun: VecDeque::new(),
+            last: Moment::default(),
+        }
+    }
+
+    /// Drops what a closed connection left in flight.
+    fn forget(&mut self, conn_id: u64, state: ConnTrace) {
+        for begun in state.begun {
+            self.unregister(conn_id, state.link, &begun);
+        }
+    }
+
+    fn handle(&mut self, conn: &Connection, dir: Direction, events: &mut Vec<HttpEvent>) {
+        for event in events.drain(..) {
+            match event {
+                HttpEvent::Request(request) => self.begin(conn, dir, &request),
+                HttpEvent::Exchange(exchange) => self.finish(conn, exchange),
+                HttpEvent::NotHttp => self.stats.connections_not_http += 1,
+            }
+        }
+    }
+
+    /// A request head arrived: decide the span's ids and parent now, so
+    /// spans that begin while it is in flight can be its children.
+    fn begin(&mut self, conn: &Connection, dir: Direction, request: &Request) {
+        // Requests are read by servers and written by clients.
+        let side = match dir {
+            Direction::Ingress => Side::Server,
+            Direction::Egress => Side::Client,
+        };
+        let excluded = self.opts.exclude_paths.excludes(&request.target);
+        let thread = (conn.tgid, request.start.tid);
+        let own_tenant: Vec<KeyValue> = self
+            .opts
+            .header_rules
+            .iter()
+            .filter_map(|rule| {
+                request
+                    .extra
+                    .iter()
+                    .find(|(name, _)| *name == rule.header)
+                    .map(|(_, value)| KeyValue::new(rule.attribute.clone(), value.clone()))
+            })
+            .collect();
+        let (parent, inherited) = match side {
+            Side::Server => self.server_parent(conn, request),
+            Side::Client => self.client_parent(thread, request),
+        };
+        let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
+            inherited.unwrap_or_else(|| Arc::from(Vec::new()))
+        } else {
+            Arc::from(own_tenant)
+        };
+        let trace_id = parent
+            .as_ref()
+            .map_or_else(|| self.ids.trace_id(), |p| p.trace_id);
+        let sampled = self.opts.sampler.sample(trace_id, parent.as_ref());
+        let begun = Begun {
+            seq: request.seq,
+            side,
+            trace_id,
+            span_id: self.ids.span_id(),
+            trace_state: parent
+                .as_ref()
+                .map(|p| p.trace_state.clone())
+                .unwrap_or_default(),
+            parent,
+            sampled,
+            tenant,
+            excluded,
+            thread,
+        };
+        if !excluded {
+            match side {
+                Side::Server => {
+                    let serving = self.serving.entry(thread).or_default();
+                    if serving.len() < MAX_IN_FLIGHT {
+                        serving.push((
+                            conn.conn_id,
+                            begun.seq,
+                            begun.as_parent(),
+                            Arc::clone(&begun.tenant),
+                        ));
+                    }
+                }
+                Side::Client => {
+                    let calling = self.calling.entry((conn.local, conn.remote)).or_default();
+                    if calling.len() < MAX_IN_FLIGHT {
+                        calling.push_back((
+                            begun.seq,
+                            begun.as_parent(),
+                            Arc::clone(&begun.tenant),
+                            false,
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(state) = self.conns.get_mut(&conn.conn_id)
+            && state.begun.len() < MAX_IN_FLIGHT
+        {
+            state.begun.push_back(begun);
+        }
+    }
+
+    fn server_parent(
+        &mut self,
+        conn: &Connection,
+        request: &Request,
+    ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
+        // The client end of this very connection, if it is on this host.
+        if let Some(calls) = self.calling.get_mut(&(conn.remote, conn.local))
+            && let Some(call) = calls.iter_mut().find(|c| !c.3)
+        {
+            call.3 = true;
+            return (Some(call.1.clone()), Some(Arc::clone(&call.2)));
+        }
+        let remote = request
+            .traceparent
+            .as_deref()
+            .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref()));
+        (remote, None)
+    }
+
+    fn client_parent(
+        &self,
+        thread: (u32, u32),
+        request: &Request,
+    ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
+        match self.serving.get(&thread).map(Vec::as_slice) {
+            Some([(_, _, parent, tenant)]) => (Some(parent.clone()), Some(Arc::clone(tenant))),
+            // Several requests in flight on one thread (an event loop): which
+            // one made this call is unknowable from syscalls.
+            Some([_, _, ..]) => (None, None),
+            _ => (
+                request
+                    .traceparent
+                    .as_deref()
+                    .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref())),
+                None,
+            ),
+        }
+    }
+
+    fn unregister(&mut self, conn_id: u64, key: LinkKey, begun: &Begun) {
+        match begun.side {
+            Side::Server => {
+                if let Some(serving) = self.serving.get_mut(&begun.thread) {
+                    serving.retain(|(c, s, ..)| !(*c == conn_id && *s == begun.seq));
+                    if serving.is_empty() {
+                        self.serving.remove(&begun.thread);
+                    }
+                }
+            }
+            Side::Client => {
+                if let Some(calling) = self.calling.get_mut(&key) {
+                    calling.retain(|(s, ..)| *s != begun.seq);
+                    if calling.is_empty() {
+                        self.calling.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, conn: &Connection, exchange: Exchange) {
+        let key = (conn.local, conn.remote);
+        let Some(state) = self.conns.get_mut(&conn.conn_id) else {
+            return;
+        };
+        // Begun entries older than this exchange lost their exchange (the
+        // parser resynchronised); drop them.
+        let mut stale = Vec::new();
+        while state
+            .begun
+            .front()
+            .is_some_and(|b| b.seq < exchange.request.seq)
+        {
+            stale.extend(state.begun.pop_front());
+        }
+        let last = state.last;
+        let Some(begun) = state
+            .begun
+            .front()
+            .filter(|b| b.seq == exchange.request.seq)
+            .cloned()
+        else {
+            for b in &stale {
+                self.unregister(conn.conn_id, key, b);
+            }
+            return;
+        };
+        state.begun.pop_front();
+        for b in stale.iter().chain([&begun]) {
+            self.unregister(conn.conn_id, key, b);
+        }
+        if begun.excluded {
+            self.stats.requests_excluded += 1;
+            return;
+        }
+        if !begun.sampled {
+            self.stats.spans_unsampled += 1;
+            return;
+        }
+        let at = Endpoints {
+            local: conn.local,
+            remote: conn.remote,
+        };
+        let described = http::describe(begun.side, &exchange, at, &self.opts.routes);
+        let mut attributes = described.attributes;
+        attributes.extend(begun.tenant.iter().cloned());
+        let end_ns = exchange
+            .response
+            .as_ref()
+            .map_or(last.ts_ns, |r| r.end.ts_ns)
+            .max(exchange.request.start.ts_ns);
+        let (kind, server_port) = match begun.side {
+            Side::Server => (SpanKind::Server, Some(conn.local.port())),
+            Side::Client => (SpanKind::Client, None),
+        };
+        let resource = self.resources.of(conn.tgid, &conn.comm, server_port);
+        let span = SpanData {
+            span_context: SpanContext::new(
+                begun.trace_id,
+                begun.span_id,
+                flags(true),
+                false,
+                begun.trace_state.clone(),
+            ),
+            parent_span_id: begun.parent.as_ref().map_or(SpanId::INVALID, |p| p.span_id),
+            parent_span_is_remote: begun.parent.as_ref().is_some_and(|p| p.remote),
+            span_kind: kind,
+            name: Cow::Owned(described.name),
+            start_time: self.wall_time(exchange.request.start.ts_ns),
+            end_time: self.wall_time(end_ns),
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: described.status,
+            instrumentation_scope: self.scope.clone(),
+        };
+        self.stats.spans += 1;
+        self.queue.push(ExportSpan { resource, span });
+    }
+
+    fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + self.clock_offset + Duration::from_nanos(monotonic_ns)
+    }
+
+    /// Requests waiting for a response, over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.conns.values().map(|c| c.begun.len()).sum()
+    }
+}
+
+/// Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns returns).
+fn clock_offset() -> Duration {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mono = clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .unwrap_or_default();
+    now.saturating_sub(mono)
+}
