@@ -6,6 +6,7 @@
 
 pub mod otlp;
 pub mod rotel;
+pub mod servers;
 
 use std::{
     io::{BufRead, BufReader, Read},

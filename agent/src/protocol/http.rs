@@ -1504,3 +1504,436 @@ fn capped(value: &[u8], limit: usize) -> String {
     s.truncate(end);
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // --- helpers ------------------------------------------------------------
+
+    fn opts() -> Arc<HttpOptions> {
+        Arc::new(HttpOptions::default())
+    }
+
+    fn at(ts_ns: u64) -> Moment {
+        Moment { ts_ns, tid: 7 }
+    }
+
+    fn exchanges(events: &[HttpEvent]) -> Vec<&Exchange> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                HttpEvent::Exchange(x) => Some(x),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn requests(events: &[HttpEvent]) -> Vec<&Request> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                HttpEvent::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Feeds `pieces` (direction, bytes, missing) at increasing moments, then closes.
+    fn run(conn: &mut HttpConn, pieces: &[(Direction, &[u8], u64)]) -> Vec<HttpEvent> {
+        let mut out = Vec::new();
+        for (k, (dir, bytes, missing)) in pieces.iter().enumerate() {
+            conn.feed(*dir, at(k as u64 + 1), bytes, *missing, &mut out);
+        }
+        conn.close(at(1_000_000), &mut out);
+        out
+    }
+
+    const E: Direction = Direction::Egress;
+    const I: Direction = Direction::Ingress;
+
+    // --- recorded fixtures --------------------------------------------------
+
+    struct Fixture {
+        name: &'static str,
+        req: &'static [u8],
+        resp: &'static [u8],
+        /// The relay's reads: (is request direction, length).
+        order: &'static str,
+    }
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            Fixture {
+                name: $name,
+                req: include_bytes!(concat!("fixtures/http/", $name, ".req")),
+                resp: include_bytes!(concat!("fixtures/http/", $name, ".resp")),
+                order: include_str!(concat!("fixtures/http/", $name, ".order")),
+            }
+        };
+    }
+
+    struct Want {
+        method: &'static str,
+        target: &'static str,
+        status: u16,
+        req_body: u64,
+        resp_body: u64,
+    }
+
+    const fn want(
+        method: &'static str,
+        target: &'static str,
+        status: u16,
+        req_body: u64,
+        resp_body: u64,
+    ) -> Want {
+        Want {
+            method,
+            target,
+            status,
+            req_body,
+            resp_body,
+        }
+    }
+
+    fn fixtures() -> Vec<(Fixture, Vec<Want>)> {
+        vec![
+            (
+                fixture!("nginx_get_keepalive"),
+                vec![
+                    want("GET", "/hello.txt", 200, 0, 17),
+                    want("GET", "/data.bin", 200, 0, 20000),
+                ],
+            ),
+            (
+                fixture!("nginx_tenant_cookie"),
+                vec![want("GET", "/hello.txt?q=1", 200, 0, 17)],
+            ),
+            (
+                fixture!("nginx_head"),
+                vec![want("HEAD", "/data.bin", 200, 0, 0)],
+            ),
+            (
+                fixture!("nginx_304"),
+                vec![want("GET", "/hello.txt", 304, 0, 0)],
+            ),
+            (
+                fixture!("nginx_404"),
+                vec![want("GET", "/missing.txt", 404, 0, 153)],
+            ),
+            (
+                fixture!("nginx_204"),
+                vec![want("GET", "/empty", 204, 0, 0)],
+            ),
+            (
+                fixture!("nginx_gzip_chunked"),
+                vec![want("GET", "/big.txt", 200, 0, 5308)],
+            ),
+            (
+                fixture!("nginx_pipelined"),
+                vec![
+                    want("GET", "/hello.txt", 200, 0, 17),
+                    want("HEAD", "/data.bin", 200, 0, 0),
+                    want("GET", "/nope", 404, 0, 153),
+                ],
+            ),
+            (
+                fixture!("python_chunked_trailer"),
+                vec![want("GET", "/chunked", 200, 0, 2126)],
+            ),
+            (
+                fixture!("python_expect_100"),
+                vec![want("POST", "/upload", 201, 10000, 18)],
+            ),
+            (
+                fixture!("python_post_chunked"),
+                vec![want("POST", "/upload", 201, 10000, 18)],
+            ),
+            (
+                fixture!("python_close_delimited"),
+                vec![want("GET", "/stream", 200, 0, 165)],
+            ),
+            (
+                fixture!("python_upgrade_h2c"),
+                vec![want("GET", "/upgrade", 101, 0, 0)],
+            ),
+        ]
+    }
+
+    /// One syscall of a schedule: direction (true = the request direction),
+    /// offset of its first byte in that direction's stream, length.
+    type Syscall = (bool, usize, usize);
+
+    /// The relay's reads, in the order they happened.
+    fn recorded(f: &Fixture) -> Vec<Syscall> {
+        let mut offsets = [0usize; 2];
+        let mut out = Vec::new();
+        for line in f.order.lines() {
+            let (tag, len) = line.split_once(' ').expect("order line");
+            let is_req = tag == ">";
+            let len: usize = len.parse().expect("order length");
+            let off = &mut offsets[usize::from(!is_req)];
+            out.push((is_req, *off, len));
+            *off += len;
+        }
+        assert_eq!(
+            offsets,
+            [f.req.len(), f.resp.len()],
+            "{}: order file",
+            f.name
+        );
+        out
+    }
+
+    /// Consecutive reads in one direction merged: each direction's bytes as few
+    /// syscalls as the real interleaving allows.
+    fn whole(f: &Fixture) -> Vec<Syscall> {
+        let mut out: Vec<Syscall> = Vec::new();
+        for s in recorded(f) {
+            match out.last_mut() {
+                Some(last) if last.0 == s.0 => last.2 += s.2,
+                _ => out.push(s),
+            }
+        }
+        out
+    }
+
+    fn bytewise(f: &Fixture) -> Vec<Syscall> {
+        recorded(f)
+            .into_iter()
+            .flat_map(|(r, off, len)| (off..off + len).map(move |o| (r, o, 1)))
+            .collect()
+    }
+
+    /// `whole` with the syscall holding global byte `p` split in two there.
+    fn split_at(f: &Fixture, p: usize) -> Vec<Syscall> {
+        let mut out = Vec::new();
+        let mut global = 0;
+        for (r, off, len) in whole(f) {
+            if p > global && p < global + len {
+                let k = p - global;
+                out.push((r, off, k));
+                out.push((r, off + k, len - k));
+            } else {
+                out.push((r, off, len));
+            }
+            global += len;
+        }
+        out
+    }
+
+    /// Each syscall's moment encodes where its bytes start: tid 1 / 2 for the
+    /// request / response direction, ts = tid << 40 | offset.
+    fn moment(is_req: bool, off: usize) -> Moment {
+        let tid = if is_req { 1 } else { 2 };
+        Moment {
+            ts_ns: (u64::from(tid) << 40) | off as u64,
+            tid,
+        }
+    }
+
+    /// The moment of the syscall carrying byte `off` of a direction.
+    fn moment_of(schedule: &[Syscall], is_req: bool, off: u64) -> Moment {
+        let off = off as usize;
+        let s = schedule
+            .iter()
+            .find(|s| s.0 == is_req && s.1 <= off && off < s.1 + s.2)
+            .expect("byte in schedule");
+        moment(is_req, s.1)
+    }
+
+    fn offset(m: Moment) -> u64 {
+        m.ts_ns & ((1 << 40) - 1)
+    }
+
+    fn play(f: &Fixture, schedule: &[Syscall], req_dir: Direction) -> (Vec<HttpEvent>, HttpConn) {
+        let resp_dir = if req_dir == E { I } else { E };
+        let mut conn = HttpConn::new(opts(), true);
+        let mut out = Vec::new();
+        for &(is_req, off, len) in schedule {
+            let (dir, stream) = if is_req {
+                (req_dir, f.req)
+            } else {
+                (resp_dir, f.resp)
+            };
+            conn.feed(
+                dir,
+                moment(is_req, off),
+                &stream[off..off + len],
+                0,
+                &mut out,
+            );
+        }
+        conn.close(
+            Moment {
+                ts_ns: u64::MAX,
+                tid: 0,
+            },
+            &mut out,
+        );
+        (out, conn)
+    }
+
+    /// Message positions found by the byte-per-syscall run: request start, final
+    /// response start, response end (offsets in their streams).
+    type Positions = Vec<(u64, u64, u64)>;
+
+    fn check_fixture(
+        f: &Fixture,
+        wants: &[Want],
+        schedule: &[Syscall],
+        req_dir: Direction,
+        positions: Option<&Positions>,
+    ) -> Positions {
+        let ctx = format!("{} ({req_dir:?}, {} syscalls)", f.name, schedule.len());
+        let (events, conn) = play(f, schedule, req_dir);
+        let xs = exchanges(&events);
+        let rs = requests(&events);
+        assert_eq!(xs.len(), wants.len(), "{ctx}: exchanges {events:#?}");
+        assert_eq!(rs.len(), wants.len(), "{ctx}: requests");
+        assert!(!events.contains(&HttpEvent::NotHttp), "{ctx}");
+        let upgraded = wants.iter().any(|w| w.status == 101);
+        let expect_detection = if upgraded {
+            Detection::Upgraded
+        } else {
+            Detection::Http
+        };
+        assert_eq!(conn.detection(), expect_detection, "{ctx}");
+        assert_eq!(conn.counters(), HttpCounters::default(), "{ctx}");
+        let dump = format!("{events:?}").to_ascii_lowercase();
+        assert!(!dump.contains("cookie"), "{ctx}: a cookie leaked: {dump}");
+        let mut found = Vec::new();
+        for (k, ((x, r), w)) in xs.iter().zip(&rs).zip(wants).enumerate() {
+            let req = &x.request;
+            let resp = x
+                .response
+                .as_ref()
+                .unwrap_or_else(|| panic!("{ctx}: #{k} unanswered"));
+            assert_eq!(req.seq, k as u64, "{ctx}");
+            assert_eq!(req.method, w.method, "{ctx}");
+            assert_eq!(req.target, w.target, "{ctx}");
+            assert_eq!(req.version, "1.1", "{ctx}");
+            assert!(
+                req.host
+                    .as_deref()
+                    .is_some_and(|h| h.starts_with("127.0.0.1")),
+                "{ctx}"
+            );
+            assert!(req.user_agent.is_some(), "{ctx}");
+            assert!(!req.head_truncated && !resp.head_truncated, "{ctx}");
+            assert_eq!(req.body_bytes, w.req_body, "{ctx}: request body #{k}");
+            assert_eq!(resp.status, w.status, "{ctx}");
+            assert_eq!(resp.body_bytes, w.resp_body, "{ctx}: response body #{k}");
+            // The Request event came first and announced the same request.
+            assert_eq!(r.seq, req.seq, "{ctx}");
+            assert_eq!(
+                (&r.method, &r.target, r.start),
+                (&req.method, &req.target, req.start)
+            );
+            // Moments: the syscall carrying the first / last byte.
+            assert_eq!(req.start.tid, 1, "{ctx}");
+            assert_eq!((resp.start.tid, resp.end.tid), (2, 2), "{ctx}");
+            let pos = (offset(req.start), offset(resp.start), offset(resp.end));
+            if let Some(positions) = positions {
+                let (q, s, e) = positions[k];
+                assert_eq!(
+                    req.start,
+                    moment_of(schedule, true, q),
+                    "{ctx}: request start #{k}"
+                );
+                assert_eq!(
+                    resp.start,
+                    moment_of(schedule, false, s),
+                    "{ctx}: response start #{k}"
+                );
+                assert_eq!(
+                    resp.end,
+                    moment_of(schedule, false, e),
+                    "{ctx}: response end #{k}"
+                );
+            }
+            found.push(pos);
+        }
+        found
+    }
+
+    /// The positions from the byte-per-syscall run, checked against the bytes.
+    fn check_positions(f: &Fixture, wants: &[Want], positions: &Positions) {
+        for (k, (&(q, s, e), w)) in positions.iter().zip(wants).enumerate() {
+            let (q, s, e) = (q as usize, s as usize, e as usize);
+            let line = format!("{} {} HTTP/1.1\r\n", w.method, w.target);
+            assert!(
+                f.req[q..].starts_with(line.as_bytes()),
+                "{}: request #{k} at {q}",
+                f.name
+            );
+            let status = format!(" {} ", w.status);
+            assert!(
+                f.resp[s..].starts_with(b"HTTP/1."),
+                "{}: response #{k} at {s}",
+                f.name
+            );
+            assert_eq!(&f.resp[s + 8..s + 13], status.as_bytes(), "{}", f.name);
+            match positions.get(k + 1) {
+                Some(next) => assert_eq!(e + 1, next.1 as usize, "{}: #{k} end", f.name),
+                None if w.status == 101 => assert!(f.resp[..=e].ends_with(b"\r\n\r\n")),
+                None => assert_eq!(e + 1, f.resp.len(), "{}: last end", f.name),
+            }
+        }
+    }
+
+    #[test]
+    fn fixtures_whole_split_and_bytewise() {
+        for (f, wants) in fixtures() {
+            for req_dir in [E, I] {
+                let positions = check_fixture(&f, &wants, &bytewise(&f), req_dir, None);
+                check_positions(&f, &wants, &positions);
+                check_fixture(&f, &wants, &whole(&f), req_dir, Some(&positions));
+                check_fixture(&f, &wants, &recorded(&f), req_dir, Some(&positions));
+                let total = f.req.len() + f.resp.len();
+                for p in 1..total {
+                    check_fixture(&f, &wants, &split_at(&f, p), req_dir, Some(&positions));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fixture_details() {
+        let (events, _) = play(
+            &fixture!("nginx_tenant_cookie"),
+            &whole(&fixture!("nginx_tenant_cookie")),
+            I,
+        );
+        let req = &exchanges(&events)[0].request;
+        assert_eq!(
+            req.extra,
+            vec![
+                ("x-tenant-id".to_owned(), "acme".to_owned()),
+                ("x-user-id".to_owned(), "u1".to_owned())
+            ]
+        );
+        assert_eq!(
+            req.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(req.tracestate, None);
+        assert_eq!(req.user_agent.as_deref(), Some("curl/7.88.1"));
+        // The cookie is 3 KiB long and precedes the tenant headers.
+        let cookie_at = find(fixture!("nginx_tenant_cookie").req, b"Cookie:").expect("cookie");
+        let tenant_at = find(fixture!("nginx_tenant_cookie").req, b"x-tenant-id").expect("tenant");
+        assert!(tenant_at - cookie_at > 3072);
+
+        let f = fixture!("python_close_delimited");
+        let (events, _) = play(&f, &whole(&f), E);
+        assert_eq!(
+            exchanges(&events)[0].response.as_ref().map(|r| r.version),
+            Some("1.0")
+        );
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+}
