@@ -27,6 +27,7 @@ pub const PACKAGES: &[&str] = &[
     "redis-tools",
     "procps",
     "iproute2",
+    "nginx",
 ];
 
 /// The nightly toolchain as found (or installed).

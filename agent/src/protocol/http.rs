@@ -1936,4 +1936,611 @@ mod tests {
     fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
         hay.windows(needle.len()).position(|w| w == needle)
     }
+
+    // --- detection and garbage -------------------------------------------------
+
+    fn detect(first: &[u8], dir: Direction, from_start: bool) -> (Detection, Vec<HttpEvent>) {
+        let mut conn = HttpConn::new(opts(), from_start);
+        let mut out = Vec::new();
+        conn.feed(dir, at(1), first, 0, &mut out);
+        (conn.detection(), out)
+    }
+
+    #[test]
+    fn other_protocols_are_not_http() {
+        let tls_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+        let pg_startup: &[u8] = b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00postgres\x00database\x00db\x00\x00";
+        let mysql_greeting: &[u8] = b"\x4a\x00\x00\x00\x0a8.0.36\x00\x08\x00\x00\x00";
+        let cases: &[&[u8]] = &[
+            b"*1\r\n$4\r\nPING\r\n",
+            b"GET key\r\n",
+            b"GET key value\r\n",
+            b"FOO / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n",
+            b"get / HTTP/1.1\r\n",
+            tls_hello,
+            pg_startup,
+            mysql_greeting,
+        ];
+        for case in cases {
+            for dir in [E, I] {
+                let (d, out) = detect(case, dir, true);
+                assert_eq!(d, Detection::NotHttp, "{:?}", String::from_utf8_lossy(case));
+                assert_eq!(out, vec![HttpEvent::NotHttp]);
+            }
+        }
+    }
+
+    #[test]
+    fn prefixes_stay_undecided_until_decided() {
+        for prefix in [&b"G"[..], b"GE", b"GET", b"GET ", b"GET /a", b"GET /a HTTP/1.", b"HTTP/1.1 2", b"\r\n"] {
+            let (d, out) = detect(prefix, E, true);
+            assert_eq!(d, Detection::Undecided, "{:?}", String::from_utf8_lossy(prefix));
+            assert!(out.is_empty());
+        }
+        // Completed into a request line: HTTP. Completed into something else: not.
+        let mut conn = HttpConn::new(opts(), true);
+        let mut out = Vec::new();
+        conn.feed(I, at(1), b"GE", 0, &mut out);
+        conn.feed(I, at(2), b"T /a HTTP/1.1\r", 0, &mut out);
+        assert_eq!(conn.detection(), Detection::Undecided);
+        conn.feed(I, at(3), b"\nHost: x\r\n\r\n", 0, &mut out);
+        assert_eq!(conn.detection(), Detection::Http);
+        assert_eq!(requests(&out).len(), 1);
+        assert_eq!(requests(&out)[0].start, at(1));
+
+        let mut conn = HttpConn::new(opts(), true);
+        conn.feed(E, at(1), b"GE", 0, &mut out);
+        conn.feed(E, at(2), b"T mykey\r\n", 0, &mut out);
+        assert_eq!(conn.detection(), Detection::NotHttp);
+
+        // A never-ending request line is bounded.
+        let mut conn = HttpConn::new(opts(), true);
+        let mut out = Vec::new();
+        conn.feed(E, at(1), b"GET /", 0, &mut out);
+        for k in 0..20_000 {
+            conn.feed(E, at(k), b"aaaa", 0, &mut out);
+            assert!(conn.sides[0].buf.len() <= conn.max_head());
+        }
+        assert_eq!(conn.detection(), Detection::NotHttp);
+        assert_eq!(out, vec![HttpEvent::NotHttp]);
+    }
+
+    #[test]
+    fn mid_stream_connection_hunts_for_a_request_line() {
+        let mut conn = HttpConn::new(opts(), false);
+        let out = run(
+            &mut conn,
+            &[
+                // The tail of a body and a response to a request we never saw.
+                (I, b"...tail of an old request body", 0),
+                (E, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 0),
+                (I, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+                (E, b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 1, "{out:#?}");
+        assert_eq!(xs[0].request.target, "/next");
+        assert_eq!(xs[0].request.seq, 0);
+        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)), Some((404, 3)));
+        assert_eq!(conn.detection(), Detection::Http);
+
+        // Binary traffic mid-stream: NotHttp after the budget.
+        let mut conn = HttpConn::new(opts(), false);
+        let mut out = Vec::new();
+        let chunk = [0x17u8; 1000];
+        for k in 0..70 {
+            conn.feed(if k % 2 == 0 { E } else { I }, at(k), &chunk, 0, &mut out);
+        }
+        assert_eq!(conn.detection(), Detection::NotHttp);
+        assert_eq!(out, vec![HttpEvent::NotHttp]);
+    }
+
+    /// xorshift64*: deterministic pseudo-random numbers without extra crates.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    /// Feeds `bytes` in random pieces, directions and gaps; checks the invariants.
+    fn chaos(rng: &mut Rng, bytes: &[u8], opts: Arc<HttpOptions>) -> Vec<HttpEvent> {
+        let mut conn = HttpConn::new(Arc::clone(&opts), rng.below(2) == 0);
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        let mut k = 0;
+        while !rest.is_empty() {
+            let n = (1 + rng.below(64) as usize).min(rest.len());
+            let dir = if rng.below(3) == 0 { I } else { E };
+            let missing = if rng.below(8) == 0 { rng.below(100) } else { 0 };
+            conn.feed(dir, at(k), &rest[..n], missing, &mut out);
+            rest = &rest[n..];
+            k += 1;
+            for side in &conn.sides {
+                assert!(side.buf.len() <= opts.max_head_bytes.max(MIN_HEAD_BYTES) + 2);
+                assert!(side.buf.capacity() <= 2 * opts.max_head_bytes.max(MIN_HEAD_BYTES) + 64);
+            }
+            assert!(conn.queued <= opts.max_pending);
+            assert!(conn.pending.len() <= 2 * opts.max_pending + 1);
+        }
+        conn.close(at(k), &mut out);
+        check_invariants(&out);
+        out
+    }
+
+    fn check_invariants(out: &[HttpEvent]) {
+        let not_http = out.iter().filter(|e| **e == HttpEvent::NotHttp).count();
+        assert!(not_http <= 1);
+        if not_http == 1 {
+            assert_eq!(out.last(), Some(&HttpEvent::NotHttp));
+        }
+        let mut last_req = None;
+        let mut last_x = None;
+        let mut announced = Vec::new();
+        for e in out {
+            match e {
+                HttpEvent::Request(r) => {
+                    assert!(last_req.is_none_or(|l| r.seq > l));
+                    last_req = Some(r.seq);
+                    announced.push(r.seq);
+                }
+                HttpEvent::Exchange(x) => {
+                    assert!(last_x.is_none_or(|l| x.request.seq > l));
+                    last_x = Some(x.request.seq);
+                    assert!(announced.contains(&x.request.seq));
+                }
+                HttpEvent::NotHttp => {}
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let small = Arc::new(HttpOptions {
+            max_head_bytes: 100,
+            max_value_bytes: 8,
+            max_pending: 2,
+            ..HttpOptions::default()
+        });
+        for seed in 1..400u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let len = rng.below(4000) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let out = chaos(&mut rng, &bytes, opts());
+            assert!(exchanges(&out).is_empty());
+            chaos(&mut rng, &bytes, Arc::clone(&small));
+        }
+    }
+
+    #[test]
+    fn http_like_noise_never_panics() {
+        // Random sequences of HTTP fragments: plausible enough to get deep into the
+        // state machine.
+        let atoms: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\n",
+            b"HEAD /x HTTP/1.0\r\n",
+            b"POST /p HTTP/1.1\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 100 Continue\r\n",
+            b"HTTP/1.1 101 Switching\r\n",
+            b"HTTP/1.0 204 \r\n",
+            b"HTTP/1.1 304 Not Modified\r\n",
+            b"Content-Length: 5\r\n",
+            b"Content-Length: 99999999999999999999\r\n",
+            b"Content-Length: 3, 4\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: gzip\r\n",
+            b"x-tenant-id: \xff\xfe\r\n",
+            b"Host: h\r\n",
+            b"\r\n",
+            b"\n",
+            b"5\r\nhello\r\n",
+            b"0\r\n\r\n",
+            b"5;ext=1\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"Trailer: x\r\n",
+            b"abc",
+            b"\x00\x01\x02",
+        ];
+        let small = Arc::new(HttpOptions { max_head_bytes: 64, max_pending: 3, ..HttpOptions::default() });
+        for seed in 1..3000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+            let mut bytes = Vec::new();
+            for _ in 0..rng.below(40) {
+                bytes.extend_from_slice(atoms[rng.below(atoms.len() as u64) as usize]);
+            }
+            chaos(&mut rng, &bytes, if seed % 3 == 0 { Arc::clone(&small) } else { opts() });
+        }
+    }
+
+    #[test]
+    fn mutated_fixtures_never_panic() {
+        for (f, _) in fixtures() {
+            for seed in 1..40u64 {
+                let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                let mut req = f.req[..f.req.len().min(4000)].to_vec();
+                let mut resp = f.resp[..f.resp.len().min(4000)].to_vec();
+                for _ in 0..rng.below(6) {
+                    let (buf, r) = if rng.below(2) == 0 { (&mut req, rng.next()) } else { (&mut resp, rng.next()) };
+                    if !buf.is_empty() {
+                        let k = (r % buf.len() as u64) as usize;
+                        buf[k] = rng.next() as u8;
+                    }
+                }
+                let mut conn = HttpConn::new(opts(), true);
+                let mut out = Vec::new();
+                let (mut a, mut b) = (&req[..], &resp[..]);
+                let mut k = 0;
+                while !a.is_empty() || !b.is_empty() {
+                    let n = 1 + rng.below(300) as usize;
+                    if !a.is_empty() && (b.is_empty() || rng.below(2) == 0) {
+                        let n = n.min(a.len());
+                        conn.feed(E, at(k), &a[..n], 0, &mut out);
+                        a = &a[n..];
+                    } else {
+                        let n = n.min(b.len());
+                        conn.feed(I, at(k), &b[..n], 0, &mut out);
+                        b = &b[n..];
+                    }
+                    k += 1;
+                }
+                conn.close(at(k), &mut out);
+                check_invariants(&out);
+            }
+        }
+    }
+
+    // --- capture gaps ----------------------------------------------------------
+
+    const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: h\r\nx-tenant-id: t1\r\n\r\n";
+
+    #[test]
+    fn gap_in_content_length_body_still_pairs() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nabc", 40_000),
+                (I, b"more", 59_993),
+                (E, b"GET /b HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 2);
+        let r0 = xs[0].response.as_ref().expect("response");
+        assert_eq!((r0.status, r0.body_bytes, r0.start, r0.end), (200, 100_000, at(2), at(3)));
+        assert_eq!(xs[1].request.target, "/b");
+        assert_eq!(xs[1].response.as_ref().map(|r| r.body_bytes), Some(2));
+        assert_eq!(conn.counters(), HttpCounters::default());
+    }
+
+    #[test]
+    fn gap_in_request_head_resyncs_on_next_request() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+                // Head cut by the capture size: "GET /two ... Host: h" and 300 more bytes.
+                (E, b"GET /two HTTP/1.1\r\nHost: h\r\nx-tenant-id: t2\r\nCookie: abc", 300),
+                (E, b"and the rest of it\r\n\r\n", 0),
+                (I, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", 0),
+                (E, b"GET /three HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        let got: Vec<_> = xs
+            .iter()
+            .map(|x| (x.request.seq, x.request.target.as_str(), x.request.head_truncated, x.response.as_ref().map(|r| r.status)))
+            .collect();
+        assert_eq!(got, vec![(0, "/a", false, Some(200)), (1, "/two", true, Some(201)), (2, "/three", false, Some(202))]);
+        // What was seen of the cut head is kept.
+        assert_eq!(xs[1].request.extra, vec![("x-tenant-id".to_owned(), "t2".to_owned())]);
+        assert_eq!(conn.counters().resyncs, 1);
+
+        // Cut before the request line was even complete: nothing to report for it.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+                (E, b"GET /tw", 300),
+                (E, b"GET /three HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        let got: Vec<_> = exchanges(&out).iter().map(|x| (x.request.seq, x.request.target.clone())).collect();
+        assert_eq!(got, vec![(0, "/a".to_owned()), (1, "/three".to_owned())]);
+    }
+
+    #[test]
+    fn gap_in_response_head_or_chunk_framing_finishes_and_resyncs() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r", 5000),
+                (I, b"xyz\r\n0\r\n\r\n", 0), // stale bytes of the lost response
+                (E, b"GET /b HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 500 Oops\r\nContent-Length: 1\r\n\r\n!", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 2);
+        let r0 = xs[0].response.as_ref().expect("finished with what was seen");
+        assert_eq!((r0.status, r0.body_bytes, r0.end), (200, 5, at(2)));
+        assert_eq!(xs[1].response.as_ref().map(|r| r.status), Some(500));
+        assert_eq!(conn.counters().resyncs, 1);
+
+        // A gap inside chunk data is harmless.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\nab", 4092),
+                (I, b"cd\r\n0\r\n\r\n", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs[0].response.as_ref().map(|r| (r.body_bytes, r.end)), Some((4096, at(3))));
+        assert_eq!(conn.counters().resyncs, 0);
+
+        // A response head cut by the capture: status known, exchange finished.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[(E, REQ, 0), (I, b"HTTP/1.1 403 Forbidden\r\nServer: x\r\nCont", 10_000)],
+        );
+        let r0 = exchanges(&out)[0].response.clone().expect("response");
+        assert_eq!((r0.status, r0.head_truncated), (403, true));
+    }
+
+    #[test]
+    fn lost_responses_do_not_shift_pairing() {
+        // The response direction loses track (garbage instead of a status line);
+        // the next request then ends the waiting one unanswered instead of pairing
+        // it with the wrong response.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, REQ, 0),
+                (I, b"\x00garbage", 0),
+                (E, b"GET /b HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        let got: Vec<_> = exchanges(&out).iter().map(|x| (x.request.target.clone(), x.response.is_some())).collect();
+        assert_eq!(got, vec![("/a".to_owned(), false), ("/b".to_owned(), true)]);
+        assert_eq!(conn.counters().unanswered, 1);
+    }
+
+    // --- limits ----------------------------------------------------------------
+
+    #[test]
+    fn max_pending_overflow_is_counted_and_pairing_stays_aligned() {
+        let o = Arc::new(HttpOptions { max_pending: 2, ..HttpOptions::default() });
+        let mut conn = HttpConn::new(o, true);
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"GET /0 HTTP/1.1\r\n\r\nGET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n", 0),
+                (I, ok, 0),
+                (E, b"GET /4 HTTP/1.1\r\n\r\n", 0),
+                (I, ok, 0),
+                (I, ok, 0),
+                (I, ok, 0),
+                (I, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        assert_eq!(conn.counters().dropped_requests, 2);
+        let got: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| (x.request.seq, x.response.as_ref().map(|r| r.status)))
+            .collect();
+        assert_eq!(got, vec![(0, Some(200)), (1, Some(200)), (4, Some(404))]);
+        assert_eq!(requests(&out).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 4]);
+    }
+
+    #[test]
+    fn long_head_is_cut_but_headers_within_the_limit_are_found() {
+        let o = Arc::new(HttpOptions { max_head_bytes: 1024, ..HttpOptions::default() });
+        let cookie = format!("Cookie: {}\r\n", "c".repeat(3000));
+        let head = format!(
+            "POST /up HTTP/1.1\r\nHost: h\r\nx-tenant-id: acme\r\nContent-Length: 4\r\n{cookie}x-user-id: late\r\n\r\nbody"
+        );
+        let resp = format!("HTTP/1.1 200 OK\r\n{cookie}Content-Length: 2\r\n\r\nok");
+        for piece in [1usize, 7, 100, 5000] {
+            let mut conn = HttpConn::new(Arc::clone(&o), true);
+            let mut pieces: Vec<(Direction, &[u8], u64)> =
+                head.as_bytes().chunks(piece).map(|c| (E, c, 0)).collect();
+            pieces.extend(resp.as_bytes().chunks(piece).map(|c| (I, c, 0)));
+            let out = run(&mut conn, &pieces);
+            let xs = exchanges(&out);
+            assert_eq!(xs.len(), 1, "piece {piece}: {out:#?}");
+            let req = &xs[0].request;
+            assert!(req.head_truncated);
+            assert_eq!(req.extra, vec![("x-tenant-id".to_owned(), "acme".to_owned())]);
+            assert_eq!(req.body_bytes, 4);
+            let r = xs[0].response.as_ref().expect("response");
+            // The response's Content-Length came after the limit: delimited by close.
+            assert!(r.head_truncated);
+            assert_eq!(r.body_bytes, 2);
+            for side in &conn.sides {
+                assert!(side.buf.capacity() <= 4096);
+            }
+            assert!(!format!("{out:?}").contains("ccc"));
+        }
+
+        // With the default limit the tenant header after 3 KiB of cookies is found.
+        let head = format!("GET / HTTP/1.1\r\n{cookie}x-tenant-id: acme\r\n\r\n");
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(&mut conn, &[(E, head.as_bytes(), 0)]);
+        let req = requests(&out)[0];
+        assert_eq!(req.extra, vec![("x-tenant-id".to_owned(), "acme".to_owned())]);
+        assert!(!req.head_truncated);
+    }
+
+    #[test]
+    fn values_are_trimmed_capped_and_never_secret() {
+        let o = Arc::new(HttpOptions {
+            max_value_bytes: 5,
+            extra_headers: vec!["x-tenant-id".into(), "Cookie".into(), "authorization".into(), "X-Bin".into()],
+            ..HttpOptions::default()
+        });
+        let mut conn = HttpConn::new(o, true);
+        let out = run(
+            &mut conn,
+            &[(
+                E,
+                b"GET /0123456789abcdefghijklmnopqrstuvwxyz HTTP/1.1\r\nUser-Agent:  h\xc3\xa9h\xc3\xa9h  \r\n\
+                  X-TENANT-ID: \t t\r\nx-tenant-id: second\r\nCookie: secret\r\nAuthorization: Bearer secret\r\n\
+                  x-bin: \xff\xfeab\r\nHost: example.com:8080\r\n\r\n",
+                0,
+            )],
+        );
+        let req = requests(&out)[0];
+        assert_eq!(req.target, "/0123456789abcdefghi"); // 4 * 5 bytes
+        assert_eq!(req.user_agent.as_deref(), Some("h\u{e9}h")); // 4 of 5 bytes: char boundary
+        assert_eq!(req.host.as_deref(), Some("examp"));
+        assert_eq!(
+            req.extra,
+            vec![("x-tenant-id".to_owned(), "t".to_owned()), ("x-bin".to_owned(), "\u{fffd}".to_owned())]
+        );
+        assert!(!format!("{out:?}").contains("secret"));
+    }
+
+    // --- framing and pairing ------------------------------------------------------
+
+    #[test]
+    fn connect_2xx_upgrades() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 0),
+                (I, b"HTTP/1.1 200 Connection Established\r\n\r\n\x16\x03\x03", 0),
+                (E, b"\x16\x03\x01\x02\x00GET / HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 200 OK\r\n\r\n", 0),
+            ],
+        );
+        assert_eq!(conn.detection(), Detection::Upgraded);
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 1);
+        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.end)), Some((200, at(2))));
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn close_completes_close_delimited_and_reports_unanswered() {
+        let mut conn = HttpConn::new(opts(), true);
+        let mut out = Vec::new();
+        conn.feed(E, at(1), b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0, &mut out);
+        conn.feed(I, at(2), b"HTTP/1.0 200 OK\r\n\r\npart one", 0, &mut out);
+        conn.feed(I, at(3), b"part two", 1000, &mut out);
+        conn.close(at(9), &mut out);
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 2);
+        let r = xs[0].response.as_ref().expect("response");
+        assert_eq!((r.body_bytes, r.start, r.end), (16 + 1000, at(2), at(3)));
+        assert_eq!(xs[1].request.target, "/b");
+        assert_eq!(xs[1].response, None);
+        assert_eq!(conn.counters().unanswered, 1);
+        // Nothing after close.
+        conn.feed(E, at(10), REQ, 0, &mut out);
+        conn.close(at(11), &mut out);
+        assert_eq!(exchanges(&out).len(), 2);
+    }
+
+    #[test]
+    fn response_direction_first_and_bare_lf() {
+        // A status line seen first decides the roles too (response skipped: no request).
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (I, b"HTTP/1.1 408 Request Timeout\nContent-Length: 0\n\n", 0),
+                (E, b"GET /lf HTTP/1.0\nHost: h\n\n", 0),
+                (I, b"HTTP/1.0 200 OK\nContent-Length: 2\n\nok", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 1);
+        assert_eq!(xs[0].request.version, "1.0");
+        assert_eq!(xs[0].request.host.as_deref(), Some("h"));
+        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)), Some((200, 2)));
+    }
+
+    #[test]
+    fn chunked_request_with_extensions_trailers_and_early_response() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"PUT /c HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4;a=b\r\nwiki\r\n", 0),
+                // The server answers before the body ends (e.g. 413): the request body
+                // still counts into the exchange it is held by until it is emitted.
+                (I, b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", 0),
+                (E, b"5  \r\npedia\r\n0\r\nExpires: never\r\n\r\n", 0),
+                (E, b"DELETE /d HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 0),
+                (I, b"HTTP/1.1 204 No Content\r\n\r\n", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        let got: Vec<_> = xs
+            .iter()
+            .map(|x| (x.request.method.as_str(), x.request.body_bytes, x.response.as_ref().map(|r| r.status)))
+            .collect();
+        assert_eq!(got, vec![("PUT", 4, Some(413)), ("DELETE", 2, Some(204))]);
+        assert_eq!(conn.counters(), HttpCounters::default());
+    }
+
+    #[test]
+    fn bad_request_framing_resyncs() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 0),
+                (I, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 0),
+            ],
+        );
+        let xs = exchanges(&out);
+        assert_eq!(xs[0].response.as_ref().map(|r| r.status), Some(400));
+        assert_eq!(conn.counters().resyncs, 1);
+    }
+
+    #[test]
+    fn non_utf8_target_uses_the_lenient_parser() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[(E, b"GET /caf\xe9 HTTP/1.1\r\nHost: h\r\nBad Header\r\nContent-Length: 1\r\n\r\nx", 0)],
+        );
+        let req = &exchanges(&out)[0].request;
+        assert_eq!(req.target, "/caf\u{fffd}");
+        assert_eq!(req.host.as_deref(), Some("h"));
+        assert_eq!(req.body_bytes, 1);
+    }
 }
