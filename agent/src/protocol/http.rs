@@ -362,6 +362,9 @@ pub struct HttpConn {
     pending: VecDeque<Slot>,
     /// Number of `Slot::Req` in `pending`.
     queued: usize,
+    /// Requests at the front of `pending` whose responses may have passed while the
+    /// response direction had lost track; they end unanswered when it resyncs.
+    stale: u64,
     next_seq: u64,
     counters: HttpCounters,
     undecided_bytes: u64,
@@ -404,6 +407,7 @@ impl HttpConn {
             sides: [Side::new(phase), Side::new(phase)],
             pending: VecDeque::new(),
             queued: 0,
+            stale: 0,
             next_seq: 0,
             counters: HttpCounters::default(),
             undecided_bytes: 0,
@@ -448,6 +452,8 @@ impl HttpConn {
     /// moment of its last byte), then every request still waiting gets an Exchange with
     /// `response: None` (counted as unanswered).
     pub fn close(&mut self, at: Moment, out: &mut Vec<HttpEvent>) {
+        // Messages end at the moment of their last byte, not at the close.
+        let _ = at;
         if self.off() {
             return;
         }
@@ -459,7 +465,7 @@ impl HttpConn {
         };
         for i in order {
             if matches!(self.sides[i].phase, Phase::Head | Phase::HeadSkip) {
-                self.finish_cut_head(i, at, out);
+                self.finish_cut_head(i, self.sides[i].last, out);
             }
             if self.off() {
                 return;
@@ -516,6 +522,7 @@ impl HttpConn {
                     side.begin(at, true);
                     0
                 } else {
+                    self.skipped(i);
                     data.len()
                 }
             }
@@ -574,6 +581,7 @@ impl HttpConn {
                 return data.len();
             }
             self.decided(i, line.is_request());
+            self.resynced(i, out);
             match parse_head(head_bytes, self.sides[i].role, &self.opts) {
                 Some(head) => self.finish_head(i, at, head, false, out),
                 None => self.lose_sync(i, at, out),
@@ -598,6 +606,7 @@ impl HttpConn {
                         let is_request = line.is_request();
                         side.start_ok = true;
                         self.decided(i, is_request);
+                        self.resynced(i, out);
                     }
                     StartLine::Partial if !(found || overflow || full) => {}
                     _ => {
@@ -664,6 +673,7 @@ impl HttpConn {
         if side.tentative {
             side.reset_buf();
             side.phase = Phase::Lost;
+            self.skipped(i);
         } else if self.detection == Detection::Undecided {
             self.not_http(out);
         } else {
@@ -715,13 +725,6 @@ impl HttpConn {
         truncated: bool,
         out: &mut Vec<HttpEvent>,
     ) {
-        // While the response direction has lost track, the responses to the requests
-        // still queued went by unseen (a client waits for a response before sending its
-        // next request unless it pipelines): pairing them with later responses would be
-        // wrong, so they end unanswered.
-        if self.sides[1 - i].phase == Phase::Lost {
-            self.flush_pending(out);
-        }
         let seq = self.next_seq;
         self.next_seq += 1;
         req.seq = seq;
@@ -981,12 +984,10 @@ impl HttpConn {
     /// `missing` bytes of side `i` were not captured.
     fn gap(&mut self, i: usize, at: Moment, missing: u64, out: &mut Vec<HttpEvent>) {
         match self.sides[i].phase {
-            Phase::Off | Phase::Lost | Phase::UntilClose => {
-                // Bytes we never saw: a close-delimited body just counts them.
-                if self.sides[i].phase == Phase::UntilClose {
-                    self.add_body(i, missing);
-                }
-            }
+            Phase::Off => {}
+            Phase::Lost => self.skipped(i),
+            // Bytes we never saw: a close-delimited body just counts them.
+            Phase::UntilClose => self.add_body(i, missing),
             Phase::Start => self.lose_sync(i, at, out),
             Phase::Head | Phase::HeadSkip => {
                 let side = &self.sides[i];
@@ -1047,7 +1048,12 @@ impl HttpConn {
                 request,
                 response: Some(response),
             }));
+        } else {
+            // Lost at the start of a response (or before one could be read): it
+            // answered a queued request.
+            self.skipped(i);
         }
+        let side = &mut self.sides[i];
         side.phase = Phase::Lost;
         side.body_of = None;
         side.stashed = None;
@@ -1057,7 +1063,56 @@ impl HttpConn {
         }
     }
 
+    /// Response bytes of side `i` went by unread: every request queued now may have
+    /// been answered by them.
+    fn skipped(&mut self, i: usize) {
+        if self.sides[i].role == Role::Responses {
+            self.stale = self
+                .pending
+                .iter()
+                .map(|slot| match slot {
+                    Slot::Req(_) => 1,
+                    Slot::Dropped(n) => *n,
+                })
+                .sum();
+        }
+    }
+
+    /// Side `i` recognised a start line: if it was hunting for it, the requests
+    /// whose responses it may have skipped end unanswered, so that the responses
+    /// that follow pair with the requests they answer.
+    fn resynced(&mut self, i: usize, out: &mut Vec<HttpEvent>) {
+        if !self.sides[i].tentative || self.sides[i].role != Role::Responses {
+            return;
+        }
+        while self.stale > 0 {
+            match self.pending.front_mut() {
+                Some(Slot::Dropped(n)) => {
+                    let k = (*n).min(self.stale);
+                    *n -= k;
+                    self.stale -= k;
+                    if *n == 0 {
+                        self.pending.pop_front();
+                    }
+                }
+                Some(Slot::Req(_)) => {
+                    if let Some(Slot::Req(request)) = self.pending.pop_front() {
+                        self.queued -= 1;
+                        self.counters.unanswered += 1;
+                        out.push(HttpEvent::Exchange(Exchange {
+                            request: *request,
+                            response: None,
+                        }));
+                    }
+                    self.stale -= 1;
+                }
+                None => self.stale = 0,
+            }
+        }
+    }
+
     fn flush_pending(&mut self, out: &mut Vec<HttpEvent>) {
+        self.stale = 0;
         for slot in self.pending.drain(..) {
             if let Slot::Req(request) = slot {
                 self.counters.unanswered += 1;
@@ -1085,6 +1140,7 @@ impl HttpConn {
     fn shut(&mut self) {
         self.pending.clear();
         self.queued = 0;
+        self.stale = 0;
         for side in &mut self.sides {
             side.phase = Phase::Off;
             side.buf = Vec::new();
@@ -1948,8 +2004,11 @@ mod tests {
 
     #[test]
     fn other_protocols_are_not_http() {
-        let tls_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
-        let pg_startup: &[u8] = b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00postgres\x00database\x00db\x00\x00";
+        let tls_hello: &[u8] = &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        let pg_startup: &[u8] =
+            b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00postgres\x00database\x00db\x00\x00";
         let mysql_greeting: &[u8] = b"\x4a\x00\x00\x00\x0a8.0.36\x00\x08\x00\x00\x00";
         let cases: &[&[u8]] = &[
             b"*1\r\n$4\r\nPING\r\n",
@@ -1975,9 +2034,23 @@ mod tests {
 
     #[test]
     fn prefixes_stay_undecided_until_decided() {
-        for prefix in [&b"G"[..], b"GE", b"GET", b"GET ", b"GET /a", b"GET /a HTTP/1.", b"HTTP/1.1 2", b"\r\n"] {
+        for prefix in [
+            &b"G"[..],
+            b"GE",
+            b"GET",
+            b"GET ",
+            b"GET /a",
+            b"GET /a HTTP/1.",
+            b"HTTP/1.1 2",
+            b"\r\n",
+        ] {
             let (d, out) = detect(prefix, E, true);
-            assert_eq!(d, Detection::Undecided, "{:?}", String::from_utf8_lossy(prefix));
+            assert_eq!(
+                d,
+                Detection::Undecided,
+                "{:?}",
+                String::from_utf8_lossy(prefix)
+            );
             assert!(out.is_empty());
         }
         // Completed into a request line: HTTP. Completed into something else: not.
@@ -2018,14 +2091,21 @@ mod tests {
                 (I, b"...tail of an old request body", 0),
                 (E, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 0),
                 (I, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", 0),
-                (E, b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!", 0),
+                (
+                    E,
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!",
+                    0,
+                ),
             ],
         );
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 1, "{out:#?}");
         assert_eq!(xs[0].request.target, "/next");
         assert_eq!(xs[0].request.seq, 0);
-        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)), Some((404, 3)));
+        assert_eq!(
+            xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)),
+            Some((404, 3))
+        );
         assert_eq!(conn.detection(), Detection::Http);
 
         // Binary traffic mid-stream: NotHttp after the budget.
@@ -2155,14 +2235,26 @@ mod tests {
             b"abc",
             b"\x00\x01\x02",
         ];
-        let small = Arc::new(HttpOptions { max_head_bytes: 64, max_pending: 3, ..HttpOptions::default() });
+        let small = Arc::new(HttpOptions {
+            max_head_bytes: 64,
+            max_pending: 3,
+            ..HttpOptions::default()
+        });
         for seed in 1..3000u64 {
             let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
             let mut bytes = Vec::new();
             for _ in 0..rng.below(40) {
                 bytes.extend_from_slice(atoms[rng.below(atoms.len() as u64) as usize]);
             }
-            chaos(&mut rng, &bytes, if seed % 3 == 0 { Arc::clone(&small) } else { opts() });
+            chaos(
+                &mut rng,
+                &bytes,
+                if seed % 3 == 0 {
+                    Arc::clone(&small)
+                } else {
+                    opts()
+                },
+            );
         }
     }
 
@@ -2174,7 +2266,11 @@ mod tests {
                 let mut req = f.req[..f.req.len().min(4000)].to_vec();
                 let mut resp = f.resp[..f.resp.len().min(4000)].to_vec();
                 for _ in 0..rng.below(6) {
-                    let (buf, r) = if rng.below(2) == 0 { (&mut req, rng.next()) } else { (&mut resp, rng.next()) };
+                    let (buf, r) = if rng.below(2) == 0 {
+                        (&mut req, rng.next())
+                    } else {
+                        (&mut resp, rng.next())
+                    };
                     if !buf.is_empty() {
                         let k = (r % buf.len() as u64) as usize;
                         buf[k] = rng.next() as u8;
@@ -2214,7 +2310,11 @@ mod tests {
             &mut conn,
             &[
                 (E, REQ, 0),
-                (I, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nabc", 40_000),
+                (
+                    I,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nabc",
+                    40_000,
+                ),
                 (I, b"more", 59_993),
                 (E, b"GET /b HTTP/1.1\r\n\r\n", 0),
                 (I, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0),
@@ -2223,7 +2323,10 @@ mod tests {
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 2);
         let r0 = xs[0].response.as_ref().expect("response");
-        assert_eq!((r0.status, r0.body_bytes, r0.start, r0.end), (200, 100_000, at(2), at(3)));
+        assert_eq!(
+            (r0.status, r0.body_bytes, r0.start, r0.end),
+            (200, 100_000, at(2), at(3))
+        );
         assert_eq!(xs[1].request.target, "/b");
         assert_eq!(xs[1].response.as_ref().map(|r| r.body_bytes), Some(2));
         assert_eq!(conn.counters(), HttpCounters::default());
@@ -2238,7 +2341,11 @@ mod tests {
                 (E, REQ, 0),
                 (I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
                 // Head cut by the capture size: "GET /two ... Host: h" and 300 more bytes.
-                (E, b"GET /two HTTP/1.1\r\nHost: h\r\nx-tenant-id: t2\r\nCookie: abc", 300),
+                (
+                    E,
+                    b"GET /two HTTP/1.1\r\nHost: h\r\nx-tenant-id: t2\r\nCookie: abc",
+                    300,
+                ),
                 (E, b"and the rest of it\r\n\r\n", 0),
                 (I, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", 0),
                 (E, b"GET /three HTTP/1.1\r\n\r\n", 0),
@@ -2248,11 +2355,28 @@ mod tests {
         let xs = exchanges(&out);
         let got: Vec<_> = xs
             .iter()
-            .map(|x| (x.request.seq, x.request.target.as_str(), x.request.head_truncated, x.response.as_ref().map(|r| r.status)))
+            .map(|x| {
+                (
+                    x.request.seq,
+                    x.request.target.as_str(),
+                    x.request.head_truncated,
+                    x.response.as_ref().map(|r| r.status),
+                )
+            })
             .collect();
-        assert_eq!(got, vec![(0, "/a", false, Some(200)), (1, "/two", true, Some(201)), (2, "/three", false, Some(202))]);
+        assert_eq!(
+            got,
+            vec![
+                (0, "/a", false, Some(200)),
+                (1, "/two", true, Some(201)),
+                (2, "/three", false, Some(202))
+            ]
+        );
         // What was seen of the cut head is kept.
-        assert_eq!(xs[1].request.extra, vec![("x-tenant-id".to_owned(), "t2".to_owned())]);
+        assert_eq!(
+            xs[1].request.extra,
+            vec![("x-tenant-id".to_owned(), "t2".to_owned())]
+        );
         assert_eq!(conn.counters().resyncs, 1);
 
         // Cut before the request line was even complete: nothing to report for it.
@@ -2267,7 +2391,10 @@ mod tests {
                 (I, b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", 0),
             ],
         );
-        let got: Vec<_> = exchanges(&out).iter().map(|x| (x.request.seq, x.request.target.clone())).collect();
+        let got: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| (x.request.seq, x.request.target.clone()))
+            .collect();
         assert_eq!(got, vec![(0, "/a".to_owned()), (1, "/three".to_owned())]);
     }
 
@@ -2278,7 +2405,11 @@ mod tests {
             &mut conn,
             &[
                 (E, REQ, 0),
-                (I, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r", 5000),
+                (
+                    I,
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r",
+                    5000,
+                ),
                 (I, b"xyz\r\n0\r\n\r\n", 0), // stale bytes of the lost response
                 (E, b"GET /b HTTP/1.1\r\n\r\n", 0),
                 (I, b"HTTP/1.1 500 Oops\r\nContent-Length: 1\r\n\r\n!", 0),
@@ -2286,7 +2417,10 @@ mod tests {
         );
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 2);
-        let r0 = xs[0].response.as_ref().expect("finished with what was seen");
+        let r0 = xs[0]
+            .response
+            .as_ref()
+            .expect("finished with what was seen");
         assert_eq!((r0.status, r0.body_bytes, r0.end), (200, 5, at(2)));
         assert_eq!(xs[1].response.as_ref().map(|r| r.status), Some(500));
         assert_eq!(conn.counters().resyncs, 1);
@@ -2297,19 +2431,29 @@ mod tests {
             &mut conn,
             &[
                 (E, REQ, 0),
-                (I, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\nab", 4092),
+                (
+                    I,
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\nab",
+                    4092,
+                ),
                 (I, b"cd\r\n0\r\n\r\n", 0),
             ],
         );
         let xs = exchanges(&out);
-        assert_eq!(xs[0].response.as_ref().map(|r| (r.body_bytes, r.end)), Some((4096, at(3))));
+        assert_eq!(
+            xs[0].response.as_ref().map(|r| (r.body_bytes, r.end)),
+            Some((4096, at(3)))
+        );
         assert_eq!(conn.counters().resyncs, 0);
 
         // A response head cut by the capture: status known, exchange finished.
         let mut conn = HttpConn::new(opts(), true);
         let out = run(
             &mut conn,
-            &[(E, REQ, 0), (I, b"HTTP/1.1 403 Forbidden\r\nServer: x\r\nCont", 10_000)],
+            &[
+                (E, REQ, 0),
+                (I, b"HTTP/1.1 403 Forbidden\r\nServer: x\r\nCont", 10_000),
+            ],
         );
         let r0 = exchanges(&out)[0].response.clone().expect("response");
         assert_eq!((r0.status, r0.head_truncated), (403, true));
@@ -2317,9 +2461,9 @@ mod tests {
 
     #[test]
     fn lost_responses_do_not_shift_pairing() {
-        // The response direction loses track (garbage instead of a status line);
-        // the next request then ends the waiting one unanswered instead of pairing
-        // it with the wrong response.
+        // The response direction loses track (garbage instead of a status line): the
+        // request it may have answered ends unanswered when it resyncs, instead of
+        // taking the next request's response.
         let mut conn = HttpConn::new(opts(), true);
         let out = run(
             &mut conn,
@@ -2330,16 +2474,82 @@ mod tests {
                 (I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
             ],
         );
-        let got: Vec<_> = exchanges(&out).iter().map(|x| (x.request.target.clone(), x.response.is_some())).collect();
+        let got: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| (x.request.target.clone(), x.response.is_some()))
+            .collect();
         assert_eq!(got, vec![("/a".to_owned(), false), ("/b".to_owned(), true)]);
         assert_eq!(conn.counters().unanswered, 1);
+
+        // Mid-stream with pipelining: nothing was skipped after the requests were
+        // queued, so both pair.
+        let mut conn = HttpConn::new(opts(), false);
+        let out = run(
+            &mut conn,
+            &[
+                (I, b"old response bytes", 0),
+                (E, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0),
+                (
+                    I,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 201 OK\r\n\r\n",
+                    0,
+                ),
+            ],
+        );
+        let got: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| {
+                (
+                    x.request.target.clone(),
+                    x.response.as_ref().map(|r| r.status),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("/a".to_owned(), Some(200)), ("/b".to_owned(), Some(201))]
+        );
+
+        // Pipelined, and the response direction loses its start: both requests may
+        // have been answered in what was missed.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0),
+                (I, b"", 5000),
+                (I, b"...\r\n", 0),
+                (E, b"GET /c HTTP/1.1\r\n\r\n", 0),
+                (I, b"HTTP/1.1 202 OK\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        let got: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| {
+                (
+                    x.request.target.clone(),
+                    x.response.as_ref().map(|r| r.status),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/a".to_owned(), None),
+                ("/b".to_owned(), None),
+                ("/c".to_owned(), Some(202))
+            ]
+        );
     }
 
     // --- limits ----------------------------------------------------------------
 
     #[test]
     fn max_pending_overflow_is_counted_and_pairing_stays_aligned() {
-        let o = Arc::new(HttpOptions { max_pending: 2, ..HttpOptions::default() });
+        let o = Arc::new(HttpOptions {
+            max_pending: 2,
+            ..HttpOptions::default()
+        });
         let mut conn = HttpConn::new(o, true);
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         let out = run(
@@ -2360,12 +2570,18 @@ mod tests {
             .map(|x| (x.request.seq, x.response.as_ref().map(|r| r.status)))
             .collect();
         assert_eq!(got, vec![(0, Some(200)), (1, Some(200)), (4, Some(404))]);
-        assert_eq!(requests(&out).iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1, 4]);
+        assert_eq!(
+            requests(&out).iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![0, 1, 4]
+        );
     }
 
     #[test]
     fn long_head_is_cut_but_headers_within_the_limit_are_found() {
-        let o = Arc::new(HttpOptions { max_head_bytes: 1024, ..HttpOptions::default() });
+        let o = Arc::new(HttpOptions {
+            max_head_bytes: 1024,
+            ..HttpOptions::default()
+        });
         let cookie = format!("Cookie: {}\r\n", "c".repeat(3000));
         let head = format!(
             "POST /up HTTP/1.1\r\nHost: h\r\nx-tenant-id: acme\r\nContent-Length: 4\r\n{cookie}x-user-id: late\r\n\r\nbody"
@@ -2381,7 +2597,10 @@ mod tests {
             assert_eq!(xs.len(), 1, "piece {piece}: {out:#?}");
             let req = &xs[0].request;
             assert!(req.head_truncated);
-            assert_eq!(req.extra, vec![("x-tenant-id".to_owned(), "acme".to_owned())]);
+            assert_eq!(
+                req.extra,
+                vec![("x-tenant-id".to_owned(), "acme".to_owned())]
+            );
             assert_eq!(req.body_bytes, 4);
             let r = xs[0].response.as_ref().expect("response");
             // The response's Content-Length came after the limit: delimited by close.
@@ -2398,7 +2617,10 @@ mod tests {
         let mut conn = HttpConn::new(opts(), true);
         let out = run(&mut conn, &[(E, head.as_bytes(), 0)]);
         let req = requests(&out)[0];
-        assert_eq!(req.extra, vec![("x-tenant-id".to_owned(), "acme".to_owned())]);
+        assert_eq!(
+            req.extra,
+            vec![("x-tenant-id".to_owned(), "acme".to_owned())]
+        );
         assert!(!req.head_truncated);
     }
 
@@ -2406,7 +2628,12 @@ mod tests {
     fn values_are_trimmed_capped_and_never_secret() {
         let o = Arc::new(HttpOptions {
             max_value_bytes: 5,
-            extra_headers: vec!["x-tenant-id".into(), "Cookie".into(), "authorization".into(), "X-Bin".into()],
+            extra_headers: vec![
+                "x-tenant-id".into(),
+                "Cookie".into(),
+                "authorization".into(),
+                "X-Bin".into(),
+            ],
             ..HttpOptions::default()
         });
         let mut conn = HttpConn::new(o, true);
@@ -2426,7 +2653,10 @@ mod tests {
         assert_eq!(req.host.as_deref(), Some("examp"));
         assert_eq!(
             req.extra,
-            vec![("x-tenant-id".to_owned(), "t".to_owned()), ("x-bin".to_owned(), "\u{fffd}".to_owned())]
+            vec![
+                ("x-tenant-id".to_owned(), "t".to_owned()),
+                ("x-bin".to_owned(), "\u{fffd}".to_owned())
+            ]
         );
         assert!(!format!("{out:?}").contains("secret"));
     }
@@ -2439,8 +2669,16 @@ mod tests {
         let out = run(
             &mut conn,
             &[
-                (E, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 0),
-                (I, b"HTTP/1.1 200 Connection Established\r\n\r\n\x16\x03\x03", 0),
+                (
+                    E,
+                    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                    0,
+                ),
+                (
+                    I,
+                    b"HTTP/1.1 200 Connection Established\r\n\r\n\x16\x03\x03",
+                    0,
+                ),
                 (E, b"\x16\x03\x01\x02\x00GET / HTTP/1.1\r\n\r\n", 0),
                 (I, b"HTTP/1.1 200 OK\r\n\r\n", 0),
             ],
@@ -2448,7 +2686,10 @@ mod tests {
         assert_eq!(conn.detection(), Detection::Upgraded);
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 1);
-        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.end)), Some((200, at(2))));
+        assert_eq!(
+            xs[0].response.as_ref().map(|r| (r.status, r.end)),
+            Some((200, at(2)))
+        );
         assert_eq!(out.len(), 2);
     }
 
@@ -2456,7 +2697,13 @@ mod tests {
     fn close_completes_close_delimited_and_reports_unanswered() {
         let mut conn = HttpConn::new(opts(), true);
         let mut out = Vec::new();
-        conn.feed(E, at(1), b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0, &mut out);
+        conn.feed(
+            E,
+            at(1),
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            0,
+            &mut out,
+        );
         conn.feed(I, at(2), b"HTTP/1.0 200 OK\r\n\r\npart one", 0, &mut out);
         conn.feed(I, at(3), b"part two", 1000, &mut out);
         conn.close(at(9), &mut out);
@@ -2489,7 +2736,10 @@ mod tests {
         assert_eq!(xs.len(), 1);
         assert_eq!(xs[0].request.version, "1.0");
         assert_eq!(xs[0].request.host.as_deref(), Some("h"));
-        assert_eq!(xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)), Some((200, 2)));
+        assert_eq!(
+            xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)),
+            Some((200, 2))
+        );
     }
 
     #[test]
@@ -2498,7 +2748,11 @@ mod tests {
         let out = run(
             &mut conn,
             &[
-                (E, b"PUT /c HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4;a=b\r\nwiki\r\n", 0),
+                (
+                    E,
+                    b"PUT /c HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4;a=b\r\nwiki\r\n",
+                    0,
+                ),
                 // The server answers before the body ends (e.g. 413): the request body
                 // still counts into the exchange it is held by until it is emitted.
                 (I, b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", 0),
@@ -2510,7 +2764,13 @@ mod tests {
         let xs = exchanges(&out);
         let got: Vec<_> = xs
             .iter()
-            .map(|x| (x.request.method.as_str(), x.request.body_bytes, x.response.as_ref().map(|r| r.status)))
+            .map(|x| {
+                (
+                    x.request.method.as_str(),
+                    x.request.body_bytes,
+                    x.response.as_ref().map(|r| r.status),
+                )
+            })
             .collect();
         assert_eq!(got, vec![("PUT", 4, Some(413)), ("DELETE", 2, Some(204))]);
         assert_eq!(conn.counters(), HttpCounters::default());
@@ -2522,8 +2782,16 @@ mod tests {
         let out = run(
             &mut conn,
             &[
-                (E, b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 0),
-                (I, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 0),
+                (
+                    E,
+                    b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+                    0,
+                ),
+                (
+                    I,
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    0,
+                ),
             ],
         );
         let xs = exchanges(&out);
@@ -2536,7 +2804,11 @@ mod tests {
         let mut conn = HttpConn::new(opts(), true);
         let out = run(
             &mut conn,
-            &[(E, b"GET /caf\xe9 HTTP/1.1\r\nHost: h\r\nBad Header\r\nContent-Length: 1\r\n\r\nx", 0)],
+            &[(
+                E,
+                b"GET /caf\xe9 HTTP/1.1\r\nHost: h\r\nBad Header\r\nContent-Length: 1\r\n\r\nx",
+                0,
+            )],
         );
         let req = &exchanges(&out)[0].request;
         assert_eq!(req.target, "/caf\u{fffd}");

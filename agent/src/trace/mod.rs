@@ -124,6 +124,23 @@ struct ConnTrace {
 /// Client requests in flight, keyed by the client's (local, remote).
 type LinkKey = (SocketAddr, SocketAddr);
 
+/// A server request in flight on a thread: the parent of calls it makes.
+struct Serving {
+    conn_id: u64,
+    seq: u64,
+    parent: Parent,
+    tenant: Arc<[KeyValue]>,
+}
+
+/// A client request in flight: the parent of the server span at the other
+/// end of its connection, once that end reads it (`claimed`).
+struct Calling {
+    seq: u64,
+    parent: Parent,
+    tenant: Arc<[KeyValue]>,
+    claimed: bool,
+}
+
 pub struct Tracer {
     opts: TraceOptions,
     http_opts: Arc<HttpOptions>,
@@ -133,10 +150,10 @@ pub struct Tracer {
     own: OwnSockets,
     conns: HashMap<u64, ConnTrace>,
     /// Server requests being served, per thread.
-    serving: HashMap<(u32, u32), Vec<(u64, u64, Parent, Arc<[KeyValue]>)>>,
+    serving: HashMap<(u32, u32), Vec<Serving>>,
     /// Client requests waiting at the other end, with whether a server span
     /// already claimed them.
-    calling: HashMap<LinkKey, VecDeque<(u64, Parent, Arc<[KeyValue]>, bool)>>,
+    calling: HashMap<LinkKey, VecDeque<Calling>>,
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
@@ -313,23 +330,23 @@ impl Tracer {
                 Side::Server => {
                     let serving = self.serving.entry(thread).or_default();
                     if serving.len() < MAX_IN_FLIGHT {
-                        serving.push((
-                            conn.conn_id,
-                            begun.seq,
-                            begun.as_parent(),
-                            Arc::clone(&begun.tenant),
-                        ));
+                        serving.push(Serving {
+                            conn_id: conn.conn_id,
+                            seq: begun.seq,
+                            parent: begun.as_parent(),
+                            tenant: Arc::clone(&begun.tenant),
+                        });
                     }
                 }
                 Side::Client => {
                     let calling = self.calling.entry((conn.local, conn.remote)).or_default();
                     if calling.len() < MAX_IN_FLIGHT {
-                        calling.push_back((
-                            begun.seq,
-                            begun.as_parent(),
-                            Arc::clone(&begun.tenant),
-                            false,
-                        ));
+                        calling.push_back(Calling {
+                            seq: begun.seq,
+                            parent: begun.as_parent(),
+                            tenant: Arc::clone(&begun.tenant),
+                            claimed: false,
+                        });
                     }
                 }
             }
@@ -348,10 +365,10 @@ impl Tracer {
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         // The client end of this very connection, if it is on this host.
         if let Some(calls) = self.calling.get_mut(&(conn.remote, conn.local))
-            && let Some(call) = calls.iter_mut().find(|c| !c.3)
+            && let Some(call) = calls.iter_mut().find(|c| !c.claimed)
         {
-            call.3 = true;
-            return (Some(call.1.clone()), Some(Arc::clone(&call.2)));
+            call.claimed = true;
+            return (Some(call.parent.clone()), Some(Arc::clone(&call.tenant)));
         }
         let remote = request
             .traceparent
@@ -366,7 +383,7 @@ impl Tracer {
         request: &Request,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         match self.serving.get(&thread).map(Vec::as_slice) {
-            Some([(_, _, parent, tenant)]) => (Some(parent.clone()), Some(Arc::clone(tenant))),
+            Some([only]) => (Some(only.parent.clone()), Some(Arc::clone(&only.tenant))),
             // Several requests in flight on one thread (an event loop): which
             // one made this call is unknowable from syscalls.
             Some([_, _, ..]) => (None, None),
@@ -384,7 +401,7 @@ impl Tracer {
         match begun.side {
             Side::Server => {
                 if let Some(serving) = self.serving.get_mut(&begun.thread) {
-                    serving.retain(|(c, s, ..)| !(*c == conn_id && *s == begun.seq));
+                    serving.retain(|s| !(s.conn_id == conn_id && s.seq == begun.seq));
                     if serving.is_empty() {
                         self.serving.remove(&begun.thread);
                     }
@@ -392,7 +409,7 @@ impl Tracer {
             }
             Side::Client => {
                 if let Some(calling) = self.calling.get_mut(&key) {
-                    calling.retain(|(s, ..)| *s != begun.seq);
+                    calling.retain(|c| c.seq != begun.seq);
                     if calling.is_empty() {
                         self.calling.remove(&key);
                     }
@@ -501,4 +518,143 @@ fn clock_offset() -> Duration {
         .map(Duration::from)
         .unwrap_or_default();
     now.saturating_sub(mono)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::Data;
+    use agent_common::{EventHeader, Role, Syscall};
+    use std::sync::mpsc::Receiver;
+
+    const SERVER: &str = "127.0.0.1:8080";
+
+    fn tracer() -> (Tracer, Receiver<ExportSpan>) {
+        let (queue, rx) = SpanQueue::for_test(100);
+        let opts = TraceOptions::new(&Config::default(), Sampler::default());
+        (Tracer::new(opts, queue), rx)
+    }
+
+    fn conn(id: u64, role: Role, local: &str, remote: &str) -> Connection {
+        Connection {
+            conn_id: id,
+            tgid: 10,
+            fd: id as i32,
+            role,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            comm: "app".into(),
+            seen_from_start: true,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    fn data(t: &mut Tracer, c: &Connection, tid: u32, ts: u64, syscall: Syscall, bytes: &[u8]) {
+        let d = Data {
+            header: EventHeader {
+                tgid: c.tgid,
+                tid,
+                ts_ns: ts,
+                conn_id: c.conn_id,
+                ..Default::default()
+            },
+            syscall,
+            direction: syscall.direction(),
+            total_bytes: bytes.len() as u64,
+            payload: bytes,
+        };
+        t.on_record(Record::Data(Some(c), &d));
+    }
+
+    const REQ: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nx-tenant-id: t1\r\n\r\n";
+    const CALL: &[u8] = b"GET /y HTTP/1.1\r\nHost: b\r\n\r\n";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// Serves `n` requests on thread 11 (read, not yet answered); then thread
+    /// `call_tid` makes a client call; returns the client span.
+    fn call_while_serving(n: u64, call_tid: u32) -> (Vec<ExportSpan>, ExportSpan) {
+        let (mut t, rx) = tracer();
+        let servers: Vec<Connection> = (0..n)
+            .map(|i| {
+                conn(
+                    i + 1,
+                    Role::Server,
+                    SERVER,
+                    &format!("127.0.0.1:{}", 40000 + i),
+                )
+            })
+            .collect();
+        for s in &servers {
+            t.on_record(Record::Opened(s));
+            data(&mut t, s, 11, 100, Syscall::Read, REQ);
+        }
+        let client = conn(99, Role::Client, "127.0.0.1:50000", "10.0.0.9:5432");
+        t.on_record(Record::Opened(&client));
+        data(&mut t, &client, call_tid, 200, Syscall::Write, CALL);
+        data(&mut t, &client, call_tid, 300, Syscall::Read, RESP);
+        let call = rx.try_recv().expect("client span");
+        for s in &servers {
+            data(&mut t, s, 11, 400, Syscall::Write, RESP);
+        }
+        (rx.try_iter().collect(), call)
+    }
+
+    #[test]
+    fn a_call_during_one_request_on_the_thread_is_its_child() {
+        let (servers, call) = call_while_serving(1, 11);
+        let server = &servers[0].span;
+        assert_eq!(call.span.span_kind, SpanKind::Client);
+        assert_eq!(call.span.parent_span_id, server.span_context.span_id());
+        assert_eq!(
+            call.span.span_context.trace_id(),
+            server.span_context.trace_id()
+        );
+        // Tenant attributes flow down to the child.
+        assert!(
+            call.span
+                .attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "tenant.id")
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_unrelated_calls_stay_roots() {
+        let (_, on_event_loop) = call_while_serving(2, 11);
+        assert_eq!(on_event_loop.span.parent_span_id, SpanId::INVALID);
+        let (_, other_thread) = call_while_serving(1, 12);
+        assert_eq!(other_thread.span.parent_span_id, SpanId::INVALID);
+    }
+
+    #[test]
+    fn both_ends_of_a_local_connection_are_linked() {
+        let (mut t, rx) = tracer();
+        let client = conn(1, Role::Client, "127.0.0.1:40000", SERVER);
+        let server = conn(2, Role::Server, SERVER, "127.0.0.1:40000");
+        t.on_record(Record::Opened(&client));
+        t.on_record(Record::Opened(&server));
+        for ts in [0, 1000] {
+            data(&mut t, &client, 5, ts + 1, Syscall::Write, CALL);
+            data(&mut t, &server, 6, ts + 2, Syscall::Read, CALL);
+            data(&mut t, &server, 6, ts + 3, Syscall::Write, RESP);
+            data(&mut t, &client, 5, ts + 4, Syscall::Read, RESP);
+        }
+        let spans: Vec<ExportSpan> = rx.try_iter().collect();
+        assert_eq!(spans.len(), 4);
+        for pair in spans.chunks(2) {
+            let (server, client) = (&pair[0].span, &pair[1].span);
+            assert_eq!(server.span_kind, SpanKind::Server);
+            assert_eq!(server.parent_span_id, client.span_context.span_id());
+            assert_eq!(
+                server.span_context.trace_id(),
+                client.span_context.trace_id()
+            );
+        }
+        assert_ne!(
+            spans[0].span.span_context.trace_id(),
+            spans[2].span.span_context.trace_id()
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
 }
