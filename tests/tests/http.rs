@@ -103,10 +103,20 @@ fn proxied_requests_are_one_trace_with_conventional_attributes_over_grpc() {
     if !can_trace() {
         return;
     }
+    for transport in ["ringbuf", "perf"] {
+        eprintln!("transport {transport}");
+        proxied_requests_over(transport);
+    }
+}
+
+fn proxied_requests_over(transport: &str) {
     let app = PythonApp::start().unwrap();
     let nginx = Nginx::start(app.port).unwrap();
     let rx = Receiver::start(Protocol::Grpc).unwrap();
-    let agent = agent_for(&rx, &["--route", "/api/users/{id}"]);
+    let agent = agent_for(
+        &rx,
+        &["--route", "/api/users/{id}", "--transport", transport],
+    );
 
     // Tenant headers behind 3 KiB of cookies, a secret in the query.
     let cookie = format!("Cookie: session={}", "c".repeat(3072));
