@@ -20,23 +20,40 @@ fuzz_target!(|data: &[u8]| {
     let opts = if flags & 1 == 0 {
         HttpOptions::default()
     } else {
-        HttpOptions { max_head_bytes: 64, max_value_bytes: 4, max_pending: 2, ..HttpOptions::default() }
+        HttpOptions {
+            max_head_bytes: 64,
+            max_value_bytes: 4,
+            max_pending: 2,
+            ..HttpOptions::default()
+        }
     };
     let mut conn = HttpConn::new(Arc::new(opts), flags & 2 == 0);
     let mut out = Vec::new();
     let mut ts = 0u64;
     while let Some((&ctl, mut tail)) = rest.split_first() {
-        let dir = if ctl & 0x80 == 0 { Direction::Egress } else { Direction::Ingress };
+        let dir = if ctl & 0x80 == 0 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
         let mut len = usize::from(ctl & 0x3f);
         if len == 0 {
-            let Some((&b, t)) = tail.split_first() else { break };
+            let Some((&b, t)) = tail.split_first() else {
+                break;
+            };
             len = usize::from(b) * 16 + 1;
             tail = t;
         }
         let mut missing = 0u64;
         if ctl & 0x40 != 0 {
-            let Some((&m, t)) = tail.split_first() else { break };
-            missing = if m < 128 { u64::from(m) } else { u64::from(m) << 8 };
+            let Some((&m, t)) = tail.split_first() else {
+                break;
+            };
+            missing = if m < 128 {
+                u64::from(m)
+            } else {
+                u64::from(m) << 8
+            };
             tail = t;
         }
         let (piece, t) = tail.split_at(len.min(tail.len()));
@@ -44,9 +61,21 @@ fuzz_target!(|data: &[u8]| {
         conn.feed(dir, Moment { ts_ns: ts, tid: 1 }, piece, missing, &mut out);
         rest = t;
     }
-    conn.close(Moment { ts_ns: ts + 1, tid: 1 }, &mut out);
+    conn.close(
+        Moment {
+            ts_ns: ts + 1,
+            tid: 1,
+        },
+        &mut out,
+    );
     let closed_len = out.len();
-    conn.feed(Direction::Egress, Moment::default(), b"GET / HTTP/1.1\r\n\r\n", 0, &mut out);
+    conn.feed(
+        Direction::Egress,
+        Moment::default(),
+        b"GET / HTTP/1.1\r\n\r\n",
+        0,
+        &mut out,
+    );
     conn.close(Moment::default(), &mut out);
     assert_eq!(out.len(), closed_len, "events after close");
 
@@ -54,22 +83,35 @@ fuzz_target!(|data: &[u8]| {
     assert!(not_http <= 1, "NotHttp twice");
     assert_eq!(not_http == 1, conn.detection() == Detection::NotHttp);
     if not_http == 1 {
-        assert_eq!(out.last(), Some(&HttpEvent::NotHttp), "events after NotHttp");
+        assert_eq!(
+            out.last(),
+            Some(&HttpEvent::NotHttp),
+            "events after NotHttp"
+        );
     }
     let (mut last_request, mut last_exchange) = (None, None);
     let mut announced = Vec::new();
     for event in &out {
         match event {
             HttpEvent::Request(r) => {
-                assert!(last_request.is_none_or(|l| r.seq > l), "request seqs not increasing");
+                assert!(
+                    last_request.is_none_or(|l| r.seq > l),
+                    "request seqs not increasing"
+                );
                 last_request = Some(r.seq);
                 announced.push(r.seq);
             }
             HttpEvent::Exchange(x) => {
                 let seq = x.request.seq;
-                assert!(last_exchange.is_none_or(|l| seq > l), "exchange seqs not increasing");
+                assert!(
+                    last_exchange.is_none_or(|l| seq > l),
+                    "exchange seqs not increasing"
+                );
                 last_exchange = Some(seq);
-                assert!(announced.contains(&seq), "exchange without its request event");
+                assert!(
+                    announced.contains(&seq),
+                    "exchange without its request event"
+                );
             }
             HttpEvent::NotHttp => {}
         }

@@ -1155,11 +1155,25 @@ impl HttpConn {
 /// Returns the bytes consumed and whether the head ended (at the last of them).
 fn scan_eoh(state: &mut u8, data: &[u8]) -> (usize, bool) {
     let mut s = *state;
-    for (k, &b) in data.iter().enumerate() {
+    let mut k = 0;
+    while k < data.len() {
+        if s == 0 {
+            // Inside a line: nothing matters up to its LF.
+            match data[k..].iter().position(|&b| b == b'\n') {
+                Some(p) => {
+                    k += p + 1;
+                    s = 1;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let b = data[k];
+        k += 1;
         s = match (b, s) {
             (b'\n', 1 | 2) => {
                 *state = 0;
-                return (k + 1, true);
+                return (k, true);
             }
             (b'\n', _) => 1,
             (b'\r', 1) => 2,

@@ -14,6 +14,7 @@
 
 pub mod context;
 pub mod http;
+pub mod link;
 pub mod resource;
 
 use std::{
@@ -35,6 +36,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use self::{
     context::{Ids, Parent, Sampler, flags, parse_traceparent},
     http::{Endpoints, PathFilter, Routes, Side},
+    link::{LinkKey, Links},
     resource::Resources,
 };
 use crate::{
@@ -115,14 +117,12 @@ impl Begun {
 /// Per-connection state.
 struct ConnTrace {
     http: HttpConn,
-    link: LinkKey,
+    /// (local, remote), for the link keys of its requests.
+    addrs: (SocketAddr, SocketAddr),
     ignored: bool,
     begun: VecDeque<Begun>,
     last: Moment,
 }
-
-/// Client requests in flight, keyed by the client's (local, remote).
-type LinkKey = (SocketAddr, SocketAddr);
 
 /// A server request in flight on a thread: the parent of calls it makes.
 struct Serving {
@@ -130,15 +130,6 @@ struct Serving {
     seq: u64,
     parent: Parent,
     tenant: Arc<[KeyValue]>,
-}
-
-/// A client request in flight: the parent of the server span at the other
-/// end of its connection, once that end reads it (`claimed`).
-struct Calling {
-    seq: u64,
-    parent: Parent,
-    tenant: Arc<[KeyValue]>,
-    claimed: bool,
 }
 
 pub struct Tracer {
@@ -151,9 +142,8 @@ pub struct Tracer {
     conns: HashMap<u64, ConnTrace>,
     /// Server requests being served, per thread.
     serving: HashMap<(u32, u32), Vec<Serving>>,
-    /// Client requests waiting at the other end, with whether a server span
-    /// already claimed them.
-    calling: HashMap<LinkKey, VecDeque<Calling>>,
+    /// The two ends of local connections.
+    links: Links,
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
@@ -178,7 +168,7 @@ impl Tracer {
             own: OwnSockets::default(),
             conns: HashMap::new(),
             serving: HashMap::new(),
-            calling: HashMap::new(),
+            links: Links::default(),
             scope: InstrumentationScope::builder("zerotrace")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -251,7 +241,7 @@ impl Tracer {
         }
         ConnTrace {
             http: HttpConn::new(Arc::clone(&self.http_opts), from_start),
-            link: (conn.local, conn.remote),
+            addrs: (conn.local, conn.remote),
             ignored,
             begun: VecDeque::new(),
             last: Moment::default(),
@@ -261,7 +251,7 @@ impl Tracer {
     /// Drops what a closed connection left in flight.
     fn forget(&mut self, conn_id: u64, state: ConnTrace) {
         for begun in state.begun {
-            self.unregister(conn_id, state.link, &begun);
+            self.unregister(conn_id, state.addrs, &begun, state.last.ts_ns);
         }
     }
 
@@ -297,6 +287,7 @@ impl Tracer {
                     .map(|(_, value)| KeyValue::new(rule.attribute.clone(), value.clone()))
             })
             .collect();
+        let now = request.start.ts_ns;
         let (parent, inherited) = match side {
             Side::Server => self.server_parent(conn, request),
             Side::Client => self.client_parent(thread, request),
@@ -310,7 +301,7 @@ impl Tracer {
             .as_ref()
             .map_or_else(|| self.ids.trace_id(), |p| p.trace_id);
         let sampled = self.opts.sampler.sample(trace_id, parent.as_ref());
-        let begun = Begun {
+        let mut begun = Begun {
             seq: request.seq,
             side,
             trace_id,
@@ -325,31 +316,34 @@ impl Tracer {
             excluded,
             thread,
         };
-        if !excluded {
-            match side {
-                Side::Server => {
-                    let serving = self.serving.entry(thread).or_default();
-                    if serving.len() < MAX_IN_FLIGHT {
-                        serving.push(Serving {
-                            conn_id: conn.conn_id,
-                            seq: begun.seq,
-                            parent: begun.as_parent(),
-                            tenant: Arc::clone(&begun.tenant),
-                        });
-                    }
+        let key = link_key(conn.local, conn.remote, side);
+        match side {
+            Side::Server if !excluded => {
+                if begun.parent.is_none() {
+                    self.links.wait_for_call(key, conn.conn_id, begun.seq, now);
                 }
-                Side::Client => {
-                    let calling = self.calling.entry((conn.local, conn.remote)).or_default();
-                    if calling.len() < MAX_IN_FLIGHT {
-                        calling.push_back(Calling {
-                            seq: begun.seq,
-                            parent: begun.as_parent(),
-                            tenant: Arc::clone(&begun.tenant),
-                            claimed: false,
-                        });
-                    }
+                let serving = self.serving.entry(thread).or_default();
+                if serving.len() < MAX_IN_FLIGHT {
+                    serving.push(Serving {
+                        conn_id: conn.conn_id,
+                        seq: begun.seq,
+                        parent: begun.as_parent(),
+                        tenant: Arc::clone(&begun.tenant),
+                    });
                 }
             }
+            Side::Client => {
+                let adopted = self.adopt_waiting_server(key, now, &mut begun);
+                self.links.add_call(
+                    key,
+                    conn.conn_id,
+                    begun.seq,
+                    begun.as_parent(),
+                    Arc::clone(&begun.tenant),
+                    adopted,
+                );
+            }
+            Side::Server => {}
         }
         if let Some(state) = self.conns.get_mut(&conn.conn_id)
             && state.begun.len() < MAX_IN_FLIGHT
@@ -358,17 +352,40 @@ impl Tracer {
         }
     }
 
+    /// The server end of this client's connection was seen first and is
+    /// still a root: make it this client span's child. A root client joins
+    /// the server's trace; otherwise the server's trace is renamed to the
+    /// client's for every span that finishes from now on.
+    fn adopt_waiting_server(&mut self, key: LinkKey, now: u64, client: &mut Begun) -> bool {
+        let Some((conn_id, seq)) = self.links.take_waiting(key, now) else {
+            return false;
+        };
+        let Some(server) = self
+            .conns
+            .get_mut(&conn_id)
+            .and_then(|c| c.begun.iter_mut().find(|b| b.seq == seq))
+        else {
+            return false;
+        };
+        if client.parent.is_none() {
+            client.trace_id = server.trace_id;
+            client.sampled = server.sampled;
+        } else {
+            self.links.alias(server.trace_id, client.trace_id);
+        }
+        server.parent = Some(client.as_parent());
+        true
+    }
+
     fn server_parent(
         &mut self,
         conn: &Connection,
         request: &Request,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         // The client end of this very connection, if it is on this host.
-        if let Some(calls) = self.calling.get_mut(&(conn.remote, conn.local))
-            && let Some(call) = calls.iter_mut().find(|c| !c.claimed)
-        {
-            call.claimed = true;
-            return (Some(call.parent.clone()), Some(Arc::clone(&call.tenant)));
+        let key = link_key(conn.local, conn.remote, Side::Server);
+        if let Some((parent, tenant)) = self.links.claim_call(key, request.start.ts_ns) {
+            return (Some(parent), Some(tenant));
         }
         let remote = request
             .traceparent
@@ -397,7 +414,15 @@ impl Tracer {
         }
     }
 
-    fn unregister(&mut self, conn_id: u64, key: LinkKey, begun: &Begun) {
+    /// A request is over (answered, or its connection gone at `now`).
+    fn unregister(
+        &mut self,
+        conn_id: u64,
+        (local, remote): (SocketAddr, SocketAddr),
+        begun: &Begun,
+        now: u64,
+    ) {
+        let key = link_key(local, remote, begun.side);
         match begun.side {
             Side::Server => {
                 if let Some(serving) = self.serving.get_mut(&begun.thread) {
@@ -406,20 +431,14 @@ impl Tracer {
                         self.serving.remove(&begun.thread);
                     }
                 }
+                self.links.server_done(key, conn_id, begun.seq);
             }
-            Side::Client => {
-                if let Some(calling) = self.calling.get_mut(&key) {
-                    calling.retain(|c| c.seq != begun.seq);
-                    if calling.is_empty() {
-                        self.calling.remove(&key);
-                    }
-                }
-            }
+            Side::Client => self.links.call_done(key, conn_id, begun.seq, now),
         }
     }
 
     fn finish(&mut self, conn: &Connection, exchange: Exchange) {
-        let key = (conn.local, conn.remote);
+        let addrs = (conn.local, conn.remote);
         let Some(state) = self.conns.get_mut(&conn.conn_id) else {
             return;
         };
@@ -434,6 +453,11 @@ impl Tracer {
             stale.extend(state.begun.pop_front());
         }
         let last = state.last;
+        let end_ns = exchange
+            .response
+            .as_ref()
+            .map_or(last.ts_ns, |r| r.end.ts_ns)
+            .max(exchange.request.start.ts_ns);
         let Some(begun) = state
             .begun
             .front()
@@ -441,13 +465,13 @@ impl Tracer {
             .cloned()
         else {
             for b in &stale {
-                self.unregister(conn.conn_id, key, b);
+                self.unregister(conn.conn_id, addrs, b, end_ns);
             }
             return;
         };
         state.begun.pop_front();
         for b in stale.iter().chain([&begun]) {
-            self.unregister(conn.conn_id, key, b);
+            self.unregister(conn.conn_id, addrs, b, end_ns);
         }
         if begun.excluded {
             self.stats.requests_excluded += 1;
@@ -464,11 +488,6 @@ impl Tracer {
         let described = http::describe(begun.side, &exchange, at, &self.opts.routes);
         let mut attributes = described.attributes;
         attributes.extend(begun.tenant.iter().cloned());
-        let end_ns = exchange
-            .response
-            .as_ref()
-            .map_or(last.ts_ns, |r| r.end.ts_ns)
-            .max(exchange.request.start.ts_ns);
         let (kind, server_port) = match begun.side {
             Side::Server => (SpanKind::Server, Some(conn.local.port())),
             Side::Client => (SpanKind::Client, None),
@@ -476,7 +495,7 @@ impl Tracer {
         let resource = self.resources.of(conn.tgid, &conn.comm, server_port);
         let span = SpanData {
             span_context: SpanContext::new(
-                begun.trace_id,
+                self.links.trace_id(begun.trace_id),
                 begun.span_id,
                 flags(true),
                 false,
@@ -506,6 +525,14 @@ impl Tracer {
     /// Requests waiting for a response, over all connections.
     pub fn in_flight(&self) -> usize {
         self.conns.values().map(|c| c.begun.len()).sum()
+    }
+}
+
+/// Links are keyed by the client end's (local, remote).
+fn link_key(local: SocketAddr, remote: SocketAddr, side: Side) -> LinkKey {
+    match side {
+        Side::Client => (local, remote),
+        Side::Server => (remote, local),
     }
 }
 
@@ -656,5 +683,33 @@ mod tests {
             spans[2].span.span_context.trace_id()
         );
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_client_end_delivered_late_still_becomes_the_parent() {
+        let (mut t, rx) = tracer();
+        let client = conn(1, Role::Client, "127.0.0.1:40000", SERVER);
+        let server = conn(2, Role::Server, SERVER, "127.0.0.1:40000");
+        let upstream = conn(3, Role::Client, "127.0.0.1:41000", "10.1.1.1:80");
+        t.on_record(Record::Opened(&client));
+        t.on_record(Record::Opened(&server));
+        t.on_record(Record::Opened(&upstream));
+        // The server's read and its own upstream call arrive before the
+        // client's write (another CPU's perf buffer).
+        data(&mut t, &server, 6, 2, Syscall::Read, CALL);
+        data(&mut t, &upstream, 6, 3, Syscall::Write, CALL);
+        data(&mut t, &client, 5, 1, Syscall::Write, CALL);
+        data(&mut t, &upstream, 6, 4, Syscall::Read, RESP);
+        data(&mut t, &server, 6, 5, Syscall::Write, RESP);
+        data(&mut t, &client, 5, 6, Syscall::Read, RESP);
+        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let [up, srv, cli] = &spans[..] else {
+            panic!("{spans:?}")
+        };
+        assert_eq!(cli.parent_span_id, SpanId::INVALID);
+        assert_eq!(srv.parent_span_id, cli.span_context.span_id());
+        assert_eq!(up.parent_span_id, srv.span_context.span_id());
+        let trace = cli.span_context.trace_id();
+        assert!([up, srv].iter().all(|s| s.span_context.trace_id() == trace));
     }
 }

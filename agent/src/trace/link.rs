@@ -1,0 +1,257 @@
+//! Links the two ends of a TCP connection seen on this host: the server
+//! span becomes the child of the client span, whichever end the agent sees
+//! first. Events of two processes can arrive out of order — perf buffers
+//! are per CPU, and a write is stamped when it returns, possibly after the
+//! reader already woke — so each end waits a grace period for the other.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use opentelemetry::{KeyValue, trace::TraceId};
+
+use super::context::Parent;
+
+/// The client end's (local, remote) addresses.
+pub type LinkKey = (SocketAddr, SocketAddr);
+
+/// How long one end waits for the other (kernel timestamps, ns).
+const GRACE_NS: u64 = 1_000_000_000;
+/// Most entries per connection.
+const MAX_PER_KEY: usize = 64;
+/// Most trace id aliases remembered.
+const MAX_ALIASES: usize = 4096;
+/// Sweep expired entries every this many calls.
+const SWEEP_EVERY: u32 = 256;
+
+/// A client request, claimable by the server end for a while even after
+/// its response came (the server's read may be delivered after it).
+struct Call {
+    conn_id: u64,
+    seq: u64,
+    parent: Parent,
+    tenant: Arc<[KeyValue]>,
+    claimed: bool,
+    done_ns: Option<u64>,
+}
+
+/// A server request that found no parent yet.
+struct Waiting {
+    conn_id: u64,
+    seq: u64,
+    began_ns: u64,
+}
+
+#[derive(Default)]
+pub struct Links {
+    calls: HashMap<LinkKey, VecDeque<Call>>,
+    waiting: HashMap<LinkKey, VecDeque<Waiting>>,
+    /// Trace ids replaced after a late link: a server span's trace joined
+    /// its client's trace after the span had begun.
+    aliases: HashMap<TraceId, TraceId>,
+    alias_order: VecDeque<TraceId>,
+    now_ns: u64,
+    calls_since_sweep: u32,
+}
+
+impl Links {
+    /// A server request began: the oldest unclaimed call on this
+    /// connection's client end is its parent.
+    pub fn claim_call(&mut self, key: LinkKey, now_ns: u64) -> Option<(Parent, Arc<[KeyValue]>)> {
+        self.tick(now_ns);
+        let calls = self.calls.get_mut(&key)?;
+        let i = calls.iter().position(|c| !c.claimed)?;
+        let call = &mut calls[i];
+        call.claimed = true;
+        let found = (call.parent.clone(), Arc::clone(&call.tenant));
+        // A call that already ended has nothing left to wait for.
+        if call.done_ns.is_some() {
+            calls.remove(i);
+            if calls.is_empty() {
+                self.calls.remove(&key);
+            }
+        }
+        Some(found)
+    }
+
+    /// A server request found no parent at all: let its client end adopt
+    /// it if that shows up within the grace period.
+    pub fn wait_for_call(&mut self, key: LinkKey, conn_id: u64, seq: u64, now_ns: u64) {
+        self.tick(now_ns);
+        let waiting = self.waiting.entry(key).or_default();
+        if waiting.len() < MAX_PER_KEY {
+            waiting.push_back(Waiting {
+                conn_id,
+                seq,
+                began_ns: now_ns,
+            });
+        }
+    }
+
+    /// A client request began: a server span waiting on this connection,
+    /// if any, as (connection id, request seq).
+    pub fn take_waiting(&mut self, key: LinkKey, now_ns: u64) -> Option<(u64, u64)> {
+        self.tick(now_ns);
+        let waiting = self.waiting.get_mut(&key)?;
+        let w = waiting.pop_front()?;
+        if waiting.is_empty() {
+            self.waiting.remove(&key);
+        }
+        Some((w.conn_id, w.seq))
+    }
+
+    /// Registers a client request; `claimed` when a waiting server span
+    /// already adopted it.
+    pub fn add_call(
+        &mut self,
+        key: LinkKey,
+        conn_id: u64,
+        seq: u64,
+        parent: Parent,
+        tenant: Arc<[KeyValue]>,
+        claimed: bool,
+    ) {
+        let calls = self.calls.entry(key).or_default();
+        if calls.len() < MAX_PER_KEY {
+            calls.push_back(Call {
+                conn_id,
+                seq,
+                parent,
+                tenant,
+                claimed,
+                done_ns: None,
+            });
+        }
+    }
+
+    /// The client request ended (or its connection closed): a claimed one
+    /// goes, an unclaimed one stays claimable for the grace period.
+    pub fn call_done(&mut self, key: LinkKey, conn_id: u64, seq: u64, now_ns: u64) {
+        self.tick(now_ns);
+        if let Some(calls) = self.calls.get_mut(&key) {
+            calls.retain_mut(|c| {
+                if c.conn_id != conn_id || c.seq != seq {
+                    return true;
+                }
+                c.done_ns = Some(now_ns);
+                !c.claimed
+            });
+            if calls.is_empty() {
+                self.calls.remove(&key);
+            }
+        }
+    }
+
+    /// The server request ended: it no longer waits for its client.
+    pub fn server_done(&mut self, key: LinkKey, conn_id: u64, seq: u64) {
+        if let Some(waiting) = self.waiting.get_mut(&key) {
+            waiting.retain(|w| w.conn_id != conn_id || w.seq != seq);
+            if waiting.is_empty() {
+                self.waiting.remove(&key);
+            }
+        }
+    }
+
+    /// Spans of trace `from` that finish from now on belong to trace `to`.
+    pub fn alias(&mut self, from: TraceId, to: TraceId) {
+        if from == to {
+            return;
+        }
+        if self.alias_order.len() >= MAX_ALIASES
+            && let Some(old) = self.alias_order.pop_front()
+        {
+            self.aliases.remove(&old);
+        }
+        self.aliases.insert(from, to);
+        self.alias_order.push_back(from);
+    }
+
+    /// The trace id a span of trace `id` is exported with.
+    pub fn trace_id(&self, id: TraceId) -> TraceId {
+        self.aliases.get(&id).copied().unwrap_or(id)
+    }
+
+    /// Entries on both maps, for tests and bounds checks.
+    pub fn len(&self) -> usize {
+        self.calls.values().map(VecDeque::len).sum::<usize>()
+            + self.waiting.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        self.now_ns = self.now_ns.max(now_ns);
+        self.calls_since_sweep += 1;
+        if self.calls_since_sweep < SWEEP_EVERY {
+            return;
+        }
+        self.calls_since_sweep = 0;
+        let horizon = self.now_ns.saturating_sub(GRACE_NS);
+        self.calls.retain(|_, calls| {
+            calls.retain(|c| c.done_ns.is_none_or(|done| done >= horizon));
+            !calls.is_empty()
+        });
+        self.waiting.retain(|_, waiting| {
+            waiting.retain(|w| w.began_ns >= horizon);
+            !waiting.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::SpanId;
+
+    fn key() -> LinkKey {
+        (
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:80".parse().unwrap(),
+        )
+    }
+
+    fn parent(n: u8) -> Parent {
+        Parent {
+            trace_id: TraceId::from_bytes([n; 16]),
+            span_id: SpanId::from_bytes([n; 8]),
+            sampled: true,
+            trace_state: Default::default(),
+            remote: false,
+        }
+    }
+
+    #[test]
+    fn calls_are_claimed_in_order_and_linger_after_they_end() {
+        let mut links = Links::default();
+        links.add_call(key(), 1, 0, parent(1), Arc::from(vec![]), false);
+        links.add_call(key(), 1, 1, parent(2), Arc::from(vec![]), false);
+        // The first call's response was delivered before the server's read.
+        links.call_done(key(), 1, 0, 10);
+        assert_eq!(links.claim_call(key(), 11).unwrap().0, parent(1));
+        assert_eq!(links.claim_call(key(), 12).unwrap().0, parent(2));
+        assert!(links.claim_call(key(), 13).is_none());
+        links.call_done(key(), 1, 1, 14);
+        assert!(links.is_empty(), "claimed calls go when they end");
+    }
+
+    #[test]
+    fn expired_entries_are_swept() {
+        let mut links = Links::default();
+        links.add_call(key(), 1, 0, parent(1), Arc::from(vec![]), false);
+        links.call_done(key(), 1, 0, 1);
+        links.wait_for_call(key(), 2, 0, 1);
+        for i in 0..SWEEP_EVERY {
+            links.alias(TraceId::from_bytes([9; 16]), TraceId::from_bytes([8; 16]));
+            links.tick(GRACE_NS * 3 + u64::from(i));
+        }
+        assert!(links.is_empty());
+        assert_eq!(
+            links.trace_id(TraceId::from_bytes([9; 16])),
+            TraceId::from_bytes([8; 16])
+        );
+    }
+}
