@@ -333,10 +333,11 @@ mod tests {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(EventKind::from_u8(0), None);
-        for s in 1..=8u8 {
+        for s in 1..=9u8 {
             assert_eq!(Syscall::from_u8(s).map(|s| s as u8), Some(s));
         }
-        assert_eq!(Syscall::from_u8(9), None);
+        assert_eq!(Syscall::from_u8(10), None);
+        assert_eq!(Syscall::Sendfile.direction(), Direction::Egress);
         assert_eq!(Role::from_u8(2), Role::Server);
         assert_eq!(Role::from_u8(77), Role::Unknown);
     }

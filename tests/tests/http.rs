@@ -611,6 +611,13 @@ fn bad_configuration_exits_with_code_2_and_names_the_problem() {
     let (code, err) = run(&["--config", "/nonexistent/zerotrace.yaml"], &[]);
     assert_eq!(code, Some(2), "{err}");
 
+    let (code, err) = run(
+        &[],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("TLS"), "{err}");
+
     let (code, err) = run(&["--exporter", "jsonl"], &[]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("output"), "{err}");

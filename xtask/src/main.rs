@@ -144,7 +144,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     build_agent(ctx, release)?;
 
     let mut c = ctx.cargo();
-    c.arg("test").args(&extra);
+    // Every test binary runs even after a failure, so the total is complete.
+    c.args(["test", "--no-fail-fast"]).args(&extra);
     // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
     c.env("RUST_TEST_THREADS", "1");
     c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));

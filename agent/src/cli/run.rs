@@ -130,6 +130,16 @@ impl RunArgs {
                 None => config.export.protocol.unwrap_or(OtlpProtocol::HttpProtobuf),
             },
         };
+        if let Some(url) = endpoint
+            .iter()
+            .chain(&env_endpoint)
+            .find(|u| u.starts_with("https:"))
+        {
+            return Err(ConfigError::new(format!(
+                "OTLP endpoint {url}: TLS is not built into this agent yet; export over \
+                 http:// to a collector on the node or a sidecar"
+            )));
+        }
         let has_endpoint = endpoint.is_some() || env_endpoint.is_some();
         let kind = config.export.exporter.unwrap_or(if has_endpoint {
             ExporterKind::Otlp
