@@ -400,12 +400,15 @@ fn sigint_and_sigterm_detach_every_program() {
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let mut child = Command::new(agent_bin())
-            .args(["run", "--stats-interval", "1"])
+            // --duration: should the signal go unnoticed, the test fails
+            // instead of hanging.
+            .args(["run", "--stats-interval", "1", "--duration", "60"])
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-        assert!(err.any(|l| l.unwrap().contains("capturing")));
+        assert!(err.any(|l| l.unwrap().contains("tracing")));
         assert!(
             !our_programs_loaded().is_empty(),
             "programs not visible in bpftool while running"
