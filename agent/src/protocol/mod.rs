@@ -2,4 +2,9 @@
 //! Each turns the bytes of both directions into request/response
 //! exchanges; none ever panics on bad input.
 
+pub mod db;
 pub mod http;
+pub mod mysql;
+pub mod postgres;
+pub mod redis;
+pub mod sql;

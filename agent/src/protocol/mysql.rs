@@ -1,0 +1,1 @@
+//! mysql wire protocol parser (in progress).

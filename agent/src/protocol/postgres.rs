@@ -1,0 +1,1 @@
+//! postgres wire protocol parser (in progress).

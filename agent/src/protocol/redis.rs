@@ -1,0 +1,1 @@
+//! redis wire protocol parser (in progress).
