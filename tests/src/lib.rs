@@ -4,6 +4,7 @@
 //! The tests need root and a kernel with BTF. As a normal user they skip
 //! with a message, except under CI=true, where skipping is a failure.
 
+pub mod db;
 pub mod otlp;
 pub mod rotel;
 pub mod servers;

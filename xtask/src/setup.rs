@@ -4,9 +4,11 @@
 //! Toolchain: rustup's `nightly` with `rust-src` (agent/build.rs builds
 //! agent-ebpf with `-Z build-std=core --target bpfel-unknown-none`) and a
 //! `bpf-linker` linked against nightly's own libLLVM. System: the Debian
-//! packages the end-to-end tests use, and a Python venv with the
-//! OpenTelemetry SDK, its OTLP exporters and the rotel collector (the tests'
-//! real OTLP exporter and collector).
+//! packages the end-to-end tests use (among them PostgreSQL, MariaDB and
+//! Redis servers and clients), and a Python venv with the OpenTelemetry SDK,
+//! its OTLP exporters and the rotel collector (the tests' real OTLP exporter
+//! and collector) plus what the test apps in tests/apps import (FastAPI,
+//! uvicorn, Flask, psycopg, PyMySQL, redis-py).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,10 @@ use anyhow::{Context, Result, bail};
 use crate::say;
 use crate::util::{Ctx, output, run};
 
-/// Debian packages the end-to-end tests use.
+/// Debian packages the end-to-end tests use. `postgresql` brings PostgreSQL
+/// 15 with psql and pgbench (tests/src/db.rs runs /usr/lib/postgresql/15/bin/*),
+/// `mariadb-server` MariaDB 10.11 with mariadb-install-db, `mariadb-client`
+/// the `mariadb` CLI and mysqlslap, `redis-tools` redis-cli and redis-benchmark.
 pub const PACKAGES: &[&str] = &[
     "bpftool",
     "curl",
@@ -28,6 +33,9 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "iproute2",
     "nginx",
+    "postgresql",
+    "mariadb-server",
+    "mariadb-client",
 ];
 
 /// The nightly toolchain as found (or installed).
@@ -302,7 +310,10 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
-    apt(&args)?;
+    let no_starts = NoServiceStarts::begin(ctx)?;
+    let installed = apt(&args);
+    drop(no_starts);
+    installed?;
     let still: Vec<&str> = missing
         .iter()
         .copied()
@@ -321,12 +332,21 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
 /// What the OTel venv holds: the Python SDK and OTLP exporters (a real
 /// exporter for the tests' in-process receiver) and rotel, a Rust OTLP
 /// collector whose wheel ships `site-packages/rotel/rotel-agent`. rotel is
-/// pinned: the tests read its debug-log layout.
+/// pinned: the tests read its debug-log layout. Then what the test apps in
+/// tests/apps run on (tests/src/db.rs starts them with this venv's python):
+/// FastAPI under plain uvicorn (asyncio loop, h11; no uvloop/httptools),
+/// Flask, psycopg 3 with its binary libpq, PyMySQL and redis-py.
 pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "opentelemetry-sdk~=1.45",
     "opentelemetry-exporter-otlp-proto-grpc~=1.45",
     "opentelemetry-exporter-otlp-proto-http~=1.45",
     "rotel==0.0.1a15",
+    "fastapi~=0.165",
+    "uvicorn~=0.54",
+    "flask~=3.1",
+    "psycopg[binary]~=3.3",
+    "pymysql~=1.2",
+    "redis~=8.1",
 ];
 
 /// Written into the venv after a successful install; a different list means reinstall.
@@ -365,7 +385,9 @@ fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
         "-c",
         "import opentelemetry.sdk.trace, \
          opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
-         opentelemetry.exporter.otlp.proto.http.trace_exporter",
+         opentelemetry.exporter.otlp.proto.http.trace_exporter, \
+         fastapi, uvicorn, flask, psycopg, pymysql, redis; \
+         psycopg.pq.version()",
     ]))?;
     let rotel = rotel_agent(venv).context("rotel-agent missing")?;
     let version = output(ctx.cmd(&rotel).arg("version"))?;
@@ -388,7 +410,7 @@ pub fn otel_venv(ctx: &Ctx) -> Result<()> {
     };
     say!(
         "setup",
-        "otel venv {}: {why}; installing the OpenTelemetry SDK, OTLP exporters and rotel (~10 s)…",
+        "otel venv {}: {why}; installing the OpenTelemetry SDK, OTLP exporters, rotel and the test apps' packages (~15 s)…",
         venv.display()
     );
     let start = Instant::now();
@@ -437,6 +459,89 @@ pub fn otel_venv(ctx: &Ctx) -> Result<()> {
             "the otel venv {} was installed but does not work: {e:#}",
             venv.display()
         ),
+    }
+}
+
+/// The file through which Debian's maintainer scripts ask whether they may
+/// start services (invoke-rc.d, deb-systemd-invoke); exit status 101 = no.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// The second line of the policy-rc.d that [`NoServiceStarts`] writes.
+const POLICY_RC_D_MARK: &str =
+    "# written by `cargo xtask setup` for the length of one apt-get install";
+
+/// Keeps the packages' maintainer scripts from starting services while
+/// `apt-get install` runs on a machine without a running systemd.
+///
+/// There, invoke-rc.d runs the SysV init scripts itself, so installing
+/// postgresql, mariadb-server, redis-server or nginx would start default
+/// instances (5432, 3306, 6379, 80), and a start that fails makes the
+/// package's postinst fail (`invoke-rc.d … start || exit 1`). The tests start
+/// their own servers on free ports and need none of them. Under a running
+/// systemd, and where a policy-rc.d already exists (Docker images and these
+/// machines ship one that says no), nothing is changed.
+struct NoServiceStarts<'a> {
+    ctx: &'a Ctx,
+    written: bool,
+}
+
+impl<'a> NoServiceStarts<'a> {
+    fn begin(ctx: &'a Ctx) -> Result<Self> {
+        let mut guard = NoServiceStarts {
+            ctx,
+            written: false,
+        };
+        match fs::read_to_string(POLICY_RC_D) {
+            // Left behind by an interrupted run: remove it, then decide afresh.
+            Ok(s) if s.contains(POLICY_RC_D_MARK) => {
+                guard.written = true;
+                guard.remove();
+            }
+            _ if Path::new(POLICY_RC_D).exists() => return Ok(guard),
+            _ => {}
+        }
+        if Path::new("/run/systemd/system").is_dir() {
+            return Ok(guard);
+        }
+        let script = format!("#!/bin/sh\n{POLICY_RC_D_MARK}\nexit 101\n");
+        let mut c = ctx.as_root("sh", "writing /usr/sbin/policy-rc.d")?;
+        c.arg("-c")
+            .arg(format!(
+                "printf '%s' \"$1\" > {POLICY_RC_D} && chmod 755 {POLICY_RC_D}"
+            ))
+            .arg("sh")
+            .arg(script);
+        run(&mut c).context("writing a temporary /usr/sbin/policy-rc.d")?;
+        guard.written = true;
+        say!(
+            "setup",
+            "no systemd running: a temporary {POLICY_RC_D} keeps the packages from starting default services"
+        );
+        Ok(guard)
+    }
+
+    /// Removes the policy-rc.d again if this run wrote it.
+    fn remove(&mut self) {
+        if !std::mem::take(&mut self.written) {
+            return;
+        }
+        let ours = fs::read_to_string(POLICY_RC_D).is_ok_and(|s| s.contains(POLICY_RC_D_MARK));
+        if !ours {
+            return;
+        }
+        let removed = self
+            .ctx
+            .as_root("rm", "removing /usr/sbin/policy-rc.d")
+            .and_then(|mut c| run(c.args(["-f", POLICY_RC_D])));
+        if let Err(e) = removed {
+            say!("setup", "WARNING: could not remove {POLICY_RC_D}: {e:#}");
+        }
+    }
+}
+
+impl Drop for NoServiceStarts<'_> {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
