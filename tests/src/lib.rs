@@ -8,6 +8,7 @@ pub mod db;
 pub mod otlp;
 pub mod rotel;
 pub mod servers;
+pub mod spans;
 
 use std::{
     io::{BufRead, BufReader, Read},

@@ -13,42 +13,9 @@ use zerotrace_tests::{
     otlp::{Protocol, ReceivedSpan, Receiver},
     rotel::Rotel,
     servers::{Nginx, PythonApp, curl},
+    spans::*,
     *,
 };
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// `zerotrace run` exporting to `rx`, with quick batches.
-fn agent_for(rx: &Receiver, args: &[&str]) -> Agent {
-    Agent::run(
-        args,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ],
-    )
-    .unwrap()
-}
-
-fn briefs(spans: &[ReceivedSpan]) -> String {
-    spans.iter().map(|s| format!("\n  {}", s.brief())).collect()
-}
-
-/// The one span matching `pred`; fails listing all spans otherwise.
-fn one<'a>(
-    spans: &'a [ReceivedSpan],
-    what: &str,
-    pred: impl Fn(&ReceivedSpan) -> bool,
-) -> &'a ReceivedSpan {
-    let found: Vec<&ReceivedSpan> = spans.iter().filter(|s| pred(s)).collect();
-    assert_eq!(found.len(), 1, "want one {what}, got:{}", briefs(spans));
-    found[0]
-}
-
-fn is_service(s: &ReceivedSpan, prefix: &str) -> bool {
-    s.service().is_some_and(|n| n.starts_with(prefix))
-}
 
 /// Spans of one request through nginx, found by the path it carries.
 struct Proxied<'a> {
