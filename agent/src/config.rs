@@ -26,6 +26,7 @@ impl ConfigError {
 pub struct Config {
     pub capture: CaptureConfig,
     pub http: HttpConfig,
+    pub db: DbConfig,
     pub exclude: ExcludeConfig,
     /// service.name rules, first match wins; else OTEL_SERVICE_NAME, else
     /// the executable name.
@@ -68,6 +69,26 @@ impl Default for HttpConfig {
             ],
             max_header_value: 128,
             routes: Vec::new(),
+        }
+    }
+}
+
+/// Database spans (PostgreSQL, MySQL/MariaDB, Redis).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbConfig {
+    /// Replace SQL literals and Redis values in db.query.text with `?`.
+    /// Turning this off exports the data your applications store.
+    pub sanitize_queries: bool,
+    /// db.query.text is cut to this many bytes.
+    pub max_query_bytes: usize,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        Self {
+            sanitize_queries: true,
+            max_query_bytes: 2048,
         }
     }
 }
