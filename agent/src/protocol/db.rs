@@ -76,7 +76,9 @@ pub enum DbEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detect {
     /// This protocol; requests flow in direction `requests`.
-    Yes { requests: Direction },
+    Yes {
+        requests: Direction,
+    },
     No,
     /// Not enough bytes yet to tell.
     NeedMore,

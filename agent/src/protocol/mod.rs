@@ -7,4 +7,5 @@ pub mod http;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
+pub mod session;
 pub mod sql;

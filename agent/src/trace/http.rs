@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use opentelemetry::{KeyValue, trace::Status};
 
+use super::Described;
 use crate::protocol::http::{Exchange, Request};
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
@@ -118,14 +119,7 @@ pub struct Endpoints {
     pub remote: SocketAddr,
 }
 
-/// A span's name, attributes and status for one exchange.
-pub struct HttpSpan {
-    pub name: String,
-    pub attributes: Vec<KeyValue>,
-    pub status: Status,
-}
-
-pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes) -> HttpSpan {
+pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes) -> Described {
     let request = &exchange.request;
     let (path, query) = path_and_query(&request.target);
     let mut attrs = Vec::with_capacity(16);
@@ -215,7 +209,7 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
         (Side::Server, Some(route)) => format!("{method} {route}"),
         _ => method.to_owned(),
     };
-    HttpSpan {
+    Described {
         name,
         attributes: attrs,
         status,
@@ -301,7 +295,7 @@ mod tests {
         }
     }
 
-    fn attr<'a>(span: &'a HttpSpan, key: &str) -> Option<&'a Value> {
+    fn attr<'a>(span: &'a Described, key: &str) -> Option<&'a Value> {
         span.attributes
             .iter()
             .find(|kv| kv.key.as_str() == key)

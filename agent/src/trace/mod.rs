@@ -13,6 +13,7 @@
 //!   instrumented caller).
 
 pub mod context;
+pub mod db;
 pub mod http;
 pub mod link;
 pub mod resource;
@@ -44,7 +45,11 @@ use crate::{
     conn::{Connection, own::OwnSockets},
     export::{ExportSpan, SpanQueue},
     pipeline::Record,
-    protocol::http::{Exchange, HttpConn, HttpEvent, HttpOptions, Moment, Request},
+    protocol::{
+        db::{DbCall, DbEvent, DbOptions},
+        http::{Exchange, HttpEvent, HttpOptions, Moment, Request},
+        session::{self, Event, Session},
+    },
 };
 
 /// Most requests remembered as in flight per thread or per connection.
@@ -81,8 +86,41 @@ pub struct TraceStats {
     pub spans: u64,
     pub spans_unsampled: u64,
     pub requests_excluded: u64,
-    pub connections_not_http: u64,
+    /// Connections whose protocol is unknown, encrypted or compressed.
+    pub connections_not_traced: u64,
     pub connections_ignored: u64,
+}
+
+/// How a request begins, whatever its protocol.
+struct Start {
+    seq: u64,
+    at: Moment,
+    side: Side,
+    /// The context the request carries itself (HTTP traceparent).
+    traceparent: Option<Parent>,
+    /// Tenant attributes from the request itself.
+    own_tenant: Vec<KeyValue>,
+    excluded: bool,
+}
+
+impl Start {
+    fn plain(seq: u64, at: Moment, side: Side) -> Self {
+        Self {
+            seq,
+            at,
+            side,
+            traceparent: None,
+            own_tenant: Vec::new(),
+            excluded: false,
+        }
+    }
+}
+
+/// A span's name, attributes and status, as a protocol describes it.
+pub struct Described {
+    pub name: String,
+    pub attributes: Vec<KeyValue>,
+    pub status: opentelemetry::trace::Status,
 }
 
 /// A span that has begun: its ids and what its children inherit.
@@ -116,7 +154,7 @@ impl Begun {
 
 /// Per-connection state.
 struct ConnTrace {
-    http: HttpConn,
+    session: Session,
     /// (local, remote), for the link keys of its requests.
     addrs: (SocketAddr, SocketAddr),
     ignored: bool,
@@ -134,7 +172,7 @@ struct Serving {
 
 pub struct Tracer {
     opts: TraceOptions,
-    http_opts: Arc<HttpOptions>,
+    session_opts: session::Options,
     queue: SpanQueue,
     ids: Ids,
     resources: Resources,
@@ -147,21 +185,28 @@ pub struct Tracer {
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
-    events: Vec<HttpEvent>,
+    events: Vec<Event>,
     pub stats: TraceStats,
 }
 
 impl Tracer {
     pub fn new(opts: TraceOptions, queue: SpanQueue) -> Self {
-        let http_opts = Arc::new(HttpOptions {
-            extra_headers: opts.header_rules.iter().map(|r| r.header.clone()).collect(),
-            max_value_bytes: opts.max_header_value,
-            ..HttpOptions::default()
-        });
+        let session_opts = session::Options {
+            http: Arc::new(HttpOptions {
+                extra_headers: opts.header_rules.iter().map(|r| r.header.clone()).collect(),
+                max_value_bytes: opts.max_header_value,
+                ..HttpOptions::default()
+            }),
+            db: Arc::new(DbOptions {
+                sanitize: opts.config.db.sanitize_queries,
+                max_query_bytes: opts.config.db.max_query_bytes,
+                ..DbOptions::default()
+            }),
+        };
         let resources = Resources::new(opts.config.services.clone());
         Self {
             opts,
-            http_opts,
+            session_opts,
             queue,
             ids: Ids::default(),
             resources,
@@ -205,7 +250,7 @@ impl Tracer {
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
                 state
-                    .http
+                    .session
                     .feed(data.direction, at, data.payload, missing, &mut events);
                 self.handle(conn, data.direction, &mut events);
                 self.events = events;
@@ -215,7 +260,7 @@ impl Tracer {
                 if let Some(mut state) = self.conns.remove(&conn.conn_id) {
                     let mut events = std::mem::take(&mut self.events);
                     let at = state.last;
-                    state.http.close(at, &mut events);
+                    state.session.close(at, &mut events);
                     self.conns.insert(conn.conn_id, state);
                     self.handle(conn, Direction::Ingress, &mut events);
                     self.events = events;
@@ -240,7 +285,7 @@ impl Tracer {
             self.stats.connections_ignored += 1;
         }
         ConnTrace {
-            http: HttpConn::new(Arc::clone(&self.http_opts), from_start),
+            session: Session::new(self.session_opts.clone(), from_start, conn.local, conn.remote),
             addrs: (conn.local, conn.remote),
             ignored,
             begun: VecDeque::new(),
@@ -255,26 +300,42 @@ impl Tracer {
         }
     }
 
-    fn handle(&mut self, conn: &Connection, dir: Direction, events: &mut Vec<HttpEvent>) {
+    fn handle(&mut self, conn: &Connection, dir: Direction, events: &mut Vec<Event>) {
         for event in events.drain(..) {
             match event {
-                HttpEvent::Request(request) => self.begin(conn, dir, &request),
-                HttpEvent::Exchange(exchange) => self.finish(conn, exchange),
-                HttpEvent::NotHttp => self.stats.connections_not_http += 1,
+                Event::Http(HttpEvent::Request(request)) => self.begin_http(conn, dir, &request),
+                Event::Http(HttpEvent::Exchange(exchange)) => self.finish_http(conn, exchange),
+                Event::Http(HttpEvent::NotHttp) | Event::Db(DbEvent::Skip) => {
+                    self.stats.connections_not_traced += 1;
+                }
+                Event::Db(DbEvent::Request { seq, start }) => {
+                    let side = self.db_side(conn);
+                    self.begin(conn, Start::plain(seq, start, side));
+                }
+                Event::Db(DbEvent::Call(call)) => self.finish_db(conn, call),
             }
         }
     }
 
-    /// A request head arrived: decide the span's ids and parent now, so
-    /// spans that begin while it is in flight can be its children.
-    fn begin(&mut self, conn: &Connection, dir: Direction, request: &Request) {
+    /// A database request flows from client to server; the session knows
+    /// which way that is on this connection.
+    fn db_side(&self, conn: &Connection) -> Side {
+        let requests = self
+            .conns
+            .get(&conn.conn_id)
+            .and_then(|c| c.session.request_direction());
+        match requests {
+            Some(Direction::Ingress) => Side::Server,
+            _ => Side::Client,
+        }
+    }
+
+    fn begin_http(&mut self, conn: &Connection, dir: Direction, request: &Request) {
         // Requests are read by servers and written by clients.
         let side = match dir {
             Direction::Ingress => Side::Server,
             Direction::Egress => Side::Client,
         };
-        let excluded = self.opts.exclude_paths.excludes(&request.target);
-        let thread = (conn.tgid, request.start.tid);
         let own_tenant: Vec<KeyValue> = self
             .opts
             .header_rules
@@ -287,10 +348,38 @@ impl Tracer {
                     .map(|(_, value)| KeyValue::new(rule.attribute.clone(), value.clone()))
             })
             .collect();
-        let now = request.start.ts_ns;
+        self.begin(
+            conn,
+            Start {
+                seq: request.seq,
+                at: request.start,
+                side,
+                traceparent: request
+                    .traceparent
+                    .as_deref()
+                    .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref())),
+                own_tenant,
+                excluded: self.opts.exclude_paths.excludes(&request.target),
+            },
+        );
+    }
+
+    /// A request began: decide the span's ids and parent now, so spans
+    /// that begin while it is in flight can be its children.
+    fn begin(&mut self, conn: &Connection, start: Start) {
+        let Start {
+            seq,
+            at,
+            side,
+            traceparent,
+            own_tenant,
+            excluded,
+        } = start;
+        let thread = (conn.tgid, at.tid);
+        let now = at.ts_ns;
         let (parent, inherited) = match side {
-            Side::Server => self.server_parent(conn, request),
-            Side::Client => self.client_parent(thread, request),
+            Side::Server => self.server_parent(conn, now, traceparent),
+            Side::Client => self.client_parent(thread, traceparent),
         };
         let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
             inherited.unwrap_or_else(|| Arc::from(Vec::new()))
@@ -302,7 +391,7 @@ impl Tracer {
             .map_or_else(|| self.ids.trace_id(), |p| p.trace_id);
         let sampled = self.opts.sampler.sample(trace_id, parent.as_ref());
         let mut begun = Begun {
-            seq: request.seq,
+            seq,
             side,
             trace_id,
             span_id: self.ids.span_id(),
@@ -380,38 +469,54 @@ impl Tracer {
     fn server_parent(
         &mut self,
         conn: &Connection,
-        request: &Request,
+        now: u64,
+        traceparent: Option<Parent>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         // The client end of this very connection, if it is on this host.
         let key = link_key(conn.local, conn.remote, Side::Server);
-        if let Some((parent, tenant)) = self.links.claim_call(key, request.start.ts_ns) {
+        if let Some((parent, tenant)) = self.links.claim_call(key, now) {
             return (Some(parent), Some(tenant));
         }
-        let remote = request
-            .traceparent
-            .as_deref()
-            .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref()));
-        (remote, None)
+        (traceparent, None)
     }
 
     fn client_parent(
         &self,
         thread: (u32, u32),
-        request: &Request,
+        traceparent: Option<Parent>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
+        let inherit = |s: &Serving| (Some(s.parent.clone()), Some(Arc::clone(&s.tenant)));
         match self.serving.get(&thread).map(Vec::as_slice) {
-            Some([only]) => (Some(only.parent.clone()), Some(Arc::clone(&only.tenant))),
+            Some([only]) => inherit(only),
             // Several requests in flight on one thread (an event loop): which
             // one made this call is unknowable from syscalls.
             Some([_, _, ..]) => (None, None),
-            _ => (
-                request
-                    .traceparent
-                    .as_deref()
-                    .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref())),
-                None,
-            ),
+            _ if traceparent.is_some() => (traceparent, None),
+            // A thread serving nothing itself, e.g. a worker pool thread
+            // running a request's blocking code (FastAPI `def` endpoints,
+            // Django under ASGI): the child of the process's request when
+            // exactly one is in flight in the whole process.
+            _ => match self.only_request_of(thread.0) {
+                Some(only) => inherit(only),
+                None => (None, None),
+            },
         }
+    }
+
+    /// The one server request in flight in process `tgid`, if exactly one is.
+    fn only_request_of(&self, tgid: u32) -> Option<&Serving> {
+        let mut found = None;
+        for ((pid, _), serving) in &self.serving {
+            if *pid != tgid {
+                continue;
+            }
+            match (found, serving.as_slice()) {
+                (None, [only]) => found = Some(only),
+                (_, []) => {}
+                _ => return None,
+            }
+        }
+        found
     }
 
     /// A request is over (answered, or its connection gone at `now`).
@@ -437,33 +542,66 @@ impl Tracer {
         }
     }
 
-    fn finish(&mut self, conn: &Connection, exchange: Exchange) {
+    fn finish_http(&mut self, conn: &Connection, exchange: Exchange) {
+        let start_ns = exchange.request.start.ts_ns;
+        let end_ns = exchange.response.as_ref().map(|r| r.end.ts_ns);
+        let routes = &self.opts.routes;
+        let at = Endpoints {
+            local: conn.local,
+            remote: conn.remote,
+        };
+        let described = |side| http::describe(side, &exchange, at, routes);
+        // Borrow checker: describe before touching the tracer mutably.
+        let server = described(Side::Server);
+        let client = described(Side::Client);
+        self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| match side {
+            Side::Server => server,
+            Side::Client => client,
+        });
+    }
+
+    fn finish_db(&mut self, conn: &Connection, call: DbCall) {
+        let Some(system) = self
+            .conns
+            .get(&conn.conn_id)
+            .and_then(|c| c.session.protocol())
+            .and_then(|p| p.db_system())
+        else {
+            return;
+        };
+        let at = Endpoints {
+            local: conn.local,
+            remote: conn.remote,
+        };
+        let end_ns = (!call.unanswered).then_some(call.end.ts_ns);
+        let seq = call.seq;
+        let start_ns = call.start.ts_ns;
+        self.finish(conn, seq, start_ns, end_ns, |side| {
+            db::describe(system, side, &call, at)
+        });
+    }
+
+    /// A request's span is complete: `describe` names it for its side.
+    fn finish(
+        &mut self,
+        conn: &Connection,
+        seq: u64,
+        start_ns: u64,
+        end_ns: Option<u64>,
+        describe: impl FnOnce(Side) -> Described,
+    ) {
         let addrs = (conn.local, conn.remote);
         let Some(state) = self.conns.get_mut(&conn.conn_id) else {
             return;
         };
-        // Begun entries older than this exchange lost their exchange (the
+        // Begun entries older than this one lost their response (the
         // parser resynchronised); drop them.
         let mut stale = Vec::new();
-        while state
-            .begun
-            .front()
-            .is_some_and(|b| b.seq < exchange.request.seq)
-        {
+        while state.begun.front().is_some_and(|b| b.seq < seq) {
             stale.extend(state.begun.pop_front());
         }
-        let last = state.last;
-        let end_ns = exchange
-            .response
-            .as_ref()
-            .map_or(last.ts_ns, |r| r.end.ts_ns)
-            .max(exchange.request.start.ts_ns);
-        let Some(begun) = state
-            .begun
-            .front()
-            .filter(|b| b.seq == exchange.request.seq)
-            .cloned()
-        else {
+        let end_ns = end_ns.unwrap_or(state.last.ts_ns).max(start_ns);
+        let Some(begun) = state.begun.front().filter(|b| b.seq == seq).cloned() else {
             for b in &stale {
                 self.unregister(conn.conn_id, addrs, b, end_ns);
             }
@@ -481,11 +619,7 @@ impl Tracer {
             self.stats.spans_unsampled += 1;
             return;
         }
-        let at = Endpoints {
-            local: conn.local,
-            remote: conn.remote,
-        };
-        let described = http::describe(begun.side, &exchange, at, &self.opts.routes);
+        let described = describe(begun.side);
         let mut attributes = described.attributes;
         attributes.extend(begun.tenant.iter().cloned());
         let (kind, server_port) = match begun.side {
@@ -505,7 +639,7 @@ impl Tracer {
             parent_span_is_remote: begun.parent.as_ref().is_some_and(|p| p.remote),
             span_kind: kind,
             name: Cow::Owned(described.name),
-            start_time: self.wall_time(exchange.request.start.ts_ns),
+            start_time: self.wall_time(start_ns),
             end_time: self.wall_time(end_ns),
             attributes,
             dropped_attributes_count: 0,
@@ -647,17 +781,30 @@ mod tests {
     }
 
     #[test]
-    fn ambiguous_or_unrelated_calls_stay_roots() {
+    fn ambiguous_calls_stay_roots() {
         let (_, on_event_loop) = call_while_serving(2, 11);
         assert_eq!(on_event_loop.span.parent_span_id, SpanId::INVALID);
-        let (_, other_thread) = call_while_serving(1, 12);
+        let (_, other_thread) = call_while_serving(2, 12);
         assert_eq!(other_thread.span.parent_span_id, SpanId::INVALID);
+    }
+
+    #[test]
+    fn a_worker_thread_call_during_the_processs_only_request_is_its_child() {
+        let (servers, call) = call_while_serving(1, 12);
+        assert_eq!(
+            call.span.parent_span_id,
+            servers[0].span.span_context.span_id()
+        );
     }
 
     #[test]
     fn both_ends_of_a_local_connection_are_linked() {
         let (mut t, rx) = tracer();
-        let client = conn(1, Role::Client, "127.0.0.1:40000", SERVER);
+        // Another process: the client end (curl) is not the server (nginx).
+        let client = Connection {
+            tgid: 20,
+            ..conn(1, Role::Client, "127.0.0.1:40000", SERVER)
+        };
         let server = conn(2, Role::Server, SERVER, "127.0.0.1:40000");
         t.on_record(Record::Opened(&client));
         t.on_record(Record::Opened(&server));
@@ -688,7 +835,11 @@ mod tests {
     #[test]
     fn a_client_end_delivered_late_still_becomes_the_parent() {
         let (mut t, rx) = tracer();
-        let client = conn(1, Role::Client, "127.0.0.1:40000", SERVER);
+        // Another process: the client end (curl) is not the server (nginx).
+        let client = Connection {
+            tgid: 20,
+            ..conn(1, Role::Client, "127.0.0.1:40000", SERVER)
+        };
         let server = conn(2, Role::Server, SERVER, "127.0.0.1:40000");
         let upstream = conn(3, Role::Client, "127.0.0.1:41000", "10.1.1.1:80");
         t.on_record(Record::Opened(&client));

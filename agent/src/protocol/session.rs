@@ -1,0 +1,353 @@
+//! One connection's protocol: recognised from its first bytes, then parsed
+//! by that protocol's parser. Bytes seen while deciding are replayed into
+//! the chosen parser, so nothing is lost to detection.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use agent_common::Direction;
+
+use super::{
+    db::{DbEvent, DbOptions, Detect},
+    http::{HttpConn, HttpEvent, HttpOptions, Moment},
+    mysql::{self, MysqlConn},
+    postgres::{self, PostgresConn},
+    redis::{self, RedisConn},
+};
+
+/// Detection looks at no more than this many bytes per direction…
+const DETECT_BYTES: usize = 64;
+/// …or this many syscalls, before falling back to HTTP's own detection.
+const DETECT_CHUNKS: usize = 8;
+
+/// Recognises a protocol from a connection's first bytes in a direction.
+type Detector = fn(Direction, &[u8]) -> Detect;
+
+/// The database protocols, tried in order; HTTP decides for itself.
+const DETECTORS: [(Detector, Protocol); 3] = [
+    (postgres::detect, Protocol::Postgres),
+    (mysql::detect, Protocol::Mysql),
+    (redis::detect, Protocol::Redis),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Postgres,
+    Mysql,
+    Redis,
+}
+
+impl Protocol {
+    /// db.system.name for the database protocols.
+    pub fn db_system(self) -> Option<&'static str> {
+        match self {
+            Protocol::Http => None,
+            Protocol::Postgres => Some("postgresql"),
+            Protocol::Mysql => Some("mysql"),
+            Protocol::Redis => Some("redis"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Http(HttpEvent),
+    Db(DbEvent),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    pub http: Arc<HttpOptions>,
+    pub db: Arc<DbOptions>,
+}
+
+struct Chunk {
+    dir: Direction,
+    at: Moment,
+    bytes: Vec<u8>,
+    missing: u64,
+}
+
+enum Parser {
+    Http(HttpConn),
+    Postgres(PostgresConn),
+    Mysql(MysqlConn),
+    Redis(RedisConn),
+}
+
+enum State {
+    Detecting(Vec<Chunk>),
+    Parsing {
+        parser: Box<Parser>,
+        /// Which way requests flow (database protocols; HTTP decides itself).
+        requests: Option<Direction>,
+    },
+}
+
+pub struct Session {
+    opts: Options,
+    from_start: bool,
+    /// Well-known server ports; only a hint for connections first seen
+    /// mid-stream, whose first bytes say nothing.
+    ports: (u16, u16),
+    state: State,
+}
+
+impl Session {
+    pub fn new(opts: Options, from_start: bool, local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            opts,
+            from_start,
+            ports: (local.port(), remote.port()),
+            state: State::Detecting(Vec::new()),
+        }
+    }
+
+    pub fn protocol(&self) -> Option<Protocol> {
+        match &self.state {
+            State::Detecting(_) => None,
+            State::Parsing { parser, .. } => Some(match **parser {
+                Parser::Http(_) => Protocol::Http,
+                Parser::Postgres(_) => Protocol::Postgres,
+                Parser::Mysql(_) => Protocol::Mysql,
+                Parser::Redis(_) => Protocol::Redis,
+            }),
+        }
+    }
+
+    /// The direction database requests flow in, once known.
+    pub fn request_direction(&self) -> Option<Direction> {
+        match &self.state {
+            State::Parsing { requests, .. } => *requests,
+            State::Detecting(_) => None,
+        }
+    }
+
+    pub fn feed(
+        &mut self,
+        dir: Direction,
+        at: Moment,
+        bytes: &[u8],
+        missing: u64,
+        out: &mut Vec<Event>,
+    ) {
+        if let State::Detecting(chunks) = &mut self.state {
+            chunks.push(Chunk {
+                dir,
+                at,
+                bytes: bytes[..bytes.len().min(4096)].to_vec(),
+                missing: missing + bytes.len().saturating_sub(4096) as u64,
+            });
+            let Some((parser, requests)) = self.decide() else {
+                return;
+            };
+            let State::Detecting(chunks) = std::mem::replace(
+                &mut self.state,
+                State::Parsing {
+                    parser: Box::new(parser),
+                    requests,
+                },
+            ) else {
+                return;
+            };
+            for c in chunks {
+                self.feed_parser(c.dir, c.at, &c.bytes, c.missing, out);
+            }
+            return;
+        }
+        self.feed_parser(dir, at, bytes, missing, out);
+    }
+
+    pub fn close(&mut self, at: Moment, out: &mut Vec<Event>) {
+        if let State::Detecting(chunks) = &self.state {
+            if chunks.is_empty() {
+                return;
+            }
+            // Too few bytes to be sure: let HTTP have the last word.
+            let http = Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), self.from_start));
+            let State::Detecting(chunks) = std::mem::replace(
+                &mut self.state,
+                State::Parsing {
+                    parser: Box::new(http),
+                    requests: None,
+                },
+            ) else {
+                return;
+            };
+            for c in chunks {
+                self.feed_parser(c.dir, c.at, &c.bytes, c.missing, out);
+            }
+        }
+        if let State::Parsing { parser, .. } = &mut self.state {
+            match parser.as_mut() {
+                Parser::Http(p) => wrap_http(out, |o| p.close(at, o)),
+                Parser::Postgres(p) => wrap_db(out, |o| p.close(at, o)),
+                Parser::Mysql(p) => wrap_db(out, |o| p.close(at, o)),
+                Parser::Redis(p) => wrap_db(out, |o| p.close(at, o)),
+            }
+        }
+    }
+
+    fn feed_parser(
+        &mut self,
+        dir: Direction,
+        at: Moment,
+        bytes: &[u8],
+        missing: u64,
+        out: &mut Vec<Event>,
+    ) {
+        let State::Parsing { parser, .. } = &mut self.state else {
+            return;
+        };
+        match parser.as_mut() {
+            Parser::Http(p) => wrap_http(out, |o| p.feed(dir, at, bytes, missing, o)),
+            Parser::Postgres(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
+            Parser::Mysql(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
+            Parser::Redis(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
+        }
+    }
+
+    /// Picks a parser once the buffered bytes allow it.
+    fn decide(&self) -> Option<(Parser, Option<Direction>)> {
+        let State::Detecting(chunks) = &self.state else {
+            return None;
+        };
+        let db = &self.opts.db;
+        let mut undecided = false;
+        for dir in [Direction::Egress, Direction::Ingress] {
+            let first: Vec<u8> = chunks
+                .iter()
+                .filter(|c| c.dir == dir)
+                .flat_map(|c| c.bytes.iter().copied())
+                .take(DETECT_BYTES)
+                .collect();
+            if first.is_empty() {
+                continue;
+            }
+            for (detect, protocol) in DETECTORS {
+                match detect(dir, &first) {
+                    Detect::Yes { requests } => {
+                        return Some((self.db_parser(protocol, db, true), Some(requests)));
+                    }
+                    Detect::NeedMore => undecided = true,
+                    Detect::No => {}
+                }
+            }
+        }
+        let buffered: usize = chunks.iter().map(|c| c.bytes.len()).sum();
+        if undecided && chunks.len() < DETECT_CHUNKS && buffered < 4 * DETECT_BYTES {
+            return None;
+        }
+        if !self.from_start {
+            return Some(self.by_port());
+        }
+        Some((
+            Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), true)),
+            None,
+        ))
+    }
+
+    /// A connection first seen mid-stream whose first bytes are no opening
+    /// message (those are recognised above: a process that inherited an
+    /// accepted socket, such as a PostgreSQL backend forked by the
+    /// postmaster, still starts at the beginning): the server's well-known
+    /// port decides, else HTTP, which finds a request line on its own.
+    fn by_port(&self) -> (Parser, Option<Direction>) {
+        let db = &self.opts.db;
+        let (local, remote) = self.ports;
+        let port_of = |p: u16| match p {
+            5432 => Some(Protocol::Postgres),
+            3306 => Some(Protocol::Mysql),
+            6379 => Some(Protocol::Redis),
+            _ => None,
+        };
+        match (port_of(remote), port_of(local)) {
+            (Some(protocol), _) => (self.db_parser(protocol, db, false), Some(Direction::Egress)),
+            (None, Some(protocol)) => {
+                (self.db_parser(protocol, db, false), Some(Direction::Ingress))
+            }
+            (None, None) => (
+                Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), false)),
+                None,
+            ),
+        }
+    }
+
+    fn db_parser(&self, protocol: Protocol, db: &Arc<DbOptions>, from_start: bool) -> Parser {
+        let db = Arc::clone(db);
+        match protocol {
+            Protocol::Postgres => Parser::Postgres(PostgresConn::new(db, from_start)),
+            Protocol::Mysql => Parser::Mysql(MysqlConn::new(db, from_start)),
+            Protocol::Redis => Parser::Redis(RedisConn::new(db, from_start)),
+            Protocol::Http => Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), from_start)),
+        }
+    }
+}
+
+fn wrap_http(out: &mut Vec<Event>, f: impl FnOnce(&mut Vec<HttpEvent>)) {
+    let mut events = Vec::new();
+    f(&mut events);
+    out.extend(events.into_iter().map(Event::Http));
+}
+
+fn wrap_db(out: &mut Vec<Event>, f: impl FnOnce(&mut Vec<DbEvent>)) {
+    let mut events = Vec::new();
+    f(&mut events);
+    out.extend(events.into_iter().map(Event::Db));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(from_start: bool, remote: &str) -> Session {
+        Session::new(
+            Options::default(),
+            from_start,
+            "127.0.0.1:40000".parse().unwrap(),
+            remote.parse().unwrap(),
+        )
+    }
+
+    fn feed(s: &mut Session, dir: Direction, bytes: &[u8]) -> Vec<Event> {
+        let mut out = Vec::new();
+        s.feed(dir, Moment::default(), bytes, 0, &mut out);
+        out
+    }
+
+    #[test]
+    fn http_is_recognised_and_nothing_is_lost_to_detection() {
+        let mut s = session(true, "127.0.0.1:8080");
+        let events = feed(&mut s, Direction::Egress, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(s.protocol(), Some(Protocol::Http));
+        assert!(matches!(events[..], [Event::Http(HttpEvent::Request(_))]));
+        let events = feed(
+            &mut s,
+            Direction::Ingress,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        );
+        assert!(matches!(events[..], [Event::Http(HttpEvent::Exchange(_))]));
+    }
+
+    #[test]
+    fn garbage_ends_as_not_http() {
+        let mut s = session(true, "127.0.0.1:9999");
+        let mut events = feed(&mut s, Direction::Egress, &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2]);
+        for _ in 0..DETECT_CHUNKS {
+            events.extend(feed(&mut s, Direction::Egress, &[0xff; 3]));
+        }
+        assert_eq!(s.protocol(), Some(Protocol::Http));
+        assert!(events.contains(&Event::Http(HttpEvent::NotHttp)));
+    }
+
+    #[test]
+    fn mid_stream_connections_go_by_well_known_port() {
+        let mut s = session(false, "127.0.0.1:6379");
+        feed(&mut s, Direction::Egress, b"*1\r\n$4\r\nPING\r\n");
+        assert_eq!(s.protocol(), Some(Protocol::Redis));
+        assert_eq!(s.request_direction(), Some(Direction::Egress));
+        let mut s = session(false, "127.0.0.1:51000");
+        feed(&mut s, Direction::Ingress, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(s.protocol(), Some(Protocol::Http));
+    }
+}

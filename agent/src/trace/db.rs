@@ -1,0 +1,117 @@
+//! Database calls as spans, per the OpenTelemetry database semantic
+//! conventions (PostgreSQL, MySQL/MariaDB, Redis).
+
+use opentelemetry::{KeyValue, trace::Status};
+
+use super::{
+    Described,
+    http::{Endpoints, Side},
+};
+use crate::protocol::db::DbCall;
+
+/// Name, attributes and status of one call; `system` is db.system.name.
+pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints) -> Described {
+    let mut attrs = Vec::with_capacity(12);
+    attrs.push(KeyValue::new("db.system.name", system));
+    let server = match side {
+        Side::Client => at.remote,
+        Side::Server => at.local,
+    };
+    attrs.push(KeyValue::new("server.address", server.ip().to_string()));
+    attrs.push(KeyValue::new("server.port", i64::from(server.port())));
+    attrs.push(KeyValue::new(
+        "network.peer.address",
+        at.remote.ip().to_string(),
+    ));
+    attrs.push(KeyValue::new(
+        "network.peer.port",
+        i64::from(at.remote.port()),
+    ));
+    for (key, value) in [
+        ("db.operation.name", &call.operation),
+        ("db.collection.name", &call.collection),
+        ("db.namespace", &call.namespace),
+        ("db.query.text", &call.query_text),
+        ("db.response.status_code", &call.status_code),
+    ] {
+        if let Some(v) = value {
+            attrs.push(KeyValue::new(key, v.clone()));
+        }
+    }
+    let status = if call.unanswered {
+        attrs.push(KeyValue::new("error.type", "no_response"));
+        Status::error("no response before the connection closed")
+    } else if call.error {
+        let kind = call.status_code.clone().unwrap_or_else(|| "_OTHER".into());
+        attrs.push(KeyValue::new("error.type", kind));
+        Status::error("")
+    } else {
+        Status::Unset
+    };
+    Described {
+        name: span_name(system, call),
+        attributes: attrs,
+        status,
+    }
+}
+
+/// `{operation} {collection}`, else `{operation}`, else `{namespace}`,
+/// else the system, as the conventions fall back.
+fn span_name(system: &str, call: &DbCall) -> String {
+    match (&call.operation, &call.collection, &call.namespace) {
+        (Some(op), Some(coll), _) => format!("{op} {coll}"),
+        (Some(op), None, _) => op.clone(),
+        (None, Some(coll), _) => coll.clone(),
+        (None, None, Some(ns)) => ns.clone(),
+        (None, None, None) => system.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> Endpoints {
+        Endpoints {
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:5432".parse().unwrap(),
+        }
+    }
+
+    fn attr(d: &Described, key: &str) -> Option<String> {
+        d.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    #[test]
+    fn names_attributes_and_errors() {
+        let call = DbCall {
+            operation: Some("SELECT".into()),
+            collection: Some("models".into()),
+            namespace: Some("zt".into()),
+            query_text: Some("SELECT * FROM models WHERE id = ?".into()),
+            ..Default::default()
+        };
+        let d = describe("postgresql", Side::Client, &call, at());
+        assert_eq!(d.name, "SELECT models");
+        assert_eq!(attr(&d, "db.system.name").as_deref(), Some("postgresql"));
+        assert_eq!(attr(&d, "server.port").as_deref(), Some("5432"));
+        assert_eq!(attr(&d, "db.namespace").as_deref(), Some("zt"));
+        assert_eq!(d.status, Status::Unset);
+        let failed = DbCall {
+            operation: Some("SELECT".into()),
+            status_code: Some("42P01".into()),
+            error: true,
+            ..Default::default()
+        };
+        let d = describe("postgresql", Side::Client, &failed, at());
+        assert_eq!(d.name, "SELECT");
+        assert_eq!(attr(&d, "error.type").as_deref(), Some("42P01"));
+        assert!(matches!(d.status, Status::Error { .. }));
+        let bare = describe("redis", Side::Server, &DbCall::default(), at());
+        assert_eq!(bare.name, "redis");
+        assert_eq!(attr(&bare, "server.port").as_deref(), Some("40000"));
+    }
+}
