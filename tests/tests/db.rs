@@ -3,7 +3,7 @@
 //! requests that made them. Needs root.
 
 use zerotrace_tests::{
-    db::{Mariadb, ModelsApp, Postgres, Redis},
+    db::{FlaskApp, Mariadb, ModelsApp, Postgres, Redis},
     otlp::{Protocol, ReceivedSpan, Receiver},
     servers::curl,
     spans::*,
@@ -249,7 +249,13 @@ fn fastapi_requests_nest_their_sql_and_redis_calls_with_tenants() {
     };
     let spans = rx
         .wait_for(WAIT, "the app's three requests and their calls", |s| {
-            servers(s) >= 3 && db_spans(s, "redis").len() >= 3 && !db_spans(s, "mysql").is_empty()
+            servers(s) >= 3
+                && s.iter()
+                    .filter(|x| x.kind == "CLIENT" && is_service(x, "curl"))
+                    .count()
+                    >= 3
+                && db_spans(s, "redis").len() >= 6
+                && !db_spans(s, "mysql").is_empty()
         })
         .unwrap();
     drop(agent);
@@ -343,4 +349,116 @@ fn fastapi_requests_nest_their_sql_and_redis_calls_with_tenants() {
         s.kind == "SERVER" && s.parent_span_id == redis_get.span_id
     });
     assert_eq!(redis_server.trace_id, curl_span.trace_id);
+}
+
+#[test]
+fn threaded_flask_and_concurrent_fastapi_requests_never_nest_wrongly() {
+    if !can_trace() {
+        return;
+    }
+    let pg = Postgres::start().unwrap();
+    let my = Mariadb::start().unwrap();
+    let redis = Redis::start().unwrap();
+    let app = ModelsApp::start(&pg, &my, &redis).unwrap();
+    let flask = FlaskApp::start(&pg).unwrap();
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_for(&rx, &[]);
+
+    // Flask: a thread per connection reads the request and queries.
+    let flask_paths: Vec<String> = (1..=3)
+        .map(|i| flask.url(&format!("/models/{i}")))
+        .collect();
+    // FastAPI: ten requests at once for five models (misses, then hits).
+    let app_paths: Vec<String> = (1..=10)
+        .map(|i| app.url(&format!("/models/{}", 1 + i % 5)))
+        .collect();
+    let mut args: Vec<&str> = vec![
+        "--parallel",
+        "--parallel-max",
+        "10",
+        "-H",
+        "x-tenant-id: t-par",
+    ];
+    for url in flask_paths.iter().chain(&app_paths) {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    // Models exist, created one by one (their spans are not under test here).
+    for i in 1..=5 {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &format!(r#"{{"name":"m{i}"}}"#),
+            &app.url("/models"),
+        ])
+        .unwrap();
+    }
+    curl(&args).unwrap();
+
+    let gets = |s: &[ReceivedSpan]| {
+        s.iter()
+            .filter(|x| x.kind == "SERVER" && x.attr_str("http.request.method") == Some("GET"))
+            .count()
+    };
+    rx.wait_for(WAIT, "13 GET server spans and their calls", |s| {
+        gets(s) >= 13
+    })
+    .unwrap();
+    // Give late database spans a moment.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let spans = rx.spans();
+    drop(agent);
+
+    let by_id = |id: &str| spans.iter().find(|s| s.span_id == id);
+    let mut nested = 0;
+    for call in spans
+        .iter()
+        .filter(|s| s.kind == "CLIENT" && s.attr_str("db.system.name").is_some())
+    {
+        let Some(parent) = by_id(&call.parent_span_id) else {
+            continue;
+        };
+        if parent.kind != "SERVER" || parent.attr_str("http.request.method").is_none() {
+            continue;
+        }
+        nested += 1;
+        // A call nested under a request must be that request's: same
+        // process, and the model id it looks up is the one in the path.
+        assert_eq!(
+            call.resource.get("process.pid"),
+            parent.resource.get("process.pid")
+        );
+        let path = parent.attr_str("url.path").unwrap_or("");
+        if let Some(key) = call
+            .attr_str("db.query.text")
+            .and_then(|q| q.strip_prefix("GET model:"))
+        {
+            assert_eq!(
+                format!("/models/{key}"),
+                path,
+                "{} under {}",
+                call.brief(),
+                parent.brief()
+            );
+        }
+    }
+    // Flask's three queries are always nested (one request per thread).
+    let flask_selects = spans
+        .iter()
+        .filter(|s| {
+            s.kind == "CLIENT"
+                && s.name == "SELECT models"
+                && s.resource.get("process.pid") == Some(&serde_json::json!(flask.pid))
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(flask_selects.len(), 3, "{}", briefs(&spans));
+    for s in flask_selects {
+        let parent = by_id(&s.parent_span_id)
+            .unwrap_or_else(|| panic!("flask query not nested: {}", s.brief()));
+        assert_eq!(parent.kind, "SERVER");
+        assert_eq!(s.attr_str("tenant.id"), Some("t-par"));
+    }
+    assert!(nested >= 3, "{}", briefs(&spans));
 }

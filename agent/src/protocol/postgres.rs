@@ -665,7 +665,7 @@ impl PostgresConn {
         }
         let i = index(dir);
         self.last = at;
-        if !self.started {
+        if !self.started && !bytes.is_empty() {
             self.started = true;
             if self.from_start && untyped_prefix(bytes).is_some() {
                 self.front = Some(i);
@@ -1329,10 +1329,12 @@ impl PostgresConn {
             for _ in 0..std::mem::take(&mut self.stale) {
                 match self.queue.front() {
                     Some(Unit::Call(..)) => self.complete_head(at, Outcome::Unanswered, out),
+                    // Requests still unknown: the frontend decides when
+                    // they end.
+                    Some(Unit::Blind { closed: false, .. }) | None => break,
                     Some(_) => {
                         self.pop_unit();
                     }
-                    None => break,
                 }
             }
             self.head = Head::default();
@@ -2161,6 +2163,15 @@ mod tests {
                 assert_eq!(out, vec![DbEvent::Skip]);
             }
         }
+        // An empty first read decides nothing.
+        let st = startup("u", None);
+        let mut conn = PostgresConn::new(opts(), true);
+        let resp = cat(&[&auth_ok(), &complete("SELECT 1"), &ready()]);
+        let out = run(
+            &mut conn,
+            &[(I, b"", 0), (E, &st, 0), (E, &q, 0), (I, &resp, 0)],
+        );
+        assert_eq!(calls(&out).len(), 1);
         // A TLS record right after the SSLRequest (the answer not seen yet).
         let mut conn = PostgresConn::new(opts(), true);
         let out = run(&mut conn, &[(E, &ssl, 0), (E, b"\x16\x03\x01\x02\x00", 0)]);

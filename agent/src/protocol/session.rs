@@ -263,9 +263,10 @@ impl Session {
         };
         match (port_of(remote), port_of(local)) {
             (Some(protocol), _) => (self.db_parser(protocol, db, false), Some(Direction::Egress)),
-            (None, Some(protocol)) => {
-                (self.db_parser(protocol, db, false), Some(Direction::Ingress))
-            }
+            (None, Some(protocol)) => (
+                self.db_parser(protocol, db, false),
+                Some(Direction::Ingress),
+            ),
             (None, None) => (
                 Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), false)),
                 None,
@@ -318,7 +319,11 @@ mod tests {
     #[test]
     fn http_is_recognised_and_nothing_is_lost_to_detection() {
         let mut s = session(true, "127.0.0.1:8080");
-        let events = feed(&mut s, Direction::Egress, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let events = feed(
+            &mut s,
+            Direction::Egress,
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
         assert_eq!(s.protocol(), Some(Protocol::Http));
         assert!(matches!(events[..], [Event::Http(HttpEvent::Request(_))]));
         let events = feed(
@@ -332,7 +337,11 @@ mod tests {
     #[test]
     fn garbage_ends_as_not_http() {
         let mut s = session(true, "127.0.0.1:9999");
-        let mut events = feed(&mut s, Direction::Egress, &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2]);
+        let mut events = feed(
+            &mut s,
+            Direction::Egress,
+            &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2],
+        );
         for _ in 0..DETECT_CHUNKS {
             events.extend(feed(&mut s, Direction::Egress, &[0xff; 3]));
         }

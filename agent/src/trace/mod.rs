@@ -285,7 +285,12 @@ impl Tracer {
             self.stats.connections_ignored += 1;
         }
         ConnTrace {
-            session: Session::new(self.session_opts.clone(), from_start, conn.local, conn.remote),
+            session: Session::new(
+                self.session_opts.clone(),
+                from_start,
+                conn.local,
+                conn.remote,
+            ),
             addrs: (conn.local, conn.remote),
             ignored,
             begun: VecDeque::new(),
@@ -554,10 +559,16 @@ impl Tracer {
         // Borrow checker: describe before touching the tracer mutably.
         let server = described(Side::Server);
         let client = described(Side::Client);
-        self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| match side {
-            Side::Server => server,
-            Side::Client => client,
-        });
+        self.finish(
+            conn,
+            exchange.request.seq,
+            start_ns,
+            end_ns,
+            |side| match side {
+                Side::Server => server,
+                Side::Client => client,
+            },
+        );
     }
 
     fn finish_db(&mut self, conn: &Connection, call: DbCall) {

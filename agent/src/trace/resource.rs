@@ -160,10 +160,31 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The basename of /proc/PID/exe (comm is cut to 15 bytes).
+/// The name the process was started as: the basename of /proc/PID/exe
+/// (comm is cut to 15 bytes), unless argv[0] names something else — a
+/// symlink such as redis-server → redis-check-rdb, or a multi-call binary.
 fn executable_name(tgid: u32) -> Option<String> {
     let path = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;
-    Some(path.file_name()?.to_string_lossy().into_owned())
+    let exe = path.file_name()?.to_string_lossy().into_owned();
+    let cmdline = std::fs::read(format!("/proc/{tgid}/cmdline")).unwrap_or_default();
+    Some(choose_name(exe, &cmdline))
+}
+
+fn choose_name(exe: String, cmdline: &[u8]) -> String {
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let argv0 = String::from_utf8_lossy(argv0);
+    // Servers rewrite their title: "redis-server 127.0.0.1:6379",
+    // "nginx: worker process".
+    let first = argv0
+        .split(|c: char| c.is_whitespace() || c == ':')
+        .next()
+        .unwrap_or_default();
+    let base = first.rsplit('/').next().unwrap_or_default();
+    if base.is_empty() || exe.starts_with(base) {
+        exe
+    } else {
+        base.to_owned()
+    }
 }
 
 fn host_name() -> String {
@@ -215,6 +236,21 @@ mod tests {
             exe.file_name().and_then(|n| n.to_str())
         );
         assert!(attr(&res, "host.name").is_some());
+    }
+
+    #[test]
+    fn names_follow_argv0_when_the_executable_is_a_symlink_target() {
+        let name = |exe: &str, cmd: &[u8]| choose_name(exe.to_owned(), cmd);
+        assert_eq!(
+            name("redis-check-rdb", b"redis-server 127.0.0.1:6379\0"),
+            "redis-server"
+        );
+        assert_eq!(
+            name("python3.11", b"/opt/venv/bin/python\0-m\0uvicorn\0"),
+            "python3.11"
+        );
+        assert_eq!(name("nginx", b"nginx: worker process\0"), "nginx");
+        assert_eq!(name("curl", b""), "curl");
     }
 
     #[test]
