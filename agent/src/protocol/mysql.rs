@@ -54,7 +54,10 @@
 //! * A call's namespace is the database in effect when its response ends.
 //!
 //! Losing track: a capture gap (`missing`) inside a packet is skipped — its
-//! length is known. A gap that hides a packet header loses that direction.
+//! length is known. A gap that hides a packet header loses that direction,
+//! and so does a packet out of sequence (bytes lost without notice): client
+//! packets are commands (sequence 0, a known command byte) or continue the
+//! current exchange; response packets number on from their command.
 //! The request direction resynchronises on a later syscall that starts with
 //! a plausible command packet (sequence 0, COM_QUERY / COM_STMT_PREPARE /
 //! COM_STMT_EXECUTE / COM_INIT_DB / COM_PING / COM_QUIT, sane length and
@@ -183,10 +186,11 @@ fn command_name(cmd: u8) -> Option<&'static str> {
 // --- detection ------------------------------------------------------------------
 
 /// Recognises a server greeting (HandshakeV10) in the first bytes seen in
-/// direction `dir`: a packet with sequence number 0 whose payload is protocol
-/// version 10, a NUL-terminated server version of printable ASCII starting
-/// with a digit, a connection id, 8 bytes of auth data and a zero filler.
-/// Requests then flow the other way.
+/// direction `dir`: a packet with sequence number 0 and a payload length of
+/// 16..=1024 whose payload is protocol version 10, a NUL-terminated server
+/// version of printable ASCII starting with a digit (at most 96 bytes), then
+/// a connection id, 8 bytes of auth data and a zero filler (checked when
+/// present). Requests then flow the other way.
 pub fn detect(dir: Direction, first: &[u8]) -> Detect {
     match greeting_prefix(first) {
         Some(true) => Detect::Yes {
@@ -246,9 +250,10 @@ fn greeting_prefix(b: &[u8]) -> Option<bool> {
     if vlen == 0 {
         return None;
     }
+    // The filler is checked when it was seen (callers may pass only the
+    // first 64 bytes; a long version string pushes it beyond).
     match payload.get(fixed - 1) {
-        None => Some(false),
-        Some(0) => Some(true),
+        None | Some(0) => Some(true),
         Some(_) => None,
     }
 }
@@ -3460,13 +3465,19 @@ mod tests {
                 case.f.name
             );
             assert_eq!(detect(E, &greeting[..104]), Detect::Yes { requests: I });
-            for n in 0..30 {
+            // NeedMore up to the end of the version string, then Yes (the
+            // session layer looks at 64 bytes at most).
+            let nul = 5 + find(&greeting[5..], b"\0").expect("version end");
+            for n in 0..=nul {
                 assert_eq!(
                     detect(I, &greeting[..n]),
                     Detect::NeedMore,
                     "{} prefix {n}",
                     case.f.name
                 );
+            }
+            for n in nul + 1..=64 {
+                assert_eq!(detect(I, &greeting[..n]), Detect::Yes { requests: E });
             }
             assert_eq!(
                 detect(E, case.f.req),
