@@ -1577,6 +1577,7 @@ fn capped(value: &[u8], limit: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::replay::*;
     use super::*;
 
     // --- helpers ------------------------------------------------------------
@@ -1624,25 +1625,6 @@ mod tests {
 
     // --- recorded fixtures --------------------------------------------------
 
-    struct Fixture {
-        name: &'static str,
-        req: &'static [u8],
-        resp: &'static [u8],
-        /// The relay's reads: (is request direction, length).
-        order: &'static str,
-    }
-
-    macro_rules! fixture {
-        ($name:literal) => {
-            Fixture {
-                name: $name,
-                req: include_bytes!(concat!("fixtures/http/", $name, ".req")),
-                resp: include_bytes!(concat!("fixtures/http/", $name, ".resp")),
-                order: include_str!(concat!("fixtures/http/", $name, ".order")),
-            }
-        };
-    }
-
     struct Want {
         method: &'static str,
         target: &'static str,
@@ -1670,38 +1652,38 @@ mod tests {
     fn fixtures() -> Vec<(Fixture, Vec<Want>)> {
         vec![
             (
-                fixture!("nginx_get_keepalive"),
+                fixture!("http", "nginx_get_keepalive"),
                 vec![
                     want("GET", "/hello.txt", 200, 0, 17),
                     want("GET", "/data.bin", 200, 0, 20000),
                 ],
             ),
             (
-                fixture!("nginx_tenant_cookie"),
+                fixture!("http", "nginx_tenant_cookie"),
                 vec![want("GET", "/hello.txt?q=1", 200, 0, 17)],
             ),
             (
-                fixture!("nginx_head"),
+                fixture!("http", "nginx_head"),
                 vec![want("HEAD", "/data.bin", 200, 0, 0)],
             ),
             (
-                fixture!("nginx_304"),
+                fixture!("http", "nginx_304"),
                 vec![want("GET", "/hello.txt", 304, 0, 0)],
             ),
             (
-                fixture!("nginx_404"),
+                fixture!("http", "nginx_404"),
                 vec![want("GET", "/missing.txt", 404, 0, 153)],
             ),
             (
-                fixture!("nginx_204"),
+                fixture!("http", "nginx_204"),
                 vec![want("GET", "/empty", 204, 0, 0)],
             ),
             (
-                fixture!("nginx_gzip_chunked"),
+                fixture!("http", "nginx_gzip_chunked"),
                 vec![want("GET", "/big.txt", 200, 0, 5308)],
             ),
             (
-                fixture!("nginx_pipelined"),
+                fixture!("http", "nginx_pipelined"),
                 vec![
                     want("GET", "/hello.txt", 200, 0, 17),
                     want("HEAD", "/data.bin", 200, 0, 0),
@@ -1709,112 +1691,26 @@ mod tests {
                 ],
             ),
             (
-                fixture!("python_chunked_trailer"),
+                fixture!("http", "python_chunked_trailer"),
                 vec![want("GET", "/chunked", 200, 0, 2126)],
             ),
             (
-                fixture!("python_expect_100"),
+                fixture!("http", "python_expect_100"),
                 vec![want("POST", "/upload", 201, 10000, 18)],
             ),
             (
-                fixture!("python_post_chunked"),
+                fixture!("http", "python_post_chunked"),
                 vec![want("POST", "/upload", 201, 10000, 18)],
             ),
             (
-                fixture!("python_close_delimited"),
+                fixture!("http", "python_close_delimited"),
                 vec![want("GET", "/stream", 200, 0, 165)],
             ),
             (
-                fixture!("python_upgrade_h2c"),
+                fixture!("http", "python_upgrade_h2c"),
                 vec![want("GET", "/upgrade", 101, 0, 0)],
             ),
         ]
-    }
-
-    /// One syscall of a schedule: direction (true = the request direction),
-    /// offset of its first byte in that direction's stream, length.
-    type Syscall = (bool, usize, usize);
-
-    /// The relay's reads, in the order they happened.
-    fn recorded(f: &Fixture) -> Vec<Syscall> {
-        let mut offsets = [0usize; 2];
-        let mut out = Vec::new();
-        for line in f.order.lines() {
-            let (tag, len) = line.split_once(' ').expect("order line");
-            let is_req = tag == ">";
-            let len: usize = len.parse().expect("order length");
-            let off = &mut offsets[usize::from(!is_req)];
-            out.push((is_req, *off, len));
-            *off += len;
-        }
-        assert_eq!(
-            offsets,
-            [f.req.len(), f.resp.len()],
-            "{}: order file",
-            f.name
-        );
-        out
-    }
-
-    /// Consecutive reads in one direction merged: each direction's bytes as few
-    /// syscalls as the real interleaving allows.
-    fn whole(f: &Fixture) -> Vec<Syscall> {
-        let mut out: Vec<Syscall> = Vec::new();
-        for s in recorded(f) {
-            match out.last_mut() {
-                Some(last) if last.0 == s.0 => last.2 += s.2,
-                _ => out.push(s),
-            }
-        }
-        out
-    }
-
-    fn bytewise(f: &Fixture) -> Vec<Syscall> {
-        recorded(f)
-            .into_iter()
-            .flat_map(|(r, off, len)| (off..off + len).map(move |o| (r, o, 1)))
-            .collect()
-    }
-
-    /// `whole` with the syscall holding global byte `p` split in two there.
-    fn split_at(f: &Fixture, p: usize) -> Vec<Syscall> {
-        let mut out = Vec::new();
-        let mut global = 0;
-        for (r, off, len) in whole(f) {
-            if p > global && p < global + len {
-                let k = p - global;
-                out.push((r, off, k));
-                out.push((r, off + k, len - k));
-            } else {
-                out.push((r, off, len));
-            }
-            global += len;
-        }
-        out
-    }
-
-    /// Each syscall's moment encodes where its bytes start: tid 1 / 2 for the
-    /// request / response direction, ts = tid << 40 | offset.
-    fn moment(is_req: bool, off: usize) -> Moment {
-        let tid = if is_req { 1 } else { 2 };
-        Moment {
-            ts_ns: (u64::from(tid) << 40) | off as u64,
-            tid,
-        }
-    }
-
-    /// The moment of the syscall carrying byte `off` of a direction.
-    fn moment_of(schedule: &[Syscall], is_req: bool, off: u64) -> Moment {
-        let off = off as usize;
-        let s = schedule
-            .iter()
-            .find(|s| s.0 == is_req && s.1 <= off && off < s.1 + s.2)
-            .expect("byte in schedule");
-        moment(is_req, s.1)
-    }
-
-    fn offset(m: Moment) -> u64 {
-        m.ts_ns & ((1 << 40) - 1)
     }
 
     fn play(f: &Fixture, schedule: &[Syscall], req_dir: Direction) -> (Vec<HttpEvent>, HttpConn) {
@@ -1972,8 +1868,8 @@ mod tests {
     #[test]
     fn fixture_details() {
         let (events, _) = play(
-            &fixture!("nginx_tenant_cookie"),
-            &whole(&fixture!("nginx_tenant_cookie")),
+            &fixture!("http", "nginx_tenant_cookie"),
+            &whole(&fixture!("http", "nginx_tenant_cookie")),
             I,
         );
         let req = &exchanges(&events)[0].request;
@@ -1991,11 +1887,13 @@ mod tests {
         assert_eq!(req.tracestate, None);
         assert_eq!(req.user_agent.as_deref(), Some("curl/7.88.1"));
         // The cookie is 3 KiB long and precedes the tenant headers.
-        let cookie_at = find(fixture!("nginx_tenant_cookie").req, b"Cookie:").expect("cookie");
-        let tenant_at = find(fixture!("nginx_tenant_cookie").req, b"x-tenant-id").expect("tenant");
+        let cookie_at =
+            find(fixture!("http", "nginx_tenant_cookie").req, b"Cookie:").expect("cookie");
+        let tenant_at =
+            find(fixture!("http", "nginx_tenant_cookie").req, b"x-tenant-id").expect("tenant");
         assert!(tenant_at - cookie_at > 3072);
 
-        let f = fixture!("python_close_delimited");
+        let f = fixture!("http", "python_close_delimited");
         let (events, _) = play(&f, &whole(&f), E);
         assert_eq!(
             exchanges(&events)[0].response.as_ref().map(|r| r.version),
@@ -2131,22 +2029,6 @@ mod tests {
         }
         assert_eq!(conn.detection(), Detection::NotHttp);
         assert_eq!(out, vec![HttpEvent::NotHttp]);
-    }
-
-    /// xorshift64*: deterministic pseudo-random numbers without extra crates.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
     }
 
     /// Feeds `bytes` in random pieces, directions and gaps; checks the invariants.

@@ -7,5 +7,7 @@ pub mod http;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
+#[cfg(test)]
+mod replay;
 pub mod session;
 pub mod sql;

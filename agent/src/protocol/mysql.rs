@@ -2107,6 +2107,7 @@ fn change_user_db(body: &[u8], secure: bool) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::replay::*;
     use super::*;
 
     const E: Direction = Direction::Egress;
@@ -2167,24 +2168,6 @@ mod tests {
     }
 
     // --- recorded fixtures --------------------------------------------------
-
-    struct Fixture {
-        name: &'static str,
-        req: &'static [u8],
-        resp: &'static [u8],
-        order: &'static str,
-    }
-
-    macro_rules! fixture {
-        ($name:literal) => {
-            Fixture {
-                name: $name,
-                req: include_bytes!(concat!("fixtures/mysql/", $name, ".req")),
-                resp: include_bytes!(concat!("fixtures/mysql/", $name, ".resp")),
-                order: include_str!(concat!("fixtures/mysql/", $name, ".order")),
-            }
-        };
-    }
 
     /// The SQL a call reports (its collection and text come from it).
     #[derive(Clone, Copy)]
@@ -2257,7 +2240,7 @@ mod tests {
         };
         vec![
             case(
-                fixture!("cli_queries"),
+                fixture!("mysql", "cli_queries"),
                 vec![
                     q(
                         "SELECT id, name, price FROM items WHERE id < 20 ORDER BY id",
@@ -2280,7 +2263,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("cli_use_multi"),
+                fixture!("mysql", "cli_use_multi"),
                 vec![
                     q("SELECT DATABASE()", None, None),
                     op("USE", None, ZTDB, None),
@@ -2298,26 +2281,26 @@ mod tests {
                     q("SELECT body FROM notes ORDER BY id", OTHER, None),
                 ],
             ),
-            case(fixture!("cli_auth_fail"), vec![]),
+            case(fixture!("mysql", "cli_auth_fail"), vec![]),
             Case {
-                f: fixture!("cli_compress"),
+                f: fixture!("mysql", "cli_compress"),
                 wants: vec![],
                 skip: true,
             },
             Case {
-                f: fixture!("cli_ssl"),
+                f: fixture!("mysql", "cli_ssl"),
                 wants: vec![],
                 skip: true,
             },
             case(
-                fixture!("admin_ping_status"),
+                fixture!("mysql", "admin_ping_status"),
                 vec![
                     op("PING", None, None, None),
                     op("STATISTICS", None, None, None),
                 ],
             ),
             case(
-                fixture!("pymysql_params"),
+                fixture!("mysql", "pymysql_params"),
                 vec![
                     q("SET NAMES utf8mb4", ZTDB, None),
                     q(
@@ -2350,7 +2333,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("pymysql_big"),
+                fixture!("mysql", "pymysql_big"),
                 vec![
                     q("SET NAMES utf8mb4", ZTDB, None),
                     q("SELECT id, name, price FROM items ORDER BY id", ZTDB, None),
@@ -2363,7 +2346,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("connector_prepared"),
+                fixture!("mysql", "connector_prepared"),
                 vec![
                     q(
                         "SET NAMES 'utf8mb4' COLLATE 'utf8mb4_general_ci'",
@@ -2422,7 +2405,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("raw_deprecate_eof"),
+                fixture!("mysql", "raw_deprecate_eof"),
                 vec![
                     q(
                         "SELECT id, name FROM items WHERE id <= 3 ORDER BY id",
@@ -2457,7 +2440,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("mariadb_connector"),
+                fixture!("mysql", "mariadb_connector"),
                 vec![
                     q("SELECT id, name FROM items WHERE id < 4", ZTDB, None),
                     q("SELECT id, name FROM items WHERE id < 6", ZTDB, None),
@@ -2477,7 +2460,7 @@ mod tests {
                 ],
             ),
             case(
-                fixture!("mariadb_binary"),
+                fixture!("mysql", "mariadb_binary"),
                 vec![
                     op("PREPARE", Some(SEL), ZTDB, None),
                     ex(SEL, ZTDB, None),
@@ -2520,87 +2503,6 @@ mod tests {
 
     fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
         hay.windows(needle.len()).position(|w| w == needle)
-    }
-
-    /// One syscall: (request direction, offset in its stream, length).
-    type Syscall = (bool, usize, usize);
-
-    fn recorded(f: &Fixture) -> Vec<Syscall> {
-        let mut offsets = [0usize; 2];
-        let mut out = Vec::new();
-        for line in f.order.lines() {
-            let (tag, len) = line.split_once(' ').expect("order line");
-            let is_req = tag == ">";
-            let len: usize = len.parse().expect("order length");
-            let off = &mut offsets[usize::from(!is_req)];
-            out.push((is_req, *off, len));
-            *off += len;
-        }
-        assert_eq!(
-            offsets,
-            [f.req.len(), f.resp.len()],
-            "{}: order file",
-            f.name
-        );
-        out
-    }
-
-    /// Consecutive reads in one direction merged.
-    fn whole(f: &Fixture) -> Vec<Syscall> {
-        let mut out: Vec<Syscall> = Vec::new();
-        for s in recorded(f) {
-            match out.last_mut() {
-                Some(last) if last.0 == s.0 => last.2 += s.2,
-                _ => out.push(s),
-            }
-        }
-        out
-    }
-
-    fn bytewise(f: &Fixture) -> Vec<Syscall> {
-        recorded(f)
-            .into_iter()
-            .flat_map(|(r, off, len)| (off..off + len).map(move |o| (r, o, 1)))
-            .collect()
-    }
-
-    /// `whole` with the syscall holding global byte `p` split there.
-    fn split_at(f: &Fixture, p: usize) -> Vec<Syscall> {
-        let mut out = Vec::new();
-        let mut global = 0;
-        for (r, off, len) in whole(f) {
-            if p > global && p < global + len {
-                let k = p - global;
-                out.push((r, off, k));
-                out.push((r, off + k, len - k));
-            } else {
-                out.push((r, off, len));
-            }
-            global += len;
-        }
-        out
-    }
-
-    /// tid 1 / 2 for the request / response direction, ts = tid << 40 | offset.
-    fn moment(is_req: bool, off: usize) -> Moment {
-        let tid = if is_req { 1 } else { 2 };
-        Moment {
-            ts_ns: (u64::from(tid) << 40) | off as u64,
-            tid,
-        }
-    }
-
-    fn moment_of(schedule: &[Syscall], is_req: bool, off: u64) -> Moment {
-        let off = off as usize;
-        let s = schedule
-            .iter()
-            .find(|s| s.0 == is_req && s.1 <= off && off < s.1 + s.2)
-            .expect("byte in schedule");
-        moment(is_req, s.1)
-    }
-
-    fn offset(m: Moment) -> u64 {
-        m.ts_ns & ((1 << 40) - 1)
     }
 
     /// Plays a schedule; `cap`: bytes captured per syscall (the rest is `missing`).
@@ -2806,7 +2708,7 @@ mod tests {
         let (events, _) = play(&case.f, &whole(&case.f), E);
         assert_eq!(calls(&events)[0].operation.as_deref(), Some("SELECT"));
         // The big INSERT: text read up to 64 KiB, db.query.text capped.
-        let f = fixture!("pymysql_big");
+        let f = fixture!("mysql", "pymysql_big");
         let (events, _) = play(&f, &whole(&f), E);
         let insert = calls(&events)[2];
         assert_eq!(insert.operation.as_deref(), Some("INSERT"));
@@ -2822,7 +2724,7 @@ mod tests {
             max_query_bytes: 20,
             ..DbOptions::default()
         });
-        let f = fixture!("pymysql_params");
+        let f = fixture!("mysql", "pymysql_params");
         let (events, _) = play_with(&f, &whole(&f), E, raw, true, usize::MAX);
         let cs = calls(&events);
         assert_eq!(cs[1].query_text.as_deref(), Some("SELECT id, name FROM"));
@@ -2874,7 +2776,7 @@ mod tests {
 
     #[test]
     fn gap_in_big_result_resyncs() {
-        let f = fixture!("pymysql_big");
+        let f = fixture!("mysql", "pymysql_big");
         // The 18 KiB result set arrives in one syscall of which 1000 bytes are captured.
         let schedule = whole(&f);
         let (full, _) = play(&f, &schedule, I);
@@ -2889,7 +2791,7 @@ mod tests {
     fn lost_request_side_resyncs_on_next_command() {
         // Drop the request direction's bytes of one command: its call is never
         // seen, the next ones are.
-        let f = fixture!("cli_queries");
+        let f = fixture!("mysql", "cli_queries");
         let schedule = whole(&f);
         let mut conn = MysqlConn::new(opts(), true);
         let mut out = Vec::new();
@@ -3428,7 +3330,7 @@ mod tests {
     fn deprecate_eof_is_learnt_mid_stream() {
         // A prepare whose trailing EOF may or may not come: without
         // CLIENT_DEPRECATE_EOF known, the next command settles it.
-        let f = fixture!("raw_deprecate_eof");
+        let f = fixture!("mysql", "raw_deprecate_eof");
         let schedule = recorded(&f);
         let k = schedule
             .iter()
@@ -3537,21 +3439,6 @@ mod tests {
     }
 
     // --- garbage -----------------------------------------------------------
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            if n == 0 { 0 } else { self.next() % n }
-        }
-    }
 
     /// Feeds `bytes` in random pieces, directions and gaps.
     fn chaos(

@@ -1446,6 +1446,7 @@ fn capped(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::replay::*;
     use super::*;
 
     const E: Direction = Direction::Egress;
@@ -1621,25 +1622,6 @@ mod tests {
 
     // --- recorded fixtures --------------------------------------------------
 
-    struct Fixture {
-        name: &'static str,
-        req: &'static [u8],
-        resp: &'static [u8],
-        /// The relay's reads: `> LEN` (client → server) or `< LEN`.
-        order: &'static str,
-    }
-
-    macro_rules! fixture {
-        ($name:literal) => {
-            Fixture {
-                name: $name,
-                req: include_bytes!(concat!("fixtures/postgres/", $name, ".req")),
-                resp: include_bytes!(concat!("fixtures/postgres/", $name, ".resp")),
-                order: include_str!(concat!("fixtures/postgres/", $name, ".order")),
-            }
-        };
-    }
-
     /// An expected call: operation ("*": not checked), SQLSTATE, error.
     #[derive(Debug, Clone, Copy)]
     struct Want {
@@ -1692,7 +1674,7 @@ mod tests {
         prepared.extend(pgbench_tx);
         vec![
             (
-                fixture!("psql_simple"),
+                fixture!("postgres", "psql_simple"),
                 vec![
                     ok("SELECT"),
                     ok("SELECT"),
@@ -1716,7 +1698,7 @@ mod tests {
                 false,
             ),
             (
-                fixture!("psql_copy"),
+                fixture!("postgres", "psql_copy"),
                 vec![
                     ok("COPY"),
                     ok("COPY"),
@@ -1726,16 +1708,24 @@ mod tests {
                 ],
                 false,
             ),
-            (fixture!("psql_ssl_refused"), vec![ok("SELECT")], false),
-            (fixture!("psql_scram"), vec![ok("SELECT")], false),
-            (fixture!("pgbench_prepared"), prepared, false),
             (
-                fixture!("pgbench_extended"),
+                fixture!("postgres", "psql_ssl_refused"),
+                vec![ok("SELECT")],
+                false,
+            ),
+            (
+                fixture!("postgres", "psql_scram"),
+                vec![ok("SELECT")],
+                false,
+            ),
+            (fixture!("postgres", "pgbench_prepared"), prepared, false),
+            (
+                fixture!("postgres", "pgbench_extended"),
                 [pgbench_tx, pgbench_tx].concat(),
                 false,
             ),
             (
-                fixture!("psycopg_pipeline"),
+                fixture!("postgres", "psycopg_pipeline"),
                 vec![
                     ok("SELECT"),
                     ok("INSERT"),
@@ -1757,7 +1747,7 @@ mod tests {
                 false,
             ),
             (
-                fixture!("raw_extended"),
+                fixture!("postgres", "raw_extended"),
                 vec![
                     ok("SELECT"),
                     ok("SELECT"),
@@ -1780,89 +1770,10 @@ mod tests {
                 ],
                 false,
             ),
-            (fixture!("raw_cancel"), vec![], false),
-            (fixture!("raw_gssenc"), vec![], true),
-            (fixture!("psql_ssl_tls"), vec![], true),
+            (fixture!("postgres", "raw_cancel"), vec![], false),
+            (fixture!("postgres", "raw_gssenc"), vec![], true),
+            (fixture!("postgres", "psql_ssl_tls"), vec![], true),
         ]
-    }
-
-    /// One syscall of a schedule: direction (true = the request direction),
-    /// offset of its first byte in that direction's stream, length.
-    type Syscall = (bool, usize, usize);
-
-    /// The relay's reads, in the order they happened.
-    fn recorded(f: &Fixture) -> Vec<Syscall> {
-        let mut offsets = [0usize; 2];
-        let mut out = Vec::new();
-        for line in f.order.lines() {
-            let (tag, len) = line.split_once(' ').expect("order line");
-            let is_req = tag == ">";
-            let len: usize = len.parse().expect("order length");
-            let off = &mut offsets[usize::from(!is_req)];
-            out.push((is_req, *off, len));
-            *off += len;
-        }
-        assert_eq!(offsets, [f.req.len(), f.resp.len()], "{}: order", f.name);
-        out
-    }
-
-    /// Consecutive reads in one direction merged.
-    fn whole(f: &Fixture) -> Vec<Syscall> {
-        let mut out: Vec<Syscall> = Vec::new();
-        for s in recorded(f) {
-            match out.last_mut() {
-                Some(last) if last.0 == s.0 => last.2 += s.2,
-                _ => out.push(s),
-            }
-        }
-        out
-    }
-
-    fn bytewise(f: &Fixture) -> Vec<Syscall> {
-        recorded(f)
-            .into_iter()
-            .flat_map(|(r, off, len)| (off..off + len).map(move |o| (r, o, 1)))
-            .collect()
-    }
-
-    /// `whole` with the syscall holding global byte `p` split in two there.
-    fn split_at(f: &Fixture, p: usize) -> Vec<Syscall> {
-        let mut out = Vec::new();
-        let mut global = 0;
-        for (r, off, len) in whole(f) {
-            if p > global && p < global + len {
-                let k = p - global;
-                out.push((r, off, k));
-                out.push((r, off + k, len - k));
-            } else {
-                out.push((r, off, len));
-            }
-            global += len;
-        }
-        out
-    }
-
-    /// Each syscall's moment encodes where its bytes start: tid 1 / 2 for
-    /// the request / response direction, ts = tid << 40 | offset.
-    fn moment(is_req: bool, off: usize) -> Moment {
-        let tid = if is_req { 1 } else { 2 };
-        Moment {
-            ts_ns: (u64::from(tid) << 40) | off as u64,
-            tid,
-        }
-    }
-
-    fn moment_of(schedule: &[Syscall], is_req: bool, off: u64) -> Moment {
-        let off = off as usize;
-        let s = schedule
-            .iter()
-            .find(|s| s.0 == is_req && s.1 <= off && off < s.1 + s.2)
-            .expect("byte in schedule");
-        moment(is_req, s.1)
-    }
-
-    fn offset(m: Moment) -> u64 {
-        m.ts_ns & ((1 << 40) - 1)
     }
 
     /// Plays `schedule`; `limit` cuts every syscall to that many captured
@@ -2801,22 +2712,6 @@ mod tests {
     }
 
     // --- robustness -------------------------------------------------------------------
-
-    /// xorshift64*: deterministic pseudo-random numbers without extra crates.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
 
     fn small_opts() -> Arc<DbOptions> {
         Arc::new(DbOptions {

@@ -2259,6 +2259,7 @@ impl RedisConn {
 
 #[cfg(test)]
 mod tests {
+    use super::super::replay::{self, *};
     use super::*;
 
     const E: Direction = Direction::Egress;
@@ -2284,119 +2285,31 @@ mod tests {
 
     // --- recorded fixtures --------------------------------------------------
 
-    struct Fixture {
-        name: &'static str,
-        req: &'static [u8],
-        resp: &'static [u8],
-        /// The relay's reads: "> LEN" (client → server) or "< LEN".
-        order: &'static str,
-    }
-
-    macro_rules! fixture {
-        ($name:literal) => {
-            Fixture {
-                name: $name,
-                req: include_bytes!(concat!("fixtures/redis/", $name, ".req")),
-                resp: include_bytes!(concat!("fixtures/redis/", $name, ".resp")),
-                order: include_str!(concat!("fixtures/redis/", $name, ".order")),
-            }
-        };
-    }
-
     fn all_fixtures() -> Vec<Fixture> {
         vec![
-            fixture!("cli_basic"),
-            fixture!("cli_multi"),
-            fixture!("cli_auth"),
-            fixture!("cli_resp3"),
-            fixture!("cli_pipe"),
-            fixture!("cli_monitor"),
-            fixture!("benchmark_p16"),
-            fixture!("raw_pipeline"),
-            fixture!("raw_pubsub"),
-            fixture!("raw_pubsub_resp3"),
-            fixture!("raw_big_values"),
-            fixture!("raw_resp3_types"),
-            fixture!("py_resp2"),
-            fixture!("py_resp3"),
+            fixture!("redis", "cli_basic"),
+            fixture!("redis", "cli_multi"),
+            fixture!("redis", "cli_auth"),
+            fixture!("redis", "cli_resp3"),
+            fixture!("redis", "cli_pipe"),
+            fixture!("redis", "cli_monitor"),
+            fixture!("redis", "benchmark_p16"),
+            fixture!("redis", "raw_pipeline"),
+            fixture!("redis", "raw_pubsub"),
+            fixture!("redis", "raw_pubsub_resp3"),
+            fixture!("redis", "raw_big_values"),
+            fixture!("redis", "raw_resp3_types"),
+            fixture!("redis", "py_resp2"),
+            fixture!("redis", "py_resp3"),
         ]
     }
 
-    /// One syscall of a schedule: direction (true = the request direction),
-    /// offset of its first byte in that direction's stream, length.
-    type Syscall = (bool, usize, usize);
-
-    fn recorded(f: &Fixture) -> Vec<Syscall> {
-        let mut offsets = [0usize; 2];
-        let mut out = Vec::new();
-        for line in f.order.lines() {
-            let (tag, len) = line.split_once(' ').expect("order line");
-            let is_req = tag == ">";
-            let len: usize = len.parse().expect("order length");
-            let off = &mut offsets[usize::from(!is_req)];
-            out.push((is_req, *off, len));
-            *off += len;
-        }
-        assert_eq!(offsets, [f.req.len(), f.resp.len()], "{}: order", f.name);
-        out
-    }
-
-    /// Consecutive reads in one direction merged.
-    fn whole(f: &Fixture) -> Vec<Syscall> {
-        let mut out: Vec<Syscall> = Vec::new();
-        for s in recorded(f) {
-            match out.last_mut() {
-                Some(last) if last.0 == s.0 => last.2 += s.2,
-                _ => out.push(s),
-            }
-        }
-        out
-    }
-
-    fn bytewise(f: &Fixture) -> Vec<Syscall> {
-        recorded(f)
-            .into_iter()
-            .flat_map(|(r, off, len)| (off..off + len).map(move |o| (r, o, 1)))
-            .collect()
-    }
-
-    /// `whole` with the syscall holding global byte `p` split in two there.
-    fn split_at(f: &Fixture, p: usize) -> Vec<Syscall> {
-        let mut out = Vec::new();
-        let mut global = 0;
-        for (r, off, len) in whole(f) {
-            if p > global && p < global + len {
-                let k = p - global;
-                out.push((r, off, k));
-                out.push((r, off + k, len - k));
-            } else {
-                out.push((r, off, len));
-            }
-            global += len;
-        }
-        out
-    }
-
-    /// A syscall's moment encodes where its bytes start: tid 1 / 2 for the
-    /// request / reply direction, ts = tid << 40 | offset.
-    fn moment(is_req: bool, off: usize) -> Moment {
-        let tid = if is_req { 1 } else { 2 };
-        Moment {
-            ts_ns: (u64::from(tid) << 40) | off as u64,
-            tid,
-        }
-    }
-
     fn moment_of(schedule: &[Syscall], is_req: bool, off: usize) -> Moment {
-        let s = schedule
-            .iter()
-            .find(|s| s.0 == is_req && s.1 <= off && off < s.1 + s.2)
-            .expect("byte in schedule");
-        moment(is_req, s.1)
+        replay::moment_of(schedule, is_req, off as u64)
     }
 
     fn offset(m: Moment) -> usize {
-        (m.ts_ns & ((1 << 40) - 1)) as usize
+        replay::offset(m) as usize
     }
 
     /// Plays a schedule; `limit` caps each syscall's captured bytes (the rest
@@ -3765,22 +3678,6 @@ mod tests {
     }
 
     // --- garbage ------------------------------------------------------------------
-
-    /// xorshift64*: deterministic pseudo-random numbers without extra crates.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
 
     /// Feeds `bytes` in random pieces, directions and gaps; checks the
     /// invariants and the memory bounds.
