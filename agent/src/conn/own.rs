@@ -25,7 +25,7 @@ pub struct OwnSockets {
 impl OwnSockets {
     /// Whether `peer` is the local address of one of the agent's sockets.
     pub fn is_own(&mut self, peer: SocketAddr) -> bool {
-        if !is_local_ip(peer) {
+        if peer.ip().is_unspecified() || peer.ip().is_multicast() {
             return false;
         }
         if self.local.contains(&peer) {
@@ -62,12 +62,6 @@ impl OwnSockets {
             }
         }
     }
-}
-
-/// Only addresses of this host can belong to our sockets; checking the
-/// cheap cases first keeps /proc reads to loopback and private peers.
-fn is_local_ip(addr: SocketAddr) -> bool {
-    !addr.ip().is_unspecified() && !addr.ip().is_multicast()
 }
 
 #[cfg(test)]

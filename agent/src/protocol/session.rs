@@ -91,6 +91,9 @@ pub struct Session {
     /// mid-stream, whose first bytes say nothing.
     ports: (u16, u16),
     state: State,
+    /// Reused for each parser call: no allocation per syscall.
+    http_events: Vec<HttpEvent>,
+    db_events: Vec<DbEvent>,
 }
 
 impl Session {
@@ -100,6 +103,8 @@ impl Session {
             from_start,
             ports: (local.port(), remote.port()),
             state: State::Detecting(Vec::new()),
+            http_events: Vec::new(),
+            db_events: Vec::new(),
         }
     }
 
@@ -178,14 +183,21 @@ impl Session {
                 self.feed_parser(c.dir, c.at, &c.bytes, c.missing, out);
             }
         }
-        if let State::Parsing { parser, .. } = &mut self.state {
+        let Self {
+            state,
+            http_events: http,
+            db_events: db,
+            ..
+        } = self;
+        if let State::Parsing { parser, .. } = state {
             match parser.as_mut() {
-                Parser::Http(p) => wrap_http(out, |o| p.close(at, o)),
-                Parser::Postgres(p) => wrap_db(out, |o| p.close(at, o)),
-                Parser::Mysql(p) => wrap_db(out, |o| p.close(at, o)),
-                Parser::Redis(p) => wrap_db(out, |o| p.close(at, o)),
+                Parser::Http(p) => p.close(at, http),
+                Parser::Postgres(p) => p.close(at, db),
+                Parser::Mysql(p) => p.close(at, db),
+                Parser::Redis(p) => p.close(at, db),
             }
         }
+        self.drain_into(out);
     }
 
     fn feed_parser(
@@ -196,15 +208,27 @@ impl Session {
         missing: u64,
         out: &mut Vec<Event>,
     ) {
-        let State::Parsing { parser, .. } = &mut self.state else {
+        let Self {
+            state,
+            http_events: http,
+            db_events: db,
+            ..
+        } = self;
+        let State::Parsing { parser, .. } = state else {
             return;
         };
         match parser.as_mut() {
-            Parser::Http(p) => wrap_http(out, |o| p.feed(dir, at, bytes, missing, o)),
-            Parser::Postgres(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
-            Parser::Mysql(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
-            Parser::Redis(p) => wrap_db(out, |o| p.feed(dir, at, bytes, missing, o)),
+            Parser::Http(p) => p.feed(dir, at, bytes, missing, http),
+            Parser::Postgres(p) => p.feed(dir, at, bytes, missing, db),
+            Parser::Mysql(p) => p.feed(dir, at, bytes, missing, db),
+            Parser::Redis(p) => p.feed(dir, at, bytes, missing, db),
         }
+        self.drain_into(out);
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<Event>) {
+        out.extend(self.http_events.drain(..).map(Event::Http));
+        out.extend(self.db_events.drain(..).map(Event::Db));
     }
 
     /// Picks a parser once the buffered bytes allow it.
@@ -283,18 +307,6 @@ impl Session {
             Protocol::Http => Parser::Http(HttpConn::new(Arc::clone(&self.opts.http), from_start)),
         }
     }
-}
-
-fn wrap_http(out: &mut Vec<Event>, f: impl FnOnce(&mut Vec<HttpEvent>)) {
-    let mut events = Vec::new();
-    f(&mut events);
-    out.extend(events.into_iter().map(Event::Http));
-}
-
-fn wrap_db(out: &mut Vec<Event>, f: impl FnOnce(&mut Vec<DbEvent>)) {
-    let mut events = Vec::new();
-    f(&mut events);
-    out.extend(events.into_iter().map(Event::Db));
 }
 
 #[cfg(test)]

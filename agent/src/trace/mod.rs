@@ -59,7 +59,8 @@ const MAX_IN_FLIGHT: usize = 64;
 pub struct TraceOptions {
     pub header_rules: Vec<HeaderRule>,
     pub max_header_value: usize,
-    pub routes: Routes,
+    /// Shared with each span's description, which outlives a borrow of self.
+    pub routes: Arc<Routes>,
     pub exclude_paths: PathFilter,
     pub exclude_processes: Vec<String>,
     pub sampler: Sampler,
@@ -71,7 +72,7 @@ impl TraceOptions {
         Self {
             header_rules: config.http.headers.clone(),
             max_header_value: config.http.max_header_value,
-            routes: Routes::new(&config.http.routes),
+            routes: Arc::new(Routes::new(&config.http.routes)),
             exclude_paths: PathFilter::new(&config.exclude.paths),
             exclude_processes: config.exclude.processes.clone(),
             sampler,
@@ -257,16 +258,16 @@ impl Tracer {
             }
             Record::Data(None, _) => {}
             Record::Closed(conn) => {
-                if let Some(mut state) = self.conns.remove(&conn.conn_id) {
-                    let mut events = std::mem::take(&mut self.events);
-                    let at = state.last;
-                    state.session.close(at, &mut events);
-                    self.conns.insert(conn.conn_id, state);
-                    self.handle(conn, Direction::Ingress, &mut events);
-                    self.events = events;
-                    if let Some(state) = self.conns.remove(&conn.conn_id) {
-                        self.forget(conn.conn_id, state);
-                    }
+                let Some(state) = self.conns.get_mut(&conn.conn_id) else {
+                    return;
+                };
+                let mut events = std::mem::take(&mut self.events);
+                let at = state.last;
+                state.session.close(at, &mut events);
+                self.handle(conn, Direction::Ingress, &mut events);
+                self.events = events;
+                if let Some(state) = self.conns.remove(&conn.conn_id) {
+                    self.forget(conn.conn_id, state);
                 }
             }
             Record::Evicted(conn_id) => {
@@ -550,25 +551,14 @@ impl Tracer {
     fn finish_http(&mut self, conn: &Connection, exchange: Exchange) {
         let start_ns = exchange.request.start.ts_ns;
         let end_ns = exchange.response.as_ref().map(|r| r.end.ts_ns);
-        let routes = &self.opts.routes;
+        let routes = Arc::clone(&self.opts.routes);
         let at = Endpoints {
             local: conn.local,
             remote: conn.remote,
         };
-        let described = |side| http::describe(side, &exchange, at, routes);
-        // Borrow checker: describe before touching the tracer mutably.
-        let server = described(Side::Server);
-        let client = described(Side::Client);
-        self.finish(
-            conn,
-            exchange.request.seq,
-            start_ns,
-            end_ns,
-            |side| match side {
-                Side::Server => server,
-                Side::Client => client,
-            },
-        );
+        self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| {
+            http::describe(side, &exchange, at, &routes)
+        });
     }
 
     fn finish_db(&mut self, conn: &Connection, call: DbCall) {
