@@ -27,6 +27,8 @@ pub mod maps {
     pub const TRACED_COMMS: &str = "TRACED_COMMS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const SOCK_CONNS: &str = "SOCK_CONNS";
+    pub const KFUNC_ARGS: &str = "KFUNC_ARGS";
 }
 
 /// Name of the read-only global holding [`KernelConfig`].
@@ -108,6 +110,11 @@ pub enum Syscall {
     Recvmsg = 8,
     /// Bytes sent from a file: counted, never captured.
     Sendfile = 9,
+    /// Kernel-function layer: `tcp_sendmsg` outside any traced syscall
+    /// (sendfile and splice on 6.5+, sendmmsg, io_uring). Counted, not copied.
+    TcpSendmsg = 10,
+    /// Kernel-function layer: `tcp_sendpage` (sendfile and splice before 6.5).
+    TcpSendpage = 11,
 }
 
 impl Syscall {
@@ -122,6 +129,8 @@ impl Syscall {
             7 => Self::Sendmsg,
             8 => Self::Recvmsg,
             9 => Self::Sendfile,
+            10 => Self::TcpSendmsg,
+            11 => Self::TcpSendpage,
             _ => return None,
         })
     }
@@ -137,14 +146,20 @@ impl Syscall {
             Self::Sendmsg => "sendmsg",
             Self::Recvmsg => "recvmsg",
             Self::Sendfile => "sendfile",
+            Self::TcpSendmsg => "tcp_sendmsg",
+            Self::TcpSendpage => "tcp_sendpage",
         }
     }
 
     pub fn direction(self) -> Direction {
         match self {
-            Self::Write | Self::Writev | Self::Sendto | Self::Sendmsg | Self::Sendfile => {
-                Direction::Egress
-            }
+            Self::Write
+            | Self::Writev
+            | Self::Sendto
+            | Self::Sendmsg
+            | Self::Sendfile
+            | Self::TcpSendmsg
+            | Self::TcpSendpage => Direction::Egress,
             Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg => Direction::Ingress,
         }
     }
@@ -288,9 +303,22 @@ pub const SOCKET_IGNORED: u8 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketInfo {
     pub conn_id: u64,
+    /// The kernel's `struct sock *` (0 when ignored), to forget [`SockConn`] on close.
+    pub sk: u64,
     pub state: u8,
     pub role: u8,
     pub _pad: [u8; 6],
+}
+
+/// SOCK_CONNS value: the traced connection behind a `struct sock *`, for
+/// the kernel-function layer, which sees sockets rather than fds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConn {
+    pub conn_id: u64,
+    /// The fd it was registered under, or -1 when first seen by a kernel function.
+    pub fd: i32,
+    pub _pad: u32,
 }
 
 /// SOCKETS key.
@@ -309,6 +337,7 @@ mod pod {
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for SocketInfo {}
     unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for SockConn {}
 }
 
 #[cfg(test)]
@@ -323,7 +352,8 @@ mod tests {
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
         assert_eq!(size_of::<SocketKey>(), 8);
-        assert_eq!(size_of::<SocketInfo>(), 16);
+        assert_eq!(size_of::<SocketInfo>(), 24);
+        assert_eq!(size_of::<SockConn>(), 16);
         assert_eq!(size_of::<KernelConfig>(), 16 + 18 * 4);
     }
 
@@ -333,10 +363,11 @@ mod tests {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(EventKind::from_u8(0), None);
-        for s in 1..=9u8 {
+        for s in 1..=11u8 {
             assert_eq!(Syscall::from_u8(s).map(|s| s as u8), Some(s));
         }
-        assert_eq!(Syscall::from_u8(10), None);
+        assert_eq!(Syscall::from_u8(12), None);
+        assert_eq!(Syscall::TcpSendpage.direction(), Direction::Egress);
         assert_eq!(Syscall::Sendfile.direction(), Direction::Egress);
         assert_eq!(Role::from_u8(2), Role::Server);
         assert_eq!(Role::from_u8(77), Role::Unknown);

@@ -3,16 +3,18 @@
 //! Syscall tracepoints see every socket read and write of selected processes;
 //! the enter hook remembers the call's arguments per thread, the exit hook
 //! copies what really moved and hands it to userspace over the ring buffer or
-//! the perf event array. Maps are bounded; every drop is counted.
+//! the perf event array. Kernel-function probes (fexit or kprobe) add what
+//! bypasses those syscalls. Maps are bounded; every drop is counted.
 #![no_std]
 #![no_main]
 
 mod emit;
+mod kfunc;
 mod process;
 mod socket;
 mod syscalls;
 
-use agent_common::{KernelConfig, KernelOffsets, SocketInfo, SocketKey};
+use agent_common::{KernelConfig, KernelOffsets, SockConn, SocketInfo, SocketKey};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
@@ -72,6 +74,14 @@ static EVENTS_PERF: PerfEventByteArray = PerfEventByteArray::new(0);
 /// (tgid, fd) → what the fd is; removed on close.
 #[map(name = "SOCKETS")]
 static SOCKETS: LruHashMap<SocketKey, SocketInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// `struct sock *` → its traced connection, for the kernel-function layer.
+#[map(name = "SOCK_CONNS")]
+static SOCK_CONNS: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid → `struct sock *` of a kprobed kernel function in flight.
+#[map(name = "KFUNC_ARGS")]
+static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// pid_tgid → arguments of a data syscall in flight on that thread.
 #[map(name = "PENDING")]

@@ -7,7 +7,7 @@
 
 use agent_common::{
     ConnCloseEvent, ConnOpenEvent, Counter, EventHeader, EventKind, Role, SOCKET_IGNORED,
-    SOCKET_TRACKED, SocketInfo, SocketKey,
+    SOCKET_TRACKED, SockConn, SocketInfo, SocketKey,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    SOCKETS, config,
+    SOCK_CONNS, SOCKETS, config,
     emit::{count, output_record},
 };
 
@@ -37,6 +37,8 @@ pub enum Walk {
 
 #[derive(Default)]
 pub struct Tuple {
+    /// The kernel's `struct sock *`.
+    pub sk: u64,
     pub family: u16,
     pub local_port: u16,
     pub remote_port: u16,
@@ -83,9 +85,19 @@ pub fn walk(fd: i32) -> Result<Walk, i32> {
     if sk == 0 {
         return Ok(Walk::Other);
     }
+    Ok(match tuple_of(sk)? {
+        Some(tuple) => Walk::Inet(tuple),
+        None => Walk::Other,
+    })
+}
+
+/// The 4-tuple of an inet `struct sock`, or `None` for other families.
+#[inline(always)]
+pub fn tuple_of(sk: u64) -> Result<Option<Tuple>, i32> {
     let family: u16 = read(sk, config!(offsets.sk_family))?;
     let mut tuple = Tuple {
         family,
+        sk,
         ..Tuple::default()
     };
     match family {
@@ -99,12 +111,12 @@ pub fn walk(fd: i32) -> Result<Walk, i32> {
             tuple.local_addr = read(sk, config!(offsets.sk_v6_rcv_saddr))?;
             tuple.remote_addr = read(sk, config!(offsets.sk_v6_daddr))?;
         }
-        _ => return Ok(Walk::Other),
+        _ => return Ok(None),
     }
     // skc_num is the local port in host order, skc_dport the remote in network order.
     tuple.local_port = read(sk, config!(offsets.sk_num))?;
     tuple.remote_port = u16::from_be(read(sk, config!(offsets.sk_dport))?);
-    Ok(Walk::Inet(tuple))
+    Ok(Some(tuple))
 }
 
 /// A new id, unique for the agent's lifetime: boot-time ns with the CPU in the low bits.
@@ -155,6 +167,7 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     };
     let info = SocketInfo {
         conn_id: new_conn_id(),
+        sk: tuple.sk,
         state: SOCKET_TRACKED,
         role: role as u8,
         _pad: [0; 6],
@@ -162,8 +175,31 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     if SOCKETS.insert(&key, &info, 0).is_err() {
         count(Counter::SocketsFull, 1);
     }
+    announce(ctx, pid_tgid, fd, info.conn_id, role, &tuple);
+    Some(info)
+}
+
+/// Remembers the connection under its `struct sock *` (for the
+/// kernel-function layer) and sends its open record.
+#[inline(always)]
+fn announce<C: EbpfContext>(
+    ctx: &C,
+    pid_tgid: u64,
+    fd: i32,
+    conn_id: u64,
+    role: Role,
+    tuple: &Tuple,
+) {
+    let by_sock = SockConn {
+        conn_id,
+        fd,
+        _pad: 0,
+    };
+    if SOCK_CONNS.insert(&tuple.sk, &by_sock, 0).is_err() {
+        count(Counter::SocketsFull, 1);
+    }
     let event = ConnOpenEvent {
-        header: header(EventKind::ConnOpen, role as u8, pid_tgid, fd, info.conn_id),
+        header: header(EventKind::ConnOpen, role as u8, pid_tgid, fd, conn_id),
         family: tuple.family,
         local_port: tuple.local_port,
         remote_port: tuple.remote_port,
@@ -173,7 +209,31 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
     output_record(ctx, &event);
-    Some(info)
+}
+
+/// The traced connection behind a `struct sock *`, registering it (without
+/// an fd) when no syscall has shown it yet. `None` for non-inet sockets.
+#[inline(always)]
+pub fn lookup_sock<C: EbpfContext>(ctx: &C, pid_tgid: u64, sk: u64) -> Option<SockConn> {
+    // SAFETY: the value is copied out at once.
+    if let Some(conn) = unsafe { SOCK_CONNS.get(&sk) } {
+        return Some(*conn);
+    }
+    let tuple = match tuple_of(sk) {
+        Ok(Some(tuple)) => tuple,
+        Ok(None) => return None,
+        Err(_) => {
+            count(Counter::WalkFailed, 1);
+            return None;
+        }
+    };
+    let conn_id = new_conn_id();
+    announce(ctx, pid_tgid, -1, conn_id, Role::Unknown, &tuple);
+    Some(SockConn {
+        conn_id,
+        fd: -1,
+        _pad: 0,
+    })
 }
 
 /// The traced connection behind (tgid, fd), registering it on first sight.
@@ -214,6 +274,7 @@ pub fn forget<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
     };
     let _ = SOCKETS.remove(&key);
     if info.state == SOCKET_TRACKED {
+        let _ = SOCK_CONNS.remove(&info.sk);
         let event = ConnCloseEvent {
             header: header(EventKind::ConnClose, 0, pid_tgid, fd, info.conn_id),
         };

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::kernel::loader::TransportChoice;
+use crate::kernel::{kfunc::KfuncChoice, loader::TransportChoice};
 
 /// A configuration the agent cannot run with (exit code 2).
 #[derive(Debug, Error)]
@@ -45,6 +45,8 @@ pub struct CaptureConfig {
     pub transport: Option<TransportChoice>,
     pub capture_bytes: Option<u32>,
     pub buffer_size: Option<usize>,
+    /// auto | fentry | kprobe | off.
+    pub kernel_functions: Option<KfuncChoice>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -17,7 +17,10 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    kernel::loader::{LoadOptions, Transport, TransportChoice},
+    kernel::{
+        kfunc::KfuncChoice,
+        loader::{LoadOptions, Transport, TransportChoice},
+    },
     pipeline::{Pipeline, default_buffer_bytes},
 };
 
@@ -99,6 +102,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| default_buffer_bytes(Transport::resolve(args.transport))),
         pids: vec![child.id()],
         exes: Vec::new(),
+        kernel_functions: KfuncChoice::Auto,
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

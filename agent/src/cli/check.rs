@@ -4,7 +4,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::kernel::features;
+use crate::kernel::{
+    features::{self, Report, Row},
+    kfunc::KfuncChoice,
+    loader::{LoadOptions, Probes, TransportChoice},
+};
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -13,8 +17,59 @@ pub struct CheckArgs {
     json: bool,
 }
 
+/// Loads and attaches every program for real (tracing no process) and
+/// records which kernel-function method the agent would use: only a real
+/// load settles it, as kernels may list a program type and still refuse it.
+fn trial_load(report: &mut Report) {
+    let opts = LoadOptions {
+        transport: TransportChoice::Auto,
+        capture_bytes: 0,
+        buffer_bytes: 4096,
+        // No process has this pid: nothing is captured during the trial.
+        pids: vec![u32::MAX],
+        exes: Vec::new(),
+        kernel_functions: KfuncChoice::Auto,
+    };
+    let (programs, layer) = match Probes::load(&opts) {
+        Ok(probes) => {
+            let attached = probes
+                .attachments
+                .iter()
+                .filter(|a| a.outcome.is_ok())
+                .count();
+            let layer = probes.kernel_functions.clone();
+            (
+                Ok(format!(
+                    "{} programs verified, {attached} probes attached",
+                    probes.loads.iter().filter(|l| l.error.is_none()).count()
+                )),
+                match layer.active {
+                    Some(method) => Ok(method.to_owned()),
+                    None => Err(format!(
+                        "none: syscall tracepoints only ({})",
+                        layer.notes.join("; ")
+                    )),
+                },
+            )
+        }
+        Err(e) => (
+            Err(format!("{e:#}")),
+            Err("not tried: the programs did not load".to_owned()),
+        ),
+    };
+    report.capture_ready &= programs.is_ok();
+    report.rows.push(Row::new("eBPF programs", true, programs));
+    report.kernel_function_layer = layer.as_ref().ok().cloned();
+    report
+        .rows
+        .push(Row::new("kernel-function layer", false, layer));
+}
+
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let report = features::probe();
+    let mut report = features::probe();
+    if report.capture_ready {
+        trial_load(&mut report);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -25,11 +80,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             println!("{:width$}  {ok:3}  {}", row.name, row.detail);
         }
         println!();
-        match report.kernel_function_layer {
-            Some(layer) => println!("kernel-function layer: {layer}"),
-            None => println!(
-                "kernel-function layer: unavailable (neither fentry nor kprobes); syscall tracepoints only"
-            ),
+        if let Some(row) = report.get("kernel-function layer") {
+            println!("kernel-function layer: {}", row.detail);
         }
     }
     if report.capture_ready {

@@ -171,8 +171,9 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals()?;
     let mut pipeline = Pipeline::start(&args.capture.load_options())?;
     eprintln!(
-        "zerotrace: capturing ({} transport); Ctrl-C to stop",
-        pipeline.transport().name()
+        "zerotrace: capturing ({} transport, kernel functions: {}); Ctrl-C to stop",
+        pipeline.transport().name(),
+        pipeline.probes.kernel_functions.describe()
     );
     if args.self_traffic {
         eprintln!("zerotrace: self traffic on port {}", self_traffic()?);

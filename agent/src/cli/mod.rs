@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{CaptureConfig, ConfigError},
-    kernel::loader::{LoadOptions, Transport, TransportChoice},
+    kernel::{
+        kfunc::KfuncChoice,
+        loader::{LoadOptions, Transport, TransportChoice},
+    },
     pipeline::default_buffer_bytes,
 };
 
@@ -61,6 +64,10 @@ pub struct CaptureArgs {
     /// Ring buffer bytes, or perf buffer bytes per CPU [default: 8 MiB ring, 1 MiB perf].
     #[arg(long, value_name = "BYTES", env = "ZEROTRACE_BUFFER_SIZE")]
     pub buffer_size: Option<usize>,
+    /// Probes on kernel socket functions (sendfile and other traffic that
+    /// bypasses read/write) [default: auto = fentry, else kprobe, else none].
+    #[arg(long, value_enum, env = "ZEROTRACE_KERNEL_FUNCTIONS")]
+    pub kernel_functions: Option<KfuncChoice>,
 }
 
 impl CaptureArgs {
@@ -80,6 +87,10 @@ impl CaptureArgs {
             buffer_bytes: self.buffer_size.or(file.buffer_size).unwrap_or(default),
             pids: flag_or_file(&self.pids, &file.pids),
             exes: flag_or_file(&self.exes, &file.exes),
+            kernel_functions: self
+                .kernel_functions
+                .or(file.kernel_functions)
+                .unwrap_or_default(),
         }
     }
 

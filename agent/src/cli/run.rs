@@ -178,8 +178,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let load = args.capture.load_options_over(&settings.config.capture);
     let mut pipeline = Pipeline::start(&load)?;
     eprintln!(
-        "zerotrace: tracing ({} transport, {} probes attached), exporting {}; Ctrl-C to stop",
+        "zerotrace: tracing ({} transport, kernel functions: {}, {} probes attached), exporting {}; Ctrl-C to stop",
         pipeline.transport().name(),
+        pipeline.probes.kernel_functions.describe(),
         pipeline
             .probes
             .attachments

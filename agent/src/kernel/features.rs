@@ -27,8 +27,9 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The base layer (syscall tracepoints + a transport) can run.
     pub capture_ready: bool,
-    /// Which kernel-function probe type the agent would use, if any.
-    pub kernel_function_layer: Option<&'static str>,
+    /// Which kernel-function probe method the agent would use, if any: a
+    /// guess from the rows, replaced by `zerotrace check` after a real load.
+    pub kernel_function_layer: Option<String>,
 }
 
 impl Report {
@@ -45,17 +46,23 @@ impl Report {
     }
 }
 
-fn row(name: &'static str, required: bool, result: Result<String, String>) -> Row {
-    let (available, detail) = match result {
-        Ok(d) => (true, d),
-        Err(d) => (false, d),
-    };
-    Row {
-        name,
-        available,
-        required,
-        detail,
+impl Row {
+    pub fn new(name: &'static str, required: bool, result: Result<String, String>) -> Self {
+        let (available, detail) = match result {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        Self {
+            name,
+            available,
+            required,
+            detail,
+        }
     }
+}
+
+fn row(name: &'static str, required: bool, result: Result<String, String>) -> Row {
+    Row::new(name, required, result)
 }
 
 /// Linux capabilities the agent uses (bit numbers from linux/capability.h).
@@ -290,9 +297,9 @@ pub fn probe() -> Report {
         rows,
         capture_ready,
         kernel_function_layer: if fentry_ok {
-            Some("fentry/fexit")
+            Some("fentry/fexit".into())
         } else if kprobe_ok {
-            Some("kprobe/kretprobe")
+            Some("kprobe/kretprobe".into())
         } else {
             None
         },

@@ -5,10 +5,9 @@
 //! a recorded reason unless it is essential.
 
 use std::{
-    collections::HashSet,
     os::fd::OwnedFd,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use agent_common::{
@@ -19,12 +18,21 @@ use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{ProgramError, ProgramInfo, TracePoint},
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
 
-use super::{btf::Btf, offsets, tracefs};
+use super::{
+    btf::Btf,
+    kfunc::{self, KfuncChoice, KfuncLayer},
+    offsets, tracefs,
+};
+
+/// The verifier's instruction count, where the kernel reports it.
+pub fn verified_instructions(info: Option<ProgramInfo>) -> Option<u32> {
+    info.and_then(|i| i.verified_instruction_count())
+}
 
 /// The kernel programs, built by build.rs from agent-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace-ebpf"));
@@ -80,6 +88,14 @@ pub struct Hook {
     pub tracepoint: &'static str,
     /// The agent refuses to start without it.
     pub essential: bool,
+}
+
+impl Hook {
+    /// sendfile's tracepoints are only needed when the kernel-function layer
+    /// (which sees sendfile inside the TCP send functions) is not running.
+    fn covered_by_kernel_functions(&self) -> bool {
+        self.tracepoint.contains("sendfile")
+    }
 }
 
 const fn hook(
@@ -146,14 +162,20 @@ pub struct LoadOptions {
     pub buffer_bytes: usize,
     pub pids: Vec<u32>,
     pub exes: Vec<String>,
+    pub kernel_functions: KfuncChoice,
 }
 
-/// How one program load went (for logs and the startup trace).
+/// How one program load (verification) went, for logs and the startup trace.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProgramLoad {
     pub program: String,
+    /// tracepoint, kprobe, kretprobe, fexit.
+    pub kind: &'static str,
+    pub started: SystemTime,
     pub duration: Duration,
     pub instructions: Option<u32>,
+    /// Why the kernel refused it, with the end of the verifier log.
+    pub error: Option<String>,
 }
 
 /// How one attach went.
@@ -162,7 +184,67 @@ pub struct Attachment {
     pub program: &'static str,
     pub target: String,
     pub kind: &'static str,
+    pub started: SystemTime,
+    pub duration: Duration,
     pub outcome: Result<(), String>,
+    /// Set when this attempt failed and a fallback was tried instead.
+    pub fallback: Option<String>,
+}
+
+impl ProgramLoad {
+    /// Times `load` and records its outcome and verified instruction count.
+    pub fn measure(
+        program: &str,
+        kind: &'static str,
+        load: impl FnOnce() -> Result<Option<u32>, ProgramError>,
+    ) -> Self {
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let result = load();
+        let duration = clock.elapsed();
+        let (instructions, error) = match result {
+            Ok(n) => (n, None),
+            Err(e) => (None, Some(load_error_text(&e))),
+        };
+        Self {
+            program: program.to_owned(),
+            kind,
+            started,
+            duration,
+            instructions,
+            error,
+        }
+    }
+}
+
+/// An error message with at most the last lines of the verifier log.
+pub fn load_error_text(e: &ProgramError) -> String {
+    const LOG_LINES: usize = 12;
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_LINES)..];
+            if tail.is_empty() {
+                format!("BPF_PROG_LOAD: {io_error} (no verifier output)")
+            } else {
+                format!("BPF_PROG_LOAD: {io_error}; verifier: {}", tail.join(" | "))
+            }
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
 }
 
 /// Loaded and attached kernel programs. Dropping it detaches everything.
@@ -172,6 +254,8 @@ pub struct Probes {
     pub tracefs: PathBuf,
     pub loads: Vec<ProgramLoad>,
     pub attachments: Vec<Attachment>,
+    /// The kernel-function layer in use, or why there is none.
+    pub kernel_functions: KfuncLayer,
     /// Keeps BPF run-time statistics on while held.
     _stats: Option<OwnedFd>,
 }
@@ -261,10 +345,15 @@ impl Probes {
             tracefs,
             loads: Vec::new(),
             attachments: Vec::new(),
+            kernel_functions: KfuncLayer::default(),
             _stats: stats,
         };
         probes.select_processes(opts)?;
-        probes.attach_all()?;
+        probes.attach_hooks(|hook| !hook.covered_by_kernel_functions())?;
+        probes.kernel_functions = kfunc::attach(&mut probes, &btf, opts.kernel_functions)?;
+        if probes.kernel_functions.active.is_none() {
+            probes.attach_hooks(Hook::covered_by_kernel_functions)?;
+        }
         Ok(probes)
     }
 
@@ -288,28 +377,27 @@ impl Probes {
         Ok(())
     }
 
-    fn attach_all(&mut self) -> anyhow::Result<()> {
-        let mut loaded: HashSet<&str> = HashSet::new();
-        for hook in HOOKS {
+    /// Loads (once per program) and attaches the registry's hooks that `pick` selects.
+    fn attach_hooks(&mut self, pick: impl Fn(&Hook) -> bool) -> anyhow::Result<()> {
+        for hook in HOOKS.iter().filter(|h| pick(h)) {
             let program: &mut TracePoint = self
                 .ebpf
                 .program_mut(hook.program)
                 .with_context(|| format!("program {} missing from the object", hook.program))?
                 .try_into()?;
-            if loaded.insert(hook.program) {
-                let started = Instant::now();
-                program
-                    .load()
-                    .with_context(|| format!("verifier rejected {}", hook.program))?;
-                self.loads.push(ProgramLoad {
-                    program: hook.program.to_owned(),
-                    duration: started.elapsed(),
-                    instructions: program
-                        .info()
-                        .ok()
-                        .and_then(|i| i.verified_instruction_count()),
+            if program.fd().is_err() {
+                let load = ProgramLoad::measure(hook.program, "tracepoint", || {
+                    program.load()?;
+                    Ok(verified_instructions(program.info().ok()))
                 });
+                let error = load.error.clone();
+                self.loads.push(load);
+                if let Some(error) = error {
+                    bail!("the kernel refused program {}: {error}", hook.program);
+                }
             }
+            let started = SystemTime::now();
+            let clock = Instant::now();
             let outcome = if tracefs::has_tracepoint(&self.tracefs, hook.category, hook.tracepoint)
             {
                 program
@@ -334,7 +422,10 @@ impl Probes {
                 program: hook.program,
                 target: format!("{}/{}", hook.category, hook.tracepoint),
                 kind: "tracepoint",
+                started,
+                duration: clock.elapsed(),
                 outcome,
+                fallback: None,
             });
         }
         Ok(())
@@ -378,11 +469,26 @@ impl Probes {
                 let info = program.info().ok()?;
                 Some(ProgramStats {
                     program: name.to_owned(),
+                    kind: program_kind(program),
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
                 })
             })
             .collect()
+    }
+}
+
+/// The attach type of a program, as the startup trace and metrics name it.
+fn program_kind(program: &aya::programs::Program) -> &'static str {
+    use aya::programs::{ProbeKind, Program};
+    match program {
+        Program::TracePoint(_) => "tracepoint",
+        Program::KProbe(p) if matches!(p.kind(), ProbeKind::Return) => "kretprobe",
+        Program::KProbe(_) => "kprobe",
+        Program::FEntry(_) => "fentry",
+        Program::FExit(_) => "fexit",
+        Program::UProbe(_) => "uprobe",
+        _ => "other",
     }
 }
 
@@ -400,6 +506,7 @@ pub struct KernelCounters {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProgramStats {
     pub program: String,
+    pub kind: &'static str,
     pub run_count: u64,
     pub run_time_ns: u64,
 }

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod features;
+pub mod kfunc;
 pub mod loader;
 pub mod offsets;
 pub mod tracefs;
