@@ -35,6 +35,48 @@ pub struct Config {
     pub sampling: SamplingConfig,
     /// Seconds between statistics lines on stderr.
     pub stats_interval: Option<u64>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// The agent's own telemetry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Export the startup trace and interval spans (service.name zerotrace)
+    /// [default: yes, except to the console, where they would drown the traces].
+    pub spans: Option<bool>,
+    /// Seconds between interval spans (ebpf.execute, ebpf.buffer.read).
+    pub interval: u64,
+    /// Address of /health, /ready and /metrics, or "off".
+    pub listen: String,
+}
+
+/// Default address of the agent's endpoints (loopback: a DaemonSet sets 0.0.0.0).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            spans: None,
+            interval: 60,
+            listen: DEFAULT_LISTEN.to_owned(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The endpoints' address; `None` when turned off.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen == "off" {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            ConfigError::new(format!(
+                "telemetry.listen: {:?} is not an address like 127.0.0.1:9464 (or \"off\")",
+                self.listen
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -222,6 +264,12 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry.listen_addr()?;
+        if self.telemetry.interval == 0 {
+            return Err(ConfigError::new(
+                "telemetry.interval must be at least 1 second",
+            ));
+        }
         if let Some(bytes) = self.capture.capture_bytes
             && bytes > agent_common::MAX_CAPTURE_BYTES
         {

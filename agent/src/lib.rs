@@ -6,7 +6,8 @@
 //! [`protocol`] parses their bytes into request/response exchanges,
 //! [`trace`] makes those spans with parents and attributes, and [`export`]
 //! sends them on. [`pipeline`] wires the capture stages for the commands
-//! in [`cli`]; [`config`] merges file, environment and flags.
+//! in [`cli`]; [`config`] merges file, environment and flags; [`selftrace`]
+//! reports on the agent's own work (spans, /health, /metrics).
 
 pub mod capture;
 pub mod cli;
@@ -16,4 +17,5 @@ pub mod export;
 pub mod kernel;
 pub mod pipeline;
 pub mod protocol;
+pub mod selftrace;
 pub mod trace;

@@ -6,7 +6,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use agent_common::Direction;
@@ -64,8 +64,18 @@ impl PipelineStats {
     }
 }
 
+/// How seeding the connection table from /proc went.
+#[derive(Clone, Copy, Debug)]
+pub struct SeedReport {
+    pub started: SystemTime,
+    pub duration: Duration,
+    pub connections: usize,
+    pub listeners: usize,
+}
+
 pub struct Pipeline {
     pub probes: Probes,
+    pub seeded: SeedReport,
     reader: Reader,
     conns: ConnTable,
     data_events: u64,
@@ -90,11 +100,20 @@ impl Pipeline {
         let mut probes = Probes::load(opts)?;
         // Seed after attaching: a connection opened in between is seen by
         // the probes, one opened before is in /proc.
+        let started = SystemTime::now();
+        let clock = Instant::now();
         let seed = Seed::scan();
+        let seeded = SeedReport {
+            started,
+            duration: clock.elapsed(),
+            connections: seed.conns.len(),
+            listeners: seed.listeners.len(),
+        };
         let map = probes.take_events_map()?;
         let reader = Reader::new(probes.transport, map, opts.buffer_bytes)?;
         Ok(Self {
             probes,
+            seeded,
             reader,
             conns: ConnTable::new(MAX_CONNECTIONS, seed),
             data_events: 0,
@@ -178,6 +197,11 @@ impl Pipeline {
                 }
             }
         })
+    }
+
+    /// The largest reader batch since the previous call.
+    pub fn take_interval_largest_batch(&mut self) -> u64 {
+        self.reader.take_interval_largest_batch()
     }
 
     pub fn stats(&self) -> PipelineStats {

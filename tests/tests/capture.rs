@@ -482,10 +482,74 @@ fn check_reports_this_kernel_truthfully() {
             assert_eq!(row("fentry/fexit")["available"], false);
         }
     }
+    // The programs were loaded for real, and the method the agent would use
+    // for kernel functions is named, or why there is none.
+    assert_eq!(row("eBPF programs")["available"], true, "{report}");
+    let layer = row("kernel-function layer");
+    let method = report["kernel_function_layer"].as_str();
+    if layer["available"] == true {
+        assert!(
+            matches!(method, Some("fentry/fexit" | "kprobe/kretprobe")),
+            "{report}"
+        );
+    } else {
+        assert_eq!(method, None);
+        let why = layer["detail"].as_str().unwrap();
+        assert!(why.contains("syscall tracepoints only"), "{why}");
+        assert!(
+            why.contains("fentry/fexit:") && why.contains("kprobe/kretprobe:"),
+            "{why}"
+        );
+    }
     let text = Command::new(agent_bin()).arg("check").output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains("kprobes") && text.contains("capture: ready"),
+        text.contains("kprobes")
+            && text.contains("kernel-function layer: ")
+            && text.contains("capture: ready"),
         "{text}"
     );
+}
+
+/// Forcing a kernel-function method this kernel cannot run is an error
+/// that says why; `auto` falls back and keeps capturing.
+#[test]
+fn forced_kernel_function_methods_fail_clearly_where_unsupported() {
+    if !can_trace() {
+        return;
+    }
+    let out = Command::new(agent_bin())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let available = |name: &str| {
+        rows.iter()
+            .any(|r| r["name"] == name && r["available"] == true)
+    };
+    for (method, row) in [("fentry", "fentry/fexit"), ("kprobe", "kprobes")] {
+        if available(row) {
+            eprintln!("{method} works on this kernel: its forced failure is not testable here");
+            continue;
+        }
+        let out = Command::new(agent_bin())
+            .args(["events", "--duration", "1", "--kernel-functions", method])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--kernel-functions {method}: this kernel cannot run it"
+            )),
+            "{stderr}"
+        );
+    }
+    let mut agent = Agent::start(&["--kernel-functions", "auto"]).unwrap();
+    let ready = agent
+        .wait_for_stderr("capturing", std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(ready.contains("kernel functions: "), "{ready}");
+    agent.stop().unwrap();
 }

@@ -347,6 +347,8 @@ pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "psycopg[binary]~=3.3",
     "pymysql~=1.2",
     "redis~=8.1",
+    // The reference parser for the Prometheus text format (the /metrics test).
+    "prometheus-client~=0.26",
 ];
 
 /// Written into the venv after a successful install; a different list means reinstall.
@@ -386,7 +388,7 @@ fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
         "import opentelemetry.sdk.trace, \
          opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
          opentelemetry.exporter.otlp.proto.http.trace_exporter, \
-         fastapi, uvicorn, flask, psycopg, pymysql, redis; \
+         fastapi, uvicorn, flask, psycopg, pymysql, redis, prometheus_client.parser; \
          psycopg.pq.version()",
     ]))?;
     let rotel = rotel_agent(venv).context("rotel-agent missing")?;

@@ -32,6 +32,8 @@ pub struct ReaderStats {
     pub decode_errors: u64,
     /// Most records drained in one wake-up.
     pub largest_batch: u64,
+    /// Wake-ups that found records.
+    pub reads: u64,
 }
 
 enum Buffers {
@@ -42,6 +44,9 @@ enum Buffers {
 pub struct Reader {
     buffers: Buffers,
     stats: ReaderStats,
+    /// Most records drained in one wake-up since the last
+    /// [`Reader::take_interval_largest_batch`].
+    interval_largest_batch: u64,
     /// Reassembly space for perf samples that wrap around the ring's end.
     wrapped: Vec<u8>,
 }
@@ -74,12 +79,18 @@ impl Reader {
         Ok(Self {
             buffers,
             stats: ReaderStats::default(),
+            interval_largest_batch: 0,
             wrapped: Vec::new(),
         })
     }
 
     pub fn stats(&self) -> ReaderStats {
         self.stats
+    }
+
+    /// The largest batch since the previous call (for interval reports).
+    pub fn take_interval_largest_batch(&mut self) -> u64 {
+        std::mem::take(&mut self.interval_largest_batch)
     }
 
     /// Waits up to `timeout` for records, then drains every ready buffer.
@@ -112,6 +123,7 @@ impl Reader {
             buffers,
             stats,
             wrapped,
+            ..
         } = self;
         let mut batch = 0u64;
         let mut handle = |bytes: &[u8], stats: &mut ReaderStats| {
@@ -148,6 +160,10 @@ impl Reader {
             }
         }
         stats.largest_batch = stats.largest_batch.max(batch);
+        if batch > 0 {
+            stats.reads += 1;
+        }
+        self.interval_largest_batch = self.interval_largest_batch.max(batch);
         batch
     }
 }

@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent: trace the HTTP traffic of selected processes and export spans.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Print captured socket events, one per line.
     Events(events::EventsArgs),
     /// Probe the running kernel for what the agent needs.

@@ -3,7 +3,7 @@
 use std::{
     path::PathBuf,
     process::ExitCode,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,14 @@ use super::CaptureArgs;
 use crate::{
     config::{BatchConfig, Config, ConfigError, ExporterKind, HeaderRule, OtlpProtocol, env},
     export::{Exporter, Target},
+    kernel::features,
     pipeline::{Pipeline, stop_on_signals},
+    selftrace::{
+        SelfSpans,
+        endpoints::{self, AgentState, Endpoints, MetricsSnapshot, ProgramRun},
+        interval::IntervalReporter,
+        startup::Startup,
+    },
     trace::{TraceOptions, Tracer, context::Sampler},
 };
 
@@ -68,6 +75,16 @@ pub struct RunArgs {
     /// Seconds between statistics lines on stderr [default: 10].
     #[arg(long, env = "ZEROTRACE_STATS_INTERVAL")]
     stats_interval: Option<u64>,
+    /// Seconds between the agent's interval spans (ebpf.execute, ebpf.buffer.read) [default: 60].
+    #[arg(long, value_name = "SECONDS", env = "ZEROTRACE_TELEMETRY_INTERVAL")]
+    telemetry_interval: Option<u64>,
+    /// Export the agent's own spans: startup trace and interval spans
+    /// [default: yes, except to the console].
+    #[arg(long, value_name = "BOOL", env = "ZEROTRACE_SELF_SPANS")]
+    self_spans: Option<bool>,
+    /// Address of /health, /ready and /metrics, or "off" [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR", env = "ZEROTRACE_LISTEN")]
+    listen: Option<String>,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
@@ -106,6 +123,15 @@ impl RunArgs {
         }
         if self.stats_interval.is_some() {
             config.stats_interval = self.stats_interval;
+        }
+        if let Some(seconds) = self.telemetry_interval {
+            config.telemetry.interval = seconds;
+        }
+        if self.self_spans.is_some() {
+            config.telemetry.spans = self.self_spans;
+        }
+        if let Some(listen) = &self.listen {
+            config.telemetry.listen = listen.clone();
         }
         if let Some(bytes) = self.capture.capture_bytes {
             config.capture.capture_bytes = Some(bytes);
@@ -167,16 +193,112 @@ impl RunArgs {
     }
 }
 
+/// Serves /health, /ready and /metrics; a busy port is a warning, not a failure.
+fn start_endpoints(settings: &Settings, state: &Arc<AgentState>) -> Option<Endpoints> {
+    let addr = settings.config.telemetry.listen_addr().ok().flatten()?;
+    match endpoints::serve(addr, Arc::clone(state)) {
+        Ok(served) => {
+            log::info!(
+                "/health, /ready and /metrics on http://{}",
+                served.local_addr()
+            );
+            Some(served)
+        }
+        Err(e) => {
+            log::warn!("agent endpoints not served: {e:#}");
+            None
+        }
+    }
+}
+
+/// What /metrics shows now.
+fn snapshot(
+    pipeline: &Pipeline,
+    tracer: &Tracer,
+    exporter: &Exporter,
+    own: u64,
+) -> MetricsSnapshot {
+    let s = pipeline.stats();
+    let x = exporter.counts();
+    MetricsSnapshot {
+        transport: s.transport,
+        events: s.reader.records,
+        bytes: s.reader.bytes,
+        lost: s.lost(),
+        spans_produced: tracer.stats.spans + own,
+        spans_exported: x.exported,
+        spans_dropped: x.dropped_queue_full,
+        export_errors: x.failed,
+        queue_depth: x.waiting(),
+        connections_open: s.connections_open as u64,
+        programs: pipeline
+            .probes
+            .program_stats()
+            .into_iter()
+            .map(|p| ProgramRun {
+                program: p.program,
+                kind: p.kind,
+                run_count: p.run_count,
+                run_time_ns: p.run_time_ns,
+            })
+            .collect(),
+    }
+}
+
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let settings = args.settings()?;
+    let mut startup = Startup::begin();
+    let settings = startup.phase("config.load", || args.settings())?;
+    startup.annotate(
+        "zerotrace.config.file",
+        args.config
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string()),
+    );
     let stop = stop_on_signals()?;
-    let exporter = Exporter::start(&settings.target, settings.batch)?;
+    let exporter = startup.phase("export.start", || {
+        Exporter::start(&settings.target, settings.batch)
+    })?;
+    startup.annotate("zerotrace.exporter", settings.target.describe());
+    let state = Arc::new(AgentState::default());
+    let endpoints = start_endpoints(&settings, &state);
+    let telemetry = &settings.config.telemetry;
+    let mut self_spans = telemetry
+        .spans
+        .unwrap_or(settings.target != Target::Console)
+        .then(|| SelfSpans::new(exporter.queue()));
+    let features = startup.phase("kernel.probe", || {
+        Ok::<_, std::convert::Infallible>(features::probe())
+    })?;
+    startup.annotate_features(&features);
+
     let mut tracer = Tracer::new(
         TraceOptions::new(&settings.config, settings.sampler),
         exporter.queue(),
     );
     let load = args.capture.load_options_over(&settings.config.capture);
-    let mut pipeline = Pipeline::start(&load)?;
+    let mut pipeline = match Pipeline::start(&load) {
+        Ok(pipeline) => pipeline,
+        Err(e) => {
+            // The exporter is up: tell the trace backend why, then stop.
+            if let Some(spans) = self_spans.as_mut() {
+                startup.finish(spans, None, Some(&e));
+            }
+            drop((self_spans, tracer));
+            exporter.shutdown();
+            return Err(e);
+        }
+    };
+    if let Some(spans) = self_spans.as_mut() {
+        startup.finish(spans, Some(&pipeline), None);
+    }
+    let own_spans = |s: &Option<SelfSpans>| s.as_ref().map_or(0, |s| s.produced);
+    state.update(snapshot(
+        &pipeline,
+        &tracer,
+        &exporter,
+        own_spans(&self_spans),
+    ));
+    state.set_ready();
     eprintln!(
         "zerotrace: tracing ({} transport, kernel functions: {}, {} probes attached), exporting {}; Ctrl-C to stop",
         pipeline.transport().name(),
@@ -205,23 +327,49 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             x.failed,
         );
     };
-    let interval = Duration::from_secs(settings.config.stats_interval.unwrap_or(10).max(1));
+    let mut intervals = IntervalReporter::new(&pipeline);
+    let stats_every = Duration::from_secs(settings.config.stats_interval.unwrap_or(10).max(1));
+    let interval_every = Duration::from_secs(telemetry.interval.max(1));
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let mut last_report = Instant::now();
+    let (mut last_report, mut last_interval, mut last_snapshot) =
+        (Instant::now(), Instant::now(), Instant::now());
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         pipeline.step(Duration::from_millis(100), &mut |r| tracer.on_record(r))?;
-        if last_report.elapsed() >= interval {
+        state.heartbeat();
+        if last_snapshot.elapsed() >= Duration::from_secs(1) {
+            state.update(snapshot(
+                &pipeline,
+                &tracer,
+                &exporter,
+                own_spans(&self_spans),
+            ));
+            last_snapshot = Instant::now();
+        }
+        if last_interval.elapsed() >= interval_every {
+            if let Some(spans) = self_spans.as_mut() {
+                intervals.report(spans, &mut pipeline);
+            }
+            last_interval = Instant::now();
+        }
+        if last_report.elapsed() >= stats_every {
             report(&pipeline, &tracer, &exporter);
             last_report = Instant::now();
         }
     }
     // Whatever is already in the buffers still counts.
     pipeline.step(Duration::ZERO, &mut |r| tracer.on_record(r))?;
+    if let Some(spans) = self_spans.as_mut()
+        && last_interval.elapsed() >= Duration::from_millis(100)
+    {
+        // The last, partial interval: a short run still reports its costs.
+        intervals.report(spans, &mut pipeline);
+    }
     report(&pipeline, &tracer, &exporter);
+    drop(endpoints);
     drop(pipeline);
-    drop(tracer);
+    drop((tracer, self_spans));
     let counts = exporter.shutdown();
     eprintln!(
         "zerotrace: stopped, probes detached; {} spans exported, {} dropped, {} failed",

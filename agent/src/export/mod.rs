@@ -80,6 +80,15 @@ pub struct ExportCounts {
     pub failed: u64,
 }
 
+impl ExportCounts {
+    /// Spans queued and not yet exported or failed (in the queue or a batch).
+    pub fn waiting(&self) -> u64 {
+        self.queued
+            .saturating_sub(self.exported)
+            .saturating_sub(self.failed)
+    }
+}
+
 impl ExportStats {
     pub fn snapshot(&self) -> ExportCounts {
         ExportCounts {

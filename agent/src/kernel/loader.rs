@@ -533,12 +533,16 @@ mod tests {
     #[test]
     fn every_program_in_the_registry_exists_in_the_object() {
         // Program names are ELF symbols of the embedded object.
-        for hook in HOOKS {
-            let name = hook.program.as_bytes();
+        let names = HOOKS
+            .iter()
+            .map(|h| h.program)
+            .chain(kfunc::program_names());
+        for name in names {
+            let name = name.as_bytes();
             assert!(
                 OBJECT.windows(name.len()).any(|w| w == name),
                 "{} not in object",
-                hook.program
+                String::from_utf8_lossy(name)
             );
         }
     }

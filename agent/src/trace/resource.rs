@@ -49,6 +49,20 @@ impl Resources {
         }
     }
 
+    /// The agent's own resource (service.name `zerotrace`), for its self-telemetry.
+    pub fn agent(&self) -> Resource {
+        let mut resource = self.build(std::process::id(), "zerotrace", "zerotrace".to_owned());
+        resource = Resource::builder_empty()
+            .with_attributes(
+                resource
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                    .chain([KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))]),
+            )
+            .build();
+        resource
+    }
+
     /// The executable name of a process (cached with its resource).
     pub fn exe_name(&mut self, tgid: u32, comm: &str, server_port: Option<u16>) -> &str {
         &self.process(tgid, comm, server_port).exe_name
