@@ -143,6 +143,9 @@ pub fn header(kind: EventKind, detail: u8, pid_tgid: u64, fd: i32, conn_id: u64)
 
 /// Records a connection for (tgid, fd) and tells userspace about it.
 /// Returns its info, or `None` when the fd is not traced.
+/// Inlined: as a call, its frame on top of `sys_exit_data`'s exceeds the
+/// 512-byte combined stack limit that 6.1 and 6.12 verifiers enforce.
+#[inline(always)]
 pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> Option<SocketInfo> {
     let key = SocketKey {
         tgid: (pid_tgid >> 32) as u32,

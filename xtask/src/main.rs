@@ -3,6 +3,7 @@
 mod bench;
 mod setup;
 mod util;
+mod vm;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -47,7 +48,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Full setup, then `cargo test EXTRA` over the default members (all but agent-ebpf) as root, one test at a time.
+    /// Full setup, then `cargo test EXTRA` over the default members (all but agent-ebpf) as root, one test at a time;
+    /// without EXTRA, then the kernel matrix (vm-test) too.
     #[command(after_help = "Example:\n  cargo xtask test -- -p zerotrace-tests -- --nocapture")]
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -64,6 +66,9 @@ enum Cmd {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Kernel matrix: boot Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG)
+    /// and check the fentry and kprobe paths over ring buffer and perf buffer.
+    VmTest(vm::VmTestArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,6 +114,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
         },
         Cmd::Lint => lint(&ctx),
+        Cmd::VmTest(args) => vm::run_matrix(&ctx, &args),
     }
 }
 
@@ -161,7 +167,34 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
         say!("test", "not root: test binaries run through `sudo -E`");
     }
     say!("test", "RUST_TEST_THREADS=1 {}", util::describe(&c));
-    run_tallied(&mut c)
+    let (mut totals, tests_ok) = run_tallied(&mut c)?;
+    // A full run also boots the kernel matrix: the kprobe and fentry paths
+    // this host's kernel lacks. Each cell counts as one test.
+    let full = extra.is_empty();
+    if full {
+        say!("test", "kernel matrix (cargo xtask vm-test)");
+        match vm::matrix(ctx, &vm::VmTestArgs::default()) {
+            Ok(cells) => {
+                totals[0] += cells.passed;
+                totals[1] += cells.failed;
+            }
+            Err(e) => {
+                eprintln!("vm-test could not run: {e:#}");
+                totals[1] += 1;
+            }
+        }
+    }
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals[0], totals[1], totals[2]
+    );
+    if !tests_ok {
+        bail!("cargo test failed");
+    }
+    if totals[1] > 0 {
+        bail!("{} tests failed", totals[1]);
+    }
+    Ok(())
 }
 
 /// Counts from one libtest line `test result: ok. 7 passed; 0 failed; 1 ignored; ...`.
@@ -184,10 +217,11 @@ fn parse_test_result(line: &str) -> Option<[u64; 3]> {
     Some(counts)
 }
 
-/// Runs `cargo test`, passing its output through, and closes with one total
-/// line over every test binary (the last binary's own line may be a doc-test
-/// run of zero tests, which says nothing about the whole).
-fn run_tallied(c: &mut std::process::Command) -> Result<()> {
+/// Runs `cargo test`, passing its output through, and totals every test
+/// binary's counts (the last binary's own line may be a doc-test run of zero
+/// tests, which says nothing about the whole). Returns the totals and
+/// whether cargo test succeeded.
+fn run_tallied(c: &mut std::process::Command) -> Result<([u64; 3], bool)> {
     use std::io::BufRead;
     let mut child = c.stdout(std::process::Stdio::piped()).spawn()?;
     let mut totals = [0u64; 3];
@@ -202,14 +236,10 @@ fn run_tallied(c: &mut std::process::Command) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals[0], totals[1], totals[2]
-    );
     if !status.success() {
-        bail!("cargo test failed ({status})");
+        eprintln!("cargo test failed ({status})");
     }
-    Ok(())
+    Ok((totals, status.success()))
 }
 
 /// The host triple in the form cargo's `CARGO_TARGET_<TRIPLE>_RUNNER` uses.

@@ -329,6 +329,62 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages `cargo xtask vm-test` needs: QEMU (software emulation)
+/// and a static busybox for the guests' initramfs. Kept apart from
+/// [`PACKAGES`] so a plain `setup` does not pull QEMU in.
+pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+
+/// Installs the [`VM_PACKAGES`] that are missing (the kernel matrix runs on a
+/// fresh machine too). QEMU's maintainer scripts start no services.
+pub fn vm_packages(ctx: &Ctx) -> Result<()> {
+    let list = VM_PACKAGES.join(" ");
+    if ctx.which("dpkg-query").is_none() || ctx.which("apt-get").is_none() {
+        if ctx.which("qemu-system-x86_64").is_some() && Path::new("/bin/busybox").is_file() {
+            return Ok(());
+        }
+        bail!(
+            "not a Debian/Ubuntu system: install QEMU (qemu-system-x86_64) and a static busybox yourself"
+        );
+    }
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(ctx, p))
+        .collect();
+    if missing.is_empty() {
+        say!("setup", "vm packages: present ({list})");
+        return Ok(());
+    }
+    let missing_list = missing.join(" ");
+    say!(
+        "setup",
+        "vm packages: missing {missing_list}; installing (apt-get, ~30 s)…"
+    );
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut c = ctx.as_root("env", "apt-get")?;
+        c.args(["DEBIAN_FRONTEND=noninteractive", "apt-get"])
+            .args(args);
+        run(&mut c)
+    };
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(ctx, p))
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get finished but these are still not installed: {}",
+            still.join(" ")
+        );
+    }
+    say!("setup", "vm packages: installed {missing_list}");
+    Ok(())
+}
+
 /// What the OTel venv holds: the Python SDK and OTLP exporters (a real
 /// exporter for the tests' in-process receiver) and rotel, a Rust OTLP
 /// collector whose wheel ships `site-packages/rotel/rotel-agent`. rotel is
