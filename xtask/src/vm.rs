@@ -30,7 +30,8 @@ use crate::util::{Ctx, output, run};
 
 /// The cells each guest must report.
 const PATHS: [&str; 2] = ["fentry", "kprobe"];
-const TRANSPORTS: [&str; 2] = ["ringbuf", "perf"];
+/// Capture over each transport, then `zerotrace run`'s own spans.
+const TRANSPORTS: [&str; 3] = ["ringbuf", "perf", "self-spans"];
 
 /// Console lines the guest prints start with this.
 const MARK: &str = "ZT-VMTEST ";
@@ -842,12 +843,12 @@ fn report(kernels: &[Kernel], boots: &[Boot], elapsed: Duration) -> CellCounts {
         .max(6);
     println!();
     println!(
-        "{:kw$}  {:6}  {:9}  {:7}  detail",
+        "{:kw$}  {:6}  {:10}  {:7}  detail",
         "kernel", "path", "transport", "result"
     );
     for r in &rows {
         println!(
-            "{:kw$}  {:6}  {:9}  {:7}  {}",
+            "{:kw$}  {:6}  {:10}  {:7}  {}",
             r.kernel, r.path, r.transport, r.result, r.detail
         );
     }

@@ -37,7 +37,11 @@ const BODY_LEN: usize = 100_000;
 const BODY_FILE: &str = "/tmp/zt-vm-body";
 /// Names the kernel-function layer gives its data events.
 const KFUNC_NAMES: &[&str] = &["tcp_sendmsg", "tcp_sendpage"];
-const READY_PREFIX: &str = "zerotrace: capturing (";
+/// What `zerotrace events` and `zerotrace run` print once attached.
+const READY_PREFIXES: [&str; 2] = ["zerotrace: capturing (", "zerotrace: tracing ("];
+/// The cell that runs `zerotrace run` and checks the agent's own spans.
+const SELF_SPANS: &str = "self-spans";
+const SPANS_FILE: &str = "/tmp/zt-vm-spans.jsonl";
 /// Longest wait for one read(2) of the exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -94,7 +98,7 @@ fn main() {
         println!("ZT-VMTEST error cannot write {BODY_FILE}: {e}");
     }
     for path in &opts.paths {
-        for transport in &opts.transports {
+        for transport in opts.transports.iter().chain([&SELF_SPANS.to_string()]) {
             println!("ZT-VMTEST start path={path} transport={transport}");
             let started = Instant::now();
             let (result, stderr) = run_cell(&opts, path, transport);
@@ -179,18 +183,26 @@ struct Agent {
 impl Agent {
     fn start(opts: &Opts, path: &str, transport: &str) -> Result<Agent, String> {
         let mut c = Command::new(&opts.agent);
-        c.args(["events", "--kernel-functions", path]);
-        c.args([
-            "--transport",
-            transport,
-            "--format",
-            "json",
-            "--duration",
-            "60",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        if transport == SELF_SPANS {
+            // The jsonl exporter appends: start from an empty file.
+            let _ = std::fs::remove_file(SPANS_FILE);
+            c.args(["run", "--kernel-functions", path])
+                .args(["--exporter", "jsonl", "--output", SPANS_FILE])
+                .args(["--telemetry-interval", "1", "--listen", "off"])
+                .args(["--self-spans", "true", "--duration", "60"]);
+        } else {
+            c.args(["events", "--kernel-functions", path]).args([
+                "--transport",
+                transport,
+                "--format",
+                "json",
+                "--duration",
+                "60",
+            ]);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", opts.agent))?;
@@ -201,7 +213,7 @@ impl Agent {
         thread::spawn(move || {
             for line in BufReader::new(err_pipe).lines() {
                 let Ok(line) = line else { break };
-                if line.starts_with(READY_PREFIX) {
+                if READY_PREFIXES.iter().any(|p| line.starts_with(p)) {
                     let _ = ready_tx.send(line.clone());
                 }
                 lines.lock().unwrap().push(line);
@@ -307,6 +319,132 @@ fn run_cell(opts: &Opts, path: &str, transport: &str) -> (Result<String, String>
     (result, agent.stderr_lines())
 }
 
+/// `zerotrace run` with the jsonl exporter, one exchange, then the agent's
+/// own spans: the startup trace shows the forced method attached (and
+/// sendfile's tracepoints left out), and an `ebpf.execute` span counts
+/// the kernel-function probe's triggers.
+fn self_spans_checks(agent: &mut Agent, path: &str, ready_secs: f64) -> Result<String, String> {
+    traffic(&format!("/vm-{path}-spans"))?;
+    // At least one full interval after the traffic.
+    thread::sleep(Duration::from_millis(2500));
+    agent.stop()?;
+    let text = std::fs::read_to_string(SPANS_FILE).map_err(|e| format!("{SPANS_FILE}: {e}"))?;
+    let mut spans = Vec::new();
+    for line in text.lines() {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("jsonl line is not JSON ({e})"))?;
+        spans.extend(otlp_json_spans(&v));
+    }
+    let detail = verify_self_spans(&spans, path)?;
+    Ok(format!("{detail} ready={ready_secs:.1}s"))
+}
+
+/// A span from OTLP/JSON: its name and attributes as strings.
+struct JsonSpan {
+    name: String,
+    attrs: BTreeMap<String, String>,
+}
+
+/// Every span of one ExportTraceServiceRequest in OTLP/JSON.
+fn otlp_json_spans(request: &Value) -> Vec<JsonSpan> {
+    let array = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for rs in array(request, "resourceSpans") {
+        for ss in array(&rs, "scopeSpans") {
+            for span in array(&ss, "spans") {
+                let attrs = array(&span, "attributes")
+                    .iter()
+                    .filter_map(|kv| {
+                        let key = kv.get("key")?.as_str()?.to_string();
+                        let value = kv.get("value")?.as_object()?.values().next()?;
+                        let value = match value {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        Some((key, value))
+                    })
+                    .collect();
+                out.push(JsonSpan {
+                    name: str_field(&span, "name").to_string(),
+                    attrs,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn verify_self_spans(spans: &[JsonSpan], path: &str) -> Result<String, String> {
+    let attr = |s: &JsonSpan, k: &str| s.attrs.get(k).cloned().unwrap_or_default();
+    let (method, types, prefix): (&str, &[&str], &str) = match path {
+        "fentry" => ("fentry/fexit", &["fexit"], "fexit_tcp_send"),
+        _ => (
+            "kprobe/kretprobe",
+            &["kprobe", "kretprobe"],
+            "kprobe_tcp_send",
+        ),
+    };
+    let root = spans
+        .iter()
+        .find(|s| s.name == "zerotrace.startup")
+        .ok_or("no zerotrace.startup span")?;
+    if attr(root, "zerotrace.kernel_functions") != method {
+        return Err(format!(
+            "startup says kernel functions {:?}, want {method}",
+            attr(root, "zerotrace.kernel_functions")
+        ));
+    }
+    let attaches: Vec<&JsonSpan> = spans.iter().filter(|s| s.name == "ebpf.attach").collect();
+    for kind in types {
+        let attached = attaches.iter().any(|s| {
+            attr(s, "ebpf.attach.target") == "tcp_sendmsg"
+                && attr(s, "ebpf.attach.type") == *kind
+                && attr(s, "ebpf.attach.outcome") == "attached"
+        });
+        if !attached {
+            return Err(format!(
+                "no attached {kind} on tcp_sendmsg in the startup trace"
+            ));
+        }
+    }
+    if attaches.iter().any(|s| {
+        attr(s, "ebpf.attach.target").contains("sendfile")
+            && attr(s, "ebpf.attach.outcome") == "attached"
+    }) {
+        return Err("sendfile tracepoints attached although the kernel-function layer runs".into());
+    }
+    let compiled = spans.iter().any(|s| {
+        s.name == "ebpf.compile"
+            && attr(s, "ebpf.program.name").starts_with(prefix)
+            && attr(s, "ebpf.verifier.instructions")
+                .parse::<u64>()
+                .is_ok_and(|n| n > 0)
+    });
+    if !compiled {
+        return Err(format!(
+            "no ebpf.compile span with instructions for {prefix}*"
+        ));
+    }
+    let triggers: u64 = spans
+        .iter()
+        .filter(|s| s.name == "ebpf.execute" && attr(s, "ebpf.program.name").starts_with(prefix))
+        .filter_map(|s| attr(s, "ebpf.kprobe.triggers").parse::<u64>().ok())
+        .sum();
+    if triggers == 0 {
+        return Err(format!("no ebpf.execute span counts triggers of {prefix}*"));
+    }
+    Ok(format!(
+        "startup: {method} attached, sendfile tracepoints left out; {prefix}* triggers={triggers} \
+         ({} spans)",
+        spans.len()
+    ))
+}
+
 fn cell_checks(
     agent: &mut Agent,
     opts: &Opts,
@@ -316,6 +454,9 @@ fn cell_checks(
     let started = Instant::now();
     let ready = agent.wait_ready(opts.ready_timeout)?;
     let ready_secs = started.elapsed().as_secs_f64();
+    if transport == SELF_SPANS {
+        return self_spans_checks(agent, path, ready_secs);
+    }
     if !ready.contains(&format!("{transport} transport")) {
         return Err(format!("ready line names another transport: {ready}"));
     }
