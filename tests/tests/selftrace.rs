@@ -465,3 +465,51 @@ fn tiny_flooded_buffers_report_losses_in_spans_and_metrics() {
         drop(agent);
     }
 }
+
+/// When start-up fails after the exporter is up, the trace backend still
+/// learns why: the startup trace ends in an error naming the cause.
+#[test]
+fn a_failed_start_up_is_exported_with_its_reason() {
+    if !can_trace() {
+        return;
+    }
+    let out = Command::new(agent_bin())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if report["kernel_function_layer"].is_string() {
+        eprintln!("skipped: this kernel runs a kernel-function method, so forcing one cannot fail");
+        return;
+    }
+    let rx = Receiver::start(Protocol::HttpProtobuf).unwrap();
+    let out = Command::new(agent_bin())
+        .args(["run", "--kernel-functions", "kprobe", "--listen", "off"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--kernel-functions kprobe"), "{stderr}");
+    let spans = rx
+        .wait_for(WAIT, "the failed startup trace", |s| {
+            !named(s, "zerotrace.startup").is_empty()
+        })
+        .unwrap();
+    let root = named(&spans, "zerotrace.startup")[0];
+    assert_eq!(root.status, "ERROR", "{}", root.brief());
+    assert!(
+        root.status_message.contains("start-up failed")
+            && root.status_message.contains("kernel built without kprobes"),
+        "{}",
+        root.brief()
+    );
+    // The phases that did run are there.
+    let kids = children(&spans, root);
+    assert!(
+        kids.iter().any(|s| s.name == "kernel.probe"),
+        "{}",
+        briefs(&spans)
+    );
+}
