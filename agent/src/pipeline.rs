@@ -14,7 +14,7 @@ use anyhow::Context;
 
 use crate::{
     capture::{Data, Event, Reader, ReaderStats},
-    conn::{ConnTable, Connection, seed::Seed},
+    conn::{ConnTable, Connection, early::EarlyQueue, seed::Seed},
     kernel::loader::{KernelCounters, LoadOptions, Probes, Transport},
 };
 
@@ -78,9 +78,20 @@ pub struct Pipeline {
     pub seeded: SeedReport,
     reader: Reader,
     conns: ConnTable,
+    /// Data read before its connection's open record (perf reorders CPUs).
+    early: EarlyQueue,
     data_events: u64,
     payload_bytes: u64,
     orphans: u64,
+}
+
+/// Counts a data event on its connection and hands it on.
+fn deliver(conn: &mut Connection, data: &Data<'_>, on_record: &mut impl FnMut(Record<'_>)) {
+    match data.direction {
+        Direction::Egress => conn.bytes_out += data.total_bytes,
+        Direction::Ingress => conn.bytes_in += data.total_bytes,
+    }
+    on_record(Record::Data(Some(conn), data));
 }
 
 /// Installs SIGINT/SIGTERM handlers that set the returned flag.
@@ -116,6 +127,7 @@ impl Pipeline {
             seeded,
             reader,
             conns: ConnTable::new(MAX_CONNECTIONS, seed),
+            early: EarlyQueue::default(),
             data_events: 0,
             payload_bytes: 0,
             orphans: 0,
@@ -158,36 +170,36 @@ impl Pipeline {
         let Self {
             reader,
             conns,
+            early,
             data_events,
             payload_bytes,
             orphans,
             ..
         } = self;
-        reader.poll(timeout, &mut |event| match event {
+        let now = Instant::now();
+        let n = reader.poll(timeout, &mut |event| match event {
             Event::Open(open) => {
                 conns.open(&open);
                 for id in std::mem::take(&mut conns.just_evicted) {
                     on_record(Record::Evicted(id));
                 }
-                if let Some(conn) = conns.get(open.header.conn_id) {
+                if let Some(conn) = conns.get_mut(open.header.conn_id) {
                     on_record(Record::Opened(conn));
+                    for held in early.take(open.header.conn_id) {
+                        deliver(conn, &held.as_data(), on_record);
+                    }
                 }
             }
             Event::Data(data) => {
                 *data_events += 1;
                 *payload_bytes += data.payload.len() as u64;
-                let conn = conns.get_mut(data.header.conn_id);
-                match conn {
-                    Some(conn) => {
-                        match data.direction {
-                            Direction::Egress => conn.bytes_out += data.total_bytes,
-                            Direction::Ingress => conn.bytes_in += data.total_bytes,
-                        }
-                        on_record(Record::Data(Some(conn), &data));
-                    }
+                match conns.get_mut(data.header.conn_id) {
+                    Some(conn) => deliver(conn, &data, on_record),
                     None => {
-                        *orphans += 1;
-                        on_record(Record::Data(None, &data));
+                        if !early.hold(&data, now) {
+                            *orphans += 1;
+                            on_record(Record::Data(None, &data));
+                        }
                     }
                 }
             }
@@ -196,7 +208,12 @@ impl Pipeline {
                     on_record(Record::Closed(&conn));
                 }
             }
-        })
+        })?;
+        for held in early.expire(Instant::now()) {
+            *orphans += 1;
+            on_record(Record::Data(None, &held.as_data()));
+        }
+        Ok(n)
     }
 
     /// The largest reader batch since the previous call.

@@ -1,6 +1,7 @@
 //! Connections: the table that attributes every data event to a
 //! connection with its tuple and role.
 
+pub mod early;
 pub mod own;
 pub mod seed;
 
