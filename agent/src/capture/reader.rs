@@ -1,8 +1,9 @@
 //! Draining the ring buffer or the per-CPU perf buffers.
 //!
 //! One thread polls every buffer's fd and drains whatever is ready, handing
-//! each decoded record to a callback with its payload borrowed straight
-//! from the mapped buffer (copied only when a perf sample wraps).
+//! each decoded record to a callback: ring buffer records with their payload
+//! borrowed straight from the mapped buffer; perf samples copied out and
+//! merged across CPUs by timestamp first.
 
 use std::{
     os::fd::{AsFd, BorrowedFd},
@@ -47,8 +48,18 @@ pub struct Reader {
     /// Most records drained in one wake-up since the last
     /// [`Reader::take_interval_largest_batch`].
     interval_largest_batch: u64,
-    /// Reassembly space for perf samples that wrap around the ring's end.
-    wrapped: Vec<u8>,
+    /// Perf samples of one wake-up, copied out to be merged across CPUs.
+    merged: Vec<u8>,
+    /// (timestamp, offset, length) of each sample in `merged`.
+    order: Vec<(u64, usize, usize)>,
+}
+
+/// `EventHeader::ts_ns` of a raw record (bytes 16..24), 0 when too short.
+fn timestamp(record: &[u8]) -> u64 {
+    record
+        .get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// Pages per CPU for perf buffers: a power of two covering `bytes`.
@@ -80,7 +91,8 @@ impl Reader {
             buffers,
             stats: ReaderStats::default(),
             interval_largest_batch: 0,
-            wrapped: Vec::new(),
+            merged: Vec::new(),
+            order: Vec::new(),
         })
     }
 
@@ -122,7 +134,8 @@ impl Reader {
         let Self {
             buffers,
             stats,
-            wrapped,
+            merged,
+            order,
             ..
         } = self;
         let mut batch = 0u64;
@@ -145,17 +158,27 @@ impl Reader {
                 }
             }
             Buffers::Perf(bufs) => {
+                // One buffer per CPU: a thread that migrated between two
+                // syscalls left its records in two buffers. Merge what this
+                // wake-up found by kernel timestamp, so each connection's
+                // records arrive in the order they happened.
+                merged.clear();
+                order.clear();
                 for buf in bufs.iter_mut() {
                     buf.for_each(|event| match event {
-                        PerfEvent::Sample { head, tail: [] } => handle(head, stats),
                         PerfEvent::Sample { head, tail } => {
-                            wrapped.clear();
-                            wrapped.extend_from_slice(head);
-                            wrapped.extend_from_slice(tail);
-                            handle(wrapped, stats);
+                            let start = merged.len();
+                            merged.extend_from_slice(head);
+                            merged.extend_from_slice(tail);
+                            let record = &merged[start..];
+                            order.push((timestamp(record), start, record.len()));
                         }
                         PerfEvent::Lost { count } => stats.lost += count,
                     });
+                }
+                order.sort_by_key(|&(ts, _, _)| ts);
+                for &(_, start, len) in order.iter() {
+                    handle(&merged[start..start + len], stats);
                 }
             }
         }
@@ -170,6 +193,18 @@ impl Reader {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn record_timestamps_come_from_the_header() {
+        let header = agent_common::EventHeader {
+            ts_ns: 0x0102_0304_0506_0708,
+            ..Default::default()
+        };
+        // SAFETY: EventHeader is repr(C) plain data.
+        let bytes: [u8; 32] = unsafe { std::mem::transmute(header) };
+        assert_eq!(super::timestamp(&bytes), 0x0102_0304_0506_0708);
+        assert_eq!(super::timestamp(&bytes[..20]), 0);
+    }
+
     #[test]
     fn perf_pages_are_powers_of_two() {
         assert_eq!(super::perf_pages(0), 1);
