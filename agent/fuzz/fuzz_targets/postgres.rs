@@ -5,15 +5,14 @@
 //! Input layout: one flags byte (bit 0: small limits, bit 1: connection seen
 //! mid-stream, bit 2: raw query text, bit 3: start with a real startup and
 //! authentication exchange so the input begins in the query phase, bit 4:
-//! that exchange in the other direction), then records of
-//! `ctl [len] [missing] bytes…` where ctl bit 7 is the direction, bit 6
-//! announces a `missing` byte, bits 0..5 the piece length (0: the length is
-//! the next byte × 16 + 1).
+//! that exchange in the other direction), then the piece script that `agent_fuzz::pieces` reads (ctl bit 7
+//! clear: the side that speaks first).
 #![no_main]
 
 use std::sync::Arc;
 
 use agent_common::Direction;
+use agent_fuzz::pieces;
 use libfuzzer_sys::fuzz_target;
 use zerotrace::protocol::db::{DbEvent, DbOptions, Moment};
 use zerotrace::protocol::postgres::PostgresConn;
@@ -41,7 +40,7 @@ fn auth_ok() -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, mut rest)) = data.split_first() else {
+    let Some((&flags, rest)) = data.split_first() else {
         return;
     };
     let opts = DbOptions {
@@ -69,32 +68,16 @@ fuzz_target!(|data: &[u8]| {
         conn.feed(front, Moment { ts_ns: 0, tid: 1 }, &startup(), 0, &mut out);
         conn.feed(back, Moment { ts_ns: 0, tid: 1 }, &auth_ok(), 0, &mut out);
     }
-    while let Some((&ctl, mut tail)) = rest.split_first() {
-        let dir = if ctl & 0x80 == 0 { front } else { back };
-        let mut len = usize::from(ctl & 0x3f);
-        if len == 0 {
-            let Some((&b, t)) = tail.split_first() else {
-                break;
-            };
-            len = usize::from(b) * 16 + 1;
-            tail = t;
-        }
-        let mut missing = 0u64;
-        if ctl & 0x40 != 0 {
-            let Some((&m, t)) = tail.split_first() else {
-                break;
-            };
-            missing = if m < 128 {
-                u64::from(m)
-            } else {
-                u64::from(m) << 8
-            };
-            tail = t;
-        }
-        let (piece, t) = tail.split_at(len.min(tail.len()));
+    for piece in pieces(rest) {
+        let dir = if piece.first_side { front } else { back };
         ts += 1;
-        conn.feed(dir, Moment { ts_ns: ts, tid: 1 }, piece, missing, &mut out);
-        rest = t;
+        conn.feed(
+            dir,
+            Moment { ts_ns: ts, tid: 1 },
+            piece.bytes,
+            piece.missing,
+            &mut out,
+        );
     }
     conn.close(
         Moment {
