@@ -80,6 +80,15 @@ fn remember_sock(ctx: &ProbeContext) {
     }
 }
 
+/// kprobe path: the return probe reports what the remembered `sk` sent.
+#[inline(always)]
+fn on_return(ctx: &RetProbeContext, function: Syscall) -> u32 {
+    // The functions return int; the register holds it sign-extended or not.
+    let ret: i64 = ctx.ret();
+    on_send(ctx, function, take_sock(), i64::from(ret as i32));
+    0
+}
+
 #[inline(always)]
 fn take_sock() -> u64 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -100,14 +109,7 @@ pub fn kprobe_tcp_sendmsg(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn kretprobe_tcp_sendmsg(ctx: RetProbeContext) -> u32 {
-    let ret: i64 = ctx.ret();
-    on_send(
-        &ctx,
-        Syscall::TcpSendmsg,
-        take_sock(),
-        i64::from(ret as i32),
-    );
-    0
+    on_return(&ctx, Syscall::TcpSendmsg)
 }
 
 /// Same prototype as [`fexit_tcp_sendpage`].
@@ -119,12 +121,5 @@ pub fn kprobe_tcp_sendpage(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn kretprobe_tcp_sendpage(ctx: RetProbeContext) -> u32 {
-    let ret: i64 = ctx.ret();
-    on_send(
-        &ctx,
-        Syscall::TcpSendpage,
-        take_sock(),
-        i64::from(ret as i32),
-    );
-    0
+    on_return(&ctx, Syscall::TcpSendpage)
 }

@@ -37,6 +37,20 @@ pub fn can_trace() -> bool {
     root
 }
 
+/// `zerotrace check --json`, parsed; panics with its stderr if it fails.
+pub fn check_report() -> Value {
+    let out = Command::new(agent_bin())
+        .args(["check", "--json"])
+        .output()
+        .expect("running zerotrace check");
+    assert!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("check --json prints JSON")
+}
+
 /// The agent binary: $ZEROTRACE_BIN (set by `cargo xtask test`) or target/debug.
 pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("ZEROTRACE_BIN") {

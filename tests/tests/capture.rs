@@ -430,16 +430,7 @@ fn check_reports_this_kernel_truthfully() {
     if !can_trace() {
         return;
     }
-    let out = Command::new(agent_bin())
-        .args(["check", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = check_report();
     let row = |name: &str| -> Value {
         report["rows"]
             .as_array()
@@ -518,11 +509,7 @@ fn forced_kernel_function_methods_fail_clearly_where_unsupported() {
     if !can_trace() {
         return;
     }
-    let out = Command::new(agent_bin())
-        .args(["check", "--json"])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = check_report();
     let rows = report["rows"].as_array().unwrap();
     let available = |name: &str| {
         rows.iter()

@@ -473,11 +473,7 @@ fn a_failed_start_up_is_exported_with_its_reason() {
     if !can_trace() {
         return;
     }
-    let out = Command::new(agent_bin())
-        .args(["check", "--json"])
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = check_report();
     if report["kernel_function_layer"].is_string() {
         eprintln!("skipped: this kernel runs a kernel-function method, so forcing one cannot fail");
         return;

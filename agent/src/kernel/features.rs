@@ -159,7 +159,8 @@ fn probe_map(kind: MapType) -> Result<(), String> {
     }
 }
 
-fn event_source(name: &str) -> bool {
+/// Whether the kernel has the perf event source (PMU) `name`, e.g. kprobe.
+pub fn event_source(name: &str) -> bool {
     Path::new("/sys/bus/event_source/devices")
         .join(name)
         .join("type")

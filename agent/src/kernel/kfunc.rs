@@ -18,6 +18,7 @@ use aya::programs::{FExit, KProbe};
 
 use super::{
     btf::Btf,
+    features,
     loader::{Attachment, Probes, ProgramLoad, verified_instructions},
 };
 
@@ -352,7 +353,7 @@ fn unload(probes: &mut Probes, method: Method) {
 
 /// Whether the kernel can attach kprobes at all (CONFIG_KPROBES).
 pub fn kprobes_available() -> bool {
-    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+    features::event_source("kprobe")
         || ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
             .iter()
             .any(|t| Path::new(t).join("kprobe_events").exists())

@@ -532,6 +532,10 @@ mod tests {
 
     #[test]
     fn every_program_in_the_registry_exists_in_the_object() {
+        if OBJECT.is_empty() {
+            eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
+            return;
+        }
         // Program names are ELF symbols of the embedded object.
         let names = HOOKS
             .iter()
