@@ -1586,10 +1586,6 @@ mod tests {
         Arc::new(HttpOptions::default())
     }
 
-    fn at(ts_ns: u64) -> Moment {
-        Moment { ts_ns, tid: 7 }
-    }
-
     fn exchanges(events: &[HttpEvent]) -> Vec<&Exchange> {
         events
             .iter()

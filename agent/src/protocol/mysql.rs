@@ -2113,24 +2113,6 @@ mod tests {
     const E: Direction = Direction::Egress;
     const I: Direction = Direction::Ingress;
 
-    fn opts() -> Arc<DbOptions> {
-        Arc::new(DbOptions::default())
-    }
-
-    fn at(ts_ns: u64) -> Moment {
-        Moment { ts_ns, tid: 7 }
-    }
-
-    fn calls(events: &[DbEvent]) -> Vec<&DbCall> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                DbEvent::Call(c) => Some(c),
-                _ => None,
-            })
-            .collect()
-    }
-
     fn requests(events: &[DbEvent]) -> Vec<(u64, Moment)> {
         events
             .iter()
@@ -2544,7 +2526,7 @@ mod tests {
     }
 
     fn play(f: &Fixture, schedule: &[Syscall], req_dir: Direction) -> (Vec<DbEvent>, MysqlConn) {
-        play_with(f, schedule, req_dir, opts(), true, usize::MAX)
+        play_with(f, schedule, req_dir, db_opts(), true, usize::MAX)
     }
 
     /// Packet boundaries of a clean stream.
@@ -2763,7 +2745,7 @@ mod tests {
             let schedule = recorded(f);
             let (full, _) = play(f, &schedule, E);
             for cap in [8192, 4096, 1024] {
-                let (cut, conn) = play_with(f, &schedule, E, opts(), true, cap);
+                let (cut, conn) = play_with(f, &schedule, E, db_opts(), true, cap);
                 let ctx = format!("{} cap {cap}", f.name);
                 let a: Vec<_> = calls(&full).into_iter().map(shape).collect();
                 let b: Vec<_> = calls(&cut).into_iter().map(shape).collect();
@@ -2780,7 +2762,7 @@ mod tests {
         // The 18 KiB result set arrives in one syscall of which 1000 bytes are captured.
         let schedule = whole(&f);
         let (full, _) = play(&f, &schedule, I);
-        let (cut, conn) = play_with(&f, &schedule, I, opts(), true, 1000);
+        let (cut, conn) = play_with(&f, &schedule, I, db_opts(), true, 1000);
         let a: Vec<_> = calls(&full).into_iter().map(shape).collect();
         let b: Vec<_> = calls(&cut).into_iter().map(shape).collect();
         assert_eq!(a, b);
@@ -2793,7 +2775,7 @@ mod tests {
         // seen, the next ones are.
         let f = fixture!("mysql", "cli_queries");
         let schedule = whole(&f);
-        let mut conn = MysqlConn::new(opts(), true);
+        let mut conn = MysqlConn::new(db_opts(), true);
         let mut out = Vec::new();
         let mut dropped = false;
         for &(is_req, off, len) in &schedule {
@@ -2840,7 +2822,7 @@ mod tests {
                     .collect();
                 for &k in starts.iter().take(6) {
                     let (events, conn) =
-                        play_with(f, &schedule[k..], req_dir, opts(), false, usize::MAX);
+                        play_with(f, &schedule[k..], req_dir, db_opts(), false, usize::MAX);
                     let cs = calls(&events);
                     let ctx = format!("{} from syscall {k} ({req_dir:?})", f.name);
                     assert_eq!(skips(&events), 0, "{ctx}");
@@ -2960,7 +2942,7 @@ mod tests {
 
     #[test]
     fn multi_packet_payloads_never_derail() {
-        let (mut conn, mut out) = connected(BASE_CAPS, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS, db_opts());
         // A 16 MiB + 10 byte COM_QUERY: two packets.
         let mut sql = vec![COM_QUERY];
         sql.extend_from_slice(b"SELECT '");
@@ -3003,7 +2985,7 @@ mod tests {
 
     #[test]
     fn gaps_inside_packets_are_skipped() {
-        let (mut conn, mut out) = connected(BASE_CAPS, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS, db_opts());
         // A 20 KiB statement of which 100 bytes are captured.
         let mut sql = b"INSERT INTO t VALUES ('".to_vec();
         sql.resize(20_000, b'z');
@@ -3042,7 +3024,7 @@ mod tests {
 
     #[test]
     fn lost_response_ends_at_last_response_syscall() {
-        let (mut conn, mut out) = connected(BASE_CAPS, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS, db_opts());
         conn.feed(E, at(10), &query("SELECT c FROM t"), 0, &mut out);
         let mut resp = packet(1, &[1]);
         resp.extend(packet(2, &coldef()));
@@ -3074,7 +3056,7 @@ mod tests {
     #[test]
     fn handshake_variants() {
         // SSLRequest: Skip once, nothing after.
-        let mut conn = MysqlConn::new(opts(), true);
+        let mut conn = MysqlConn::new(db_opts(), true);
         let mut out = Vec::new();
         conn.feed(I, at(1), &greeting(BASE_CAPS | CLIENT_SSL), 0, &mut out);
         let mut ssl = ((BASE_CAPS | CLIENT_SSL) as u32).to_le_bytes().to_vec();
@@ -3098,7 +3080,7 @@ mod tests {
             (0, CLIENT_COMPRESS, false),
             (CLIENT_ZSTD_COMPRESSION, CLIENT_ZSTD_COMPRESSION, true),
         ] {
-            let mut conn = MysqlConn::new(opts(), true);
+            let mut conn = MysqlConn::new(db_opts(), true);
             let mut out = Vec::new();
             conn.feed(I, at(1), &greeting(BASE_CAPS | server), 0, &mut out);
             conn.feed(E, at(2), &hello(BASE_CAPS | client, None), 0, &mut out);
@@ -3111,7 +3093,7 @@ mod tests {
 
         // Auth switch and more-data packets before the OK; the database of the
         // handshake is the namespace.
-        let mut conn = MysqlConn::new(opts(), true);
+        let mut conn = MysqlConn::new(db_opts(), true);
         let mut out = Vec::new();
         conn.feed(I, at(1), &greeting(BASE_CAPS), 0, &mut out);
         conn.feed(E, at(2), &hello(BASE_CAPS, Some("shop")), 0, &mut out);
@@ -3137,7 +3119,7 @@ mod tests {
 
     #[test]
     fn use_statement_and_session_tracking_change_the_namespace() {
-        let (mut conn, mut out) = connected(BASE_CAPS | CLIENT_SESSION_TRACK, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS | CLIENT_SESSION_TRACK, db_opts());
         conn.feed(E, at(10), &query("use `my``db`"), 0, &mut out);
         conn.feed(I, at(11), &packet(1, OK), 0, &mut out);
         conn.feed(E, at(12), &query("SELECT 1"), 0, &mut out);
@@ -3161,7 +3143,7 @@ mod tests {
     #[test]
     fn query_attributes_are_skipped() {
         let caps = BASE_CAPS | CLIENT_QUERY_ATTRIBUTES | CLIENT_MYSQL;
-        let (mut conn, mut out) = connected(caps, opts());
+        let (mut conn, mut out) = connected(caps, db_opts());
         // No attributes.
         conn.feed(
             E,
@@ -3189,7 +3171,7 @@ mod tests {
 
     #[test]
     fn progress_reports_and_local_infile() {
-        let (mut conn, mut out) = connected(BASE_CAPS, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS, db_opts());
         conn.feed(E, at(10), &query("ALTER TABLE t ADD c INT"), 0, &mut out);
         conn.feed(
             I,
@@ -3310,7 +3292,7 @@ mod tests {
 
     #[test]
     fn close_reports_unanswered_calls() {
-        let (mut conn, mut out) = connected(BASE_CAPS, opts());
+        let (mut conn, mut out) = connected(BASE_CAPS, db_opts());
         conn.feed(E, at(10), &query("SELECT SLEEP(100)"), 0, &mut out);
         conn.feed(E, at(11), &packet(0, &[COM_QUIT]), 0, &mut out);
         conn.close(at(99), &mut out);
@@ -3336,7 +3318,7 @@ mod tests {
             .iter()
             .position(|s| s.0 && f.req[s.1 + 4] == COM_STMT_PREPARE)
             .expect("prepare");
-        let (events, conn) = play_with(&f, &schedule[k..], E, opts(), false, usize::MAX);
+        let (events, conn) = play_with(&f, &schedule[k..], E, db_opts(), false, usize::MAX);
         let cs = calls(&events);
         let (full, _) = play(&f, &schedule, E);
         let full = calls(&full);
@@ -3429,7 +3411,7 @@ mod tests {
     fn non_mysql_traffic_is_skipped_or_ignored() {
         // From the start: HTTP instead of a greeting → hunting, then Skip
         // after the budget; never a call.
-        let mut conn = MysqlConn::new(opts(), true);
+        let mut conn = MysqlConn::new(db_opts(), true);
         let mut out = Vec::new();
         let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
         for k in 0..500 {
@@ -3490,7 +3472,11 @@ mod tests {
             let n = rng.below(3000) as usize;
             let req: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
             let resp: Vec<u8> = (0..rng.below(3000)).map(|_| rng.next() as u8).collect();
-            let o = if round % 2 == 0 { opts() } else { small_opts() };
+            let o = if round % 2 == 0 {
+                db_opts()
+            } else {
+                small_opts()
+            };
             chaos(&mut rng, &req, &resp, o, round % 3 != 0);
         }
     }
@@ -3532,7 +3518,11 @@ mod tests {
                 }
                 streams[side].extend(p);
             }
-            let o = if round % 2 == 0 { opts() } else { small_opts() };
+            let o = if round % 2 == 0 {
+                db_opts()
+            } else {
+                small_opts()
+            };
             let [resp, req] = &streams;
             chaos(&mut rng, req, resp, o, round % 4 != 0);
         }
@@ -3563,7 +3553,7 @@ mod tests {
                         _ => s.insert(k, rng.next() as u8),
                     }
                 }
-                chaos(&mut rng, &req, &resp, opts(), true);
+                chaos(&mut rng, &req, &resp, db_opts(), true);
                 chaos(&mut rng, &req, &resp, small_opts(), false);
             }
         }

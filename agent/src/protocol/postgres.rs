@@ -1453,24 +1453,6 @@ mod tests {
     const I: Direction = Direction::Ingress;
     const SECRETS: [&str; 2] = ["zt-secret-literal", "zt-secret-password"];
 
-    fn opts() -> Arc<DbOptions> {
-        Arc::new(DbOptions::default())
-    }
-
-    fn at(ts_ns: u64) -> Moment {
-        Moment { ts_ns, tid: 7 }
-    }
-
-    fn calls(events: &[DbEvent]) -> Vec<&DbCall> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                DbEvent::Call(c) => Some(c),
-                _ => None,
-            })
-            .collect()
-    }
-
     fn requests(events: &[DbEvent]) -> Vec<(u64, Moment)> {
         events
             .iter()
@@ -1826,7 +1808,7 @@ mod tests {
         positions: Option<&Positions>,
     ) -> Positions {
         let ctx = format!("{} ({req_dir:?}, {} syscalls)", f.name, schedule.len());
-        let (events, conn) = play(f, schedule, req_dir, opts(), usize::MAX);
+        let (events, conn) = play(f, schedule, req_dir, db_opts(), usize::MAX);
         let cs = calls(&events);
         assert_eq!(cs.len(), wants.len(), "{ctx}: calls {cs:#?}");
         assert_eq!(requests(&events).len(), wants.len(), "{ctx}");
@@ -1926,7 +1908,7 @@ mod tests {
         let all = fixtures();
         let find = |name: &str| all.iter().find(|f| f.0.name == name).unwrap();
         let (f, _, _) = find("psql_simple");
-        let (out, _) = play(f, &whole(f), E, opts(), usize::MAX);
+        let (out, _) = play(f, &whole(f), E, db_opts(), usize::MAX);
         let cs = calls(&out);
         // Tables of simple statements; the INSERT's literals are gone.
         for k in [1, 2, 3, 4, 7] {
@@ -1936,7 +1918,7 @@ mod tests {
         assert!(insert.starts_with("INSERT INTO users") && !insert.contains("mallory"));
         // The PREPARE of pgbench's second statement names its table.
         let (f, _, _) = find("pgbench_prepared");
-        let (out, _) = play(f, &whole(f), E, opts(), usize::MAX);
+        let (out, _) = play(f, &whole(f), E, db_opts(), usize::MAX);
         let cs = calls(&out);
         assert_eq!(cs[2].operation.as_deref(), Some("PREPARE"));
         assert_eq!(cs[2].collection.as_deref(), Some("pgbench_accounts"));
@@ -1944,7 +1926,7 @@ mod tests {
         // The pipeline: the failing and the aborted call end with the
         // batch's ErrorResponse and ReadyForQuery, in one backend read.
         let (f, _, _) = find("psycopg_pipeline");
-        let (out, _) = play(f, &whole(f), E, opts(), usize::MAX);
+        let (out, _) = play(f, &whole(f), E, db_opts(), usize::MAX);
         let cs = calls(&out);
         assert_eq!(cs[5].end, cs[6].end);
         assert_eq!(cs[4].start, cs[6].start);
@@ -2035,7 +2017,7 @@ mod tests {
             &ready(),
         ]);
         let auth = auth_ok();
-        let mut conn = PostgresConn::new(opts(), true);
+        let mut conn = PostgresConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -2062,7 +2044,7 @@ mod tests {
         let gss = [&8u32.to_be_bytes()[..], &GSSENC_REQUEST.to_be_bytes()].concat();
         let q = query("SELECT 1");
         for (req, answer) in [(&ssl, &b"S"[..]), (&gss, b"G"), (&gss, b"N\x16\x03")] {
-            let mut conn = PostgresConn::new(opts(), true);
+            let mut conn = PostgresConn::new(db_opts(), true);
             let out = run(
                 &mut conn,
                 &[(E, req, 0), (I, answer, 0), (E, &q, 0), (I, &ready(), 0)],
@@ -2076,7 +2058,7 @@ mod tests {
         }
         // An empty first read decides nothing.
         let st = startup("u", None);
-        let mut conn = PostgresConn::new(opts(), true);
+        let mut conn = PostgresConn::new(db_opts(), true);
         let resp = cat(&[&auth_ok(), &complete("SELECT 1"), &ready()]);
         let out = run(
             &mut conn,
@@ -2084,7 +2066,7 @@ mod tests {
         );
         assert_eq!(calls(&out).len(), 1);
         // A TLS record right after the SSLRequest (the answer not seen yet).
-        let mut conn = PostgresConn::new(opts(), true);
+        let mut conn = PostgresConn::new(db_opts(), true);
         let out = run(&mut conn, &[(E, &ssl, 0), (E, b"\x16\x03\x01\x02\x00", 0)]);
         assert_eq!(out, vec![DbEvent::Skip]);
     }
@@ -2102,7 +2084,7 @@ mod tests {
 
     #[test]
     fn pipelined_batches_pair_in_order() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         let reqs = cat(&[
             &parse("s1", "SELECT * FROM a WHERE id = $1"),
             &bind("", "s1"),
@@ -2164,7 +2146,7 @@ mod tests {
 
     #[test]
     fn an_error_aborts_the_rest_of_its_batch() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         let reqs = cat(&[
             &parse("", "SELECT 1"),
             &bind("", ""),
@@ -2218,7 +2200,7 @@ mod tests {
 
     #[test]
     fn execute_starts_with_its_parse_or_bind() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         conn.feed(E, at(1), &parse("s", "SELECT 1"), 0, &mut out);
         conn.feed(E, at(2), &bind("", "s"), 0, &mut out);
         conn.feed(E, at(3), &execute(""), 0, &mut out);
@@ -2304,7 +2286,7 @@ mod tests {
 
     #[test]
     fn close_of_statements_and_portals_forgets_them() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         let close_s = msg(b'C', b"Ss\0");
         let batch = cat(&[
             &parse("s", "SELECT 1"),
@@ -2360,7 +2342,7 @@ mod tests {
 
     #[test]
     fn long_texts_are_read_up_to_the_cap() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         let sql = format!("SELECT '{}'", "a".repeat(200_000));
         let q = query(&sql);
         for piece in q.chunks(1000) {
@@ -2399,7 +2381,7 @@ mod tests {
 
     #[test]
     fn gaps_inside_bodies_keep_the_framing() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         conn.feed(E, at(1), &query("SELECT * FROM big"), 0, &mut out);
         let rows = cat(&[&msg(b'T', &[0, 0]), &data_row(50_000), &data_row(50_000)]);
         // Two syscalls, each cut at 8 KiB. The first ends with the first
@@ -2447,7 +2429,7 @@ mod tests {
 
     #[test]
     fn exact_gaps_keep_the_framing() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         conn.feed(E, at(1), &query("SELECT * FROM big"), 0, &mut out);
         let resp = cat(&[
             &msg(b'T', &[0, 0]),
@@ -2467,7 +2449,7 @@ mod tests {
 
     #[test]
     fn backend_bytes_unread_leave_their_calls_unanswered() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         conn.feed(
             E,
             at(1),
@@ -2503,7 +2485,7 @@ mod tests {
 
     #[test]
     fn lost_requests_do_not_shift_pairing() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         let big = cat(&[
             &parse("", "INSERT INTO t VALUES ($1)"),
             &msg(
@@ -2554,8 +2536,8 @@ mod tests {
         // The big result of psql_simple arrives in 8 KiB writes: with 4 KiB
         // captured the backend loses its framing inside the last call.
         let (f, wants, _) = fixtures().into_iter().next().unwrap();
-        let (full, _) = play(&f, &recorded(&f), E, opts(), usize::MAX);
-        let (cut, conn) = play(&f, &recorded(&f), E, opts(), 4096);
+        let (full, _) = play(&f, &recorded(&f), E, db_opts(), usize::MAX);
+        let (cut, conn) = play(&f, &recorded(&f), E, db_opts(), 4096);
         let (full, cut) = (calls(&full), calls(&cut));
         assert_eq!(cut.len(), wants.len());
         assert_eq!(full[..17], cut[..17]);
@@ -2567,7 +2549,7 @@ mod tests {
         for (f, _, _) in fixtures() {
             for limit in [0, 1, 3, 5, 8, 16, 64, 256, 1024] {
                 for req_dir in [E, I] {
-                    play(&f, &recorded(&f), req_dir, opts(), limit);
+                    play(&f, &recorded(&f), req_dir, db_opts(), limit);
                 }
             }
         }
@@ -2582,10 +2564,10 @@ mod tests {
                 continue;
             }
             let schedule = recorded(&f);
-            let (full, _) = play(&f, &schedule, E, opts(), usize::MAX);
+            let (full, _) = play(&f, &schedule, E, db_opts(), usize::MAX);
             let full = calls(&full);
             for k in 1..schedule.len() {
-                let mut conn = PostgresConn::new(opts(), false);
+                let mut conn = PostgresConn::new(db_opts(), false);
                 let mut out = Vec::new();
                 for &(is_req, off, len) in &schedule[k..] {
                     let (dir, stream) = if is_req { (E, f.req) } else { (I, f.resp) };
@@ -2631,7 +2613,7 @@ mod tests {
             let Some(first_q) = schedule.iter().position(|s| s.0 && s.1 > 0) else {
                 continue;
             };
-            let mut conn = PostgresConn::new(opts(), false);
+            let mut conn = PostgresConn::new(db_opts(), false);
             let mut out = Vec::new();
             for &(is_req, off, len) in &schedule[first_q..] {
                 let (dir, stream) = if is_req { (I, f.req) } else { (E, f.resp) };
@@ -2656,7 +2638,7 @@ mod tests {
 
     #[test]
     fn startup_seen_by_a_mid_stream_connection_is_used() {
-        let mut conn = PostgresConn::new(opts(), false);
+        let mut conn = PostgresConn::new(db_opts(), false);
         let st = startup("bob", Some("shop"));
         let auth = auth_ok();
         let q = query("SELECT 1");
@@ -2674,7 +2656,7 @@ mod tests {
     fn not_postgres_is_skipped_after_a_budget() {
         let text = "lorem ipsum dolor sit amet ".repeat(20_000);
         for from_start in [false, true] {
-            let mut conn = PostgresConn::new(opts(), from_start);
+            let mut conn = PostgresConn::new(db_opts(), from_start);
             let mut out = Vec::new();
             for piece in text.as_bytes().chunks(4096) {
                 conn.feed(E, at(1), piece, 0, &mut out);
@@ -2686,7 +2668,7 @@ mod tests {
 
     #[test]
     fn close_completes_a_started_response_and_reports_the_rest() {
-        let (mut conn, mut out) = connected(opts());
+        let (mut conn, mut out) = connected(db_opts());
         conn.feed(
             E,
             at(1),
@@ -2759,7 +2741,11 @@ mod tests {
         for round in 0..400 {
             let len = rng.below(4096) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            let options = if round % 2 == 0 { opts() } else { small_opts() };
+            let options = if round % 2 == 0 {
+                db_opts()
+            } else {
+                small_opts()
+            };
             chaos(&mut rng, &bytes, options);
         }
     }
@@ -2813,7 +2799,11 @@ mod tests {
                     bytes.extend_from_slice(part);
                 }
             }
-            let options = if round % 3 == 0 { small_opts() } else { opts() };
+            let options = if round % 3 == 0 {
+                small_opts()
+            } else {
+                db_opts()
+            };
             chaos(&mut rng, &bytes, options);
         }
     }
@@ -2824,7 +2814,11 @@ mod tests {
         for (f, _, _) in fixtures() {
             for round in 0..40 {
                 let mut conn = PostgresConn::new(
-                    if round % 2 == 0 { opts() } else { small_opts() },
+                    if round % 2 == 0 {
+                        db_opts()
+                    } else {
+                        small_opts()
+                    },
                     round % 3 != 0,
                 );
                 let mut out = Vec::new();

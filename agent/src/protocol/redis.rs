@@ -2265,24 +2265,6 @@ mod tests {
     const E: Direction = Direction::Egress;
     const I: Direction = Direction::Ingress;
 
-    fn opts() -> Arc<DbOptions> {
-        Arc::new(DbOptions::default())
-    }
-
-    fn at(ts_ns: u64) -> Moment {
-        Moment { ts_ns, tid: 7 }
-    }
-
-    fn calls(events: &[DbEvent]) -> Vec<&DbCall> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                DbEvent::Call(c) => Some(c),
-                _ => None,
-            })
-            .collect()
-    }
-
     // --- recorded fixtures --------------------------------------------------
 
     fn all_fixtures() -> Vec<Fixture> {
@@ -2633,7 +2615,7 @@ mod tests {
         positions: Option<&Positions>,
     ) -> Positions {
         let ctx = format!("{} ({req_dir:?}, {} syscalls)", f.name, schedule.len());
-        let (events, conn) = play(f, schedule, req_dir, opts(), None);
+        let (events, conn) = play(f, schedule, req_dir, db_opts(), None);
         check_invariants(&events);
         let cs = calls(&events);
         let requests = events
@@ -2756,8 +2738,8 @@ mod tests {
         // cut resynchronises. Every call is still found and paired, with the
         // same moments.
         for f in all_fixtures() {
-            let full = play(&f, &recorded(&f), E, opts(), None).0;
-            let (events, conn) = play(&f, &recorded(&f), E, opts(), Some(8192));
+            let full = play(&f, &recorded(&f), E, db_opts(), None).0;
+            let (events, conn) = play(&f, &recorded(&f), E, db_opts(), Some(8192));
             check_invariants(&events);
             let (a, b) = (calls(&full), calls(&events));
             assert_eq!(a.len(), b.len(), "{}", f.name);
@@ -2799,10 +2781,10 @@ mod tests {
         }
         // Smaller limits lose commands inside pipelines: never a wrong pair.
         for f in all_fixtures() {
-            let full = play(&f, &recorded(&f), E, opts(), None).0;
+            let full = play(&f, &recorded(&f), E, db_opts(), None).0;
             let full = calls(&full);
             for limit in [1, 7, 64, 300, 1024] {
-                let (events, _) = play(&f, &recorded(&f), E, opts(), Some(limit));
+                let (events, _) = play(&f, &recorded(&f), E, db_opts(), Some(limit));
                 check_invariants(&events);
                 for c in calls(&events) {
                     // A call is either unanswered or paired with its own
@@ -2915,7 +2897,7 @@ mod tests {
             ),
         ];
         for (args, sanitized, raw_text) in cases {
-            for (o, want) in [(opts(), sanitized), (Arc::clone(&raw), raw_text)] {
+            for (o, want) in [(db_opts(), sanitized), (Arc::clone(&raw), raw_text)] {
                 let out = exchange(o, &[cmd(args)], &[b"+OK\r\n"]);
                 let c = calls(&out);
                 assert_eq!(c[0].query_text.as_deref(), Some(*want), "{args:?}");
@@ -3084,7 +3066,7 @@ mod tests {
         for b in no {
             assert_eq!(detect(E, b), Detect::No, "{:?}", String::from_utf8_lossy(b));
             // A connection seen from its start that begins this way: Skip.
-            let mut conn = RedisConn::new(opts(), true);
+            let mut conn = RedisConn::new(db_opts(), true);
             let out = run(
                 &mut conn,
                 &[(E, b, 0), (I, b"+OK\r\n", 0), (E, b"PING\r\n", 0)],
@@ -3098,7 +3080,7 @@ mod tests {
 
     #[test]
     fn inline_commands_after_the_first() {
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3118,7 +3100,7 @@ mod tests {
 
     #[test]
     fn pipelines_pair_fifo_with_their_own_moments() {
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let mut reqs = cmd(&["SET", "a", "1"]);
         reqs.extend(cmd(&["GET", "a"]));
         reqs.extend(cmd(&["INCR", "a"]));
@@ -3181,7 +3163,7 @@ mod tests {
             (head + 20_001, 20_009),
         ];
         for (q, r) in cuts {
-            let mut conn = RedisConn::new(opts(), true);
+            let mut conn = RedisConn::new(db_opts(), true);
             let out = run(
                 &mut conn,
                 &[
@@ -3213,7 +3195,7 @@ mod tests {
         reqs.extend(cmd(&["MSET", "b", "2", "c", "3"]));
         reqs.extend(cmd(&["GET", "a"]));
         let cut = cmd(&["SET", "a", "1"]).len() + 20;
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3237,7 +3219,7 @@ mod tests {
 
         // A client that writes again before reading everything: the calls
         // sent meanwhile end unanswered rather than take others' replies.
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3270,7 +3252,7 @@ mod tests {
             reply.extend_from_slice(format!("$5\r\nv{k:04}\r\n").as_bytes());
         }
         let thirds = reply.len() / 3;
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let mut pipeline = cmd(&["LRANGE", "l", "0", "-1"]);
         pipeline.extend(cmd(&["GET", "after"]));
         let out = run(
@@ -3305,7 +3287,7 @@ mod tests {
     fn mid_stream_connections() {
         // A reply to a command never seen, then a command in the other
         // direction than usual (Ingress: a server's view).
-        let mut conn = RedisConn::new(opts(), false);
+        let mut conn = RedisConn::new(db_opts(), false);
         let out = run(
             &mut conn,
             &[
@@ -3328,7 +3310,7 @@ mod tests {
         );
 
         // The first plausible command decides; its reply pairs.
-        let mut conn = RedisConn::new(opts(), false);
+        let mut conn = RedisConn::new(db_opts(), false);
         let out = run(
             &mut conn,
             &[(E, &cmd(&["INCR", "n"]), 0), (I, b":1\r\n", 0)],
@@ -3336,7 +3318,7 @@ mod tests {
         assert_eq!(summary(&out), [s(0, "INCR", None, false, 2)]);
 
         // Never a command: Skip after the budget.
-        let mut conn = RedisConn::new(opts(), false);
+        let mut conn = RedisConn::new(db_opts(), false);
         let mut out = Vec::new();
         for k in 0..300 {
             conn.feed(
@@ -3354,7 +3336,7 @@ mod tests {
     fn pubsub_never_hangs_or_mispairs() {
         // RESP2: messages are arrays; an UNSUBSCRIBE of nothing still gets
         // one confirmation; PING gets a "pong" array.
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3387,7 +3369,7 @@ mod tests {
         );
 
         // RESP3: pushes never pair; ordinary commands in subscribed mode do.
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let push = b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nm1\r\n";
         let mut pieces: Vec<(Direction, &[u8], u64)> = vec![
             (E, b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n", 0),
@@ -3411,7 +3393,7 @@ mod tests {
 
         // SUBSCRIBE inside MULTI: QUEUED, then EXEC; then RESP2 messages are
         // not replies.
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3430,7 +3412,7 @@ mod tests {
 
         // A SUBSCRIBE refused with an error ends at it.
         let out = exchange(
-            opts(),
+            db_opts(),
             &[cmd(&["SUBSCRIBE"]), cmd(&["GET", "k"])],
             &[b"-ERR wrong number of arguments\r\n$-1\r\n"],
         );
@@ -3448,7 +3430,7 @@ mod tests {
             ),
             ("SYNC", b"$5\r\nREDIS\r\n"),
         ] {
-            let mut conn = RedisConn::new(opts(), true);
+            let mut conn = RedisConn::new(db_opts(), true);
             let out = run(
                 &mut conn,
                 &[
@@ -3463,7 +3445,7 @@ mod tests {
         }
         // MONITOR refused: an ordinary error, parsing goes on.
         let out = exchange(
-            opts(),
+            db_opts(),
             &[cmd(&["MONITOR"]), cmd(&["PING"])],
             &[b"-NOPERM no\r\n+PONG\r\n"],
         );
@@ -3473,7 +3455,7 @@ mod tests {
 
     #[test]
     fn client_reply_off_and_skip() {
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3506,7 +3488,7 @@ mod tests {
     #[test]
     fn select_reset_and_namespaces() {
         let out = exchange(
-            opts(),
+            db_opts(),
             &[
                 cmd(&["SELECT", "5"]),
                 cmd(&["GET", "a"]),
@@ -3524,7 +3506,7 @@ mod tests {
         assert_eq!(ns, ["0", "5", "5", "5", "5", "0"]);
         // A MULTI whose EXEC fails does not switch.
         let out = exchange(
-            opts(),
+            db_opts(),
             &[
                 cmd(&["MULTI"]),
                 cmd(&["SELECT", "7"]),
@@ -3565,7 +3547,7 @@ mod tests {
         ];
         for (reply, status) in replies {
             let out = exchange(
-                opts(),
+                db_opts(),
                 &[cmd(&["GET", "k"]), cmd(&["PING"])],
                 &[reply, b"+PONG\r\n"],
             );
@@ -3585,14 +3567,14 @@ mod tests {
             reply.extend_from_slice(b"*1\r\n");
         }
         reply.extend_from_slice(b":1\r\n");
-        let out = exchange(opts(), &[cmd(&["GET", "k"])], &[&reply]);
+        let out = exchange(db_opts(), &[cmd(&["GET", "k"])], &[&reply]);
         assert_eq!(summary(&out), [s(0, "GET", None, false, 2)]);
 
         let mut reply = Vec::new();
         for _ in 0..100_000 {
             reply.extend_from_slice(b"*1\r\n");
         }
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let out = run(
             &mut conn,
             &[
@@ -3658,7 +3640,7 @@ mod tests {
 
     #[test]
     fn close_ends_everything_and_later_bytes_are_ignored() {
-        let mut conn = RedisConn::new(opts(), true);
+        let mut conn = RedisConn::new(db_opts(), true);
         let mut out = Vec::new();
         conn.feed(E, at(1), &cmd(&["GET", "a"]), 0, &mut out);
         conn.feed(E, at(2), &cmd(&["BLPOP", "q", "0"]), 0, &mut out);
@@ -3722,7 +3704,7 @@ mod tests {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let len = rng.below(4000) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            chaos(&mut rng, &bytes, opts());
+            chaos(&mut rng, &bytes, db_opts());
             chaos(&mut rng, &bytes, small_opts());
         }
     }
@@ -3781,7 +3763,11 @@ mod tests {
             chaos(
                 &mut rng,
                 &bytes,
-                if seed % 3 == 0 { small_opts() } else { opts() },
+                if seed % 3 == 0 {
+                    small_opts()
+                } else {
+                    db_opts()
+                },
             );
         }
     }
@@ -3804,7 +3790,7 @@ mod tests {
                         buf[k] = rng.next() as u8;
                     }
                 }
-                let mut conn = RedisConn::new(opts(), seed % 4 != 0);
+                let mut conn = RedisConn::new(db_opts(), seed % 4 != 0);
                 let mut out = Vec::new();
                 let (mut a, mut b) = (&req[..], &resp[..]);
                 let mut k = 0;

@@ -2,7 +2,33 @@
 //! servers and clients (`fixtures/PROTOCOL/NAME.{req,resp,order}`, written
 //! by each directory's `record.py`), replayed as syscall schedules.
 
-use super::http::Moment;
+use std::sync::Arc;
+
+use super::{
+    db::{DbCall, DbEvent, DbOptions},
+    http::Moment,
+};
+
+/// A moment at `ts_ns` on thread 7.
+pub fn at(ts_ns: u64) -> Moment {
+    Moment { ts_ns, tid: 7 }
+}
+
+/// Default options of the database parsers.
+pub fn db_opts() -> Arc<DbOptions> {
+    Arc::new(DbOptions::default())
+}
+
+/// The calls among parser events.
+pub fn calls(events: &[DbEvent]) -> Vec<&DbCall> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            DbEvent::Call(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
 
 /// One recorded connection: each direction's bytes and the relay's reads.
 pub struct Fixture {
