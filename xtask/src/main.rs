@@ -1,6 +1,7 @@
 //! `cargo xtask`: zerotrace's development tasks (see README.md, "Commands").
 
 mod bench;
+mod install;
 mod setup;
 mod util;
 mod vm;
@@ -66,6 +67,10 @@ enum Cmd {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Build the release agent and install it as a systemd service: the binary,
+    /// the unit, and /etc/zerotrace/{zerotrace.yaml,zerotrace.env} unless they exist.
+    #[command(after_help = "Example:\n  cargo xtask install --root /tmp/stage")]
+    Install(install::InstallArgs),
     /// Kernel matrix: boot Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG)
     /// and check the fentry and kprobe paths over ring buffer and perf buffer.
     VmTest(vm::VmTestArgs),
@@ -114,6 +119,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
         },
         Cmd::Lint => lint(&ctx),
+        Cmd::Install(args) => install::install(&ctx, &args),
         Cmd::VmTest(args) => vm::run_matrix(&ctx, &args),
     }
 }
@@ -344,5 +350,19 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
+        let Cmd::Install(install) = parse(&["install"]) else {
+            panic!()
+        };
+        assert_eq!(install.prefix, std::path::Path::new("/usr/local"));
+        assert!(install.root.is_none());
+        let Cmd::Install(install) = parse(&["install", "--prefix", "/usr", "--root", "/tmp/x"])
+        else {
+            panic!()
+        };
+        assert_eq!(install.prefix, std::path::Path::new("/usr"));
+        assert_eq!(
+            install.root.as_deref(),
+            Some(std::path::Path::new("/tmp/x"))
+        );
     }
 }

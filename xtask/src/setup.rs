@@ -36,6 +36,8 @@ pub const PACKAGES: &[&str] = &[
     "postgresql",
     "mariadb-server",
     "mariadb-client",
+    // systemd-analyze: tests/tests/deploy.rs verifies deploy/systemd/zerotrace.service.
+    "systemd",
 ];
 
 /// The nightly toolchain as found (or installed).
@@ -405,6 +407,9 @@ pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "redis~=8.1",
     // The reference parser for the Prometheus text format (the /metrics test).
     "prometheus-client~=0.26",
+    // Kubernetes OpenAPI schemas (strict: unknown fields are errors) and
+    // PyYAML; tests/tests/deploy.rs validates deploy/kubernetes with them.
+    "kubernetes-validate~=1.37",
 ];
 
 /// Written into the venv after a successful install; a different list means reinstall.
@@ -444,7 +449,8 @@ fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
         "import opentelemetry.sdk.trace, \
          opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
          opentelemetry.exporter.otlp.proto.http.trace_exporter, \
-         fastapi, uvicorn, flask, psycopg, pymysql, redis, prometheus_client.parser; \
+         fastapi, uvicorn, flask, psycopg, pymysql, redis, prometheus_client.parser, \
+         kubernetes_validate, yaml; \
          psycopg.pq.version()",
     ]))?;
     let rotel = rotel_agent(venv).context("rotel-agent missing")?;
