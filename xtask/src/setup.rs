@@ -8,7 +8,8 @@
 //! Redis servers and clients), and a Python venv with the OpenTelemetry SDK,
 //! its OTLP exporters and the rotel collector (the tests' real OTLP exporter
 //! and collector) plus what the test apps in tests/apps import (FastAPI,
-//! uvicorn, Flask, psycopg, PyMySQL, redis-py).
+//! uvicorn, Flask, psycopg, PyMySQL, redis-py) and the Kubernetes manifest
+//! validator the deployment tests use (kubernetes-validate).
 
 use std::fs;
 use std::path::{Path, PathBuf};
