@@ -32,7 +32,8 @@ pub struct Config {
     pub db: DbConfig,
     pub exclude: ExcludeConfig,
     /// service.name rules, first match wins; else OTEL_SERVICE_NAME, else
-    /// the executable name.
+    /// (in a pod) its app.kubernetes.io/name label, workload or pod name,
+    /// else the executable name.
     pub services: Vec<ServiceRule>,
     pub export: ExportConfig,
     pub sampling: SamplingConfig,
@@ -49,7 +50,9 @@ pub enum MetadataMode {
     /// On inside a pod (KUBERNETES_SERVICE_HOST set) or with a kubeconfig.
     #[default]
     Auto,
+    /// Always; no way to the API server is a start-up error.
     On,
+    /// Never (container.id is still added).
     Off,
 }
 
