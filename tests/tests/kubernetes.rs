@@ -386,6 +386,50 @@ fn outside_kubernetes_only_the_container_id_is_added() {
 }
 
 #[test]
+fn an_unreachable_api_server_does_not_stop_tracing() {
+    if !can_trace() {
+        return;
+    }
+    // A kubeconfig pointing at a port nobody listens on.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig.yaml");
+    let server = format!("http://127.0.0.1:{}", free_port());
+    fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: gone\n  context:\n    cluster: gone\n    user: u\n\
+             current-context: gone\nusers:\n- name: u\n  user:\n    token: t\n"
+        ),
+    )
+    .unwrap();
+    let rx = Receiver::start(Protocol::HttpProtobuf).unwrap();
+    let checkout = ContainerServer::cgroup_v1(
+        &pod_uid("checkout-7c9d8f6b5d-x2k4p"),
+        &container_id("checkout"),
+    );
+    let endpoint = rx.endpoint();
+    let mut envs = agent_env(&rx, &endpoint);
+    let kubeconfig = kubeconfig.display().to_string();
+    envs.extend([
+        ("ZEROTRACE_KUBERNETES_METADATA", "on"),
+        ("ZEROTRACE_KUBECONFIG", kubeconfig.as_str()),
+        ("ZEROTRACE_NODE_NAME", NODE),
+    ]);
+    let mut agent = run_agent(&envs);
+    agent
+        .wait_for_stderr("watching pods on node", Duration::from_secs(20))
+        .unwrap();
+    let span = request(&rx, &checkout, "/offline");
+    assert_eq!(
+        resource(&span, "container.id"),
+        Some(container_id("checkout"))
+    );
+    assert_eq!(resource(&span, "k8s.pod.name"), None);
+    drop(agent.stop());
+}
+
+#[test]
 fn metadata_on_without_a_cluster_is_a_configuration_error() {
     let out = Command::new(agent_bin())
         .args(["run", "--kubernetes-metadata", "on"])
