@@ -56,7 +56,9 @@ impl Resources {
             rules,
             fallback_name,
             extra,
-            host_name: host_name(),
+            // In a pod, the host name is the pod's: the node's name (downward
+            // API) names the host instead.
+            host_name: env("ZEROTRACE_NODE_NAME").unwrap_or_else(host_name),
             kubernetes: None,
             processes: HashMap::new(),
         }
@@ -64,6 +66,9 @@ impl Resources {
 
     /// Adds pod metadata to the resources of container processes.
     pub fn with_kubernetes(mut self, metadata: Option<Metadata>) -> Self {
+        if let Some(k8s) = &metadata {
+            k8s.node_name().clone_into(&mut self.host_name);
+        }
         self.kubernetes = metadata;
         self
     }
