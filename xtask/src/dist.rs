@@ -243,6 +243,10 @@ pub fn image(ctx: &Ctx, dist: &Dist) -> Result<Image> {
         "building {tag} with {tool} (context {})…",
         ctx.rel(&dist.dir)
     );
+    // The previous build of this tag would stay behind as an untagged image.
+    if let Ok(mut rmi) = ctx.as_root(tool, "removing the previous image") {
+        let _ = output(rmi.args(["rmi", &tag]));
+    }
     let mut build = ctx.as_root(tool, "building the image")?;
     // chroot isolation: no container runtime is needed (nothing is RUN anyway).
     build
