@@ -1,6 +1,8 @@
 //! `cargo xtask`: zerotrace's development tasks (see README.md, "Commands").
 
 mod bench;
+mod dist;
+mod elf;
 mod setup;
 mod util;
 mod vm;
@@ -66,6 +68,13 @@ enum Cmd {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Release build: a static x86_64 musl binary with the eBPF object
+    /// embedded, packed under dist/ (directory, .tar.gz, .sha256).
+    Dist,
+    /// `dist`, then the `FROM scratch` image (deploy/Containerfile) built on
+    /// the dist directory with buildah or podman, tagged zerotrace:VERSION and
+    /// written to dist/ as an OCI archive.
+    Image,
     /// Kernel matrix: boot Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG)
     /// and check the fentry and kprobe paths over ring buffer and perf buffer.
     VmTest(vm::VmTestArgs),
@@ -114,6 +123,17 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
         },
         Cmd::Lint => lint(&ctx),
+        Cmd::Dist => dist::dist(&ctx).map(drop),
+        Cmd::Image => {
+            let image = dist::image(&ctx, &dist::dist(&ctx)?)?;
+            say!(
+                "image",
+                "{} (load elsewhere: podman load -i {})",
+                image.tag,
+                ctx.rel(&image.archive)
+            );
+            Ok(())
+        }
         Cmd::VmTest(args) => vm::run_matrix(&ctx, &args),
     }
 }
@@ -148,6 +168,9 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
         .take_while(|a| *a != "--")
         .any(|a| a == "--release" || a == "-r");
     build_agent(ctx, release)?;
+    // The release build and its image, for tests/tests/dist.rs.
+    let dist = dist::dist(ctx)?;
+    let image = dist::image(ctx, &dist)?;
 
     let mut c = ctx.cargo();
     // Every test binary runs even after a failure, so the total is complete.
@@ -155,6 +178,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
     c.env("RUST_TEST_THREADS", "1");
     c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));
+    c.env("ZEROTRACE_DIST_BIN", &dist.bin);
+    c.env("ZEROTRACE_DIST_IMAGE", &image.archive);
     // The Python OTel SDK and rotel that `setup` installed (tests/src/otlp.rs).
     c.env("ZEROTRACE_VENV", setup::otel_venv_dir()?);
     if !ctx.is_root {
