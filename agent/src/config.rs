@@ -7,7 +7,10 @@ use std::{path::PathBuf, time::Duration};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::kernel::{kfunc::KfuncChoice, loader::TransportChoice};
+use crate::{
+    kernel::{kfunc::KfuncChoice, loader::TransportChoice},
+    trace::kubernetes::watch::ApiAccess,
+};
 
 /// A configuration the agent cannot run with (exit code 2).
 #[derive(Debug, Error)]
@@ -29,13 +32,90 @@ pub struct Config {
     pub db: DbConfig,
     pub exclude: ExcludeConfig,
     /// service.name rules, first match wins; else OTEL_SERVICE_NAME, else
-    /// the executable name.
+    /// (in a pod) its app.kubernetes.io/name label, workload or pod name,
+    /// else the executable name.
     pub services: Vec<ServiceRule>,
     pub export: ExportConfig,
     pub sampling: SamplingConfig,
     /// Seconds between statistics lines on stderr.
     pub stats_interval: Option<u64>,
     pub telemetry: TelemetryConfig,
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Whether spans' resources get the pod metadata of container processes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataMode {
+    /// On inside a pod (KUBERNETES_SERVICE_HOST set) or with a kubeconfig.
+    #[default]
+    Auto,
+    /// Always; no way to the API server is a start-up error.
+    On,
+    /// Never (container.id is still added).
+    Off,
+}
+
+/// Kubernetes metadata (k8s.* resource attributes) from the API server.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub metadata: MetadataMode,
+    /// This node's name [default: ZEROTRACE_NODE_NAME, else the host name].
+    pub node_name: Option<String>,
+    /// A kubeconfig file [default: the in-cluster service account].
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Where pod metadata comes from, once [`KubernetesConfig::target`] decided
+/// it is wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesTarget {
+    pub node_name: String,
+    pub access: ApiAccess,
+}
+
+impl KubernetesConfig {
+    /// `None` when metadata is off, or `auto` outside a cluster without a
+    /// kubeconfig; an error when it is `on` and there is no way to the API
+    /// server. `in_cluster`: KUBERNETES_SERVICE_HOST is set.
+    pub fn target(
+        &self,
+        in_cluster: bool,
+        host_name: impl FnOnce() -> Option<String>,
+    ) -> Result<Option<KubernetesTarget>, ConfigError> {
+        let access = match (&self.kubeconfig, in_cluster) {
+            (Some(path), _) => Some(ApiAccess::Kubeconfig(path.clone())),
+            (None, true) => Some(ApiAccess::InCluster),
+            (None, false) => None,
+        };
+        let access = match (self.metadata, access) {
+            (MetadataMode::Off, _) | (MetadataMode::Auto, None) => return Ok(None),
+            (_, Some(access)) => access,
+            (MetadataMode::On, None) => {
+                return Err(ConfigError::new(
+                    "kubernetes.metadata is on, but there is no way to the API server: \
+                     not in a pod (KUBERNETES_SERVICE_HOST unset) and no kubeconfig \
+                     (kubernetes.kubeconfig, ZEROTRACE_KUBECONFIG or --kubeconfig)",
+                ));
+            }
+        };
+        let node_name = self
+            .node_name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .or_else(host_name)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "kubernetes metadata needs this node's name: set kubernetes.node_name \
+                     or ZEROTRACE_NODE_NAME (downward API spec.nodeName)",
+                )
+            })?;
+        Ok(Some(KubernetesTarget {
+            node_name: node_name.trim().to_owned(),
+            access,
+        }))
+    }
 }
 
 /// The agent's own telemetry.
@@ -403,6 +483,48 @@ mod tests {
         assert!(ratio.0.contains("between"), "{ratio}");
         assert!(Config::from_yaml("services:\n  - name: x\n").is_err());
         assert!(Config::from_yaml("exclude:\n  paths: [health]\n").is_err());
+    }
+
+    #[test]
+    fn kubernetes_metadata_is_off_outside_a_cluster_unless_asked() {
+        let host = || Some("host-1".to_owned());
+        let c = Config::from_yaml("").unwrap().kubernetes;
+        assert_eq!(c.metadata, MetadataMode::Auto);
+        assert_eq!(c.target(false, host).unwrap(), None);
+        let inside = c.target(true, host).unwrap().unwrap();
+        assert_eq!(inside.access, ApiAccess::InCluster);
+        assert_eq!(inside.node_name, "host-1");
+
+        let on = Config::from_yaml("kubernetes:\n  metadata: on\n")
+            .unwrap()
+            .kubernetes;
+        assert_eq!(on.metadata, MetadataMode::On);
+        let err = on.target(false, host).unwrap_err();
+        assert!(err.0.contains("KUBERNETES_SERVICE_HOST"), "{err}");
+
+        let off = Config::from_yaml("kubernetes:\n  metadata: off\n")
+            .unwrap()
+            .kubernetes;
+        assert_eq!(off.target(true, host).unwrap(), None);
+
+        let file = Config::from_yaml(
+            "kubernetes:\n  metadata: on\n  node_name: node-a\n  kubeconfig: /etc/kube.yaml\n",
+        )
+        .unwrap()
+        .kubernetes;
+        let t = file.target(false, || None).unwrap().unwrap();
+        assert_eq!(t.node_name, "node-a");
+        assert_eq!(t.access, ApiAccess::Kubeconfig("/etc/kube.yaml".into()));
+        // auto with a kubeconfig: the user pointed us at a cluster.
+        let auto = KubernetesConfig {
+            kubeconfig: Some("/k".into()),
+            ..KubernetesConfig::default()
+        };
+        assert!(auto.target(false, host).unwrap().is_some());
+        assert!(auto.target(false, || None).is_err());
+
+        assert!(Config::from_yaml("kubernetes:\n  metadata: maybe\n").is_err());
+        assert!(Config::from_yaml("kubernetes:\n  nodename: x\n").is_err());
     }
 
     #[test]

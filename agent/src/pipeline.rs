@@ -108,6 +108,7 @@ impl Pipeline {
     /// Loads and attaches the probes, seeds connections from /proc, and
     /// opens the transport.
     pub fn start(opts: &LoadOptions) -> anyhow::Result<Self> {
+        crate::kernel::features::require_capabilities()?;
         let mut probes = Probes::load(opts)?;
         // Seed after attaching: a connection opened in between is seen by
         // the probes, one opened before is in /proc.

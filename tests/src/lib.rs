@@ -5,6 +5,7 @@
 //! with a message, except under CI=true, where skipping is a failure.
 
 pub mod db;
+pub mod kube_api;
 pub mod otlp;
 pub mod rotel;
 pub mod servers;

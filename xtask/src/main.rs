@@ -1,6 +1,8 @@
 //! `cargo xtask`: zerotrace's development tasks (see README.md, "Commands").
 
 mod bench;
+mod dist;
+mod elf;
 mod install;
 mod setup;
 mod util;
@@ -67,6 +69,13 @@ enum Cmd {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Release build: a static x86_64 musl binary with the eBPF object
+    /// embedded, packed under dist/ (directory, .tar.gz, .sha256).
+    Dist,
+    /// `dist`, then the `FROM scratch` image (deploy/Containerfile) built on
+    /// the dist directory with buildah or podman, tagged zerotrace:VERSION and
+    /// written to dist/ as an OCI archive.
+    Image,
     /// Build the release agent and install it as a systemd service: the binary,
     /// the unit, and /etc/zerotrace/{zerotrace.yaml,zerotrace.env} unless they exist.
     #[command(after_help = "Example:\n  cargo xtask install --root /tmp/stage")]
@@ -119,6 +128,17 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
         },
         Cmd::Lint => lint(&ctx),
+        Cmd::Dist => dist::dist(&ctx).map(drop),
+        Cmd::Image => {
+            let image = dist::image(&ctx, &dist::dist(&ctx)?)?;
+            say!(
+                "image",
+                "{} (load elsewhere: podman load -i {})",
+                image.tag,
+                ctx.rel(&image.archive)
+            );
+            Ok(())
+        }
         Cmd::Install(args) => install::install(&ctx, &args),
         Cmd::VmTest(args) => vm::run_matrix(&ctx, &args),
     }
@@ -154,6 +174,9 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
         .take_while(|a| *a != "--")
         .any(|a| a == "--release" || a == "-r");
     build_agent(ctx, release)?;
+    // The release build and its image, for tests/tests/dist.rs.
+    let dist = dist::dist(ctx)?;
+    let image = dist::image(ctx, &dist)?;
 
     let mut c = ctx.cargo();
     // Every test binary runs even after a failure, so the total is complete.
@@ -161,6 +184,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     // eBPF end-to-end tests attach to the same syscalls; never run them concurrently.
     c.env("RUST_TEST_THREADS", "1");
     c.env("ZEROTRACE_BIN", ctx.zerotrace_bin(release));
+    c.env("ZEROTRACE_DIST_BIN", &dist.bin);
+    c.env("ZEROTRACE_DIST_IMAGE", &image.archive);
     // The Python OTel SDK and rotel that `setup` installed (tests/src/otlp.rs).
     c.env("ZEROTRACE_VENV", setup::otel_venv_dir()?);
     if !ctx.is_root {

@@ -37,6 +37,12 @@ pub const PACKAGES: &[&str] = &[
     "postgresql",
     "mariadb-server",
     "mariadb-client",
+    // `cargo xtask dist`: musl-gcc compiles C code in dependencies for the
+    // static musl build; buildah builds the image; the dist test reads the
+    // binary's program headers with readelf.
+    "musl-tools",
+    "buildah",
+    "binutils",
     // systemd-analyze: tests/tests/deploy.rs verifies deploy/systemd/zerotrace.service.
     "systemd",
 ];
@@ -54,6 +60,7 @@ pub fn full(ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     toolchain(ctx, true)?;
     packages(ctx)?;
+    musl(ctx)?;
     otel_venv(ctx)?;
     kernel_report();
     say!("setup", "done in {:.1}s", start.elapsed().as_secs_f64());
@@ -292,6 +299,14 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
         say!("setup", "debian packages: present ({list})");
         return Ok(());
     }
+    apt_install(ctx, &missing)?;
+    say!("setup", "debian packages: installed {}", missing.join(" "));
+    Ok(())
+}
+
+/// Installs `missing` with apt-get (through sudo when not root), keeping the
+/// packages from starting services, and checks that they are installed.
+fn apt_install(ctx: &Ctx, missing: &[&str]) -> Result<()> {
     let missing_list = missing.join(" ");
     let via = if ctx.is_root {
         String::new()
@@ -312,7 +327,7 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
     };
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
-    args.extend(&missing);
+    args.extend(missing);
     let no_starts = NoServiceStarts::begin(ctx)?;
     let installed = apt(&args);
     drop(no_starts);
@@ -328,7 +343,46 @@ pub fn packages(ctx: &Ctx) -> Result<()> {
             still.join(" ")
         );
     }
-    say!("setup", "debian packages: installed {missing_list}");
+    Ok(())
+}
+
+/// What `cargo xtask dist` needs besides the eBPF toolchain: the musl target
+/// for the toolchain cargo builds with here, and `musl-gcc` (Debian
+/// `musl-tools`) for C code in dependencies.
+pub fn musl(ctx: &Ctx) -> Result<()> {
+    let target = crate::dist::TARGET;
+    let sysroot = PathBuf::from(output(ctx.cmd("rustc").args(["--print", "sysroot"]))?.trim());
+    // rustup keeps each toolchain in a directory named after it.
+    let toolchain = sysroot
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("rustc's sysroot has no name")?;
+    let std = sysroot.join("lib/rustlib").join(target).join("lib");
+    if std.is_dir() {
+        say!("setup", "rust target {target} ({toolchain}): present");
+    } else {
+        say!(
+            "setup",
+            "rust target {target} ({toolchain}): missing, adding it…"
+        );
+        run(ctx
+            .cmd("rustup")
+            .args(["target", "add", target, "--toolchain", &toolchain]))?;
+        if !std.is_dir() {
+            bail!(
+                "`rustup target add {target}` succeeded but {} does not exist",
+                std.display()
+            );
+        }
+        say!("setup", "rust target {target} ({toolchain}): added");
+    }
+    if ctx.which("musl-gcc").is_none() {
+        if ctx.which("apt-get").is_none() {
+            bail!("musl-gcc not found: install musl's gcc wrapper (Debian/Ubuntu: musl-tools)");
+        }
+        say!("setup", "musl-gcc: missing; installing musl-tools…");
+        apt_install(ctx, &["musl-tools"])?;
+    }
     Ok(())
 }
 

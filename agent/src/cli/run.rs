@@ -11,7 +11,10 @@ use clap::Args;
 
 use super::CaptureArgs;
 use crate::{
-    config::{BatchConfig, Config, ConfigError, ExporterKind, HeaderRule, OtlpProtocol, env},
+    config::{
+        BatchConfig, Config, ConfigError, ExporterKind, HeaderRule, KubernetesTarget, MetadataMode,
+        OtlpProtocol, env,
+    },
     export::{Exporter, Target},
     kernel::features,
     pipeline::{Pipeline, stop_on_signals},
@@ -21,7 +24,7 @@ use crate::{
         interval::IntervalReporter,
         startup::Startup,
     },
-    trace::{TraceOptions, Tracer, context::Sampler},
+    trace::{TraceOptions, Tracer, context::Sampler, kubernetes::watch::Watch},
 };
 
 #[derive(Args, Debug)]
@@ -85,6 +88,21 @@ pub struct RunArgs {
     /// Address of /health, /ready and /metrics, or "off" [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR", env = "ZEROTRACE_LISTEN")]
     listen: Option<String>,
+    /// Pod metadata (k8s.* resource attributes) for container processes:
+    /// auto = on inside a pod or with a kubeconfig [default: auto].
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        env = "ZEROTRACE_KUBERNETES_METADATA"
+    )]
+    kubernetes_metadata: Option<MetadataMode>,
+    /// This node's name: its pods are the ones watched [default: the host name].
+    #[arg(long, value_name = "NAME", env = "ZEROTRACE_NODE_NAME")]
+    node_name: Option<String>,
+    /// Kubeconfig file for the API server [default: the in-cluster service account].
+    #[arg(long, value_name = "FILE", env = "ZEROTRACE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
@@ -96,6 +114,8 @@ struct Settings {
     target: Target,
     batch: BatchConfig,
     sampler: Sampler,
+    /// Where pod metadata comes from; `None`: no Kubernetes at all.
+    kubernetes: Option<KubernetesTarget>,
 }
 
 impl RunArgs {
@@ -136,7 +156,21 @@ impl RunArgs {
         if let Some(bytes) = self.capture.capture_bytes {
             config.capture.capture_bytes = Some(bytes);
         }
+        if let Some(mode) = self.kubernetes_metadata {
+            config.kubernetes.metadata = mode;
+        }
+        if self.node_name.is_some() {
+            config.kubernetes.node_name = self.node_name.clone();
+        }
+        if self.kubeconfig.is_some() {
+            config.kubernetes.kubeconfig = self.kubeconfig.clone();
+        }
         config.validate()?;
+        let kubernetes = config
+            .kubernetes
+            .target(env("KUBERNETES_SERVICE_HOST").is_some(), || {
+                nix::unistd::gethostname().ok()?.into_string().ok()
+            })?;
 
         let env_endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
@@ -189,6 +223,7 @@ impl RunArgs {
             config,
             target,
             sampler,
+            kubernetes,
         })
     }
 }
@@ -255,6 +290,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .map_or("none".to_owned(), |p| p.display().to_string()),
     );
     let stop = stop_on_signals()?;
+    // Nothing Kubernetes starts unless metadata is wanted and reachable.
+    let watch = match &settings.kubernetes {
+        Some(k8s) => Some(startup.phase("kubernetes.start", || {
+            Watch::start(&k8s.access, &k8s.node_name)
+                .map_err(|e| ConfigError::new(format!("kubernetes metadata: {e:#}")))
+        })?),
+        None => None,
+    };
+    if let Some(k8s) = &settings.kubernetes {
+        log::info!(
+            "kubernetes metadata: watching the pods of node {} through {}",
+            k8s.node_name,
+            k8s.access.describe()
+        );
+        startup.annotate("zerotrace.kubernetes.node", k8s.node_name.clone());
+    }
     let exporter = startup.phase("export.start", || {
         Exporter::start(&settings.target, settings.batch)
     })?;
@@ -271,10 +322,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     startup.annotate_features(&features);
 
-    let mut tracer = Tracer::new(
-        TraceOptions::new(&settings.config, settings.sampler),
-        exporter.queue(),
-    );
+    let mut options = TraceOptions::new(&settings.config, settings.sampler);
+    options.kubernetes = watch.as_ref().map(Watch::metadata);
+    let mut tracer = Tracer::new(options, exporter.queue());
     let load = args.capture.load_options_over(&settings.config.capture);
     let mut pipeline = match Pipeline::start(&load) {
         Ok(pipeline) => pipeline,
@@ -369,7 +419,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     report(&pipeline, &tracer, &exporter);
     drop(endpoints);
     drop(pipeline);
-    drop((tracer, self_spans));
+    drop((tracer, self_spans, watch));
     let counts = exporter.shutdown();
     eprintln!(
         "zerotrace: stopped, probes detached; {} spans exported, {} dropped, {} failed",

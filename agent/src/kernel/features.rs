@@ -65,17 +65,53 @@ fn row(name: &'static str, required: bool, result: Result<String, String>) -> Ro
     Row::new(name, required, result)
 }
 
-/// Linux capabilities the agent uses (bit numbers from linux/capability.h).
-pub const CAPABILITIES: [(&str, u32, &str); 5] = [
-    ("CAP_BPF", 39, "load programs and create maps"),
-    ("CAP_PERFMON", 38, "attach tracepoints, read kernel memory"),
-    ("CAP_SYS_ADMIN", 21, "mount tracefs, BPF run-time stats"),
-    ("CAP_SYS_PTRACE", 19, "read other processes' /proc/PID/fd"),
-    (
-        "CAP_DAC_READ_SEARCH",
-        2,
-        "read /proc of processes of other users",
-    ),
+/// A Linux capability the agent uses.
+pub struct Capability {
+    pub name: &'static str,
+    /// Bit number from linux/capability.h.
+    pub bit: u32,
+    /// Whether the agent refuses to start without it.
+    pub required: bool,
+    pub purpose: &'static str,
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The least-privilege set (deploy/README.md): the required four were each
+/// shown necessary by removing it; CAP_SYS_ADMIN only adds run-time stats.
+pub const CAPABILITIES: [Capability; 5] = [
+    Capability {
+        name: "CAP_BPF",
+        bit: 39,
+        required: true,
+        purpose: "create BPF maps and load programs",
+    },
+    Capability {
+        name: "CAP_PERFMON",
+        bit: 38,
+        required: true,
+        purpose: "load tracing programs and attach tracepoints and kprobes",
+    },
+    Capability {
+        name: "CAP_SYS_PTRACE",
+        bit: 19,
+        required: true,
+        purpose: "read other users' /proc/PID/exe and /proc/PID/fd links \
+                  (executable names, connections open before the agent)",
+    },
+    Capability {
+        name: "CAP_DAC_READ_SEARCH",
+        bit: 2,
+        required: true,
+        purpose: "list other users' /proc/PID/fd and read tracefs",
+    },
+    Capability {
+        name: "CAP_SYS_ADMIN",
+        bit: CAP_SYS_ADMIN,
+        required: false,
+        purpose: "BPF run-time statistics (or sysctl kernel.bpf_stats_enabled=1) \
+                  and mounting tracefs where it is not mounted",
+    },
 ];
 
 fn effective_capabilities() -> Option<u64> {
@@ -87,18 +123,41 @@ fn effective_capabilities() -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Missing capabilities by name, from an effective set.
-pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+/// The capabilities an effective set lacks, required ones first.
+pub fn missing_capabilities(effective: u64) -> Vec<&'static Capability> {
     let has = |bit: u32| effective & (1u64 << bit) != 0;
-    CAPABILITIES
+    let mut missing: Vec<&Capability> = CAPABILITIES
         .iter()
-        // CAP_SYS_ADMIN covers BPF and PERFMON on kernels older than 5.8.
-        .filter(|(name, bit, _)| {
-            let covered = has(21) && matches!(*name, "CAP_BPF" | "CAP_PERFMON");
-            !has(*bit) && !covered
+        // CAP_SYS_ADMIN stands in for BPF and PERFMON on kernels older than 5.8.
+        .filter(|c| {
+            let covered = has(CAP_SYS_ADMIN) && matches!(c.name, "CAP_BPF" | "CAP_PERFMON");
+            !has(c.bit) && !covered
         })
-        .map(|(name, _, _)| *name)
-        .collect()
+        .collect();
+    missing.sort_by_key(|c| !c.required);
+    missing
+}
+
+/// Refuses to start without a required capability, naming each missing one
+/// and what it is for (the loader notes the optional one's absence).
+pub fn require_capabilities() -> anyhow::Result<()> {
+    // Without /proc/self/status the kernel will say what is missing.
+    let Some(effective) = effective_capabilities() else {
+        return Ok(());
+    };
+    let required: Vec<String> = missing_capabilities(effective)
+        .iter()
+        .filter(|c| c.required)
+        .map(|c| format!("{} ({})", c.name, c.purpose))
+        .collect();
+    if !required.is_empty() {
+        anyhow::bail!(
+            "missing capabilit{} {}; grant the set listed in deploy/README.md or run as root",
+            if required.len() == 1 { "y" } else { "ies" },
+            required.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn kernel_release() -> String {
@@ -281,10 +340,24 @@ pub fn probe() -> Report {
         None => Err("cannot read CapEff from /proc/self/status".into()),
         Some(eff) => {
             let missing = missing_capabilities(eff);
-            if missing.is_empty() {
-                Ok("none missing".into())
+            let names = |required: bool| {
+                missing
+                    .iter()
+                    .filter(|c| c.required == required)
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (required, optional) = (names(true), names(false));
+            let note = if optional.is_empty() {
+                String::new()
             } else {
-                Err(format!("missing {}", missing.join(", ")))
+                format!(" (optional {optional} absent: no BPF run-time stats)")
+            };
+            if required.is_empty() {
+                Ok(format!("required set present{note}"))
+            } else {
+                Err(format!("missing {required}{note}"))
             }
         }
     };
@@ -313,11 +386,26 @@ mod tests {
 
     #[test]
     fn capability_names() {
-        assert!(missing_capabilities(u64::MAX).is_empty());
-        assert_eq!(missing_capabilities(0).len(), CAPABILITIES.len());
+        let names = |eff| {
+            missing_capabilities(eff)
+                .iter()
+                .map(|c| (c.name, c.required))
+                .collect::<Vec<_>>()
+        };
+        assert!(names(u64::MAX).is_empty());
+        assert_eq!(names(0).len(), CAPABILITIES.len());
+        // Required ones come first.
+        assert_eq!(names(0).last(), Some(&("CAP_SYS_ADMIN", false)));
         // SYS_ADMIN alone stands in for BPF and PERFMON.
-        let m = missing_capabilities(1 << 21);
-        assert!(!m.contains(&"CAP_BPF") && m.contains(&"CAP_SYS_PTRACE"));
+        let m = names(1 << 21);
+        assert!(!m.iter().any(|(n, _)| *n == "CAP_BPF"));
+        assert!(m.contains(&("CAP_SYS_PTRACE", true)));
+        // The least-privilege set lacks only the optional one.
+        let least = CAPABILITIES
+            .iter()
+            .filter(|c| c.required)
+            .fold(0u64, |set, c| set | 1 << c.bit);
+        assert_eq!(names(least), [("CAP_SYS_ADMIN", false)]);
     }
 
     #[test]

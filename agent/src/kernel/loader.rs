@@ -325,7 +325,18 @@ impl Probes {
             Transport::Perf => ringbuf_size(0),
         };
         let stats = enable_stats(Stats::RunTime)
-            .map_err(|e| log::info!("BPF run-time stats unavailable: {e}"))
+            .map_err(|e| {
+                // The host may count for everyone (sysctl) even when we may not ask.
+                let sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled");
+                if sysctl.is_ok_and(|v| v.trim() == "1") {
+                    log::info!("BPF run-time stats from sysctl kernel.bpf_stats_enabled");
+                } else {
+                    log::info!(
+                        "BPF run-time stats unavailable ({e}): they need CAP_SYS_ADMIN \
+                         or sysctl kernel.bpf_stats_enabled=1"
+                    );
+                }
+            })
             .ok();
 
         anyhow::ensure!(

@@ -12,9 +12,11 @@
 //! - else of the span named by its own outgoing `traceparent` (an
 //!   instrumented caller).
 
+pub mod container;
 pub mod context;
 pub mod db;
 pub mod http;
+pub mod kubernetes;
 pub mod link;
 pub mod resource;
 
@@ -65,6 +67,8 @@ pub struct TraceOptions {
     pub exclude_processes: Vec<String>,
     pub sampler: Sampler,
     pub config: Config,
+    /// Pod metadata, when a Kubernetes watch runs.
+    pub kubernetes: Option<kubernetes::Metadata>,
 }
 
 impl TraceOptions {
@@ -77,6 +81,7 @@ impl TraceOptions {
             exclude_processes: config.exclude.processes.clone(),
             sampler,
             config: config.clone(),
+            kubernetes: None,
         }
     }
 }
@@ -204,7 +209,8 @@ impl Tracer {
                 ..DbOptions::default()
             }),
         };
-        let resources = Resources::new(opts.config.services.clone());
+        let resources =
+            Resources::new(opts.config.services.clone()).with_kubernetes(opts.kubernetes.clone());
         Self {
             opts,
             session_opts,
