@@ -174,8 +174,13 @@ pub struct Receiver {
 impl Receiver {
     /// Binds 127.0.0.1:0 and serves `protocol` on a thread of its own.
     pub fn start(protocol: Protocol) -> anyhow::Result<Receiver> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")
-            .context("binding the OTLP receiver to 127.0.0.1:0")?;
+        Self::start_on(protocol, 0)
+    }
+
+    /// Like [`Receiver::start`] on a chosen port (a collector coming back).
+    pub fn start_on(protocol: Protocol, port: u16) -> anyhow::Result<Receiver> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("binding the OTLP receiver to 127.0.0.1:{port}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Shared::default();

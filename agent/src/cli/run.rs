@@ -408,7 +408,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             last_report = Instant::now();
         }
     }
-    // Whatever is already in the buffers still counts.
+    // Detach first: nothing new arrives, and what is already in the
+    // buffers still counts.
+    pipeline.probes.detach();
     pipeline.step(Duration::ZERO, &mut |r| tracer.on_record(r))?;
     if let Some(spans) = self_spans.as_mut()
         && last_interval.elapsed() >= Duration::from_millis(100)
