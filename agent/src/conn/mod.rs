@@ -10,9 +10,9 @@ use std::{
     net::SocketAddr,
 };
 
-use agent_common::Role;
+use agent_common::{Direction, Role};
 
-use crate::capture::Open;
+use crate::capture::{Data, Open};
 
 /// One traced connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,16 @@ pub struct Connection {
     pub seen_from_start: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+impl Connection {
+    /// Counts the bytes a data event's syscall moved on this connection.
+    pub fn count(&mut self, data: &Data<'_>) {
+        match data.direction {
+            Direction::Egress => self.bytes_out += data.total_bytes,
+            Direction::Ingress => self.bytes_in += data.total_bytes,
+        }
+    }
 }
 
 /// Connections by id, bounded: when full, the oldest is evicted (and
