@@ -119,9 +119,14 @@ fn run_targets(ctx: &Ctx, wanted: &[String], seconds: u32) -> Result<Vec<Outcome
         targets.len()
     );
     let start = Instant::now();
-    let mut build = cargo_fuzz(ctx);
-    build.arg("build").args(&targets);
-    run(&mut build)?;
+    // `cargo fuzz build` takes one target or none (all).
+    if wanted.is_empty() {
+        run(cargo_fuzz(ctx).arg("build"))?;
+    } else {
+        for target in &targets {
+            run(cargo_fuzz(ctx).args(["build", target]))?;
+        }
+    }
     say!("fuzz", "built in {:.0}s", start.elapsed().as_secs_f64());
 
     let mut outcomes = Vec::new();
@@ -169,6 +174,8 @@ fn one_target(ctx: &Ctx, target: &str, seconds: u32) -> Result<Outcome> {
 
     // 1. Replay the committed regression inputs; libFuzzer runs files given
     //    as paths once each and fails on the first crash.
+    let corpus = dir.join("corpus").join(target);
+    outcome.corpus = files_in(&corpus)?.len();
     let regressions = files_in(&dir.join("regressions").join(target))?;
     outcome.regressions = regressions.len();
     if !regressions.is_empty() {
@@ -200,7 +207,6 @@ fn one_target(ctx: &Ctx, target: &str, seconds: u32) -> Result<Outcome> {
     }
 
     // 2. Fuzz from the working corpus, seeded with the regression inputs.
-    let corpus = dir.join("corpus").join(target);
     fs::create_dir_all(&corpus)?;
     for file in &regressions {
         if let Some(name) = file.file_name() {
