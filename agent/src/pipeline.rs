@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::Direction;
 use anyhow::Context;
 
 use crate::{
@@ -87,10 +86,7 @@ pub struct Pipeline {
 
 /// Counts a data event on its connection and hands it on.
 fn deliver(conn: &mut Connection, data: &Data<'_>, on_record: &mut impl FnMut(Record<'_>)) {
-    match data.direction {
-        Direction::Egress => conn.bytes_out += data.total_bytes,
-        Direction::Ingress => conn.bytes_in += data.total_bytes,
-    }
+    conn.count(data);
     on_record(Record::Data(Some(conn), data));
 }
 

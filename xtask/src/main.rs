@@ -3,6 +3,7 @@
 mod bench;
 mod dist;
 mod elf;
+mod fuzz;
 mod install;
 mod setup;
 mod util;
@@ -52,7 +53,7 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Full setup, then `cargo test EXTRA` over the default members (all but agent-ebpf) as root, one test at a time;
-    /// without EXTRA, then the kernel matrix (vm-test) too.
+    /// without EXTRA, then a fuzz smoke (every target 10 s, $ZEROTRACE_FUZZ_SECONDS) and the kernel matrix (vm-test) too.
     #[command(after_help = "Example:\n  cargo xtask test -- -p zerotrace-tests -- --nocapture")]
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -80,6 +81,10 @@ enum Cmd {
     /// the unit, and /etc/zerotrace/{zerotrace.yaml,zerotrace.env} unless they exist.
     #[command(after_help = "Example:\n  cargo xtask install --root /tmp/stage")]
     Install(install::InstallArgs),
+    /// The cargo-fuzz targets (agent/fuzz): replay the committed regression
+    /// inputs, then fuzz each target for --seconds; fails on any crash.
+    #[command(after_help = "Example:\n  cargo xtask fuzz http event --seconds 30")]
+    Fuzz(fuzz::FuzzArgs),
     /// Kernel matrix: boot Debian's 6.1 and 6.12 cloud kernels under QEMU (TCG)
     /// and check the fentry and kprobe paths over ring buffer and perf buffer.
     VmTest(vm::VmTestArgs),
@@ -140,6 +145,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Install(args) => install::install(&ctx, &args),
+        Cmd::Fuzz(args) => fuzz::fuzz(&ctx, &args),
         Cmd::VmTest(args) => vm::run_matrix(&ctx, &args),
     }
 }
@@ -203,6 +209,24 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     // this host's kernel lacks. Each cell counts as one test.
     let full = extra.is_empty();
     if full {
+        // And a short fuzz smoke: each target counts as one test.
+        say!(
+            "test",
+            "fuzz smoke (cargo xtask fuzz --seconds {}, or ${})",
+            fuzz::SMOKE_SECONDS,
+            fuzz::SMOKE_SECONDS_ENV
+        );
+        match fuzz::smoke(ctx) {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    totals[usize::from(o.failure.is_some())] += 1;
+                }
+            }
+            Err(e) => {
+                eprintln!("fuzz smoke could not run: {e:#}");
+                totals[1] += 1;
+            }
+        }
         say!("test", "kernel matrix (cargo xtask vm-test)");
         match vm::matrix(ctx, &vm::VmTestArgs::default()) {
             Ok(cells) => {
@@ -375,6 +399,18 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
+        let Cmd::Fuzz(f) = parse(&["fuzz"]) else {
+            panic!()
+        };
+        assert!(f.targets.is_empty());
+        assert_eq!(f.seconds, 60);
+        let Cmd::Fuzz(f) = parse(&["fuzz", "http", "event", "--seconds", "20"]) else {
+            panic!()
+        };
+        assert_eq!(
+            (f.targets, f.seconds),
+            (vec!["http".into(), "event".into()], 20)
+        );
         let Cmd::Install(install) = parse(&["install"]) else {
             panic!()
         };

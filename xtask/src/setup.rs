@@ -3,7 +3,8 @@
 //!
 //! Toolchain: rustup's `nightly` with `rust-src` (agent/build.rs builds
 //! agent-ebpf with `-Z build-std=core --target bpfel-unknown-none`) and a
-//! `bpf-linker` linked against nightly's own libLLVM. System: the Debian
+//! `bpf-linker` linked against nightly's own libLLVM, and cargo-fuzz (`cargo
+//! xtask fuzz` and the fuzz smoke of `cargo xtask test`). System: the Debian
 //! packages the end-to-end tests use (among them PostgreSQL, MariaDB and
 //! Redis servers and clients), and a Python venv with the OpenTelemetry SDK,
 //! its OTLP exporters and the rotel collector (the tests' real OTLP exporter
@@ -59,6 +60,7 @@ pub struct Nightly {
 pub fn full(ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     toolchain(ctx, true)?;
+    cargo_fuzz(ctx, true)?;
     packages(ctx)?;
     musl(ctx)?;
     otel_venv(ctx)?;
@@ -127,7 +129,7 @@ pub fn toolchain(ctx: &Ctx, verbose: bool) -> Result<Nightly> {
     Ok(nightly)
 }
 
-fn nightly(ctx: &Ctx) -> Result<Nightly> {
+pub fn nightly(ctx: &Ctx) -> Result<Nightly> {
     let probe = || output(ctx.cmd("rustup").args(["run", "nightly", "rustc", "-vV"]));
     let vv = match probe() {
         Ok(vv) => vv,
@@ -249,6 +251,29 @@ fn bpf_linker(ctx: &Ctx, nightly: &Nightly, verbose: bool) -> Result<String> {
         ),
         Linker::Broken(why) => bail!("bpf-linker was rebuilt but still fails: {why}"),
     }
+}
+
+/// Ensures `cargo fuzz` runs (the fuzz targets under agent/fuzz; they build
+/// with the nightly toolchain `toolchain` installs); returns its version.
+pub fn cargo_fuzz(ctx: &Ctx, verbose: bool) -> Result<String> {
+    let probe = || output(ctx.cmd("cargo").args(["fuzz", "--version"]));
+    if let Ok(v) = probe() {
+        let v = first_line(&v).to_string();
+        if verbose {
+            say!("setup", "cargo-fuzz: present ({v})");
+        }
+        return Ok(v);
+    }
+    say!("setup", "cargo-fuzz: missing, installing (~2 min)…");
+    let mut install = ctx.cmd("cargo");
+    install
+        .args(["install", "cargo-fuzz", "--locked"])
+        .current_dir(&ctx.cargo_home);
+    run(&mut install).context("installing cargo-fuzz failed")?;
+    let v = probe().context("cargo-fuzz was installed but `cargo fuzz --version` still fails")?;
+    let v = first_line(&v).to_string();
+    say!("setup", "cargo-fuzz: installed ({v})");
+    Ok(v)
 }
 
 /// `~/.cache/zerotrace/llvm-N` with `lib/libLLVM.so` pointing at nightly's

@@ -10,9 +10,9 @@ use std::{
     net::SocketAddr,
 };
 
-use agent_common::Role;
+use agent_common::{Direction, Role};
 
-use crate::capture::Open;
+use crate::capture::{Data, Open};
 
 /// One traced connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,19 @@ pub struct Connection {
     pub seen_from_start: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+impl Connection {
+    /// Counts the bytes a data event's syscall moved on this connection.
+    /// Saturating: `total_bytes` comes from the kernel record unchecked, and
+    /// a bogus one must not panic (debug) or wrap the counter (release).
+    pub fn count(&mut self, data: &Data<'_>) {
+        let counter = match data.direction {
+            Direction::Egress => &mut self.bytes_out,
+            Direction::Ingress => &mut self.bytes_in,
+        };
+        *counter = counter.saturating_add(data.total_bytes);
+    }
 }
 
 /// Connections by id, bounded: when full, the oldest is evicted (and
@@ -120,7 +133,33 @@ impl ConnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::EventHeader;
+    use agent_common::{EventHeader, Syscall};
+
+    /// Found by the `event` fuzz target
+    /// (agent/fuzz/regressions/event/crash-count-overflow).
+    #[test]
+    fn byte_counts_saturate() {
+        let mut table = ConnTable::new(4, seed::Seed::default());
+        table.open(&open(1, Role::Client));
+        let conn = table.get_mut(1).unwrap();
+        let huge = Data {
+            header: EventHeader::default(),
+            syscall: Syscall::Write,
+            direction: Direction::Egress,
+            total_bytes: u64::MAX - 1,
+            payload: b"",
+        };
+        conn.count(&huge);
+        conn.count(&huge);
+        assert_eq!((conn.bytes_out, conn.bytes_in), (u64::MAX, 0));
+        conn.count(&Data {
+            syscall: Syscall::Read,
+            direction: Direction::Ingress,
+            total_bytes: 5,
+            ..huge
+        });
+        assert_eq!(conn.bytes_in, 5);
+    }
 
     fn open(id: u64, role: Role) -> Open {
         Open {
