@@ -437,33 +437,8 @@ pub fn vm_packages(ctx: &Ctx) -> Result<()> {
         say!("setup", "vm packages: present ({list})");
         return Ok(());
     }
-    let missing_list = missing.join(" ");
-    say!(
-        "setup",
-        "vm packages: missing {missing_list}; installing (apt-get, ~30 s)…"
-    );
-    let apt = |args: &[&str]| -> Result<()> {
-        let mut c = ctx.as_root("env", "apt-get")?;
-        c.args(["DEBIAN_FRONTEND=noninteractive", "apt-get"])
-            .args(args);
-        run(&mut c)
-    };
-    apt(&["update", "-q"])?;
-    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
-    args.extend(&missing);
-    apt(&args)?;
-    let still: Vec<&str> = missing
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(ctx, p))
-        .collect();
-    if !still.is_empty() {
-        bail!(
-            "apt-get finished but these are still not installed: {}",
-            still.join(" ")
-        );
-    }
-    say!("setup", "vm packages: installed {missing_list}");
+    apt_install(ctx, &missing)?;
+    say!("setup", "vm packages: installed {}", missing.join(" "));
     Ok(())
 }
 
