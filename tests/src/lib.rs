@@ -52,6 +52,40 @@ pub fn check_report() -> Value {
     serde_json::from_slice(&out.stdout).expect("check --json prints JSON")
 }
 
+/// One row of a `zerotrace check --json` report, by name.
+pub fn check_row(report: &Value, name: &str) -> Value {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no row {name}: {report}"))
+}
+
+/// Names of the agent's programs that bpftool lists as loaded (bpftool cuts
+/// names to 15 bytes); any left after the agent is gone were leaked.
+pub fn agent_programs_loaded() -> Vec<String> {
+    let out = run(Command::new("bpftool").args(["prog", "list", "--json"]))
+        .expect("bpftool (apt-get install bpftool)");
+    let progs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    progs
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| {
+            [
+                "sys_exit_data",
+                "sys_enter_read",
+                "sched_process_for",
+                "sys_enter_close",
+            ]
+            .iter()
+            .any(|o| n.starts_with(o))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The agent binary: $ZEROTRACE_BIN (set by `cargo xtask test`) or target/debug.
 pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("ZEROTRACE_BIN") {

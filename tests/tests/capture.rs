@@ -372,27 +372,6 @@ fn reports_losses_when_a_tiny_buffer_is_flooded() {
     }
 }
 
-fn our_programs_loaded() -> Vec<String> {
-    let out = run(Command::new("bpftool").args(["prog", "list", "--json"]))
-        .expect("bpftool (apt-get install bpftool)");
-    let progs: Vec<Value> = serde_json::from_str(&out).unwrap();
-    progs
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .filter(|n| {
-            [
-                "sys_exit_data",
-                "sys_enter_read",
-                "sched_process_for",
-                "sys_enter_close",
-            ]
-            .iter()
-            .any(|o| n.starts_with(o))
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn sigint_and_sigterm_detach_every_program() {
     if !can_trace() {
@@ -410,7 +389,7 @@ fn sigint_and_sigterm_detach_every_program() {
         let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
         assert!(err.any(|l| l.unwrap().contains("tracing")));
         assert!(
-            !our_programs_loaded().is_empty(),
+            !agent_programs_loaded().is_empty(),
             "programs not visible in bpftool while running"
         );
         signal(&child, sig);
@@ -418,7 +397,7 @@ fn sigint_and_sigterm_detach_every_program() {
             .expect("agent did not exit within 2 s");
         assert!(status.success(), "exit status {status}");
         assert_eq!(
-            our_programs_loaded(),
+            agent_programs_loaded(),
             Vec::<String>::new(),
             "programs left after signal {sig}"
         );
@@ -431,15 +410,7 @@ fn check_reports_this_kernel_truthfully() {
         return;
     }
     let report = check_report();
-    let row = |name: &str| -> Value {
-        report["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no row {name}"))
-    };
+    let row = |name: &str| check_row(&report, name);
     for name in [
         "kernel",
         "btf",

@@ -114,15 +114,7 @@ fn dist_binary_checks_the_kernel_from_an_empty_root() {
     assert!(text.contains("capture: ready"), "{text}");
 
     let report: Value = serde_json::from_str(&in_empty_root("--json")).unwrap();
-    let row = |name: &str| -> Value {
-        report["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no row {name}: {report}"))
-    };
+    let row = |name: &str| check_row(&report, name);
     let programs = row("eBPF programs");
     assert_eq!(programs["available"], true, "{report}");
     let detail = programs["detail"].as_str().unwrap();

@@ -15,39 +15,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use zerotrace_tests::{
-    Agent, agent_bin, can_trace, free_port,
+    Agent, agent_bin, agent_programs_loaded, can_trace, free_port,
     otlp::{Protocol, Receiver},
-    run,
     servers::{Nginx, PythonApp, STATIC_FILES},
     signal,
     spans::{WAIT, agent_for},
     wait_for_port, wait_timeout,
 };
 
-/// Names of the agent's programs that bpftool lists (its names are cut to 15
-/// bytes); any of them left loaded means the agent leaked probes.
-fn our_programs() -> Vec<String> {
-    let out = run(Command::new("bpftool").args(["prog", "list", "--json"])).unwrap();
-    let progs: Vec<Value> = serde_json::from_str(&out).unwrap();
-    progs
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .filter(|n| {
-            ["sys_exit_data", "sys_enter_", "sys_exit_", "sched_process_"]
-                .iter()
-                .any(|o| n.starts_with(o))
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Waits up to `timeout` for the agent's programs to be gone; how long it took.
 fn programs_gone_within(timeout: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if our_programs().is_empty() {
+        if agent_programs_loaded().is_empty() {
             return Some(start.elapsed());
         }
         thread::sleep(Duration::from_millis(20));
@@ -165,7 +146,7 @@ fn kill_9_leaves_no_program_and_the_application_keeps_serving() {
     let app = PythonApp::start().unwrap();
     let agent = Agent::start(&["--pid", &app.pid.to_string()]).unwrap();
     assert!(
-        !our_programs().is_empty(),
+        !agent_programs_loaded().is_empty(),
         "programs not visible while running"
     );
     let before = stable(&get_raw(app.port, "/x"));
@@ -178,7 +159,7 @@ fn kill_9_leaves_no_program_and_the_application_keeps_serving() {
     assert!(
         gone.is_some(),
         "programs left after kill -9: {:?}",
-        our_programs()
+        agent_programs_loaded()
     );
     assert_eq!(
         stable(&get_raw(app.port, "/x")),

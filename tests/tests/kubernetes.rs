@@ -160,6 +160,18 @@ fn resource(span: &ReceivedSpan, key: &str) -> Option<String> {
     span.resource.get(key)?.as_str().map(str::to_owned)
 }
 
+/// Every (key, value) is a string attribute of the span's resource.
+fn assert_resource(span: &ReceivedSpan, want: &[(&str, String)]) {
+    for (key, value) in want {
+        assert_eq!(
+            resource(span, key).as_ref(),
+            Some(value),
+            "{key}: {}",
+            span.brief()
+        );
+    }
+}
+
 /// GETs a path and waits for its server span.
 fn request(rx: &Receiver, server: &ContainerServer, path: &str) -> ReceivedSpan {
     let _ = curl(&[&server.url(path)]);
@@ -242,14 +254,7 @@ fn pods_metadata_follows_the_api_server_through_pod_churn() {
         ("k8s.deployment.name", "checkout".to_owned()),
         ("service.name", "checkout".to_owned()),
     ];
-    for (key, value) in &want {
-        assert_eq!(
-            resource(&span, key).as_ref(),
-            Some(value),
-            "{key}: {}",
-            span.brief()
-        );
-    }
+    assert_resource(&span, &want);
 
     // Churn. A new pod's container serves before the API server told us
     // about the pod: container.id only.
@@ -288,14 +293,7 @@ fn pods_metadata_follows_the_api_server_through_pod_churn() {
         // No app.kubernetes.io/name label: the workload names the service.
         ("service.name", "cart".to_owned()),
     ];
-    for (key, value) in &want {
-        assert_eq!(
-            resource(&late, key).as_ref(),
-            Some(value),
-            "{key}: {}",
-            late.brief()
-        );
-    }
+    assert_resource(&late, &want);
     drop(agent.stop());
 
     // What the agent asked the API server for: its RBAC needs, exactly.
