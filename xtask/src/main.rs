@@ -130,7 +130,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Test { extra } => test(&ctx, extra),
         Cmd::Bench { which, seconds } => match which {
-            Some(Bench::Capture) | None => bench::capture(&ctx, seconds),
+            Some(Bench::Capture) | None => bench::capture::capture(&ctx, seconds),
         },
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
