@@ -6,10 +6,12 @@
 
 pub mod db;
 pub mod kube_api;
+pub mod load;
 pub mod otlp;
 pub mod rotel;
 pub mod servers;
 pub mod spans;
+pub mod stats;
 
 use std::{
     io::{BufRead, BufReader, Read},

@@ -137,6 +137,10 @@ impl ReceivedSpan {
 #[derive(Default)]
 struct State {
     spans: Vec<ReceivedSpan>,
+    /// Spans received, kept or not.
+    span_count: usize,
+    /// Count spans without keeping them (long benchmark runs).
+    count_only: bool,
     requests: usize,
     errors: Vec<String>,
 }
@@ -150,9 +154,19 @@ impl Shared {
     }
 
     fn record(&self, request: ExportTraceServiceRequest) {
-        let spans = flatten(request);
         let mut state = self.lock();
         state.requests += 1;
+        if state.count_only {
+            state.span_count += request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum::<usize>();
+            return;
+        }
+        let spans = flatten(request);
+        state.span_count += spans.len();
         state.spans.extend(spans);
     }
 
@@ -175,6 +189,14 @@ impl Receiver {
     /// Binds 127.0.0.1:0 and serves `protocol` on a thread of its own.
     pub fn start(protocol: Protocol) -> anyhow::Result<Receiver> {
         Self::start_on(protocol, 0)
+    }
+
+    /// Like [`Receiver::start`], counting spans without keeping them, for
+    /// runs that export millions ([`Receiver::span_count`]).
+    pub fn start_counting(protocol: Protocol) -> anyhow::Result<Receiver> {
+        let rx = Self::start_on(protocol, 0)?;
+        rx.state.lock().count_only = true;
+        Ok(rx)
     }
 
     /// Like [`Receiver::start`] on a chosen port (a collector coming back).
@@ -243,6 +265,11 @@ impl Receiver {
     /// Every span received so far, in arrival order.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.state.lock().spans.clone()
+    }
+
+    /// Number of spans received, kept or not.
+    pub fn span_count(&self) -> usize {
+        self.state.lock().span_count
     }
 
     /// Number of export requests received (and decoded).

@@ -21,6 +21,7 @@ use zerotrace_tests::{
     servers::{Nginx, PythonApp, STATIC_FILES},
     signal,
     spans::{WAIT, agent_for},
+    stats::{ProcStats, get_raw, metric, proc_stats},
     wait_for_port, wait_timeout,
 };
 
@@ -36,20 +37,6 @@ fn programs_gone_within(timeout: Duration) -> Option<Duration> {
     None
 }
 
-/// One HTTP/1.1 GET on a fresh connection; the whole response, bytes.
-fn get_raw(port: u16, path: &str) -> Vec<u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    out
-}
-
 /// The response minus headers that differ by design between two requests.
 fn stable(response: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(response);
@@ -59,29 +46,6 @@ fn stable(response: &[u8]) -> Vec<u8> {
         .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
         .collect();
     format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
-}
-
-/// A sample of the agent's /metrics (first sample of `name`, any labels).
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = String::from_utf8_lossy(&get_raw(port, "/metrics")).into_owned();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .reduce(|a, b| a + b)
-}
-
-/// VmRSS and VmHWM (peak) of a process, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Keep-alive GET load on `port` from `threads` threads until `stop`;
@@ -270,7 +234,7 @@ fn ten_thousand_connections_leave_the_connection_table_bounded() {
     let rx = Receiver::start(Protocol::Grpc).unwrap();
     let listen = free_port();
     let agent = agent_for(&rx, &["--listen", &format!("127.0.0.1:{listen}")]);
-    let (_, hwm_start) = rss_kib(agent.pid());
+    let hwm_start = proc_stats(agent.pid()).unwrap().peak_rss_kib;
     const CONNECTIONS: usize = 10_000;
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -298,7 +262,11 @@ fn ten_thousand_connections_leave_the_connection_table_bounded() {
         }
         thread::sleep(Duration::from_millis(200));
     };
-    let (rss, hwm) = rss_kib(agent.pid());
+    let ProcStats {
+        rss_kib: rss,
+        peak_rss_kib: hwm,
+        ..
+    } = proc_stats(agent.pid()).unwrap();
     let events = metric(listen, "zerotrace_events_total").unwrap();
     eprintln!(
         "{CONNECTIONS} connections: {open} still open in the table, {events} events, \
@@ -349,7 +317,7 @@ fn a_dead_collector_under_load_costs_bounded_memory_and_export_resumes() {
     let mut peak = 0;
     while start.elapsed() < Duration::from_secs(60) {
         thread::sleep(Duration::from_secs(5));
-        let (rss, _) = rss_kib(agent.pid());
+        let rss = proc_stats(agent.pid()).unwrap().rss_kib;
         peak = peak.max(rss);
         eprintln!(
             "{:>3.0} s: {} requests, agent RSS {rss} KiB, dropped {:?}",

@@ -1,0 +1,469 @@
+//! Real servers under real load generators, with the agent off and on:
+//! the measurements behind `cargo xtask bench overhead` and `cargo xtask
+//! soak`. Prints one JSON object per run (or per sample) on stdout and
+//! progress on stderr; xtask turns them into the reports under `bench/`.
+//!
+//! Needs root, the Debian packages `cargo xtask setup` installs (nginx,
+//! PostgreSQL, MariaDB, Redis, wrk) and the test venv for the FastAPI app.
+//! The agent is `$ZEROTRACE_BIN` (xtask passes the release build).
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use zerotrace_tests::{
+    Agent, agent_bin,
+    db::{Mariadb, ModelsApp, Postgres, Redis},
+    free_port, load,
+    load::LoadResult,
+    otlp::{Protocol, Receiver},
+    servers::{Nginx, PythonApp, curl},
+    stats::{get_raw, host_busy_seconds, metrics, metrics_text, parse_metric_by, proc_stats},
+};
+
+#[derive(Parser)]
+#[command(about = "Overhead benchmark and soak run of the zerotrace agent on real workloads")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Each workload with the agent off and on, alternating, over rounds;
+    /// one JSON line per run.
+    Overhead {
+        /// Rounds; each runs every workload once without and once with the agent.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..))]
+        seconds: u64,
+        /// Workloads to run [default: all].
+        #[arg(long = "workload", value_enum)]
+        workloads: Vec<Workload>,
+    },
+    /// Mixed traffic for MINUTES with one agent running; one JSON line per
+    /// sample of its memory, CPU time and counters.
+    Soak {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        sample_seconds: u64,
+    },
+}
+
+/// A server and the load generator that drives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// nginx (1 worker, sendfile) serving a 333-byte static file to wrk
+    /// (1 thread, 32 keep-alive connections).
+    Nginx,
+    /// redis-server under redis-benchmark GET (32 connections).
+    Redis,
+    /// PostgreSQL under pgbench select-only (8 connections).
+    Pgbench,
+    /// The FastAPI app (uvicorn, 1 worker; Redis cache in front of
+    /// PostgreSQL, persistent connections) under wrk, 8 connections, with
+    /// an x-tenant-id header.
+    Fastapi,
+}
+
+impl Workload {
+    const ALL: [Workload; 4] = [
+        Workload::Nginx,
+        Workload::Redis,
+        Workload::Pgbench,
+        Workload::Fastapi,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Nginx => "nginx",
+            Workload::Redis => "redis",
+            Workload::Pgbench => "pgbench",
+            Workload::Fastapi => "fastapi",
+        }
+    }
+}
+
+/// Every server the workloads use, started once.
+struct Servers {
+    nginx: Nginx,
+    _upstream: PythonApp,
+    redis: Redis,
+    pg: Postgres,
+    _mariadb: Mariadb,
+    models: ModelsApp,
+    /// `/models/{id}` of a row the app created.
+    model_path: String,
+    /// redis-benchmark takes a request count, not a duration: GETs per
+    /// second measured in the warm-up.
+    redis_rate: f64,
+}
+
+const TENANT: &str = "x-tenant-id: bench";
+
+impl Servers {
+    fn start() -> anyhow::Result<Self> {
+        eprintln!("[workloads] starting nginx, Redis, PostgreSQL, MariaDB and the FastAPI app…");
+        let upstream = PythonApp::start()?;
+        let nginx = Nginx::start(upstream.port)?;
+        let redis = Redis::start()?;
+        let pg = Postgres::start()?;
+        let mariadb = Mariadb::start()?;
+        let models =
+            ModelsApp::start_with_env(&pg, &mariadb, &redis, &[("APP_CONNECTIONS", "persistent")])?;
+        load::pgbench_init(&pg, 1)?;
+        redis.cli(&["SET", "key:__rand_int__", "value"])?;
+        let created = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            TENANT,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name":"bench"}"#,
+            &models.url("/models"),
+        ])?;
+        let id = serde_json::from_str::<Value>(&created)
+            .ok()
+            .and_then(|v| v["id"].as_i64())
+            .with_context(|| format!("POST /models answered {created:?}"))?;
+        let mut servers = Servers {
+            nginx,
+            _upstream: upstream,
+            redis,
+            pg,
+            _mariadb: mariadb,
+            models,
+            model_path: format!("/models/{id}"),
+            redis_rate: 0.0,
+        };
+        let warm = load::redis_benchmark(&servers.redis, 32, 20_000)?;
+        servers.redis_rate = warm.rate();
+        Ok(servers)
+    }
+
+    /// Runs `workload` for about `seconds`; also returns the host's busy
+    /// CPU seconds over the run.
+    fn measured_load(&self, workload: Workload, seconds: u64) -> anyhow::Result<(LoadResult, f64)> {
+        let busy = host_busy_seconds();
+        let r = self.load(workload, seconds)?;
+        Ok((r, host_busy_seconds() - busy))
+    }
+
+    /// Runs `workload` for about `seconds`.
+    fn load(&self, workload: Workload, seconds: u64) -> anyhow::Result<LoadResult> {
+        let d = Duration::from_secs(seconds);
+        match workload {
+            Workload::Nginx => load::wrk(&self.nginx.url("/a.txt"), 32, d, &[]),
+            Workload::Redis => {
+                let n = (self.redis_rate * seconds as f64).max(10_000.0) as u64;
+                load::redis_benchmark(&self.redis, 32, n)
+            }
+            Workload::Pgbench => load::pgbench(&self.pg, 8, d),
+            Workload::Fastapi => load::wrk(&self.models.url(&self.model_path), 8, d, &[TENANT]),
+        }
+    }
+}
+
+/// `zerotrace run` exporting over OTLP/gRPC to `rx` with its /metrics on a
+/// free port; otherwise the defaults a user gets.
+fn start_agent(rx: &Receiver) -> anyhow::Result<(Agent, u16)> {
+    let listen = free_port();
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["run", "--listen", &format!("127.0.0.1:{listen}")])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name());
+    let agent = Agent::spawn(cmd, "tracing")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics(listen).is_empty() {
+        if Instant::now() > deadline {
+            bail!("the agent's /metrics on port {listen} did not answer");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok((agent, listen))
+}
+
+/// /metrics is a snapshot refreshed once a second: wait for a fresh one.
+fn fresh_metrics(port: u16) -> BTreeMap<String, f64> {
+    thread::sleep(Duration::from_millis(1100));
+    metrics(port)
+}
+
+/// Kernel run time of each program (seconds) from a fresh /metrics.
+fn program_seconds(port: u16) -> BTreeMap<String, f64> {
+    thread::sleep(Duration::from_millis(1100));
+    parse_metric_by(
+        &metrics_text(port),
+        "zerotrace_bpf_program_run_seconds_total",
+        "program",
+    )
+}
+
+/// Waits (up to 15 s) until the agent has exported what it queued and its
+/// counters stand still, so its CPU time covers all the work of a run.
+fn drain(port: u16) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = fresh_metrics(port);
+    loop {
+        let now = fresh_metrics(port);
+        let settled = now
+            .get("zerotrace_export_queue_spans")
+            .copied()
+            .unwrap_or(0.0)
+            == 0.0
+            && now.get("zerotrace_spans_total") == last.get("zerotrace_spans_total")
+            && now.get("zerotrace_events_total") == last.get("zerotrace_events_total");
+        if settled || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, name: &str) -> f64 {
+    after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
+}
+
+fn load_fields((r, busy): &(LoadResult, f64)) -> Value {
+    let host_cpu_us_per_request = if r.requests > 0 {
+        busy * 1e6 / r.requests as f64
+    } else {
+        0.0
+    };
+    json!({
+        "host_cpu_us_per_request": host_cpu_us_per_request,
+        "requests": r.requests,
+        "seconds": r.seconds,
+        "rps": r.rate(),
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "errors": r.errors,
+    })
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// One run with the agent: started before, measured around the load,
+/// drained and stopped after.
+fn traced_run(
+    servers: &Servers,
+    rx: &Receiver,
+    workload: Workload,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let received_before = rx.span_count();
+    let (agent, port) = start_agent(rx)?;
+    let pid = agent.pid();
+    let m0 = fresh_metrics(port);
+    let k0 = program_seconds(port);
+    let p0 = proc_stats(pid).context("agent gone")?;
+    let measured = servers.measured_load(workload, seconds)?;
+    let result = &measured.0;
+    let m1 = fresh_metrics(port);
+    let k1 = program_seconds(port);
+    let m2 = drain(port);
+    let p1 = proc_stats(pid).context("agent gone")?;
+    agent.stop()?;
+    let received = rx.span_count() - received_before;
+    let bpf_seconds = delta(&m1, &m0, "zerotrace_bpf_program_run_seconds_total");
+    let per_request = |v: f64| {
+        if result.requests > 0 {
+            v / result.requests as f64
+        } else {
+            0.0
+        }
+    };
+    // Where the kernel time went: ns per request by program.
+    let by_program: BTreeMap<&String, f64> = k1
+        .iter()
+        .map(|(p, s)| (p, per_request((s - k0.get(p).unwrap_or(&0.0)) * 1e9)))
+        .filter(|(_, ns)| *ns > 0.0)
+        .collect();
+    Ok(merge(
+        load_fields(&measured),
+        json!({
+            "agent_cpu_seconds": p1.cpu_seconds - p0.cpu_seconds,
+            "agent_cpu_us_per_request": per_request((p1.cpu_seconds - p0.cpu_seconds) * 1e6),
+            "agent_peak_rss_kib": p1.peak_rss_kib,
+            "kernel_ns_per_request": per_request(bpf_seconds * 1e9),
+            "kernel_ns_per_request_by_program": by_program,
+            "bpf_runs": delta(&m1, &m0, "zerotrace_bpf_program_runs_total"),
+            "bpf_run_seconds": bpf_seconds,
+            "events": delta(&m2, &m0, "zerotrace_events_total"),
+            "events_lost": delta(&m2, &m0, "zerotrace_events_lost_total"),
+            "spans_made": delta(&m2, &m0, "zerotrace_spans_total"),
+            "spans_dropped": delta(&m2, &m0, "zerotrace_spans_dropped_total"),
+            "spans_received": received,
+        }),
+    ))
+}
+
+fn overhead(rounds: u32, seconds: u64, workloads: &[Workload]) -> anyhow::Result<()> {
+    let servers = Servers::start()?;
+    let rx = Receiver::start_counting(Protocol::Grpc)?;
+    eprintln!("[workloads] warm-up: every workload for 2 s without the agent");
+    for &w in workloads {
+        servers.load(w, 2)?;
+    }
+    for round in 1..=rounds {
+        for &w in workloads {
+            // Alternate which mode goes first so drift over the run (CPU
+            // frequency, caches, other tenants) does not favour one.
+            let modes = if round % 2 == 1 {
+                ["off", "on"]
+            } else {
+                ["on", "off"]
+            };
+            for mode in modes {
+                eprintln!(
+                    "[workloads] round {round}/{rounds}: {} with the agent {mode}, {seconds} s…",
+                    w.name()
+                );
+                let fields = if mode == "on" {
+                    traced_run(&servers, &rx, w, seconds)?
+                } else {
+                    load_fields(&servers.measured_load(w, seconds)?)
+                };
+                let line = merge(
+                    json!({"workload": w.name(), "round": round, "mode": mode}),
+                    fields,
+                );
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens `n` short connections to nginx, one request each.
+fn short_connections(servers: &Servers, n: usize) -> u64 {
+    (0..n)
+        .filter(|_| !get_raw(servers.nginx.port, "/index.html").is_empty())
+        .count() as u64
+}
+
+fn soak(minutes: u64, sample_seconds: u64) -> anyhow::Result<()> {
+    let servers = Servers::start()?;
+    let rx = Receiver::start_counting(Protocol::Grpc)?;
+    let (agent, port) = start_agent(&rx)?;
+    let pid = agent.pid();
+    let requests = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(minutes * 60);
+    eprintln!(
+        "[workloads] soak: {minutes} min of mixed traffic, a sample every {sample_seconds} s"
+    );
+    let traffic = || -> anyhow::Result<()> {
+        while Instant::now() < end {
+            for w in Workload::ALL {
+                let r = match w {
+                    // Moderate load: fewer connections than the overhead runs.
+                    Workload::Nginx => {
+                        load::wrk(&servers.nginx.url("/a.txt"), 4, Duration::from_secs(3), &[])?
+                    }
+                    Workload::Redis => load::redis_benchmark(&servers.redis, 4, 5_000)?,
+                    Workload::Pgbench => load::pgbench(&servers.pg, 2, Duration::from_secs(3))?,
+                    Workload::Fastapi => load::wrk(
+                        &servers.models.url(&servers.model_path),
+                        2,
+                        Duration::from_secs(3),
+                        &[TENANT],
+                    )?,
+                };
+                requests.fetch_add(r.requests, Ordering::Relaxed);
+            }
+            // Connection churn: new sockets every cycle.
+            requests.fetch_add(short_connections(&servers, 200), Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    let sampler = || {
+        let mut next = start;
+        while !done.load(Ordering::Relaxed) {
+            if Instant::now() >= next {
+                next += Duration::from_secs(sample_seconds);
+                let (Some(p), m) = (proc_stats(pid), metrics(port)) else {
+                    eprintln!("[workloads] the agent is gone");
+                    return;
+                };
+                let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+                let line = json!({
+                    "t_s": start.elapsed().as_secs_f64(),
+                    "rss_kib": p.rss_kib,
+                    "peak_rss_kib": p.peak_rss_kib,
+                    "cpu_seconds": p.cpu_seconds,
+                    "requests": requests.load(Ordering::Relaxed),
+                    "connections_open": get("zerotrace_connections_open"),
+                    "events": get("zerotrace_events_total"),
+                    "events_lost": get("zerotrace_events_lost_total"),
+                    "spans_made": get("zerotrace_spans_total"),
+                    "spans_dropped": get("zerotrace_spans_dropped_total"),
+                    "export_queue_spans": get("zerotrace_export_queue_spans"),
+                    "spans_received": rx.span_count(),
+                });
+                println!("{line}");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let outcome = thread::scope(|s| {
+        let sampling = s.spawn(sampler);
+        let r = traffic();
+        done.store(true, Ordering::Relaxed);
+        let _ = sampling.join();
+        r
+    });
+    agent.stop()?;
+    outcome
+}
+
+fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        // SAFETY: trivial libc call.
+        unsafe { libc::geteuid() } == 0,
+        "needs root (the agent loads eBPF programs); run `cargo xtask bench overhead`"
+    );
+    for tool in ["wrk", "redis-benchmark", "nginx"] {
+        anyhow::ensure!(
+            load::installed(tool),
+            "{tool} is not installed: run `cargo xtask setup`"
+        );
+    }
+    match Cli::parse().cmd {
+        Cmd::Overhead {
+            rounds,
+            seconds,
+            workloads,
+        } => {
+            let workloads = if workloads.is_empty() {
+                Workload::ALL.to_vec()
+            } else {
+                workloads
+            };
+            overhead(rounds, seconds, &workloads)
+        }
+        Cmd::Soak {
+            minutes,
+            sample_seconds,
+        } => soak(minutes, sample_seconds),
+    }
+}
