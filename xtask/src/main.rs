@@ -64,9 +64,19 @@ enum Cmd {
     Bench {
         #[arg(value_enum)]
         which: Option<Bench>,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-        seconds: u32,
+        /// Seconds per measurement [default: 5 for capture, 10 for overhead].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: Option<u32>,
+        /// Overhead: rounds of every workload with the agent off and on.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+    },
+    /// Mixed traffic (nginx, Redis, PostgreSQL, the FastAPI app, short
+    /// connections) for N minutes under one agent; writes bench/soak.md with
+    /// its memory and CPU over time.
+    Soak {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
@@ -92,6 +102,8 @@ enum Cmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Bench {
+    /// Real workloads (nginx, Redis, PostgreSQL, FastAPI) with the agent off and on.
+    Overhead,
     /// Kernel → userspace event throughput and losses, ring buffer vs perf buffer.
     Capture,
 }
@@ -129,9 +141,23 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Err(exec(&mut c))
         }
         Cmd::Test { extra } => test(&ctx, extra),
-        Cmd::Bench { which, seconds } => match which {
-            Some(Bench::Capture) | None => bench::capture::capture(&ctx, seconds),
-        },
+        Cmd::Bench {
+            which,
+            seconds,
+            rounds,
+        } => {
+            let overhead = || {
+                let seconds = seconds.unwrap_or(10).max(2);
+                bench::overhead::overhead(&ctx, &bench::overhead::Options { rounds, seconds })
+            };
+            let capture = || bench::capture::capture(&ctx, seconds.unwrap_or(5));
+            match which {
+                Some(Bench::Overhead) => overhead(),
+                Some(Bench::Capture) => capture(),
+                None => overhead().and_then(|()| capture()),
+            }
+        }
+        Cmd::Soak { minutes } => bench::soak::soak(&ctx, minutes),
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
         Cmd::Image => {
@@ -388,14 +414,16 @@ mod tests {
             parse(&["bench"]),
             Cmd::Bench {
                 which: None,
-                seconds: 5
+                seconds: None,
+                rounds: 3
             }
         ));
         assert!(matches!(
             parse(&["bench", "capture", "--seconds", "2"]),
             Cmd::Bench {
                 which: Some(Bench::Capture),
-                seconds: 2
+                seconds: Some(2),
+                ..
             }
         ));
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());

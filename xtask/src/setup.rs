@@ -35,6 +35,8 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "iproute2",
     "nginx",
+    // `cargo xtask bench overhead` and `soak`: the HTTP load generator.
+    "wrk",
     "postgresql",
     "mariadb-server",
     "mariadb-client",

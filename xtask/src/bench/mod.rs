@@ -2,12 +2,63 @@
 //! `bench/`, and what their reports share (machine facts, number formatting).
 
 pub mod capture;
+pub mod overhead;
+pub mod soak;
 
 use std::fs;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 
+use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::util::{Ctx, output};
+use crate::say;
+use crate::util::{ChildFailed, Ctx, describe, output, run};
+
+/// Builds the release agent and the tests crate's `workloads` binary, runs
+/// `workloads ARGS` as root against that agent, and reads one JSON object
+/// per stdout line with `parse` (its progress goes to our stderr).
+pub fn workloads(
+    ctx: &Ctx,
+    args: &[String],
+    parse: fn(&str) -> Result<Value>,
+) -> Result<Vec<Value>> {
+    crate::setup::toolchain(ctx, false)?;
+    crate::setup::packages(ctx)?;
+    crate::setup::otel_venv(ctx)?;
+    run(ctx.cargo().args(["build", "--release", "-p", "agent"]))?;
+    run(ctx.cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "zerotrace-tests",
+        "--bin",
+        "workloads",
+    ]))?;
+    let bin = ctx.target_dir().join("release/workloads");
+    let mut c = ctx.as_root(&bin, "the workload benchmarks")?;
+    c.args(args)
+        .env("ZEROTRACE_BIN", ctx.zerotrace_bin(true))
+        .env("ZEROTRACE_VENV", crate::setup::otel_venv_dir()?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let what = describe(&c);
+    say!("bench", "{what}");
+    let mut child = c
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    let mut out = Vec::new();
+    for line in BufReader::new(child.stdout.take().context("no stdout")?).lines() {
+        let line = line?;
+        out.push(parse(&line).with_context(|| format!("bad result line {line:?}"))?);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        return Err(ChildFailed { what, status }.into());
+    }
+    Ok(out)
+}
 
 pub struct Machine {
     pub kernel: String,

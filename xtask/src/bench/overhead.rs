@@ -1,0 +1,668 @@
+//! `cargo xtask bench overhead`: real servers under real load generators
+//! with the agent off and on, alternating over rounds (the `workloads`
+//! binary of the tests crate does the measuring); writes
+//! `bench/overhead.md` and the chart `bench/overhead.svg`.
+
+use std::fmt::Write as _;
+use std::fs;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::{Machine, grouped, num};
+use crate::say;
+use crate::util::Ctx;
+
+/// Workloads in report order, with what each one runs.
+const WORKLOADS: &[(&str, &str)] = &[
+    (
+        "nginx",
+        "nginx 1.22 (1 worker, sendfile) serving a 333-byte static file; wrk, 1 thread, 32 keep-alive connections",
+    ),
+    (
+        "redis",
+        "redis-server 7 under `redis-benchmark -t get -c 32`",
+    ),
+    (
+        "pgbench",
+        "PostgreSQL 15 under `pgbench -S` (select only), 8 connections",
+    ),
+    (
+        "fastapi",
+        "the FastAPI app of the SQL/Redis tests (uvicorn, 1 worker; GET /models/{id}: Redis GET, cached row), wrk, 8 keep-alive connections, an x-tenant-id header",
+    ),
+];
+
+pub struct Options {
+    pub rounds: u32,
+    pub seconds: u32,
+}
+
+pub fn overhead(ctx: &Ctx, opts: &Options) -> Result<()> {
+    let runs = super::workloads(
+        ctx,
+        &[
+            "overhead".into(),
+            "--rounds".into(),
+            opts.rounds.to_string(),
+            "--seconds".into(),
+            opts.seconds.to_string(),
+        ],
+        parse_run,
+    )?;
+    let summaries = summarize(&runs);
+    let facts = Machine::gather(ctx);
+    let dir = ctx.root.join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let md = render(&runs, &summaries, &facts, opts);
+    let file = dir.join("overhead.md");
+    fs::write(&file, md).with_context(|| format!("cannot write {}", file.display()))?;
+    let svg = dir.join("overhead.svg");
+    fs::write(&svg, chart(&summaries, &facts))
+        .with_context(|| format!("cannot write {}", svg.display()))?;
+    println!("{}", summary_table(&summaries));
+    say!("bench", "wrote {} and {}", ctx.rel(&file), ctx.rel(&svg));
+    Ok(())
+}
+
+fn parse_run(line: &str) -> Result<Value> {
+    let v: Value = serde_json::from_str(line)?;
+    for key in ["workload", "mode"] {
+        if v.get(key).and_then(Value::as_str).is_none() {
+            bail!("no string {key:?}");
+        }
+    }
+    for key in ["round", "requests", "rps", "p50_ms", "p99_ms"] {
+        if v.get(key).and_then(Value::as_f64).is_none() {
+            bail!("no number {key:?}");
+        }
+    }
+    Ok(v)
+}
+
+/// One workload over every round.
+#[derive(Debug, Default)]
+struct Summary {
+    workload: String,
+    rounds: usize,
+    rps_off: f64,
+    rps_on: f64,
+    /// Medians over rounds of the paired (same round) on/off ratios.
+    throughput_ratio: f64,
+    p50_ratio: f64,
+    p99_ratio: f64,
+    /// Smallest and largest paired throughput ratio.
+    throughput_range: (f64, f64),
+    p50_off_ms: f64,
+    p99_off_ms: f64,
+    p50_on_ms: f64,
+    p99_on_ms: f64,
+    /// Medians over the runs with the agent.
+    agent_cpu_us: f64,
+    kernel_ns: f64,
+    host_cpu_off_us: f64,
+    host_cpu_on_us: f64,
+    /// Largest over the runs with the agent.
+    peak_rss_mib: f64,
+    spans_made: f64,
+    spans_dropped: f64,
+    spans_received: f64,
+    events_lost: f64,
+    errors: f64,
+    /// Median kernel ns per request of each program, largest first.
+    kernel_by_program: Vec<(String, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn ratio(on: f64, off: f64) -> Option<f64> {
+    (off > 0.0).then(|| on / off)
+}
+
+fn summarize(runs: &[Value]) -> Vec<Summary> {
+    let mut names: Vec<&str> = WORKLOADS.iter().map(|(n, _)| *n).collect();
+    for r in runs {
+        let w = r["workload"].as_str().unwrap_or("?");
+        if !names.contains(&w) {
+            names.push(w);
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let of = |mode: &str| -> Vec<&Value> {
+            runs.iter()
+                .filter(|r| r["workload"] == name && r["mode"] == mode)
+                .collect()
+        };
+        let (off, on) = (of("off"), of("on"));
+        if off.is_empty() || on.is_empty() {
+            continue;
+        }
+        // Pairs: the off and on runs of the same round.
+        let pairs: Vec<(&Value, &Value)> = off
+            .iter()
+            .filter_map(|a| {
+                on.iter()
+                    .find(|b| b["round"] == a["round"])
+                    .map(|b| (*a, *b))
+            })
+            .collect();
+        let paired = |key: &str| -> Vec<f64> {
+            pairs
+                .iter()
+                .filter_map(|(a, b)| ratio(num(b, key), num(a, key)))
+                .collect()
+        };
+        let tput = paired("rps");
+        let range = tput
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
+                (lo.min(r), hi.max(r))
+            });
+        let med = |runs: &[&Value], key: &str| median(runs.iter().map(|r| num(r, key)).collect());
+        let sum = |key: &str| on.iter().map(|r| num(r, key)).sum::<f64>();
+        let mut programs: Vec<String> = Vec::new();
+        for r in &on {
+            if let Some(map) = r["kernel_ns_per_request_by_program"].as_object() {
+                for p in map.keys() {
+                    if !programs.contains(p) {
+                        programs.push(p.clone());
+                    }
+                }
+            }
+        }
+        let mut kernel_by_program: Vec<(String, f64)> = programs
+            .into_iter()
+            .map(|p| {
+                let v = median(
+                    on.iter()
+                        .map(|r| {
+                            r["kernel_ns_per_request_by_program"]
+                                .get(&p)
+                                .and_then(Value::as_f64)
+                                .unwrap_or(0.0)
+                        })
+                        .collect(),
+                );
+                (p, v)
+            })
+            .collect();
+        kernel_by_program.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out.push(Summary {
+            workload: name.to_string(),
+            rounds: pairs.len(),
+            rps_off: med(&off, "rps"),
+            rps_on: med(&on, "rps"),
+            throughput_ratio: median(tput.clone()),
+            p50_ratio: median(paired("p50_ms")),
+            p99_ratio: median(paired("p99_ms")),
+            throughput_range: if tput.is_empty() { (0.0, 0.0) } else { range },
+            p50_off_ms: med(&off, "p50_ms"),
+            p99_off_ms: med(&off, "p99_ms"),
+            p50_on_ms: med(&on, "p50_ms"),
+            p99_on_ms: med(&on, "p99_ms"),
+            agent_cpu_us: med(&on, "agent_cpu_us_per_request"),
+            kernel_ns: med(&on, "kernel_ns_per_request"),
+            host_cpu_off_us: med(&off, "host_cpu_us_per_request"),
+            host_cpu_on_us: med(&on, "host_cpu_us_per_request"),
+            peak_rss_mib: on
+                .iter()
+                .map(|r| num(r, "agent_peak_rss_kib"))
+                .fold(0.0, f64::max)
+                / 1024.0,
+            spans_made: sum("spans_made"),
+            spans_dropped: sum("spans_dropped"),
+            spans_received: sum("spans_received"),
+            events_lost: sum("events_lost"),
+            errors: runs
+                .iter()
+                .filter(|r| r["workload"] == name)
+                .map(|r| num(r, "errors"))
+                .sum(),
+            kernel_by_program,
+        });
+    }
+    out
+}
+
+fn pct_change(ratio: f64) -> String {
+    let change = (ratio - 1.0) * 100.0;
+    if change.abs() < 0.05 {
+        "±0.0 %".into()
+    } else {
+        format!("{change:+.1} %")
+    }
+}
+
+fn summary_table(s: &[Summary]) -> String {
+    let mut t = String::from(
+        "| workload | rounds | req/s off | req/s on | throughput | p50 ms off → on | p99 ms off → on | agent CPU µs/req | agent CPU s per 1000 req | kernel ns/req (BPF stats) | host CPU µs/req off → on | agent peak RSS |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for w in s {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} ({} … {}) | {:.2} → {:.2} ({}) | {:.2} → {:.2} ({}) | {:.1} | {:.4} | {} | {:.1} → {:.1} | {:.1} MiB |",
+            w.workload,
+            w.rounds,
+            grouped(w.rps_off),
+            grouped(w.rps_on),
+            pct_change(w.throughput_ratio),
+            pct_change(w.throughput_range.0),
+            pct_change(w.throughput_range.1),
+            w.p50_off_ms,
+            w.p50_on_ms,
+            pct_change(w.p50_ratio),
+            w.p99_off_ms,
+            w.p99_on_ms,
+            pct_change(w.p99_ratio),
+            w.agent_cpu_us,
+            w.agent_cpu_us / 1000.0,
+            grouped(w.kernel_ns),
+            w.host_cpu_off_us,
+            w.host_cpu_on_us,
+            w.peak_rss_mib,
+        );
+    }
+    t
+}
+
+fn accounting_table(s: &[Summary]) -> String {
+    let mut t = String::from(
+        "| workload | spans made | exported (received) | dropped (queue full) | events lost | load-generator errors |\n\
+         |---|--:|--:|--:|--:|--:|\n",
+    );
+    for w in s {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} ({:.1} %) | {} | {} |",
+            w.workload,
+            grouped(w.spans_made),
+            grouped(w.spans_received),
+            grouped(w.spans_dropped),
+            if w.spans_made > 0.0 {
+                100.0 * w.spans_dropped / w.spans_made
+            } else {
+                0.0
+            },
+            grouped(w.events_lost),
+            grouped(w.errors),
+        );
+    }
+    t
+}
+
+fn kernel_table(s: &[Summary]) -> String {
+    let mut t =
+        String::from("| workload | programs, ns per request (median over rounds) |\n|---|---|\n");
+    for w in s {
+        let top: Vec<String> = w
+            .kernel_by_program
+            .iter()
+            .filter(|(_, ns)| *ns >= 1.0)
+            .take(6)
+            .map(|(p, ns)| format!("`{p}` {}", grouped(*ns)))
+            .collect();
+        let _ = writeln!(t, "| {} | {} |", w.workload, top.join(", "));
+    }
+    t
+}
+
+fn runs_table(runs: &[Value]) -> String {
+    let mut t = String::from(
+        "| workload | round | agent | requests | req/s | p50 ms | p99 ms | agent CPU µs/req | kernel ns/req | host CPU µs/req |\n\
+         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in runs {
+        let on = r["mode"] == "on";
+        let opt = |key: &str, f: &dyn Fn(f64) -> String| {
+            if on {
+                r.get(key).and_then(Value::as_f64).map_or("–".into(), f)
+            } else {
+                "–".into()
+            }
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {:.1} |",
+            r["workload"].as_str().unwrap_or("?"),
+            num(r, "round"),
+            r["mode"].as_str().unwrap_or("?"),
+            grouped(num(r, "requests")),
+            grouped(num(r, "rps")),
+            num(r, "p50_ms"),
+            num(r, "p99_ms"),
+            opt("agent_cpu_us_per_request", &|v| format!("{v:.1}")),
+            opt("kernel_ns_per_request", &|v| grouped(v)),
+            num(r, "host_cpu_us_per_request"),
+        );
+    }
+    t
+}
+
+/// The figures the project set itself, against what this run measured.
+fn targets_table(s: &[Summary]) -> String {
+    let find = |name: &str| s.iter().find(|w| w.workload == name);
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    if let Some(w) = find("nginx") {
+        let loss = (1.0 - w.throughput_ratio) * 100.0;
+        rows.push((
+            "throughput loss at nginx saturation ≤ 5 %".into(),
+            format!("{loss:.1} %"),
+            Some(loss <= 5.0),
+        ));
+    }
+    if let Some(w) = find("fastapi") {
+        let loss = (1.0 - w.throughput_ratio) * 100.0;
+        rows.push((
+            "throughput loss for the FastAPI app ≤ 1 %".into(),
+            format!("{loss:.1} %"),
+            Some(loss <= 1.0),
+        ));
+    }
+    let worst = |f: &dyn Fn(&Summary) -> f64| s.iter().map(f).fold(0.0, f64::max);
+    let best = |f: &dyn Fn(&Summary) -> f64| s.iter().map(f).fold(f64::INFINITY, f64::min);
+    if !s.is_empty() {
+        let (lo, hi) = (best(&|w| w.kernel_ns), worst(&|w| w.kernel_ns));
+        rows.push((
+            "kernel time ≤ 1 µs per traced request".into(),
+            format!("{} – {} ns", grouped(lo), grouped(hi)),
+            Some(hi <= 1000.0),
+        ));
+        let (lo, hi) = (best(&|w| w.agent_cpu_us), worst(&|w| w.agent_cpu_us));
+        rows.push((
+            "agent CPU ≤ 2 µs per traced request".into(),
+            format!("{lo:.1} – {hi:.1} µs"),
+            Some(hi <= 2.0),
+        ));
+    }
+    let mut t = String::from("| target | measured | met |\n|---|--:|---|\n");
+    for (what, measured, met) in rows {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        let _ = writeln!(t, "| {what} | {measured} | {met} |");
+    }
+    t
+}
+
+fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Overhead benchmark: real workloads with the agent off and on\n"
+    );
+    let _ = writeln!(
+        md,
+        "Generated by `cargo xtask bench overhead --rounds {} --seconds {}` on {} (commit {}).\n",
+        opts.rounds, opts.seconds, m.date, m.commit
+    );
+    let _ = writeln!(
+        md,
+        "Machine: Linux {}, {} CPUs, {}. Servers, load generators, the agent and the OTLP receiver share these CPUs.\n",
+        m.kernel, m.cpus, m.cpu_model
+    );
+    md.push_str("![throughput and latency with the agent, relative to without](overhead.svg)\n\n");
+    md.push_str("## Method\n\n");
+    md.push_str(
+        "Every workload runs once without and once with the agent in each round; the order \
+         alternates between rounds (off→on, then on→off) so drift over the run favours neither. \
+         Ratios are taken within a round and the table shows their median (range in parentheses). \
+         The agent is the release build started fresh for each run with its defaults: every \
+         process on the host is traced (the load generator's client side too, so a request is \
+         seen twice), spans go over OTLP/gRPC to a receiver in the benchmark process that counts \
+         them, with the SDK's batch defaults (queue 2048, batches of 512, 5 s). Agent CPU is its \
+         user+system time from just before the load until it has exported what the load made; \
+         kernel time is the growth of the kernel's BPF run-time statistics of its programs over \
+         the load; host CPU is the busy time of all CPUs (/proc/stat) over the load, per \
+         request, so its growth is the whole cost of tracing on this host.\n\n",
+    );
+    for (name, what) in WORKLOADS {
+        let _ = writeln!(md, "- **{name}**: {what}.");
+    }
+    md.push_str("\n## Results\n\n");
+    md.push_str(&summary_table(s));
+    md.push_str("\n## Targets\n\n");
+    md.push_str(&targets_table(s));
+    md.push_str(
+        "\nOn Linux 6.13 and later, programs on syscall tracepoints run preemptible (faultable \
+         tracepoints); the kernel's run-time statistics then include time a program spent \
+         preempted, which on a saturated machine inflates the kernel ns/request column. The host \
+         CPU column does not have that bias.\n",
+    );
+    md.push_str("\n## Span and event accounting (all rounds)\n\n");
+    md.push_str(&accounting_table(s));
+    md.push_str("\n## Kernel time by program\n\n");
+    md.push_str(&kernel_table(s));
+    md.push_str("\n## Every run\n\n");
+    md.push_str(&runs_table(runs));
+    md.push_str("\n## Raw results\n\n```json\n");
+    for r in runs {
+        let _ = writeln!(md, "{r}");
+    }
+    md.push_str("```\n");
+    md
+}
+
+/// Grouped bars per workload: throughput, p50 and p99 with the agent as a
+/// percentage of without (100 % = no change). Hand-written SVG: one chart
+/// does not justify a plotting crate and its font stack.
+fn chart(s: &[Summary], m: &Machine) -> String {
+    const W: f64 = 760.0;
+    const H: f64 = 360.0;
+    const LEFT: f64 = 60.0;
+    const TOP: f64 = 50.0;
+    const BOTTOM: f64 = 300.0;
+    let series = [
+        ("throughput", "#4c78a8"),
+        ("p50 latency", "#f58518"),
+        ("p99 latency", "#e45756"),
+    ];
+    let values = |w: &Summary| [w.throughput_ratio, w.p50_ratio, w.p99_ratio];
+    let top_pct = s
+        .iter()
+        .flat_map(|w| values(w))
+        .fold(150.0_f64, |a, r| a.max(r * 100.0));
+    let top_pct = (top_pct / 50.0).ceil() * 50.0;
+    let y = |pct: f64| BOTTOM - (pct / top_pct) * (BOTTOM - TOP);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{LEFT}" y="22" font-size="14" font-weight="bold">With the agent, as % of without (Linux {}, {} CPUs, commit {})</text>"#,
+        xml(&m.kernel),
+        m.cpus,
+        xml(&m.commit)
+    );
+    let mut pct = 0.0;
+    while pct <= top_pct {
+        let yy = y(pct);
+        let stroke = if pct == 100.0 { "#333" } else { "#ddd" };
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="{stroke}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{pct:.0} %</text>"#,
+            W - 20.0,
+            LEFT - 6.0,
+            yy + 4.0
+        );
+        pct += 50.0;
+    }
+    let slot = (W - 20.0 - LEFT) / s.len().max(1) as f64;
+    let bar = slot / 5.0;
+    for (i, w) in s.iter().enumerate() {
+        let x0 = LEFT + i as f64 * slot + bar;
+        for (j, v) in values(w).iter().enumerate() {
+            let h = (v * 100.0).max(0.0);
+            let (x, top) = (x0 + j as f64 * bar, y(h));
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {:.1} %</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.0}</text>"#,
+                bar - 2.0,
+                BOTTOM - top,
+                series[j].1,
+                xml(&w.workload),
+                series[j].0,
+                h,
+                x + bar / 2.0 - 1.0,
+                top - 3.0,
+                h
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x0 + 1.5 * bar,
+            BOTTOM + 18.0,
+            xml(&w.workload)
+        );
+    }
+    for (j, (name, color)) in series.iter().enumerate() {
+        let x = LEFT + j as f64 * 140.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x:.1}" y="{:.1}" width="12" height="12" fill="{color}"/><text x="{:.1}" y="{:.1}">{name}</text>"#,
+            H - 30.0,
+            x + 16.0,
+            H - 20.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(workload: &str, round: u32, mode: &str, rps: f64, p99: f64) -> Value {
+        let mut v = serde_json::json!({
+            "workload": workload, "round": round, "mode": mode,
+            "requests": rps * 10.0, "seconds": 10.0, "rps": rps,
+            "p50_ms": 1.0, "p99_ms": p99, "errors": 0,
+            "host_cpu_us_per_request": if mode == "on" { 30.0 } else { 20.0 },
+        });
+        if mode == "on" {
+            let extra = serde_json::json!({
+                "agent_cpu_us_per_request": 3.0 + f64::from(round),
+                "kernel_ns_per_request": 900.0,
+                "kernel_ns_per_request_by_program": {"sys_exit_data": 700.0, "sys_enter_read": 200.0},
+                "agent_peak_rss_kib": 40960 + round * 1024,
+                "spans_made": 100, "spans_dropped": 10, "spans_received": 90, "events_lost": 0,
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+        }
+        parse_run(&v.to_string()).unwrap()
+    }
+
+    fn runs() -> Vec<Value> {
+        vec![
+            line("nginx", 1, "off", 1000.0, 2.0),
+            line("nginx", 1, "on", 960.0, 3.0),
+            line("nginx", 2, "on", 900.0, 2.0),
+            line("nginx", 2, "off", 1000.0, 2.0),
+            line("nginx", 3, "off", 1000.0, 2.0),
+            line("nginx", 3, "on", 990.0, 2.0),
+            // Only one mode: left out.
+            line("redis", 1, "off", 5000.0, 1.0),
+        ]
+    }
+
+    #[test]
+    fn paired_ratios_and_medians() {
+        let s = summarize(&runs());
+        assert_eq!(s.len(), 1, "{s:?}");
+        let n = &s[0];
+        assert_eq!(n.rounds, 3);
+        assert!((n.throughput_ratio - 0.96).abs() < 1e-9);
+        assert_eq!(n.throughput_range, (0.9, 0.99));
+        assert!((n.p99_ratio - 1.0).abs() < 1e-9);
+        assert!((n.agent_cpu_us - 5.0).abs() < 1e-9);
+        assert!((n.peak_rss_mib - 43.0).abs() < 1e-9);
+        assert_eq!(n.spans_made, 300.0);
+        assert_eq!(n.kernel_by_program[0], ("sys_exit_data".into(), 700.0));
+    }
+
+    #[test]
+    fn tables_and_targets() {
+        let s = summarize(&runs());
+        let t = summary_table(&s);
+        assert!(
+            t.contains("| nginx | 3 | 1,000 | 960 | -4.0 % (-10.0 % … -1.0 %) | 1.00 → 1.00 (±0.0 %) | 2.00 → 2.00 (±0.0 %) | 5.0 | 0.0050 | 900 | 20.0 → 30.0 | 43.0 MiB |"),
+            "{t}"
+        );
+        let targets = targets_table(&s);
+        assert!(
+            targets.contains("| throughput loss at nginx saturation ≤ 5 % | 4.0 % | yes |"),
+            "{targets}"
+        );
+        assert!(
+            targets.contains("| agent CPU ≤ 2 µs per traced request | 5.0 – 5.0 µs | **no** |"),
+            "{targets}"
+        );
+        assert!(accounting_table(&s).contains("| nginx | 300 | 270 | 30 (10.0 %) | 0 | 0 |"));
+    }
+
+    #[test]
+    fn report_and_chart() {
+        let s = summarize(&runs());
+        let m = Machine {
+            kernel: "6.18.0".into(),
+            cpus: 2,
+            cpu_model: "Test <CPU>".into(),
+            date: "2026-01-01 00:00 UTC".into(),
+            commit: "abc1234".into(),
+        };
+        let md = render(
+            &runs(),
+            &s,
+            &m,
+            &Options {
+                rounds: 3,
+                seconds: 10,
+            },
+        );
+        assert!(md.contains("![throughput and latency"));
+        assert!(md.contains("| nginx | 2 | on | 9,000 | 900 |"), "{md}");
+        let svg = chart(&s, &m);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("nginx throughput: 96.0 %"), "{svg}");
+        assert_eq!(svg.matches("<rect").count(), 1 + 3 + 3, "{svg}");
+    }
+
+    #[test]
+    fn rejects_incomplete_lines() {
+        for bad in [
+            r#"{"mode":"on","round":1,"requests":1,"rps":1,"p50_ms":1,"p99_ms":1}"#,
+            r#"{"workload":"x","mode":"on","round":1,"requests":1,"rps":1,"p50_ms":1}"#,
+            "not json",
+        ] {
+            assert!(parse_run(bad).is_err(), "{bad}");
+        }
+    }
+}
