@@ -474,7 +474,7 @@ fn chart(s: &[Summary], m: &Machine) -> String {
     let values = |w: &Summary| [w.throughput_ratio, w.p50_ratio, w.p99_ratio];
     let top_pct = s
         .iter()
-        .flat_map(|w| values(w))
+        .flat_map(&values)
         .fold(150.0_f64, |a, r| a.max(r * 100.0));
     let top_pct = (top_pct / 50.0).ceil() * 50.0;
     let y = |pct: f64| BOTTOM - (pct / top_pct) * (BOTTOM - TOP);
