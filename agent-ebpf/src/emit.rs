@@ -8,10 +8,13 @@ use core::{
 use agent_common::{Counter, DataEvent, SCRATCH_PAYLOAD_BYTES, TRANSPORT_PERF};
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_CURRENT_CPU,
+    bindings::{
+        BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE,
+    },
     helpers::{
         bpf_get_smp_processor_id,
-        generated::{bpf_perf_event_output, bpf_ringbuf_output},
+        generated::{bpf_perf_event_output, bpf_ringbuf_output, bpf_ringbuf_query},
     },
 };
 
@@ -91,13 +94,30 @@ pub fn output<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64) 
             ) == 0
         }
     } else {
+        let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
+        // Waking the reader on every record costs the traced thread an
+        // irq_work and the agent a context switch per event. The reader
+        // polls every few milliseconds anyway, so wake it only when an
+        // eighth of the ring is waiting.
+        // SAFETY: map pointer of a ring buffer.
+        let (waiting, size) = unsafe {
+            (
+                bpf_ringbuf_query(ring, u64::from(BPF_RB_AVAIL_DATA)),
+                bpf_ringbuf_query(ring, u64::from(BPF_RB_RING_SIZE)),
+            )
+        };
+        let wakeup = if waiting >= size / 8 {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
         // SAFETY: map pointer of a ring buffer; data/len bounded by caller.
         unsafe {
             bpf_ringbuf_output(
-                (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>(),
+                ring,
                 data.cast_mut().cast::<c_void>(),
                 len,
-                0,
+                u64::from(wakeup),
             ) == 0
         }
     };

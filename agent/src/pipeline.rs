@@ -147,7 +147,7 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         let mut next_tick = Instant::now() + tick_every;
         while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-            self.step(Duration::from_millis(100), on_record)?;
+            self.step(crate::capture::reader::POLL_EVERY, on_record)?;
             if Instant::now() >= next_tick {
                 tick(self);
                 next_tick += tick_every;

@@ -386,7 +386,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let (mut last_report, mut last_interval, mut last_snapshot) =
         (Instant::now(), Instant::now(), Instant::now());
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        pipeline.step(Duration::from_millis(100), &mut |r| tracer.on_record(r))?;
+        pipeline.step(crate::capture::reader::POLL_EVERY, &mut |r| {
+            tracer.on_record(r)
+        })?;
         state.heartbeat();
         if last_snapshot.elapsed() >= Duration::from_secs(1) {
             state.update(snapshot(
