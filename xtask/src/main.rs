@@ -64,7 +64,7 @@ enum Cmd {
     Bench {
         #[arg(value_enum)]
         which: Option<Bench>,
-        /// Seconds per measurement.
+        /// Seconds per capture measurement (micro keeps criterion's own timing).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         seconds: u32,
     },
@@ -90,10 +90,48 @@ enum Cmd {
     VmTest(vm::VmTestArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// The benchmarks; `cargo xtask bench` without a name runs them all, in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Bench {
     /// Kernel → userspace event throughput and losses, ring buffer vs perf buffer.
     Capture,
+    /// Userspace hot path under criterion: record decoding, protocol parsing,
+    /// SQL sanitizing and span building, per core (no root, no eBPF).
+    Micro,
+}
+
+impl Bench {
+    /// The name on the command line.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
+    }
+
+    fn run(self, ctx: &Ctx, seconds: u32) -> Result<()> {
+        match self {
+            Bench::Capture => bench::capture::capture(ctx, seconds),
+            Bench::Micro => bench::micro::micro(ctx).map(drop),
+        }
+    }
+}
+
+/// Runs the named benchmark, or all of them: one failing does not stop the
+/// others, and the run fails if any did.
+fn run_benches(ctx: &Ctx, which: Option<Bench>, seconds: u32) -> Result<()> {
+    let Some(which) = which else {
+        let mut failed = Vec::new();
+        for b in Bench::value_variants() {
+            if let Err(e) = b.run(ctx, seconds) {
+                eprintln!("error: bench {}: {e:#}", b.name());
+                failed.push(b.name());
+            }
+        }
+        if !failed.is_empty() {
+            bail!("benchmarks failed: {}", failed.join(", "));
+        }
+        return Ok(());
+    };
+    which.run(ctx, seconds)
 }
 
 fn main() -> ExitCode {
@@ -129,9 +167,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Err(exec(&mut c))
         }
         Cmd::Test { extra } => test(&ctx, extra),
-        Cmd::Bench { which, seconds } => match which {
-            Some(Bench::Capture) | None => bench::capture::capture(&ctx, seconds),
-        },
+        Cmd::Bench { which, seconds } => run_benches(&ctx, which, seconds),
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
         Cmd::Image => {
@@ -398,6 +434,14 @@ mod tests {
                 seconds: 2
             }
         ));
+        assert!(matches!(
+            parse(&["bench", "micro"]),
+            Cmd::Bench {
+                which: Some(Bench::Micro),
+                ..
+            }
+        ));
+        assert_eq!(Bench::value_variants(), [Bench::Capture, Bench::Micro]);
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
         let Cmd::Fuzz(f) = parse(&["fuzz"]) else {
             panic!()
