@@ -132,13 +132,19 @@ fn parse_bench(benchmark: &str, estimates: &str) -> Result<Value> {
     else {
         bail!("{group}/{bench}: no Elements throughput");
     };
-    let Some(ns) = e
-        .get("median")
+    let median = e.get("median");
+    let Some(ns) = median
         .and_then(|m| m.get("point_estimate"))
         .and_then(Value::as_f64)
         .filter(|ns| *ns > 0.0)
     else {
         bail!("{group}/{bench}: no positive median estimate");
+    };
+    let bound = |key: &str| {
+        median
+            .and_then(|m| m.get("confidence_interval"))
+            .and_then(|ci| ci.get(key))
+            .and_then(Value::as_f64)
     };
     Ok(json!({
         "group": group,
@@ -146,6 +152,7 @@ fn parse_bench(benchmark: &str, estimates: &str) -> Result<Value> {
         "ns_per_iter": ns,
         "elements_per_iter": elements,
         "elements_per_sec": elements as f64 * 1e9 / ns,
+        "ns_per_iter_ci95": [bound("lower_bound"), bound("upper_bound")],
     }))
 }
 
@@ -226,7 +233,11 @@ fn render(results: &[Value], m: &Machine) -> String {
          count whole requests taken from raw records through decoding, the connection \
          table, the protocol session and the tracer to a finished span in the export \
          queue (`http_keepalive`: two data records; `http_connection`: open, two data \
-         records and close; `redis_set_get`: two commands, four data records).\n",
+         records and close; `redis_set_get`: two commands, four data records).\n\n\
+         The raw results add criterion's 95 % confidence interval of each median \
+         (`ns_per_iter_ci95`). It says how steady one run was, not how much runs \
+         differ: on a shared or virtual machine, compare runs before trusting a \
+         difference of a few tens of percent.\n",
     );
     let _ = writeln!(md, "\n## Raw results\n\n```json");
     for r in results {
@@ -268,6 +279,13 @@ mod tests {
         assert_eq!(r["ns_per_iter"], 200.0);
         assert_eq!(r["elements_per_iter"], 10);
         assert_eq!(r["elements_per_sec"], 50_000_000.0);
+        assert_eq!(r["ns_per_iter_ci95"], json!([195.0, 205.0]));
+        let no_ci = ESTIMATES.replace(
+            r#""median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":195.0,"upper_bound":205.0},"#,
+            r#""median":{"#,
+        );
+        let r = parse_bench(BENCHMARK, &no_ci).unwrap();
+        assert_eq!(r["ns_per_iter_ci95"], json!([null, null]));
     }
 
     #[test]
@@ -315,7 +333,7 @@ mod tests {
         assert!(md.contains("Machine: Linux 6.18.0, 2 CPUs, Test CPU."));
         assert!(md.contains(&t));
         assert!(md.contains(
-            "```json\n{\"group\":\"decode\",\"bench\":\"data\",\"ns_per_iter\":200.0,\"elements_per_iter\":10,\"elements_per_sec\":50000000.0}\n"
+            "```json\n{\"group\":\"decode\",\"bench\":\"data\",\"ns_per_iter\":200.0,\"elements_per_iter\":10,\"elements_per_sec\":50000000.0,\"ns_per_iter_ci95\":[195.0,205.0]}\n"
         ), "{md}");
     }
 
