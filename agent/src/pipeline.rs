@@ -76,6 +76,14 @@ pub struct Pipeline {
     pub probes: Probes,
     pub seeded: SeedReport,
     reader: Reader,
+    attributor: Attributor,
+}
+
+/// The userspace stage after decoding: attributes each record to its
+/// connection (opening, counting and closing them in the table) and hands
+/// it on as a [`Record`]. Separate from the reader so that it can be driven
+/// without a kernel (benchmarks, fuzzing).
+pub struct Attributor {
     conns: ConnTable,
     /// Data read before its connection's open record (perf reorders CPUs).
     early: EarlyQueue,
@@ -88,6 +96,74 @@ pub struct Pipeline {
 fn deliver(conn: &mut Connection, data: &Data<'_>, on_record: &mut impl FnMut(Record<'_>)) {
     conn.count(data);
     on_record(Record::Data(Some(conn), data));
+}
+
+impl Attributor {
+    pub fn new(conns: ConnTable) -> Self {
+        Self {
+            conns,
+            early: EarlyQueue::default(),
+            data_events: 0,
+            payload_bytes: 0,
+            orphans: 0,
+        }
+    }
+
+    /// Handles one decoded record read at `now`.
+    pub fn event(
+        &mut self,
+        event: Event<'_>,
+        now: Instant,
+        on_record: &mut impl FnMut(Record<'_>),
+    ) {
+        let Self {
+            conns,
+            early,
+            data_events,
+            payload_bytes,
+            orphans,
+        } = self;
+        match event {
+            Event::Open(open) => {
+                conns.open(&open);
+                for id in std::mem::take(&mut conns.just_evicted) {
+                    on_record(Record::Evicted(id));
+                }
+                if let Some(conn) = conns.get_mut(open.header.conn_id) {
+                    on_record(Record::Opened(conn));
+                    for held in early.take(open.header.conn_id) {
+                        deliver(conn, &held.as_data(), on_record);
+                    }
+                }
+            }
+            Event::Data(data) => {
+                *data_events += 1;
+                *payload_bytes += data.payload.len() as u64;
+                match conns.get_mut(data.header.conn_id) {
+                    Some(conn) => deliver(conn, &data, on_record),
+                    None => {
+                        if !early.hold(&data, now) {
+                            *orphans += 1;
+                            on_record(Record::Data(None, &data));
+                        }
+                    }
+                }
+            }
+            Event::Close(header) => {
+                if let Some(conn) = conns.close(header.conn_id) {
+                    on_record(Record::Closed(&conn));
+                }
+            }
+        }
+    }
+
+    /// Gives up on data that waited too long for its open record.
+    pub fn expire(&mut self, now: Instant, on_record: &mut impl FnMut(Record<'_>)) {
+        for held in self.early.expire(now) {
+            self.orphans += 1;
+            on_record(Record::Data(None, &held.as_data()));
+        }
+    }
 }
 
 /// Installs SIGINT/SIGTERM handlers that set the returned flag.
@@ -123,11 +199,7 @@ impl Pipeline {
             probes,
             seeded,
             reader,
-            conns: ConnTable::new(MAX_CONNECTIONS, seed),
-            early: EarlyQueue::default(),
-            data_events: 0,
-            payload_bytes: 0,
-            orphans: 0,
+            attributor: Attributor::new(ConnTable::new(MAX_CONNECTIONS, seed)),
         })
     }
 
@@ -165,51 +237,13 @@ impl Pipeline {
         on_record: &mut impl FnMut(Record<'_>),
     ) -> anyhow::Result<u64> {
         let Self {
-            reader,
-            conns,
-            early,
-            data_events,
-            payload_bytes,
-            orphans,
-            ..
+            reader, attributor, ..
         } = self;
         let now = Instant::now();
-        let n = reader.poll(timeout, &mut |event| match event {
-            Event::Open(open) => {
-                conns.open(&open);
-                for id in std::mem::take(&mut conns.just_evicted) {
-                    on_record(Record::Evicted(id));
-                }
-                if let Some(conn) = conns.get_mut(open.header.conn_id) {
-                    on_record(Record::Opened(conn));
-                    for held in early.take(open.header.conn_id) {
-                        deliver(conn, &held.as_data(), on_record);
-                    }
-                }
-            }
-            Event::Data(data) => {
-                *data_events += 1;
-                *payload_bytes += data.payload.len() as u64;
-                match conns.get_mut(data.header.conn_id) {
-                    Some(conn) => deliver(conn, &data, on_record),
-                    None => {
-                        if !early.hold(&data, now) {
-                            *orphans += 1;
-                            on_record(Record::Data(None, &data));
-                        }
-                    }
-                }
-            }
-            Event::Close(header) => {
-                if let Some(conn) = conns.close(header.conn_id) {
-                    on_record(Record::Closed(&conn));
-                }
-            }
+        let n = reader.poll(timeout, &mut |event| {
+            attributor.event(event, now, on_record);
         })?;
-        for held in early.expire(Instant::now()) {
-            *orphans += 1;
-            on_record(Record::Data(None, &held.as_data()));
-        }
+        attributor.expire(Instant::now(), on_record);
         Ok(n)
     }
 
@@ -223,11 +257,11 @@ impl Pipeline {
             transport: self.probes.transport.name(),
             reader: self.reader.stats(),
             kernel: self.probes.counters().unwrap_or_default(),
-            data_events: self.data_events,
-            payload_bytes: self.payload_bytes,
-            orphan_data_events: self.orphans,
-            connections_open: self.conns.len(),
-            connections_evicted: self.conns.evicted,
+            data_events: self.attributor.data_events,
+            payload_bytes: self.attributor.payload_bytes,
+            orphan_data_events: self.attributor.orphans,
+            connections_open: self.attributor.conns.len(),
+            connections_evicted: self.attributor.conns.evicted,
         }
     }
 }

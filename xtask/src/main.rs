@@ -64,7 +64,8 @@ enum Cmd {
     Bench {
         #[arg(value_enum)]
         which: Option<Bench>,
-        /// Seconds per measurement [default: 5 for capture, 10 for overhead].
+        /// Seconds per measurement [default: 10 per overhead run, 5 per capture
+        /// transport; micro keeps criterion's own timing].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         seconds: Option<u32>,
         /// Overhead: rounds of every workload with the agent off and on.
@@ -100,12 +101,57 @@ enum Cmd {
     VmTest(vm::VmTestArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// The benchmarks; `cargo xtask bench` without a name runs them all, in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Bench {
     /// Real workloads (nginx, Redis, PostgreSQL, FastAPI) with the agent off and on.
     Overhead,
     /// Kernel → userspace event throughput and losses, ring buffer vs perf buffer.
     Capture,
+    /// Userspace hot path under criterion: record decoding, protocol parsing,
+    /// SQL sanitizing and span building, per core (no root, no eBPF).
+    Micro,
+}
+
+impl Bench {
+    /// The name on the command line.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
+    }
+
+    fn run(self, ctx: &Ctx, seconds: Option<u32>, rounds: u32) -> Result<()> {
+        match self {
+            Bench::Overhead => bench::overhead::overhead(
+                ctx,
+                &bench::overhead::Options {
+                    rounds,
+                    seconds: seconds.unwrap_or(10).max(2),
+                },
+            ),
+            Bench::Capture => bench::capture::capture(ctx, seconds.unwrap_or(5)),
+            Bench::Micro => bench::micro::micro(ctx).map(drop),
+        }
+    }
+}
+
+/// Runs the named benchmark, or all of them: one failing does not stop the
+/// others, and the run fails if any did.
+fn run_benches(ctx: &Ctx, which: Option<Bench>, seconds: Option<u32>, rounds: u32) -> Result<()> {
+    let Some(which) = which else {
+        let mut failed = Vec::new();
+        for b in Bench::value_variants() {
+            if let Err(e) = b.run(ctx, seconds, rounds) {
+                eprintln!("error: bench {}: {e:#}", b.name());
+                failed.push(b.name());
+            }
+        }
+        if !failed.is_empty() {
+            bail!("benchmarks failed: {}", failed.join(", "));
+        }
+        return Ok(());
+    };
+    which.run(ctx, seconds, rounds)
 }
 
 fn main() -> ExitCode {
@@ -145,18 +191,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             which,
             seconds,
             rounds,
-        } => {
-            let overhead = || {
-                let seconds = seconds.unwrap_or(10).max(2);
-                bench::overhead::overhead(&ctx, &bench::overhead::Options { rounds, seconds })
-            };
-            let capture = || bench::capture::capture(&ctx, seconds.unwrap_or(5));
-            match which {
-                Some(Bench::Overhead) => overhead(),
-                Some(Bench::Capture) => capture(),
-                None => overhead().and_then(|()| capture()),
-            }
-        }
+        } => run_benches(&ctx, which, seconds, rounds),
         Cmd::Soak { minutes } => bench::soak::soak(&ctx, minutes),
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
@@ -426,6 +461,17 @@ mod tests {
                 ..
             }
         ));
+        assert!(matches!(
+            parse(&["bench", "micro"]),
+            Cmd::Bench {
+                which: Some(Bench::Micro),
+                ..
+            }
+        ));
+        assert_eq!(
+            Bench::value_variants(),
+            [Bench::Overhead, Bench::Capture, Bench::Micro]
+        );
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
         let Cmd::Fuzz(f) = parse(&["fuzz"]) else {
             panic!()

@@ -121,7 +121,8 @@ impl SpanQueue {
         }
     }
 
-    /// A queue whose spans land in the returned receiver (for tests).
+    /// A queue whose spans land in the returned receiver (for tests and
+    /// benchmarks).
     pub fn for_test(capacity: usize) -> (Self, Receiver<ExportSpan>) {
         let (tx, rx) = sync_channel(capacity);
         (

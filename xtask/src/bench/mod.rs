@@ -2,6 +2,7 @@
 //! `bench/`, and what their reports share (machine facts, number formatting).
 
 pub mod capture;
+pub mod micro;
 pub mod overhead;
 pub mod soak;
 

@@ -1,0 +1,657 @@
+//! The userspace hot path under criterion: decoding kernel records, the
+//! protocol parsers, SQL sanitizing, and the whole way from raw records to a
+//! finished span. `cargo xtask bench micro` runs this and writes
+//! `bench/micro.md`; by hand: `AYA_BUILD_SKIP=1 cargo bench -p agent --bench hotpath`.
+//!
+//! Every benchmark declares `Throughput::Elements`: one element is one kernel
+//! record (a data event, or an open/close record) in `decode` and the parser
+//! groups, one SQL statement in `sql_sanitize`, and one request (all of its
+//! records, to its span) in `span_build`. Criterion runs on one thread, so
+//! elements/s is per core.
+//!
+//! The inputs are realistic messages built here byte by byte (the layouts
+//! follow the recorded fixtures under `src/protocol/fixtures` and the fuzz
+//! targets), fed the way the kernel reports them: one syscall per message
+//! batch, whole.
+
+use std::{
+    hint::black_box,
+    net::SocketAddr,
+    sync::{Arc, mpsc::Receiver},
+    time::{Duration, Instant},
+};
+
+use agent_common::{ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall};
+use criterion::{
+    BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
+};
+use zerotrace::{
+    capture::decode,
+    config::Config,
+    conn::{ConnTable, seed::Seed},
+    export::{ExportSpan, SpanQueue},
+    pipeline::{Attributor, Record},
+    protocol::{
+        db::{DbEvent, DbOptions},
+        http::{HttpEvent, HttpOptions, Moment},
+        session::{self, Event, Protocol, Session},
+        sql::summarize,
+    },
+    trace::{TraceOptions, Tracer, context::Sampler},
+};
+
+// --- messages ---------------------------------------------------------------
+
+/// An HTTP/1.1 GET as a browser or service client sends it: nine headers,
+/// among them the tenant header the tracer copies and a W3C traceparent.
+const HTTP_REQUEST: &[u8] = b"GET /api/v1/orders/48213?include=items&currency=EUR HTTP/1.1\r\n\
+Host: orders.shop.internal:8080\r\n\
+User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36\r\n\
+Accept: application/json\r\n\
+Accept-Encoding: gzip, deflate, br\r\n\
+Accept-Language: en-US,en;q=0.9\r\n\
+Connection: keep-alive\r\n\
+x-tenant-id: acme-corp\r\n\
+x-request-id: 7f3c9a2e-1b4d-4e8f-9a6b-2c5d8e1f0a3b\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+\r\n";
+
+/// Its 200 response with a small JSON body, head and body in one write.
+fn http_response() -> Vec<u8> {
+    let body = br#"{"id":48213,"status":"shipped","currency":"EUR","total":129.99,"items":[{"sku":"A-1001","qty":2,"price":39.5},{"sku":"B-2002","qty":1,"price":50.99}],"customer":{"id":5512,"name":"Jane Doe"},"updated_at":"2024-05-01T12:34:56Z"}"#;
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\n\
+         Server: nginx/1.25.4\r\n\
+         Date: Wed, 01 May 2024 12:34:56 GMT\r\n\
+         Content-Type: application/json; charset=utf-8\r\n\
+         Content-Length: {}\r\n\
+         Connection: keep-alive\r\n\
+         Cache-Control: no-store\r\n\
+         \r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// PostgreSQL frontend/backend message: type, length, body.
+fn pg(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// StartupMessage (protocol 3.0) and the server's AuthenticationOk …
+/// ReadyForQuery: what a connection starts with.
+fn pg_handshake() -> (Vec<u8>, Vec<u8>) {
+    let body = b"\x00\x03\x00\x00user\0app\0database\0shop\0application_name\0orders\0\0";
+    let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    startup.extend_from_slice(body);
+    let mut ok = pg(b'R', &[0, 0, 0, 0]);
+    ok.extend(pg(b'S', b"server_version\x0015.18\0"));
+    ok.extend(pg(b'S', b"client_encoding\0UTF8\0"));
+    ok.extend(pg(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
+    ok.extend(pg(b'Z', b"I"));
+    (startup, ok)
+}
+
+/// One extended-protocol query as libpq/pgbench batch it: Parse (unnamed
+/// statement) / Bind (one text parameter) / Describe portal / Execute / Sync;
+/// and the response: ParseComplete, BindComplete, RowDescription, one
+/// DataRow, CommandComplete, ReadyForQuery.
+fn pg_exchange() -> (Vec<u8>, Vec<u8>) {
+    let mut req = pg(
+        b'P',
+        b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1\0\0\0",
+    );
+    req.extend(pg(b'B', b"\0\0\0\0\0\x01\0\0\0\x0520322\0\x01\0\0"));
+    req.extend(pg(b'D', b"P\0"));
+    req.extend(pg(b'E', b"\0\0\0\0\0"));
+    req.extend(pg(b'S', b""));
+    let mut resp = pg(b'1', b"");
+    resp.extend(pg(b'2', b""));
+    resp.extend(pg(
+        b'T',
+        b"\x00\x01abalance\0\x00\x00\x40\x18\x00\x03\x00\x00\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00",
+    ));
+    resp.extend(pg(b'D', b"\x00\x01\x00\x00\x00\x044557"));
+    resp.extend(pg(b'C', b"SELECT 1\0"));
+    resp.extend(pg(b'Z', b"I"));
+    (req, resp)
+}
+
+/// MySQL packet: 3-byte length, sequence id, payload.
+fn my(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    out.push(seq);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Greeting, HandshakeResponse41 (database "shop") and OK, in the order
+/// (server, client, server).
+fn my_handshake() -> [Vec<u8>; 3] {
+    // PROTOCOL_41, SECURE_CONNECTION, CONNECT_WITH_DB, MULTI_STATEMENTS,
+    // MULTI_RESULTS, PS_MULTI_RESULTS, PLUGIN_AUTH, SESSION_TRACK.
+    let caps: u32 = 0x0200 | 0x8000 | 0x0008 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19 | 1 << 23;
+    let mut g = vec![10];
+    g.extend_from_slice(b"8.0.36\0\x01\x00\x00\x00abcdefgh\0");
+    g.extend_from_slice(&(caps as u16).to_le_bytes());
+    g.extend_from_slice(&[45, 2, 0]);
+    g.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+    g.extend_from_slice(&[21, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    g.extend_from_slice(b"ijklmnopqrst\0mysql_native_password\0");
+    let mut h = caps.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0, 0, 0, 1, 45]);
+    h.extend_from_slice(&[0; 23]);
+    h.extend_from_slice(b"app\0\x14");
+    h.extend_from_slice(&[0x55; 20]);
+    h.extend_from_slice(b"shop\0mysql_native_password\0");
+    [my(0, &g), my(1, &h), my(2, &[0, 0, 0, 2, 0, 0, 0])]
+}
+
+/// A COM_QUERY and its result set: 3 columns, 10 rows, EOF-terminated.
+fn my_exchange() -> (Vec<u8>, Vec<u8>) {
+    let mut q = vec![3];
+    q.extend_from_slice(
+        b"SELECT id, name, email FROM customers WHERE tenant_id = 'acme-corp' AND active = 1 ORDER BY id LIMIT 10",
+    );
+    let req = my(0, &q);
+    let mut seq = 1u8;
+    let mut packet = |payload: &[u8], out: &mut Vec<u8>| {
+        out.extend(my(seq, payload));
+        seq += 1;
+    };
+    let mut resp = Vec::new();
+    packet(&[3], &mut resp);
+    for (name, kind) in [("id", 0x08), ("name", 0xfd), ("email", 0xfd)] {
+        let mut c = Vec::new();
+        for s in ["def", "shop", "customers", "customers", name, name] {
+            c.push(s.len() as u8);
+            c.extend_from_slice(s.as_bytes());
+        }
+        c.extend_from_slice(&[0x0c, 0x21, 0, 0, 1, 0, 0, kind, 0, 0, 0, 0, 0]);
+        packet(&c, &mut resp);
+    }
+    packet(&[0xfe, 0, 0, 0x22, 0], &mut resp);
+    for i in 0..10 {
+        let mut row = Vec::new();
+        for field in [
+            format!("{}", 1000 + i),
+            format!("Customer {i}"),
+            format!("customer{i}@example.com"),
+        ] {
+            row.push(field.len() as u8);
+            row.extend_from_slice(field.as_bytes());
+        }
+        packet(&row, &mut resp);
+    }
+    packet(&[0xfe, 0, 0, 0x22, 0], &mut resp);
+    (req, resp)
+}
+
+/// A RESP array command as clients send it.
+fn resp_command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    out
+}
+
+const SESSION_VALUE: &str = r#"{"user":5512,"cart":["A-1001","B-2002"],"exp":1714567890}"#;
+
+/// SET with an expiry and its +OK, GET and its bulk reply: four syscalls.
+fn redis_exchange() -> [(Direction, Vec<u8>); 4] {
+    let key = "session:7f3c9a2e1b4d4e8f";
+    let mut bulk = format!("${}\r\n", SESSION_VALUE.len()).into_bytes();
+    bulk.extend_from_slice(SESSION_VALUE.as_bytes());
+    bulk.extend_from_slice(b"\r\n");
+    [
+        (
+            Direction::Egress,
+            resp_command(&["SET", key, SESSION_VALUE, "EX", "3600"]),
+        ),
+        (Direction::Ingress, b"+OK\r\n".to_vec()),
+        (Direction::Egress, resp_command(&["GET", key])),
+        (Direction::Ingress, bulk),
+    ]
+}
+
+// --- kernel records -----------------------------------------------------------
+
+/// The bytes of a plain-data record.
+fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: T is one of agent-common's repr(C) record layouts, whose
+    // padding is explicit fields: every byte is initialized.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+/// Builds records as the kernel programs write them.
+struct Records {
+    tgid: u32,
+    tid: u32,
+    fd: i32,
+    conn_id: u64,
+}
+
+impl Records {
+    fn header(&self, kind: EventKind, detail: u8, ts_ns: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u8,
+            detail,
+            _pad: [0; 2],
+            tgid: self.tgid,
+            tid: self.tid,
+            fd: self.fd,
+            ts_ns,
+            conn_id: self.conn_id,
+        }
+    }
+
+    fn data(&self, syscall: Syscall, ts_ns: u64, payload: &[u8]) -> Vec<u8> {
+        let mut r = bytes_of(&DataEvent {
+            header: self.header(EventKind::Data, syscall as u8, ts_ns),
+            total_bytes: payload.len() as u64,
+            captured: payload.len() as u32,
+            _pad: 0,
+        });
+        r.extend_from_slice(payload);
+        // Ring buffer records are 8-byte aligned.
+        r.resize(r.len().next_multiple_of(8), 0);
+        r
+    }
+
+    fn open(&self, role: Role, local: SocketAddr, remote: SocketAddr, ts_ns: u64) -> Vec<u8> {
+        let v4 = |a: SocketAddr| match a {
+            SocketAddr::V4(a) => {
+                let mut raw = [0u8; 16];
+                raw[..4].copy_from_slice(&a.ip().octets());
+                raw
+            }
+            SocketAddr::V6(a) => a.ip().octets(),
+        };
+        let mut comm = [0u8; 16];
+        comm[..10].copy_from_slice(b"api-server");
+        bytes_of(&ConnOpenEvent {
+            header: self.header(EventKind::ConnOpen, role as u8, ts_ns),
+            family: if local.is_ipv4() { 2 } else { 10 },
+            local_port: local.port(),
+            remote_port: remote.port(),
+            _pad: 0,
+            local_addr: v4(local),
+            remote_addr: v4(remote),
+            comm,
+        })
+    }
+
+    fn close(&self, ts_ns: u64) -> Vec<u8> {
+        bytes_of(&self.header(EventKind::ConnClose, 0, ts_ns))
+    }
+}
+
+const SERVER: &str = "10.0.0.5:8080";
+const CLIENT: &str = "10.0.0.7:51234";
+const REDIS: &str = "10.0.0.9:6379";
+const REDIS_CLIENT: &str = "10.0.0.5:40312";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// The records of one keep-alive HTTP exchange read by a server: the
+/// request read, the response written.
+fn http_server_records(r: &Records) -> [Vec<u8>; 2] {
+    [
+        r.data(Syscall::Read, 2_000, HTTP_REQUEST),
+        r.data(Syscall::Write, 2_000_000, &http_response()),
+    ]
+}
+
+// --- benchmarks ---------------------------------------------------------------
+
+/// A group with the short timings that keep the whole run near a minute.
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30);
+    g
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let http = Records {
+        tgid: 4242,
+        tid: 4243,
+        fd: 12,
+        conn_id: 0x1_0000_000c,
+    };
+    let (pg_req, pg_resp) = pg_exchange();
+    let (my_req, my_resp) = my_exchange();
+    let mut data: Vec<Vec<u8>> = http_server_records(&http).into();
+    for (syscall, payload) in [
+        (Syscall::Sendto, pg_req),
+        (Syscall::Recvfrom, pg_resp),
+        (Syscall::Write, my_req),
+        (Syscall::Read, my_resp),
+    ] {
+        data.push(http.data(syscall, 3_000, &payload));
+    }
+    for (dir, payload) in redis_exchange() {
+        let syscall = match dir {
+            Direction::Egress => Syscall::Write,
+            Direction::Ingress => Syscall::Read,
+        };
+        data.push(http.data(syscall, 4_000, &payload));
+    }
+    let open_close = [
+        http.open(Role::Server, addr(SERVER), addr(CLIENT), 1_000),
+        http.close(5_000),
+    ];
+    let mut g = group(c, "decode");
+    for (name, records) in [("data", &data[..]), ("open_close", &open_close[..])] {
+        for r in records {
+            decode(r).expect("valid record");
+        }
+        g.throughput(Throughput::Elements(records.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for r in records {
+                    let _ = black_box(decode(black_box(r)));
+                }
+            });
+        });
+    }
+    g.finish();
+}
+
+/// The session options the tracer gives each connection by default.
+fn session_options() -> session::Options {
+    session::Options {
+        http: Arc::new(HttpOptions::default()),
+        db: Arc::new(DbOptions::default()),
+    }
+}
+
+/// A session fed its opening bytes until it has recognised `protocol`.
+fn session_for(
+    protocol: Protocol,
+    remote: &str,
+    opening: &[(Direction, Vec<u8>)],
+) -> (Session, Vec<Event>) {
+    let mut s = Session::new(
+        session_options(),
+        true,
+        addr("10.0.0.5:40000"),
+        addr(remote),
+    );
+    let mut out = Vec::new();
+    for (dir, bytes) in opening {
+        s.feed(*dir, Moment::default(), bytes, 0, &mut out);
+    }
+    assert_eq!(s.protocol(), Some(protocol), "not recognised");
+    out.clear();
+    (s, out)
+}
+
+/// Benchmarks feeding `exchange` (one request and its response, syscall by
+/// syscall) into a session already past detection and handshake; checks
+/// first that each round ends in one completed call or exchange.
+fn bench_session(
+    c: &mut Criterion,
+    group_name: &str,
+    bench: &str,
+    (mut session, mut out): (Session, Vec<Event>),
+    exchange: &[(Direction, Vec<u8>)],
+) {
+    let calls_per_round = |out: &[Event]| {
+        out.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Http(HttpEvent::Exchange(_)) | Event::Db(DbEvent::Call(_))
+                )
+            })
+            .count()
+    };
+    let requests = exchange.iter().filter(|(d, _)| *d == exchange[0].0).count();
+    for _ in 0..2 {
+        for (dir, bytes) in exchange {
+            session.feed(*dir, Moment::default(), bytes, 0, &mut out);
+        }
+        assert_eq!(
+            calls_per_round(&out),
+            requests,
+            "{group_name}/{bench}: {out:?}"
+        );
+        out.clear();
+    }
+    let mut g = group(c, group_name);
+    g.throughput(Throughput::Elements(exchange.len() as u64));
+    g.bench_function(bench, |b| {
+        b.iter(|| {
+            for (dir, bytes) in exchange {
+                session.feed(*dir, Moment::default(), black_box(bytes), 0, &mut out);
+            }
+            black_box(&out);
+            out.clear();
+        });
+    });
+    g.finish();
+}
+
+fn bench_http(c: &mut Criterion) {
+    // A server: reads the request, writes the response.
+    let exchange = [
+        (Direction::Ingress, HTTP_REQUEST.to_vec()),
+        (Direction::Egress, http_response()),
+    ];
+    let session = session_for(Protocol::Http, CLIENT, &exchange[..1]);
+    // The detection round's request is pending: answer it first.
+    let (mut s, mut out) = session;
+    s.feed(
+        Direction::Egress,
+        Moment::default(),
+        &exchange[1].1,
+        0,
+        &mut out,
+    );
+    out.clear();
+    bench_session(c, "http", "get_200", (s, out), &exchange);
+}
+
+fn bench_postgres(c: &mut Criterion) {
+    let (startup, ok) = pg_handshake();
+    let session = session_for(
+        Protocol::Postgres,
+        "10.0.0.8:5432",
+        &[(Direction::Egress, startup), (Direction::Ingress, ok)],
+    );
+    let (req, resp) = pg_exchange();
+    let exchange = [(Direction::Egress, req), (Direction::Ingress, resp)];
+    bench_session(c, "postgres", "extended_select", session, &exchange);
+}
+
+fn bench_mysql(c: &mut Criterion) {
+    let [greeting, hello, ok] = my_handshake();
+    let session = session_for(
+        Protocol::Mysql,
+        "10.0.0.8:3306",
+        &[
+            (Direction::Ingress, greeting),
+            (Direction::Egress, hello),
+            (Direction::Ingress, ok),
+        ],
+    );
+    let (req, resp) = my_exchange();
+    let exchange = [(Direction::Egress, req), (Direction::Ingress, resp)];
+    bench_session(c, "mysql", "query_10_rows", session, &exchange);
+}
+
+fn bench_redis(c: &mut Criterion) {
+    let exchange = redis_exchange();
+    let (mut s, mut out) = session_for(Protocol::Redis, REDIS, &exchange[..1]);
+    for (dir, bytes) in &exchange[1..] {
+        s.feed(*dir, Moment::default(), bytes, 0, &mut out);
+    }
+    out.clear();
+    bench_session(c, "redis", "set_get", (s, out), &exchange);
+}
+
+fn bench_sql(c: &mut Criterion) {
+    let statements = [
+        (
+            "select",
+            "SELECT u.id, u.name, u.email, o.total FROM users u JOIN orders o ON o.user_id = u.id \
+             WHERE u.tenant_id = 'acme-corp' AND o.created_at > '2024-01-01 00:00:00' \
+             AND o.status IN (1, 2, 3) AND o.total >= 99.95 ORDER BY o.created_at DESC LIMIT 50",
+        ),
+        (
+            "insert",
+            "INSERT INTO orders (id, customer_id, amount, currency, note, created_at) VALUES \
+             (98234, 5512, 129.99, 'EUR', 'gift wrap, deliver after 5pm', '2024-05-01 12:34:56')",
+        ),
+    ];
+    let max = DbOptions::default().max_query_bytes;
+    let mut g = group(c, "sql_sanitize");
+    g.throughput(Throughput::Elements(1));
+    for (name, sql) in statements {
+        let s = summarize(sql, max);
+        assert!(
+            !s.sanitized.contains("acme") && !s.sanitized.contains("5512"),
+            "{s:?}"
+        );
+        g.bench_function(name, |b| b.iter(|| summarize(black_box(sql), max)));
+    }
+    g.finish();
+}
+
+/// The stages after the reader, as `zerotrace run` wires them: the
+/// attributor (connection table) hands records to the tracer, whose spans
+/// go to the export queue; the receiver stands in for the exporter thread.
+struct Stages {
+    attributor: Attributor,
+    tracer: Tracer,
+    spans: Receiver<ExportSpan>,
+    now: Instant,
+}
+
+impl Stages {
+    fn new() -> Self {
+        let (queue, spans) = SpanQueue::for_test(4096);
+        let opts = TraceOptions::new(&Config::default(), Sampler::default());
+        Self {
+            attributor: Attributor::new(ConnTable::new(
+                zerotrace::pipeline::MAX_CONNECTIONS,
+                Seed::default(),
+            )),
+            tracer: Tracer::new(opts, queue),
+            spans,
+            now: Instant::now(),
+        }
+    }
+
+    /// Decodes and handles `records` as one reader batch.
+    fn feed(&mut self, records: &[Vec<u8>]) {
+        let Self {
+            attributor,
+            tracer,
+            now,
+            ..
+        } = self;
+        for r in records {
+            let event = decode(r).expect("valid record");
+            attributor.event(event, *now, &mut |rec: Record<'_>| tracer.on_record(rec));
+        }
+        attributor.expire(*now, &mut |rec: Record<'_>| tracer.on_record(rec));
+    }
+
+    /// `feed`, then takes the spans off the queue; returns how many.
+    fn run(&mut self, records: &[Vec<u8>]) -> usize {
+        self.feed(records);
+        self.spans.try_iter().map(black_box).count()
+    }
+
+    /// `feed`, checking that exactly `n` spans came out, each with
+    /// `attribute`.
+    fn check(&mut self, records: &[Vec<u8>], n: usize, attribute: &str) {
+        self.feed(records);
+        let spans: Vec<ExportSpan> = self.spans.try_iter().collect();
+        assert_eq!(spans.len(), n, "{spans:?}");
+        for s in &spans {
+            let has = |key: &str| s.span.attributes.iter().any(|kv| kv.key.as_str() == key);
+            assert!(has(attribute), "no {attribute}: {s:?}");
+        }
+    }
+}
+
+fn bench_span_build(c: &mut Criterion) {
+    // The traced processes are this one: their resources come from /proc
+    // once, as for any process the agent sees.
+    let tgid = std::process::id();
+    let server = Records {
+        tgid,
+        tid: tgid,
+        fd: 12,
+        conn_id: 0x1_0000_000c,
+    };
+    let open = server.open(Role::Server, addr(SERVER), addr(CLIENT), 1_000);
+    let [request, response] = http_server_records(&server);
+    let close = server.close(3_000_000);
+
+    let mut g = group(c, "span_build");
+    g.throughput(Throughput::Elements(1));
+
+    // A keep-alive connection: the request's two data records.
+    let mut path = Stages::new();
+    assert_eq!(path.run(std::slice::from_ref(&open)), 0);
+    let exchange = [request.clone(), response.clone()];
+    path.check(&exchange, 1, "tenant.id");
+    g.bench_function("http_keepalive", |b| b.iter(|| path.run(&exchange)));
+
+    // A connection per request: open, request, response, close.
+    let mut path = Stages::new();
+    let whole = [open, request, response, close];
+    path.check(&whole, 1, "http.response.status_code");
+    g.bench_function("http_connection", |b| b.iter(|| path.run(&whole)));
+
+    // A Redis client on a kept connection: SET and GET, two client spans.
+    let client = Records {
+        tgid,
+        tid: tgid + 1,
+        fd: 13,
+        conn_id: 0x1_0000_000d,
+    };
+    let mut path = Stages::new();
+    let opened = client.open(Role::Client, addr(REDIS_CLIENT), addr(REDIS), 1_000);
+    assert_eq!(path.run(&[opened]), 0);
+    let records: Vec<Vec<u8>> = redis_exchange()
+        .iter()
+        .enumerate()
+        .map(|(i, (dir, bytes))| {
+            let syscall = match dir {
+                Direction::Egress => Syscall::Write,
+                Direction::Ingress => Syscall::Read,
+            };
+            client.data(syscall, 10_000 + i as u64 * 50_000, bytes)
+        })
+        .collect();
+    path.check(&records, 2, "db.query.text");
+    g.throughput(Throughput::Elements(2));
+    g.bench_function("redis_set_get", |b| b.iter(|| path.run(&records)));
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_http,
+    bench_postgres,
+    bench_mysql,
+    bench_redis,
+    bench_sql,
+    bench_span_build
+);
+criterion_main!(benches);
