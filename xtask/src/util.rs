@@ -102,9 +102,24 @@ impl Ctx {
         c
     }
 
-    /// `cargo ARGS` with the cargo that runs xtask.
+    /// `cargo ARGS` with the cargo that runs xtask, without the CARGO_PKG_*
+    /// and CARGO_MANIFEST_* variables `cargo run` gave xtask: build scripts
+    /// (ring's) watch them, and inheriting xtask's values would rebuild
+    /// them whenever plain cargo and xtask alternate.
     pub fn cargo(&self) -> Command {
-        self.cmd(&self.cargo)
+        let mut c = self.cmd(&self.cargo);
+        for (key, _) in env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || key == "CARGO_CRATE_NAME"
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key.starts_with("CARGO_BIN_")
+            {
+                c.env_remove(&*key);
+            }
+        }
+        c
     }
 
     /// Looks `name` up in our PATH.
