@@ -438,10 +438,10 @@ fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String 
     md.push_str("\n## Targets\n\n");
     md.push_str(&targets_table(s));
     md.push_str(
-        "\nOn Linux 6.13 and later, programs on syscall tracepoints run preemptible (faultable \
-         tracepoints); the kernel's run-time statistics then include time a program spent \
-         preempted, which on a saturated machine inflates the kernel ns/request column. The host \
-         CPU column does not have that bias.\n",
+        "\nPer request means per request the load generator completed. The agent traces both \
+         ends of it (the load generator is a process on this host too), so the kernel and agent \
+         columns pay for two spans and both sides' syscalls per request; the kernel column also \
+         counts every other traced syscall on the host during the run.\n",
     );
     md.push_str("\n## Span and event accounting (all rounds)\n\n");
     md.push_str(&accounting_table(s));
