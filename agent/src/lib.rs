@@ -19,3 +19,9 @@ pub mod pipeline;
 pub mod protocol;
 pub mod selftrace;
 pub mod trace;
+
+/// Maps keyed by ids the kernel or the system assigns (connection ids, pids,
+/// tids), never by values from traffic: a fast hash with a per-process
+/// random seed. Maps keyed by traffic (addresses, names, trace ids) keep the
+/// standard DoS-resistant hasher.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

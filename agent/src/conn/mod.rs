@@ -5,14 +5,14 @@ pub mod early;
 pub mod own;
 pub mod seed;
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use std::{collections::VecDeque, net::SocketAddr};
 
 use agent_common::{Direction, Role};
 
-use crate::capture::{Data, Open};
+use crate::{
+    IdMap,
+    capture::{Data, Open},
+};
 
 /// One traced connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Connection {
 /// Connections by id, bounded: when full, the oldest is evicted (and
 /// counted), so a flood of connections that never close cannot grow it.
 pub struct ConnTable {
-    conns: HashMap<u64, Connection>,
+    conns: IdMap<u64, Connection>,
     order: VecDeque<u64>,
     capacity: usize,
     seed: seed::Seed,
@@ -59,7 +59,7 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(capacity: usize, seed: seed::Seed) -> Self {
         Self {
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
             seed,

@@ -599,7 +599,7 @@ impl HttpConn {
                 || found
                 || overflow
                 || full
-                || data[..take].contains(&b'\n');
+                || memchr::memchr(b'\n', &data[..take]).is_some();
             if check {
                 match classify(&side.buf, side.role) {
                     line @ (StartLine::Request { .. } | StartLine::Response { .. }) => {
@@ -1159,7 +1159,7 @@ fn scan_eoh(state: &mut u8, data: &[u8]) -> (usize, bool) {
     while k < data.len() {
         if s == 0 {
             // Inside a line: nothing matters up to its LF.
-            match data[k..].iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', &data[k..]) {
                 Some(p) => {
                     k += p + 1;
                     s = 1;
@@ -1312,7 +1312,7 @@ fn status_line(b: &[u8]) -> StartLine<'_> {
         (None, _) | (Some(b'\r'), None) => StartLine::Partial,
         (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => done,
         (Some(b' '), _) => {
-            if b[13..].contains(&b'\n') {
+            if memchr::memchr(b'\n', &b[13..]).is_some() {
                 done
             } else {
                 StartLine::Partial
@@ -1406,7 +1406,7 @@ fn try_response<'b>(
 }
 
 fn line_count(b: &[u8]) -> usize {
-    b.iter().filter(|&&c| c == b'\n').count() + 1
+    memchr::memchr_iter(b'\n', b).count() + 1
 }
 
 /// Fallback for heads httparse rejects (non-UTF-8 targets, stray CR, NUL …): the

@@ -20,32 +20,31 @@ pub struct Parent {
 /// Parses a W3C `traceparent` (version 00 and future versions, per the
 /// spec's forward-compatibility rules); `None` when malformed.
 pub fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<Parent> {
-    let value = value.trim();
-    let mut parts = value.split('-');
-    let version = parts.next()?;
-    let trace_id = parts.next()?;
-    let span_id = parts.next()?;
-    let flags = parts.next()?;
-    let rest = parts.next();
-    if version.len() != 2 || !is_lower_hex(version) || version == "ff" {
+    // version "-" trace-id "-" parent-id "-" flags [ "-" more, versions > 00 ]:
+    // fixed widths, lower-case hex.
+    let b = value.trim().as_bytes();
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let more = match b.get(55) {
+        None => false,
+        Some(b'-') => true,
+        Some(_) => return None,
+    };
+    let version = lower_hex(&b[..2])?;
+    if version == 0xff {
         return None;
     }
     // Version 00 has exactly four fields; later versions may add more.
-    if version == "00" && rest.is_some() {
+    if version == 0 && more {
         return None;
     }
-    if trace_id.len() != 32 || span_id.len() != 16 || flags.len() != 2 {
-        return None;
-    }
-    if !is_lower_hex(trace_id) || !is_lower_hex(span_id) || !is_lower_hex(flags) {
-        return None;
-    }
-    let trace_id = TraceId::from_hex(trace_id).ok()?;
-    let span_id = SpanId::from_hex(span_id).ok()?;
+    let trace_id = TraceId::from(lower_hex(&b[3..35])?);
+    let span_id = SpanId::from(u64::try_from(lower_hex(&b[36..52])?).ok()?);
+    let flags = lower_hex(&b[53..55])?;
     if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
         return None;
     }
-    let flags = u8::from_str_radix(flags, 16).ok()?;
     let trace_state = tracestate
         .and_then(|s| s.parse::<TraceState>().ok())
         .unwrap_or_default();
@@ -58,8 +57,17 @@ pub fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<Parent
     })
 }
 
-fn is_lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+/// The value of at most 32 lower-case hex digits; `None` on any other byte.
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    debug_assert!(digits.len() <= 32);
+    digits.iter().try_fold(0u128, |n, &c| {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(d))
+    })
 }
 
 /// Root sampling decision, applied to spans without a parent; spans with a
@@ -218,6 +226,77 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
         ] {
             assert!(parse_traceparent(bad, None).is_none(), "{bad:?}");
+        }
+    }
+
+    /// The split-and-validate parser this one replaced, as the reference.
+    fn reference(value: &str) -> Option<Parent> {
+        fn is_lower_hex(s: &str) -> bool {
+            s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        }
+        let value = value.trim();
+        let mut parts = value.split('-');
+        let version = parts.next()?;
+        let trace_id = parts.next()?;
+        let span_id = parts.next()?;
+        let flags = parts.next()?;
+        let rest = parts.next();
+        if version.len() != 2 || !is_lower_hex(version) || version == "ff" {
+            return None;
+        }
+        if version == "00" && rest.is_some() {
+            return None;
+        }
+        if trace_id.len() != 32 || span_id.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        if !is_lower_hex(trace_id) || !is_lower_hex(span_id) || !is_lower_hex(flags) {
+            return None;
+        }
+        let trace_id = TraceId::from_hex(trace_id).ok()?;
+        let span_id = SpanId::from_hex(span_id).ok()?;
+        if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Parent {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+            trace_state: TraceState::default(),
+            remote: true,
+        })
+    }
+
+    #[test]
+    fn agrees_with_the_reference_parser() {
+        let mut inputs = vec![
+            format!(" {VALID}\t"),
+            format!("01{}-", &VALID[2..]),
+            format!("01{}--", &VALID[2..]),
+            format!("cc{}-x-y", &VALID[2..]),
+            format!("{VALID}x"),
+            format!("{VALID}-"),
+            format!("{}\u{e9}", &VALID[..54]),
+            format!("0{}", &VALID[..54]),
+            VALID.replace('-', "+"),
+        ];
+        // Every byte position replaced by a few interesting bytes.
+        for at in 0..VALID.len() {
+            for c in ['-', '0', 'f', 'g', 'F', ' ', '\u{e9}'] {
+                let mut v: Vec<char> = VALID.chars().collect();
+                v[at] = c;
+                inputs.push(v.into_iter().collect());
+            }
+            inputs.push(format!("{}{}", &VALID[..at], &VALID[at + 1..]));
+            inputs.push(format!("{}-{}", &VALID[..at], &VALID[at..]));
+        }
+        for input in &inputs {
+            assert_eq!(
+                parse_traceparent(input, None),
+                reference(input),
+                "{input:?}"
+            );
         }
     }
 

@@ -1,9 +1,12 @@
 //! HTTP exchanges as spans: names, attributes and statuses per the
 //! OpenTelemetry HTTP semantic conventions.
 
-use std::net::SocketAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
-use opentelemetry::{KeyValue, trace::Status};
+use opentelemetry::{KeyValue, Value, trace::Status};
 
 use super::Described;
 use crate::protocol::http::{Exchange, Request};
@@ -15,7 +18,7 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// The path and query of a request target, in origin or absolute form.
 pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
-    let rest = match target.find("://") {
+    let rest = match find_scheme_end(target) {
         // absolute-form (proxies): skip scheme and authority.
         Some(i) => {
             let after = &target[i + 3..];
@@ -23,24 +26,58 @@ pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
         }
         None => target,
     };
-    let rest = rest.split('#').next().unwrap_or(rest);
-    match rest.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    let bytes = rest.as_bytes();
+    let rest = match bytes.iter().position(|&b| b == b'#') {
+        Some(i) => &rest[..i],
+        None => rest,
+    };
+    match rest.as_bytes().iter().position(|&b| b == b'?') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
         None => (rest, None),
     }
+}
+
+/// The position of the first "://" in `target`.
+fn find_scheme_end(target: &str) -> Option<usize> {
+    let b = target.as_bytes();
+    let mut from = 0;
+    while let Some(p) = b[from..].iter().position(|&c| c == b':') {
+        let i = from + p;
+        if b[i + 1..].starts_with(b"//") {
+            return Some(i);
+        }
+        from = i + 1;
+    }
+    None
 }
 
 /// Keeps query keys, replaces every value with `REDACTED`: values often
 /// carry tokens and personal data.
 pub fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) => format!("{key}=REDACTED"),
-            None => pair.to_owned(),
+    const REDACTED: &str = "=REDACTED";
+    let pairs = || {
+        query.split('&').map(|pair| {
+            pair.split_once('=')
+                .map_or((pair, false), |(key, _)| (key, true))
         })
-        .collect::<Vec<_>>()
-        .join("&")
+    };
+    // The exact length, so the text is built in one allocation that the
+    // attribute keeps as it is.
+    let len = pairs()
+        .map(|(key, valued)| key.len() + if valued { REDACTED.len() } else { 0 })
+        .sum::<usize>()
+        + query.bytes().filter(|&b| b == b'&').count();
+    let mut out = String::with_capacity(len);
+    for (k, (key, valued)) in pairs().enumerate() {
+        if k > 0 {
+            out.push('&');
+        }
+        out.push_str(key);
+        if valued {
+            out.push_str(REDACTED);
+        }
+    }
+    out
 }
 
 /// Route patterns: `{name}` or `:name` matches one path segment, a final
@@ -125,47 +162,40 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
     let mut attrs = Vec::with_capacity(16);
     let method = method(request, &mut attrs);
     let (host, port) = authority(request, side, at);
+    // Formatted once: servers report it twice (peer and client address).
+    let peer = Value::from(ip_text(at.remote.ip()));
     attrs.push(KeyValue::new("url.scheme", "http"));
-    attrs.push(KeyValue::new(
-        "network.protocol.version",
-        request.version.to_owned(),
-    ));
+    attrs.push(KeyValue::new("network.protocol.version", request.version));
     attrs.push(KeyValue::new("network.transport", "tcp"));
-    attrs.push(KeyValue::new(
-        "network.peer.address",
-        at.remote.ip().to_string(),
-    ));
+    attrs.push(KeyValue::new("network.peer.address", peer.clone()));
     attrs.push(KeyValue::new(
         "network.peer.port",
         i64::from(at.remote.port()),
     ));
-    attrs.push(KeyValue::new("server.address", host.clone()));
-    attrs.push(KeyValue::new("server.port", i64::from(port)));
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
+    let url_full = match side {
+        Side::Server => None,
+        Side::Client => Some(url_full(&host, port, path, query.as_deref())),
+    };
+    attrs.push(KeyValue::new("server.address", host));
+    attrs.push(KeyValue::new("server.port", i64::from(port)));
     let mut route = None;
     match side {
         Side::Server => {
             attrs.push(KeyValue::new("url.path", path.to_owned()));
-            if let Some(q) = &query {
-                attrs.push(KeyValue::new("url.query", q.clone()));
+            if let Some(q) = query {
+                attrs.push(KeyValue::new("url.query", q));
             }
-            attrs.push(KeyValue::new("client.address", at.remote.ip().to_string()));
+            attrs.push(KeyValue::new("client.address", peer));
             route = routes.matching(path);
             if let Some(route) = route {
                 attrs.push(KeyValue::new("http.route", route.to_owned()));
             }
         }
         Side::Client => {
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-            attrs.push(KeyValue::new(
-                "url.full",
-                format!("http://{host}:{port}{path}{query}"),
-            ));
+            if let Some(url) = url_full {
+                attrs.push(KeyValue::new("url.full", url));
+            }
         }
     }
     if let Some(agent) = &request.user_agent {
@@ -206,13 +236,78 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
         }
     }
     let name = match (side, route) {
-        (Side::Server, Some(route)) => format!("{method} {route}"),
+        (Side::Server, Some(route)) => {
+            let mut name = String::with_capacity(method.len() + 1 + route.len());
+            name.push_str(method);
+            name.push(' ');
+            name.push_str(route);
+            name
+        }
         _ => method.to_owned(),
     };
     Described {
         name,
         attributes: attrs,
         status,
+    }
+}
+
+/// `http://host:port/path?query`, IPv6 hosts in brackets, built in one
+/// allocation of the exact size.
+fn url_full(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
+    let bracket = host.contains(':');
+    let mut digits = [0u8; 5];
+    let mut n = digits.len();
+    let mut p = port;
+    loop {
+        n -= 1;
+        digits[n] = b'0' + (p % 10) as u8;
+        p /= 10;
+        if p == 0 {
+            break;
+        }
+    }
+    // ASCII digits.
+    let port = std::str::from_utf8(&digits[n..]).unwrap_or("0");
+    let len = "http://".len()
+        + host.len()
+        + if bracket { 2 } else { 0 }
+        + 1
+        + port.len()
+        + path.len()
+        + query.map_or(0, |q| 1 + q.len());
+    let mut url = String::with_capacity(len);
+    url.push_str("http://");
+    if bracket {
+        url.push('[');
+        url.push_str(host);
+        url.push(']');
+    } else {
+        url.push_str(host);
+    }
+    url.push(':');
+    url.push_str(port);
+    url.push_str(path);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+/// The text form of an address, formatted on the stack and stored once.
+fn ip_text(ip: IpAddr) -> Arc<str> {
+    use std::io::Write;
+    // The longest form, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", has 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    if write!(rest, "{ip}").is_err() {
+        return Arc::from(ip.to_string());
+    }
+    let len = 64 - rest.len();
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(text) => Arc::from(text),
+        Err(_) => Arc::from(ip.to_string()),
     }
 }
 
@@ -376,6 +471,46 @@ mod tests {
             &Routes::default(),
         );
         assert_eq!(attr(&none, "error.type").unwrap().as_str(), "no_response");
+    }
+
+    #[test]
+    fn query_redaction_and_target_edge_cases() {
+        for (query, want) in [
+            ("a=1", "a=REDACTED"),
+            ("a", "a"),
+            ("a=1&b&c=", "a=REDACTED&b&c=REDACTED"),
+            ("&&a==b&", "&&a=REDACTED&"),
+            ("=x", "=REDACTED"),
+            ("k=\u{e9}t\u{e9}&\u{e9}=1", "k=REDACTED&\u{e9}=REDACTED"),
+        ] {
+            let got = redact_query(query);
+            assert_eq!(got, want, "{query:?}");
+            assert_eq!(got.capacity(), got.len(), "{query:?}");
+        }
+        assert_eq!(
+            path_and_query("/r?to=http://x/y#f?g"),
+            ("/y", None),
+            "the first :// wins, even in a query"
+        );
+        assert_eq!(path_and_query("a:b:/c?://d/e"), ("/e", None));
+        assert_eq!(path_and_query("a:b:/c?://d"), ("/", None));
+        assert_eq!(path_and_query("/p?q#f"), ("/p", Some("q")));
+        assert_eq!(path_and_query("/p:"), ("/p:", None));
+        assert_eq!(path_and_query(""), ("", None));
+        let url = url_full("::1", 8, "/p", Some("q"));
+        assert_eq!(url, "http://[::1]:8/p?q");
+        assert_eq!(url.capacity(), url.len());
+        assert_eq!(url_full("h", 65535, "", None), "http://h:65535");
+        assert_eq!(url_full("h", 0, "/", None), "http://h:0/");
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(&*ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod resource;
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -43,6 +43,7 @@ use self::{
     resource::Resources,
 };
 use crate::{
+    IdMap,
     config::{Config, HeaderRule},
     conn::{Connection, own::OwnSockets},
     export::{ExportSpan, SpanQueue},
@@ -183,9 +184,9 @@ pub struct Tracer {
     ids: Ids,
     resources: Resources,
     own: OwnSockets,
-    conns: HashMap<u64, ConnTrace>,
+    conns: IdMap<u64, ConnTrace>,
     /// Server requests being served, per thread.
-    serving: HashMap<(u32, u32), Vec<Serving>>,
+    serving: IdMap<(u32, u32), Vec<Serving>>,
     /// The two ends of local connections.
     links: Links,
     scope: InstrumentationScope,
@@ -218,8 +219,8 @@ impl Tracer {
             ids: Ids::default(),
             resources,
             own: OwnSockets::default(),
-            conns: HashMap::new(),
-            serving: HashMap::new(),
+            conns: IdMap::default(),
+            serving: IdMap::default(),
             links: Links::default(),
             scope: InstrumentationScope::builder("zerotrace")
                 .with_version(env!("CARGO_PKG_VERSION"))

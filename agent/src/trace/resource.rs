@@ -4,7 +4,7 @@
 //! the executable name; plus process.*, host.name, container.id, k8s.* and
 //! OTEL_RESOURCE_ATTRIBUTES.
 
-use std::collections::HashMap;
+use crate::IdMap;
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
@@ -38,7 +38,7 @@ pub struct Resources {
     extra: Vec<KeyValue>,
     host_name: String,
     kubernetes: Option<Metadata>,
-    processes: HashMap<u32, Process>,
+    processes: IdMap<u32, Process>,
 }
 
 impl Resources {
@@ -60,7 +60,7 @@ impl Resources {
             // API) names the host instead.
             host_name: env("ZEROTRACE_NODE_NAME").unwrap_or_else(host_name),
             kubernetes: None,
-            processes: HashMap::new(),
+            processes: IdMap::default(),
         }
     }
 
