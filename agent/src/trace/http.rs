@@ -37,18 +37,18 @@ pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The position of the first "://" in `target`.
+/// The position of "://" when `target` starts with a URI scheme
+/// (absolute-form, as proxies get); None for origin-form ("/path?q"), even
+/// when its query holds a URL.
 fn find_scheme_end(target: &str) -> Option<usize> {
     let b = target.as_bytes();
-    let mut from = 0;
-    while let Some(p) = b[from..].iter().position(|&c| c == b':') {
-        let i = from + p;
-        if b[i + 1..].starts_with(b"//") {
-            return Some(i);
-        }
-        from = i + 1;
-    }
-    None
+    let i = b.iter().position(|&c| c == b':')?;
+    let scheme = &b[..i];
+    let valid = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'));
+    (valid && b[i + 1..].starts_with(b"//")).then_some(i)
 }
 
 /// Keeps query keys, replaces every value with `REDACTED`: values often
@@ -487,13 +487,15 @@ mod tests {
             assert_eq!(got, want, "{query:?}");
             assert_eq!(got.capacity(), got.len(), "{query:?}");
         }
+        // A URL in the query of an origin-form target is not an authority.
         assert_eq!(
             path_and_query("/r?to=http://x/y#f?g"),
-            ("/y", None),
-            "the first :// wins, even in a query"
+            ("/r", Some("to=http://x/y"))
         );
-        assert_eq!(path_and_query("a:b:/c?://d/e"), ("/e", None));
-        assert_eq!(path_and_query("a:b:/c?://d"), ("/", None));
+        assert_eq!(path_and_query("a:b:/c?://d/e"), ("a:b:/c", Some("://d/e")));
+        assert_eq!(path_and_query("http://h:80/p?q"), ("/p", Some("q")));
+        assert_eq!(path_and_query("svn+ssh://h"), ("/", None));
+        assert_eq!(path_and_query("1http://h/p"), ("1http://h/p", None));
         assert_eq!(path_and_query("/p?q#f"), ("/p", Some("q")));
         assert_eq!(path_and_query("/p:"), ("/p:", None));
         assert_eq!(path_and_query(""), ("", None));
