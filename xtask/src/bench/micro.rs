@@ -33,8 +33,9 @@ pub fn micro(ctx: &Ctx) -> Result<Value> {
     run(ctx
         .cargo()
         .args(["bench", "-p", "agent", "--bench", BENCH])
-        // The benchmarks never load eBPF programs: embed an empty object.
-        .env("AYA_BUILD_SKIP", "1")
+        // With the real eBPF object, like every other release build: bench
+        // artifacts share target/release with the agent binary, and a
+        // different AYA_BUILD_SKIP would rebuild (and empty) it.
         // Where criterion writes, whatever the bench's working directory.
         .env("CRITERION_HOME", &criterion))?;
 
