@@ -11,10 +11,10 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
-    thread::JoinHandle,
+    thread::{JoinHandle, Thread},
     time::{Duration, Instant},
 };
 
@@ -100,11 +100,21 @@ impl ExportStats {
     }
 }
 
+/// Wakes the exporter thread once a batch's worth of spans is queued.
+/// Waking it for every span cost a context switch per span on both sides.
+#[derive(Debug)]
+struct Waker {
+    thread: Thread,
+    batch: usize,
+    since_wake: AtomicUsize,
+}
+
 /// The producer side: never blocks.
 #[derive(Clone)]
 pub struct SpanQueue {
     tx: SyncSender<ExportSpan>,
     stats: Arc<ExportStats>,
+    waker: Option<Arc<Waker>>,
 }
 
 impl SpanQueue {
@@ -112,6 +122,12 @@ impl SpanQueue {
         match self.tx.try_send(span) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                if let Some(w) = &self.waker
+                    && w.since_wake.fetch_add(1, Ordering::Relaxed) + 1 >= w.batch
+                {
+                    w.since_wake.store(0, Ordering::Relaxed);
+                    w.thread.unpark();
+                }
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.stats
@@ -129,6 +145,7 @@ impl SpanQueue {
             Self {
                 tx,
                 stats: Arc::default(),
+                waker: None,
             },
             rx,
         )
@@ -171,15 +188,21 @@ impl Exporter {
         };
         let (tx, rx) = sync_channel(batch.max_queue_size);
         let stats = Arc::new(ExportStats::default());
-        let queue = SpanQueue {
-            tx,
-            stats: Arc::clone(&stats),
-        };
         let thread_stats = Arc::clone(&stats);
+        let batch_size = batch.max_export_batch_size.max(1);
         let thread = std::thread::Builder::new()
             .name("zerotrace-export".into())
             .spawn(move || run(rx, sink, batch, &thread_stats))
             .context("starting the exporter thread")?;
+        let queue = SpanQueue {
+            tx,
+            stats: Arc::clone(&stats),
+            waker: Some(Arc::new(Waker {
+                thread: thread.thread().clone(),
+                batch: batch_size,
+                since_wake: AtomicUsize::new(0),
+            })),
+        };
         Ok(Self {
             queue: Some(queue),
             stats,
@@ -201,6 +224,7 @@ impl Exporter {
         // dropped its clones.
         self.queue = None;
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
         self.stats.snapshot()
@@ -236,17 +260,28 @@ fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, st
         }
     };
     loop {
-        let wait = due.saturating_duration_since(Instant::now()).min(tick);
-        match rx.recv_timeout(wait) {
-            Ok(span) => {
-                pending.push(span);
-                if pending.len() >= batch.max_export_batch_size {
-                    flush(&mut pending, &mut sink);
-                    due = Instant::now() + batch.scheduled_delay;
+        // Sleeps until the batch is due, the next tick, or the queue wakes
+        // us with a full batch (or a shutdown); then takes what is queued.
+        std::thread::park_timeout(due.saturating_duration_since(Instant::now()).min(tick));
+        let mut gone = false;
+        loop {
+            match rx.try_recv() {
+                Ok(span) => {
+                    pending.push(span);
+                    if pending.len() >= batch.max_export_batch_size {
+                        flush(&mut pending, &mut sink);
+                        due = Instant::now() + batch.scheduled_delay;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    gone = true;
+                    break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if gone {
+            break;
         }
         if Instant::now() >= due {
             flush(&mut pending, &mut sink);
