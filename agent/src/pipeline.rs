@@ -77,7 +77,12 @@ pub struct Pipeline {
     pub seeded: SeedReport,
     reader: Reader,
     attributor: Attributor,
+    /// When to look next for connections of processes that exited.
+    next_reap: Instant,
 }
+
+/// How often connections of exited processes are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(2);
 
 /// The userspace stage after decoding: attributes each record to its
 /// connection (opening, counting and closing them in the table) and hands
@@ -157,6 +162,18 @@ impl Attributor {
         }
     }
 
+    /// Closes the connections of processes for which `alive` is false
+    /// (their sockets went with them, without a close(2) to see).
+    pub fn close_exited(
+        &mut self,
+        alive: impl Fn(u32) -> bool,
+        on_record: &mut impl FnMut(Record<'_>),
+    ) {
+        for conn in self.conns.close_exited(alive) {
+            on_record(Record::Closed(&conn));
+        }
+    }
+
     /// Gives up on data that waited too long for its open record.
     pub fn expire(&mut self, now: Instant, on_record: &mut impl FnMut(Record<'_>)) {
         for held in self.early.expire(now) {
@@ -200,6 +217,7 @@ impl Pipeline {
             seeded,
             reader,
             attributor: Attributor::new(ConnTable::new(MAX_CONNECTIONS, seed)),
+            next_reap: Instant::now() + REAP_EVERY,
         })
     }
 
@@ -237,13 +255,24 @@ impl Pipeline {
         on_record: &mut impl FnMut(Record<'_>),
     ) -> anyhow::Result<u64> {
         let Self {
-            reader, attributor, ..
+            reader,
+            attributor,
+            next_reap,
+            ..
         } = self;
         let now = Instant::now();
         let n = reader.poll(timeout, &mut |event| {
             attributor.event(event, now, on_record);
         })?;
-        attributor.expire(Instant::now(), on_record);
+        let now = Instant::now();
+        attributor.expire(now, on_record);
+        if now >= *next_reap {
+            *next_reap = now + REAP_EVERY;
+            attributor.close_exited(
+                |tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists(),
+                on_record,
+            );
+        }
         Ok(n)
     }
 

@@ -128,12 +128,48 @@ impl ConnTable {
     pub fn close(&mut self, conn_id: u64) -> Option<Connection> {
         self.conns.remove(&conn_id)
     }
+
+    /// Removes the connections of processes that are gone: a process that
+    /// exits without close(2) (most load generators, any crash) has its
+    /// sockets closed by the kernel with no syscall to see. `alive` is asked
+    /// once per process.
+    pub fn close_exited(&mut self, alive: impl Fn(u32) -> bool) -> Vec<Connection> {
+        let mut verdicts: IdMap<u32, bool> = IdMap::default();
+        let gone: Vec<u64> = self
+            .conns
+            .values()
+            .filter(|c| !*verdicts.entry(c.tgid).or_insert_with(|| alive(c.tgid)))
+            .map(|c| c.conn_id)
+            .collect();
+        gone.iter().filter_map(|id| self.conns.remove(id)).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use agent_common::{EventHeader, Syscall};
+
+    #[test]
+    fn connections_of_exited_processes_are_closed() {
+        let mut t = ConnTable::new(16, seed::Seed::default());
+        for (conn_id, tgid) in [(1, 10), (2, 10), (3, 20), (4, 30)] {
+            let mut open = open(conn_id, Role::Server);
+            open.header.tgid = tgid;
+            t.open(&open);
+        }
+        let asked = std::cell::Cell::new(0);
+        let gone = t.close_exited(|tgid| {
+            asked.set(asked.get() + 1);
+            tgid == 20
+        });
+        let mut ids: Vec<u64> = gone.iter().map(|c| c.conn_id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 4]);
+        assert_eq!(asked.get(), 3, "once per process");
+        assert_eq!(t.len(), 1);
+        assert!(t.get(3).is_some());
+    }
 
     /// Found by the `event` fuzz target
     /// (agent/fuzz/regressions/event/crash-count-overflow).
