@@ -175,11 +175,7 @@ fn render(results: &[Value], m: &Machine, seconds: u32) -> String {
     md.push_str(&summary_table(results));
     let _ = writeln!(md, "\n## Kernel time per program run (ns)\n");
     md.push_str(&kernel_table(results));
-    let _ = writeln!(md, "\n## Raw results\n\n```json");
-    for r in results {
-        let _ = writeln!(md, "{r}");
-    }
-    md.push_str("```\n");
+    super::raw_json(&mut md, "Raw results", results);
     md
 }
 

@@ -240,11 +240,7 @@ fn render(results: &[Value], m: &Machine) -> String {
          differ: on a shared or virtual machine, compare runs before trusting a \
          difference of a few tens of percent.\n",
     );
-    let _ = writeln!(md, "\n## Raw results\n\n```json");
-    for r in results {
-        let _ = writeln!(md, "{r}");
-    }
-    md.push_str("```\n");
+    super::raw_json(&mut md, "Raw results", results);
     md
 }
 

@@ -6,6 +6,7 @@ pub mod micro;
 pub mod overhead;
 pub mod soak;
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -126,4 +127,40 @@ pub fn grouped(n: f64) -> String {
         out.insert(0, '-');
     }
     out
+}
+
+/// Appends "## HEADING" and one JSON line per value in a json block: the
+/// raw results at the end of every report.
+pub fn raw_json(md: &mut String, heading: &str, values: &[Value]) {
+    let _ = writeln!(md, "\n## {heading}\n\n```json");
+    for v in values {
+        let _ = writeln!(md, "{v}");
+    }
+    md.push_str("```\n");
+}
+
+/// The opening of a report chart: an SVG of `w`×`h` on white with a bold
+/// `title` at (`left`, 22). Hand-written SVG: two simple charts do not
+/// justify a plotting crate and its font stack.
+pub fn svg_open(w: f64, h: f64, left: f64, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="22" font-size="14" font-weight="bold">{}</text>"#,
+        xml(title)
+    );
+    svg
+}
+
+/// `s` escaped for SVG text and attributes.
+pub fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

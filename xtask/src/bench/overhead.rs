@@ -9,7 +9,7 @@ use std::fs;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Machine, grouped, num};
+use super::{Machine, grouped, num, svg_open, xml};
 use crate::say;
 use crate::util::Ctx;
 
@@ -449,17 +449,12 @@ fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String 
     md.push_str(&kernel_table(s));
     md.push_str("\n## Every run\n\n");
     md.push_str(&runs_table(runs));
-    md.push_str("\n## Raw results\n\n```json\n");
-    for r in runs {
-        let _ = writeln!(md, "{r}");
-    }
-    md.push_str("```\n");
+    super::raw_json(&mut md, "Raw results", runs);
     md
 }
 
 /// Grouped bars per workload: throughput, p50 and p99 with the agent as a
-/// percentage of without (100 % = no change). Hand-written SVG: one chart
-/// does not justify a plotting crate and its font stack.
+/// percentage of without (100 % = no change).
 fn chart(s: &[Summary], m: &Machine) -> String {
     const W: f64 = 760.0;
     const H: f64 = 360.0;
@@ -478,18 +473,14 @@ fn chart(s: &[Summary], m: &Machine) -> String {
         .fold(150.0_f64, |a, r| a.max(r * 100.0));
     let top_pct = (top_pct / 50.0).ceil() * 50.0;
     let y = |pct: f64| BOTTOM - (pct / top_pct) * (BOTTOM - TOP);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{LEFT}" y="22" font-size="14" font-weight="bold">With the agent, as % of without (Linux {}, {} CPUs, commit {})</text>"#,
-        xml(&m.kernel),
-        m.cpus,
-        xml(&m.commit)
+    let mut svg = svg_open(
+        W,
+        H,
+        LEFT,
+        &format!(
+            "With the agent, as % of without (Linux {}, {} CPUs, commit {})",
+            m.kernel, m.cpus, m.commit
+        ),
     );
     let mut pct = 0.0;
     while pct <= top_pct {
@@ -545,13 +536,6 @@ fn chart(s: &[Summary], m: &Machine) -> String {
     }
     svg.push_str("</svg>\n");
     svg
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]

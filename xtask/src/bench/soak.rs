@@ -176,11 +176,7 @@ fn render(samples: &[Value], v: &Verdict, m: &Machine, minutes: u64) -> String {
         );
         prev = Some(s);
     }
-    md.push_str("\n## Raw samples\n\n```json\n");
-    for s in samples {
-        let _ = writeln!(md, "{s}");
-    }
-    md.push_str("```\n");
+    super::raw_json(&mut md, "Raw samples", samples);
     md
 }
 
@@ -212,16 +208,14 @@ fn chart(samples: &[Value], m: &Machine) -> String {
     let cpu_top = (cpus.iter().copied().fold(10.0, f64::max) / 25.0).ceil() * 25.0;
     let x = |t: f64| LEFT + (t / t_max) * (RIGHT - LEFT);
     let y = |v: f64, top: f64| BOTTOM - (v / top) * (BOTTOM - TOP);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{LEFT}" y="22" font-size="14" font-weight="bold">Agent RSS and CPU during the soak (Linux {}, {} CPUs, commit {})</text>"#,
-        m.kernel, m.cpus, m.commit
+    let mut svg = super::svg_open(
+        W,
+        H,
+        LEFT,
+        &format!(
+            "Agent RSS and CPU during the soak (Linux {}, {} CPUs, commit {})",
+            m.kernel, m.cpus, m.commit
+        ),
     );
     for i in 0..=4 {
         let f = f64::from(i) / 4.0;
