@@ -62,7 +62,13 @@ fn overhead_runs_measure_both_modes_and_the_agent() {
                 continue;
             }
             // The agent traced the load and the receiver got its spans.
-            assert!(num(r, "spans_made") >= num(r, "requests"), "{r}");
+            // The debug agent cannot keep up with a saturating load on
+            // every machine; then the shortfall must be counted as loss.
+            assert!(num(r, "spans_made") > 0.0, "{r}");
+            assert!(
+                num(r, "spans_made") >= num(r, "requests") || num(r, "events_lost") > 0.0,
+                "fewer spans than requests and no loss counted: {r}"
+            );
             assert!(num(r, "spans_received") > 0.0, "{r}");
             assert!(num(r, "agent_cpu_seconds") > 0.0, "{r}");
             assert!(num(r, "agent_peak_rss_kib") > 1024.0, "{r}");
