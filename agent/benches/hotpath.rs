@@ -6,7 +6,8 @@
 //! Every benchmark declares `Throughput::Elements`: one element is one kernel
 //! record (a data event, or an open/close record) in `decode` and the parser
 //! groups, one SQL statement in `sql_sanitize`, and one request (all of its
-//! records, to its span) in `span_build`. Criterion runs on one thread, so
+//! records, to its span) in `span_build`, and one span in `export` (a batch
+//! of 512 becoming one encoded OTLP request). Criterion runs on one thread, so
 //! elements/s is per core.
 //!
 //! The inputs are realistic messages built here byte by byte (the layouts
@@ -29,7 +30,7 @@ use zerotrace::{
     capture::decode,
     config::Config,
     conn::{ConnTable, seed::Seed},
-    export::{ExportSpan, SpanQueue},
+    export::{ExportSpan, SpanQueue, otlp_request},
     pipeline::{Attributor, Record},
     protocol::{
         db::{DbEvent, DbOptions},
@@ -644,6 +645,45 @@ fn bench_span_build(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_export(c: &mut Criterion) {
+    // A batch as the exporter takes it off the queue: 512 HTTP server spans.
+    let tgid = std::process::id();
+    let server = Records {
+        tgid,
+        tid: tgid,
+        fd: 14,
+        conn_id: 0x1_0000_000e,
+    };
+    let mut path = Stages::new();
+    assert_eq!(
+        path.run(&[server.open(Role::Server, addr(SERVER), addr(CLIENT), 1_000)]),
+        0
+    );
+    let exchange = http_server_records(&server);
+    let mut batch = Vec::with_capacity(BATCH);
+    while batch.len() < BATCH {
+        path.feed(&exchange);
+        batch.extend(path.spans.try_iter());
+    }
+    batch.truncate(BATCH);
+
+    let mut g = group(c, "export");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    // The batch moves into the request, so each iteration gets its own copy
+    // (made outside the timing).
+    g.bench_function("otlp_request_encode", |b| {
+        b.iter_batched(
+            || batch.clone(),
+            |spans| prost::Message::encode_to_vec(&otlp_request(spans)),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+/// OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default.
+const BATCH: usize = 512;
+
 criterion_group!(
     benches,
     bench_decode,
@@ -652,6 +692,7 @@ criterion_group!(
     bench_mysql,
     bench_redis,
     bench_sql,
-    bench_span_build
+    bench_span_build,
+    bench_export
 );
 criterion_main!(benches);

@@ -142,8 +142,21 @@ struct State {
     /// Count spans without keeping them (long benchmark runs).
     count_only: bool,
     requests: usize,
+    /// What the first requests carried besides spans.
+    request_log: Vec<RequestSeen>,
     errors: Vec<String>,
 }
+
+/// The headers (gRPC metadata) of one export request and how many
+/// resources (processes) its spans came from.
+#[derive(Debug, Clone)]
+pub struct RequestSeen {
+    pub headers: hyper::HeaderMap,
+    pub resources: usize,
+}
+
+/// Requests logged in [`Receiver::request_log`]; later ones are counted only.
+const REQUEST_LOG: usize = 256;
 
 #[derive(Clone, Default)]
 struct Shared(Arc<Mutex<State>>);
@@ -153,9 +166,15 @@ impl Shared {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record(&self, request: ExportTraceServiceRequest) {
+    fn record(&self, headers: hyper::HeaderMap, request: ExportTraceServiceRequest) {
         let mut state = self.lock();
         state.requests += 1;
+        if state.request_log.len() < REQUEST_LOG {
+            state.request_log.push(RequestSeen {
+                headers,
+                resources: request.resource_spans.len(),
+            });
+        }
         if state.count_only {
             state.span_count += request
                 .resource_spans
@@ -277,6 +296,11 @@ impl Receiver {
         self.state.lock().requests
     }
 
+    /// Headers and resource counts of the first export requests.
+    pub fn request_log(&self) -> Vec<RequestSeen> {
+        self.state.lock().request_log.clone()
+    }
+
     /// Requests that were refused (bad path, content type, encoding, body).
     pub fn errors(&self) -> Vec<String> {
         self.state.lock().errors.clone()
@@ -348,7 +372,8 @@ impl TraceService for GrpcSink {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.record(request.into_inner());
+        let headers = request.metadata().clone().into_headers();
+        self.0.record(headers, request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -422,6 +447,7 @@ async fn handle_http(req: Request<Incoming>, sink: &Shared) -> Response<Full<Byt
             .expect("static response parts")
     };
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let headers = req.headers().clone();
     if path != "/v1/traces" {
         return reply(StatusCode::NOT_FOUND, format!("{method} {path}: not found"));
     }
@@ -468,7 +494,7 @@ async fn handle_http(req: Request<Incoming>, sink: &Shared) -> Response<Full<Byt
     };
     match ExportTraceServiceRequest::decode(&body[..]) {
         Ok(request) => {
-            sink.record(request);
+            sink.record(headers, request);
             Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/x-protobuf")

@@ -440,6 +440,77 @@ fn a_real_collector_receives_the_spans() {
 }
 
 #[test]
+fn otlp_headers_and_gzip_follow_the_exporter_environment() {
+    if !can_trace() {
+        return;
+    }
+    let app = PythonApp::start().unwrap();
+    for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+        let rx = Receiver::start(protocol).unwrap();
+        let agent = Agent::run(
+            &[],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name()),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "Authorization=Bearer%20s3cr3t,x-scope=all",
+                ),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-scope=traces"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ],
+        )
+        .unwrap();
+        let path = "/api/users/11";
+        for _ in 0..3 {
+            curl(&[
+                "-o",
+                "/dev/null",
+                &format!("http://127.0.0.1:{}{path}", app.port),
+            ])
+            .unwrap();
+        }
+        let on_path = |s: &ReceivedSpan| {
+            s.attr_str("url.path") == Some(path)
+                || s.attr_str("url.full").is_some_and(|u| u.ends_with(path))
+        };
+        let spans = rx
+            .wait_for(WAIT, "the app's and curl's spans", |spans| {
+                let count = |kind| {
+                    spans
+                        .iter()
+                        .filter(|s| on_path(s) && s.kind == kind)
+                        .count()
+                };
+                count("SERVER") >= 3 && count("CLIENT") >= 3
+            })
+            .unwrap();
+        drop(agent);
+        let name = protocol.name();
+        assert!(rx.errors().is_empty(), "{name}: {:?}", rx.errors());
+        let log = rx.request_log();
+        assert!(!log.is_empty(), "{name}");
+        let encoding = match protocol {
+            Protocol::Grpc => "grpc-encoding",
+            Protocol::HttpProtobuf => "content-encoding",
+        };
+        for seen in &log {
+            let header = |key: &str| seen.headers.get(key).and_then(|v| v.to_str().ok());
+            assert_eq!(header("authorization"), Some("Bearer s3cr3t"), "{name}");
+            assert_eq!(header("x-scope"), Some("traces"), "{name}");
+            assert_eq!(header(encoding), Some("gzip"), "{name}");
+        }
+        // A batch is one request, whatever number of processes it covers.
+        assert!(
+            log.iter().any(|seen| seen.resources >= 2),
+            "{name}: every request carried one resource: {log:?}{}",
+            briefs(&spans)
+        );
+    }
+}
+
+#[test]
 fn console_exporter_prints_trace_trees() {
     if !can_trace() {
         return;
@@ -584,6 +655,17 @@ fn bad_configuration_exits_with_code_2_and_names_the_problem() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("TLS"), "{err}");
+
+    let collector = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9");
+    let (code, err) = run(
+        &[],
+        &[collector, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("OTEL_EXPORTER_OTLP_COMPRESSION"), "{err}");
+    let (code, err) = run(&[], &[collector, ("OTEL_EXPORTER_OTLP_HEADERS", "api-key")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{err}");
 
     let (code, err) = run(&["--exporter", "jsonl"], &[]);
     assert_eq!(code, Some(2), "{err}");

@@ -15,7 +15,7 @@ use crate::{
         BatchConfig, Config, ConfigError, ExporterKind, HeaderRule, KubernetesTarget, MetadataMode,
         OtlpProtocol, env,
     },
-    export::{Exporter, Target},
+    export::{Exporter, OtlpSettings, Target},
     kernel::features,
     pipeline::{Pipeline, stop_on_signals},
     selftrace::{
@@ -174,9 +174,8 @@ impl RunArgs {
 
         let env_endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
-        // The library reads the environment itself; pass what outranks it
-        // (a flag) or what it cannot see (the file).
-        let endpoint = self.otlp_endpoint.clone().or(if env_endpoint.is_some() {
+        // A flag outranks the environment, which outranks the file.
+        let explicit = self.otlp_endpoint.clone().or(if env_endpoint.is_some() {
             None
         } else {
             config.export.endpoint.clone()
@@ -190,17 +189,7 @@ impl RunArgs {
                 None => config.export.protocol.unwrap_or(OtlpProtocol::HttpProtobuf),
             },
         };
-        if let Some(url) = endpoint
-            .iter()
-            .chain(&env_endpoint)
-            .find(|u| u.starts_with("https:"))
-        {
-            return Err(ConfigError::new(format!(
-                "OTLP endpoint {url}: TLS is not built into this agent yet; export over \
-                 http:// to a collector on the node or a sidecar"
-            )));
-        }
-        let has_endpoint = endpoint.is_some() || env_endpoint.is_some();
+        let has_endpoint = explicit.is_some() || env_endpoint.is_some();
         let kind = config.export.exporter.unwrap_or(if has_endpoint {
             ExporterKind::Otlp
         } else {
@@ -215,7 +204,9 @@ impl RunArgs {
                     .clone()
                     .ok_or_else(|| ConfigError::new("--exporter jsonl needs --output FILE"))?,
             ),
-            ExporterKind::Otlp => Target::Otlp { endpoint, protocol },
+            ExporterKind::Otlp => Target::Otlp(
+                OtlpSettings::resolve(explicit.as_deref(), protocol, env).map_err(ConfigError)?,
+            ),
         };
         let sampler = Sampler::from_env_or(&config.sampling)?;
         Ok(Settings {

@@ -24,6 +24,7 @@ use opentelemetry_sdk::{Resource, trace::SpanData};
 use crate::config::{BatchConfig, OtlpProtocol};
 
 pub use console::render_trees;
+pub use otlp::{OtlpSettings, request as otlp_request};
 
 /// A finished span with the resource of the process it describes.
 #[derive(Debug, Clone)]
@@ -37,11 +38,7 @@ pub struct ExportSpan {
 pub enum Target {
     Console,
     Jsonl(PathBuf),
-    Otlp {
-        /// None: from OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT or the default.
-        endpoint: Option<String>,
-        protocol: OtlpProtocol,
-    },
+    Otlp(OtlpSettings),
 }
 
 impl Target {
@@ -49,15 +46,13 @@ impl Target {
         match self {
             Target::Console => "console".into(),
             Target::Jsonl(path) => format!("jsonl to {}", path.display()),
-            Target::Otlp { endpoint, protocol } => format!(
+            Target::Otlp(otlp) => format!(
                 "otlp {} to {}",
-                match protocol {
+                match otlp.protocol {
                     OtlpProtocol::Grpc => "grpc",
                     OtlpProtocol::HttpProtobuf => "http/protobuf",
                 },
-                endpoint
-                    .as_deref()
-                    .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint")
+                otlp.endpoint
             ),
         }
     }
@@ -179,10 +174,9 @@ impl Exporter {
         let sink: Box<dyn Sink> = match target {
             Target::Console => Box::new(console::Console::stdout()),
             Target::Jsonl(path) => Box::new(jsonl::Jsonl::create(path)?),
-            Target::Otlp { endpoint, protocol } => Box::new(otlp::Otlp::new(
+            Target::Otlp(settings) => Box::new(otlp::Otlp::new(
                 runtime,
-                endpoint.clone(),
-                *protocol,
+                settings.clone(),
                 batch.export_timeout,
             )?),
         };

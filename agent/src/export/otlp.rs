@@ -1,63 +1,126 @@
-//! OTLP over gRPC (tonic) or HTTP/protobuf, via opentelemetry-otlp, which
-//! also reads OTEL_EXPORTER_OTLP_{,TRACES_}{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}.
-//! An exporter carries one Resource, so each batch is sent per process.
+//! OTLP over gRPC (tonic) or HTTP/protobuf (reqwest). A batch becomes one
+//! ExportTraceServiceRequest holding a ResourceSpans per process, converted
+//! from the spans the batch owns, and goes out in one call. Settings follow
+//! the OTLP exporter specification: OTEL_EXPORTER_OTLP_{,TRACES_}{ENDPOINT,
+//! HEADERS,TIMEOUT,COMPRESSION}, the signal-specific variable first.
 
-use std::time::Duration;
+use std::{io::Write, time::Duration};
 
-use anyhow::Context;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SpanExporter as _;
+use anyhow::{Context, anyhow, bail};
+use opentelemetry_proto::{
+    tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_client::TraceServiceClient,
+    },
+    transform::{
+        common::tonic::ResourceAttributesWithSchema,
+        trace::tonic::group_spans_by_resource_and_scope,
+    },
+};
+use prost::Message;
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::{ExportSpan, Sink, by_resource};
 use crate::config::OtlpProtocol;
 
-pub struct Otlp {
-    runtime: tokio::runtime::Runtime,
-    exporter: opentelemetry_otlp::SpanExporter,
-    timeout: Duration,
+/// Where and how spans are sent, resolved from flags, environment and file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpSettings {
+    pub protocol: OtlpProtocol,
+    /// The full URL; for HTTP with the signal path.
+    pub endpoint: String,
+    /// Sent with every request (collector credentials); never logged.
+    pub headers: HeaderMap,
+    pub gzip: bool,
+    /// Per request (OTEL_EXPORTER_OTLP_TIMEOUT, default 10 s).
+    pub timeout: Duration,
 }
 
-impl Otlp {
-    pub fn new(
-        runtime: tokio::runtime::Runtime,
-        endpoint: Option<String>,
+impl OtlpSettings {
+    /// `explicit` is the endpoint from a flag or the config file; it wins
+    /// over the environment only when the caller says so (a flag), so the
+    /// caller passes None for a file endpoint when the environment has one.
+    /// `env` reads a variable (empty counts as unset). Errors name the
+    /// variable at fault.
+    pub fn resolve(
+        explicit: Option<&str>,
         protocol: OtlpProtocol,
-        timeout: Duration,
-    ) -> anyhow::Result<Self> {
-        // tonic needs the runtime while building its channel.
-        let exporter = {
-            let _guard = runtime.enter();
-            let builder = opentelemetry_otlp::SpanExporter::builder();
-            match protocol {
-                OtlpProtocol::Grpc => {
-                    let mut b = builder.with_tonic();
-                    if let Some(e) = endpoint {
-                        b = b.with_endpoint(e);
-                    }
-                    b.build()
-                }
-                OtlpProtocol::HttpProtobuf => {
-                    let mut b = builder
-                        .with_http()
-                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                    if let Some(e) = endpoint {
-                        b = b.with_endpoint(traces_url(&e));
-                    }
-                    b.build()
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let either = |suffix: &str| {
+            let traces = format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}");
+            match env(&traces) {
+                Some(v) => Some((traces, v)),
+                None => {
+                    let general = format!("OTEL_EXPORTER_OTLP_{suffix}");
+                    env(&general).map(|v| (general, v))
                 }
             }
-            .context("configuring the OTLP exporter")?
+        };
+        let http = protocol == OtlpProtocol::HttpProtobuf;
+        let endpoint = match (explicit, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+            (Some(e), _) if http => traces_url(e),
+            (Some(e), _) => e.to_owned(),
+            // The signal-specific variable is the whole URL.
+            (None, Some(e)) => e,
+            (None, None) => match env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                // The general one is a base that gets the signal path.
+                Some(e) if http => format!("{}/v1/traces", e.trim_end_matches('/')),
+                Some(e) => e,
+                None if http => "http://localhost:4318/v1/traces".into(),
+                None => "http://localhost:4317".into(),
+            },
+        };
+        if endpoint.starts_with("https://") {
+            return Err(format!(
+                "OTLP endpoint {endpoint}: TLS is not built into this agent yet; export over \
+                 http:// to a collector on the node or a sidecar"
+            ));
+        }
+        if !endpoint.starts_with("http://") {
+            return Err(format!(
+                "OTLP endpoint {endpoint:?} must start with http://"
+            ));
+        }
+        let mut headers = HeaderMap::new();
+        // The general headers first, so the signal-specific ones replace them.
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(list) = env(name) {
+                for (key, value) in parse_headers(&list).map_err(|e| format!("{name}: {e}"))? {
+                    headers.insert(key, value);
+                }
+            }
+        }
+        let gzip = match either("COMPRESSION") {
+            None => false,
+            Some((name, v)) => match v.trim().to_ascii_lowercase().as_str() {
+                "gzip" => true,
+                "none" => false,
+                _ => return Err(format!("{name}={v:?}: use gzip or none")),
+            },
+        };
+        let timeout = match either("TIMEOUT") {
+            None => Duration::from_secs(10),
+            Some((name, v)) => match v.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => return Err(format!("{name}={v:?} is not a timeout in milliseconds")),
+            },
         };
         Ok(Self {
-            runtime,
-            exporter,
+            protocol,
+            endpoint,
+            headers,
+            gzip,
             timeout,
         })
     }
 }
 
-/// A configured base endpoint gets the signal path, as the spec asks for
-/// OTEL_EXPORTER_OTLP_ENDPOINT (the library does this only for the env var).
+/// An endpoint from a flag or the file gets the signal path when it has
+/// none, as the specification asks of OTEL_EXPORTER_OTLP_ENDPOINT.
 fn traces_url(endpoint: &str) -> String {
     let trimmed = endpoint.trim_end_matches('/');
     let has_path = trimmed
@@ -71,59 +134,292 @@ fn traces_url(endpoint: &str) -> String {
     }
 }
 
+/// `key1=value1,key2=value2` with percent-encoded values (the W3C baggage
+/// format the specification uses); keys are lowercased, as gRPC needs.
+fn parse_headers(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for item in list.split(',').filter(|i| !i.trim().is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{:?} is not key=value", item.trim()))?;
+        let key = key.trim().to_ascii_lowercase();
+        let name = HeaderName::from_bytes(key.as_bytes())
+            .map_err(|_| format!("{key:?} is not a header name"))?;
+        let decoded = percent_encoding::percent_decode_str(value.trim()).decode_utf8_lossy();
+        let mut value = HeaderValue::from_str(&decoded)
+            .map_err(|_| format!("the value of {key:?} is not a valid header value"))?;
+        value.set_sensitive(true);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+enum Transport {
+    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Http(reqwest::Client),
+}
+
+pub struct Otlp {
+    runtime: tokio::runtime::Runtime,
+    settings: OtlpSettings,
+    transport: Transport,
+    /// The bound on one whole export (OTEL_BSP_EXPORT_TIMEOUT).
+    export_timeout: Duration,
+}
+
+impl Otlp {
+    pub fn new(
+        runtime: tokio::runtime::Runtime,
+        settings: OtlpSettings,
+        export_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let transport = match settings.protocol {
+            OtlpProtocol::Grpc => {
+                // Connects on first use and reconnects after failures, so a
+                // collector that is not up yet is not a startup error.
+                let channel = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
+                    .with_context(|| format!("OTLP endpoint {}", settings.endpoint))?
+                    .connect_timeout(settings.timeout)
+                    .timeout(settings.timeout);
+                let channel = {
+                    let _guard = runtime.enter();
+                    channel.connect_lazy()
+                };
+                let client = TraceServiceClient::new(channel);
+                Transport::Grpc(if settings.gzip {
+                    client.send_compressed(tonic::codec::CompressionEncoding::Gzip)
+                } else {
+                    client
+                })
+            }
+            OtlpProtocol::HttpProtobuf => Transport::Http(
+                reqwest::Client::builder()
+                    .timeout(settings.timeout)
+                    .build()
+                    .context("building the OTLP HTTP client")?,
+            ),
+        };
+        Ok(Self {
+            runtime,
+            settings,
+            transport,
+            export_timeout,
+        })
+    }
+}
+
+/// One request for the whole batch: a ResourceSpans per process. The spans
+/// are moved into their protobuf form, not copied.
+pub fn request(spans: Vec<ExportSpan>) -> ExportTraceServiceRequest {
+    let resource_spans = by_resource(spans)
+        .into_iter()
+        .flat_map(|(resource, group)| {
+            group_spans_by_resource_and_scope(group, &ResourceAttributesWithSchema::from(&resource))
+        })
+        .collect();
+    ExportTraceServiceRequest { resource_spans }
+}
+
+/// Sends one request; returns the spans the collector rejected.
+async fn send(
+    transport: &mut Transport,
+    settings: &OtlpSettings,
+    request: ExportTraceServiceRequest,
+) -> anyhow::Result<i64> {
+    let response = match transport {
+        Transport::Grpc(client) => {
+            let mut req = tonic::Request::new(request);
+            *req.metadata_mut() =
+                tonic::metadata::MetadataMap::from_headers(settings.headers.clone());
+            client
+                .export(req)
+                .await
+                .map_err(|s| anyhow!("gRPC status {:?}: {}", s.code(), s.message()))?
+                .into_inner()
+        }
+        Transport::Http(client) => {
+            let mut body = request.encode_to_vec();
+            let mut req = client
+                .post(&settings.endpoint)
+                .headers(settings.headers.clone())
+                .header(CONTENT_TYPE, "application/x-protobuf");
+            if settings.gzip {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(body.len() / 4),
+                    flate2::Compression::fast(),
+                );
+                gz.write_all(&body)?;
+                body = gz.finish()?;
+                req = req.header(CONTENT_ENCODING, "gzip");
+            }
+            let resp = req.body(body).send().await?;
+            let status = resp.status();
+            let bytes = resp.bytes().await?;
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+                bail!("HTTP {status}: {}", text.trim());
+            }
+            // An empty or undecodable body on success is full success.
+            ExportTraceServiceResponse::decode(bytes).unwrap_or_default()
+        }
+    };
+    let rejected = response.partial_success.map_or(0, |p| {
+        if p.rejected_spans > 0 || !p.error_message.is_empty() {
+            log::warn!(
+                "the collector rejected {} spans: {}",
+                p.rejected_spans,
+                p.error_message
+            );
+        }
+        p.rejected_spans.max(0)
+    });
+    Ok(rejected)
+}
+
 impl Sink for Otlp {
     fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize> {
-        let mut delivered = 0;
-        let mut first_error = None;
-        for (resource, group) in by_resource(spans) {
-            let n = group.len();
-            self.exporter.set_resource(&resource);
-            let result = self.runtime.block_on(async {
-                tokio::time::timeout(self.timeout, self.exporter.export(group)).await
-            });
-            match result {
-                Ok(Ok(())) => delivered += n,
-                Ok(Err(e)) => {
-                    first_error.get_or_insert_with(|| anyhow::anyhow!("{e}"));
-                }
-                Err(_) => {
-                    first_error.get_or_insert_with(|| {
-                        anyhow::anyhow!("timed out after {:?}", self.timeout)
-                    });
-                }
-            }
+        let n = spans.len();
+        let request = request(spans);
+        let Self {
+            runtime,
+            settings,
+            transport,
+            export_timeout,
+        } = self;
+        let result = runtime.block_on(async {
+            tokio::time::timeout(*export_timeout, send(transport, settings, request)).await
+        });
+        match result {
+            Ok(Ok(rejected)) => Ok(n.saturating_sub(rejected as usize)),
+            Ok(Err(e)) => Err(e.context(format!("exporting to {}", settings.endpoint))),
+            Err(_) => Err(anyhow!(
+                "exporting to {}: timed out after {export_timeout:?}",
+                settings.endpoint
+            )),
         }
-        match first_error {
-            Some(e) if delivered == 0 => Err(e),
-            Some(e) => {
-                log::warn!("export partly failed: {e:#}");
-                Ok(delivered)
-            }
-            None => Ok(delivered),
-        }
-    }
-
-    fn shutdown(&mut self) {
-        let _guard = self.runtime.enter();
-        let _ = self.exporter.shutdown_with_timeout(Duration::from_secs(2));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn resolve(
+        explicit: Option<&str>,
+        protocol: OtlpProtocol,
+        vars: &[(&str, &str)],
+    ) -> Result<OtlpSettings, String> {
+        OtlpSettings::resolve(explicit, protocol, |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
     #[test]
-    fn base_endpoints_get_the_traces_path() {
+    fn endpoints_follow_the_specification() {
+        let http = OtlpProtocol::HttpProtobuf;
+        let grpc = OtlpProtocol::Grpc;
+        let endpoint =
+            |explicit, protocol, vars| resolve(explicit, protocol, vars).unwrap().endpoint;
+        assert_eq!(endpoint(None, http, &[]), "http://localhost:4318/v1/traces");
+        assert_eq!(endpoint(None, grpc, &[]), "http://localhost:4317");
+        // The general variable is a base; the signal one is used as it is.
+        let base = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/otlp/")];
+        assert_eq!(endpoint(None, http, &base), "http://c:4318/otlp/v1/traces");
+        assert_eq!(endpoint(None, grpc, &base), "http://c:4318/otlp/");
+        let both = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/x"),
+        ];
+        assert_eq!(endpoint(None, http, &both), "http://t:9/x");
+        // A flag gets the path only when it has none.
         assert_eq!(
-            super::traces_url("http://h:4318"),
+            endpoint(Some("http://h:4318"), http, &both),
             "http://h:4318/v1/traces"
         );
         assert_eq!(
-            super::traces_url("http://h:4318/"),
+            endpoint(Some("http://h:4318/"), http, &[]),
             "http://h:4318/v1/traces"
         );
         assert_eq!(
-            super::traces_url("http://h:4318/custom"),
+            endpoint(Some("http://h:4318/custom"), http, &[]),
             "http://h:4318/custom"
         );
+        assert_eq!(
+            endpoint(Some("http://h:4317"), grpc, &both),
+            "http://h:4317"
+        );
+        let err = resolve(Some("collector:4317"), grpc, &[]).unwrap_err();
+        assert!(err.contains("http://"), "{err}");
+        let err = resolve(None, grpc, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c")]).unwrap_err();
+        assert!(err.contains("TLS"), "{err}");
+    }
+
+    #[test]
+    fn headers_are_decoded_and_the_signal_variable_wins() {
+        let s = resolve(
+            None,
+            OtlpProtocol::Grpc,
+            &[
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "Authorization=Bearer%20abc%3D%3D , x-scope=general,",
+                ),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-scope=traces"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.headers.len(), 2);
+        assert_eq!(s.headers["authorization"], "Bearer abc==");
+        assert!(s.headers["authorization"].is_sensitive());
+        assert_eq!(s.headers["x-scope"], "traces");
+        // Credentials never reach logs through Debug.
+        assert!(!format!("{s:?}").contains("abc"), "{s:?}");
+
+        for bad in ["novalue", "bad key=1", "k=line%0Abreak"] {
+            let err = resolve(
+                None,
+                OtlpProtocol::Grpc,
+                &[("OTEL_EXPORTER_OTLP_HEADERS", bad)],
+            )
+            .unwrap_err();
+            assert!(
+                err.starts_with("OTEL_EXPORTER_OTLP_HEADERS: "),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn compression_and_timeout_are_checked() {
+        let grpc = OtlpProtocol::Grpc;
+        let s = resolve(None, grpc, &[]).unwrap();
+        assert!(!s.gzip);
+        assert_eq!(s.timeout, Duration::from_secs(10));
+        let s = resolve(
+            None,
+            grpc,
+            &[
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
+                ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "GZIP"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ],
+        )
+        .unwrap();
+        assert!(s.gzip);
+        assert_eq!(s.timeout, Duration::from_millis(2500));
+        let err = resolve(
+            None,
+            grpc,
+            &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+            "{err}"
+        );
+        let err = resolve(None, grpc, &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]).unwrap_err();
+        assert!(err.contains("OTEL_EXPORTER_OTLP_TIMEOUT"), "{err}");
     }
 }

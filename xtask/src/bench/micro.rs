@@ -18,7 +18,11 @@ use crate::util::{Ctx, run};
 const BENCH: &str = "hotpath";
 
 /// What one element is in each group (everything else counts kernel records).
-const UNITS: &[(&str, &str)] = &[("sql_sanitize", "statement"), ("span_build", "request")];
+const UNITS: &[(&str, &str)] = &[
+    ("sql_sanitize", "statement"),
+    ("span_build", "request"),
+    ("export", "span"),
+];
 
 /// Runs the benchmarks, writes the report and the results file; returns the
 /// results: a list of `{group, bench, ns_per_iter, elements_per_iter,
@@ -171,6 +175,7 @@ fn order_key(r: &Value) -> (usize, String, String) {
         "redis",
         "sql_sanitize",
         "span_build",
+        "export",
     ];
     let group = text(r, "group");
     (
@@ -234,7 +239,10 @@ fn render(results: &[Value], m: &Machine) -> String {
          count whole requests taken from raw records through decoding, the connection \
          table, the protocol session and the tracer to a finished span in the export \
          queue (`http_keepalive`: two data records; `http_connection`: open, two data \
-         records and close; `redis_set_get`: two commands, four data records).\n\n\
+         records and close; `redis_set_get`: two commands, four data records). Rows \
+         marked \"per span\" count spans of a 512-span batch turned into one OTLP \
+         request and encoded to protobuf bytes, the exporter's work before the \
+         network.\n\n\
          The raw results add criterion's 95 % confidence interval of each median \
          (`ns_per_iter_ci95`). It says how steady one run was, not how much runs \
          differ: on a shared or virtual machine, compare runs before trusting a \
