@@ -383,7 +383,10 @@ async fn serve_grpc(listener: tokio::net::TcpListener, sink: Shared, stop: onesh
     let service = TraceServiceServer::new(GrpcSink(sink.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(64 << 20);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // TCP_NODELAY as collectors set it: with Nagle, the small frames the
+    // server writes back (window updates, the response) wait for the
+    // client's delayed ACK, and large requests crawl.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (grace_tx, grace_rx) = oneshot::channel::<()>();
     let signal = async move {
         let _ = stop.await;
@@ -414,7 +417,10 @@ async fn serve_http(
         let stream = tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(e) => {
                     sink.error(format!("accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -77,9 +77,13 @@ impl OtlpSettings {
                  http:// to a collector on the node or a sidecar"
             ));
         }
-        if !endpoint.starts_with("http://") {
+        let valid = endpoint.starts_with("http://")
+            && endpoint
+                .parse::<tonic::transport::Uri>()
+                .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()));
+        if !valid {
             return Err(format!(
-                "OTLP endpoint {endpoint:?} must start with http://"
+                "OTLP endpoint {endpoint:?} is not a URL like http://collector:4317"
             ));
         }
         let mut headers = HeaderMap::new();
@@ -350,8 +354,10 @@ mod tests {
             endpoint(Some("http://h:4317"), grpc, &both),
             "http://h:4317"
         );
-        let err = resolve(Some("collector:4317"), grpc, &[]).unwrap_err();
-        assert!(err.contains("http://"), "{err}");
+        for bad in ["collector:4317", "http://", "http://bad host:4317"] {
+            let err = resolve(Some(bad), grpc, &[]).unwrap_err();
+            assert!(err.contains("http://collector:4317"), "{bad}: {err}");
+        }
         let err = resolve(None, grpc, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c")]).unwrap_err();
         assert!(err.contains("TLS"), "{err}");
     }
