@@ -239,6 +239,18 @@ struct Records {
 }
 
 impl Records {
+    /// Records of this process (thread `tgid + tid_offset`) on socket `fd`,
+    /// so resources come from /proc as for any traced process.
+    fn of_this_process(tid_offset: u32, fd: i32) -> Self {
+        let tgid = std::process::id();
+        Self {
+            tgid,
+            tid: tgid + tid_offset,
+            fd,
+            conn_id: 1 << 32 | fd as u64,
+        }
+    }
+
     fn header(&self, kind: EventKind, detail: u8, ts_ns: u64) -> EventHeader {
         EventHeader {
             kind: kind as u8,
@@ -589,15 +601,7 @@ impl Stages {
 }
 
 fn bench_span_build(c: &mut Criterion) {
-    // The traced processes are this one: their resources come from /proc
-    // once, as for any process the agent sees.
-    let tgid = std::process::id();
-    let server = Records {
-        tgid,
-        tid: tgid,
-        fd: 12,
-        conn_id: 0x1_0000_000c,
-    };
+    let server = Records::of_this_process(0, 12);
     let open = server.open(Role::Server, addr(SERVER), addr(CLIENT), 1_000);
     let [request, response] = http_server_records(&server);
     let close = server.close(3_000_000);
@@ -619,12 +623,7 @@ fn bench_span_build(c: &mut Criterion) {
     g.bench_function("http_connection", |b| b.iter(|| path.run(&whole)));
 
     // A Redis client on a kept connection: SET and GET, two client spans.
-    let client = Records {
-        tgid,
-        tid: tgid + 1,
-        fd: 13,
-        conn_id: 0x1_0000_000d,
-    };
+    let client = Records::of_this_process(1, 13);
     let mut path = Stages::new();
     let opened = client.open(Role::Client, addr(REDIS_CLIENT), addr(REDIS), 1_000);
     assert_eq!(path.run(&[opened]), 0);
@@ -647,13 +646,7 @@ fn bench_span_build(c: &mut Criterion) {
 
 fn bench_export(c: &mut Criterion) {
     // A batch as the exporter takes it off the queue: 512 HTTP server spans.
-    let tgid = std::process::id();
-    let server = Records {
-        tgid,
-        tid: tgid,
-        fd: 14,
-        conn_id: 0x1_0000_000e,
-    };
+    let server = Records::of_this_process(0, 14);
     let mut path = Stages::new();
     assert_eq!(
         path.run(&[server.open(Role::Server, addr(SERVER), addr(CLIENT), 1_000)]),

@@ -37,11 +37,9 @@ pub struct OtlpSettings {
 }
 
 impl OtlpSettings {
-    /// `explicit` is the endpoint from a flag or the config file; it wins
-    /// over the environment only when the caller says so (a flag), so the
-    /// caller passes None for a file endpoint when the environment has one.
-    /// `env` reads a variable (empty counts as unset). Errors name the
-    /// variable at fault.
+    /// `explicit`: the endpoint from a flag, or from the config file when
+    /// the environment names none. `env` reads a variable (empty counts as
+    /// unset). Errors name the variable at fault.
     pub fn resolve(
         explicit: Option<&str>,
         protocol: OtlpProtocol,
