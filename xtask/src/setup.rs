@@ -416,7 +416,15 @@ pub fn musl(ctx: &Ctx) -> Result<()> {
 /// Debian packages `cargo xtask vm-test` needs: QEMU (software emulation)
 /// and a static busybox for the guests' initramfs. Kept apart from
 /// [`PACKAGES`] so a plain `setup` does not pull QEMU in.
-pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+pub const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    // The pinned kernels are fetched with curl and checked with sha256sum;
+    // apt verifies the others against Debian's archive keyring.
+    "curl",
+    "coreutils",
+    "debian-archive-keyring",
+];
 
 /// Installs the [`VM_PACKAGES`] that are missing (the kernel matrix runs on a
 /// fresh machine too). QEMU's maintainer scripts start no services.

@@ -2,7 +2,7 @@
 //! by the initramfs's /init, as root, with /bin/zerotrace next to it).
 //!
 //! For every kernel-function path (fentry, kprobe) × transport (ringbuf,
-//! perf) it starts `zerotrace events --kernel-functions PATH --transport T
+//! perf), in the order `--cells` gives (`fentry/ringbuf,kprobe/perf,…`), it starts `zerotrace events --kernel-functions PATH --transport T
 //! --format json`, waits for the ready line, and makes one HTTP-like exchange
 //! over loopback in this process: the server reads the request with read(2),
 //! writes the response head with write(2) and sends a 100000-byte body from
@@ -19,7 +19,9 @@
 //!
 //! Output, one line per cell, for the host to parse from the serial console:
 //! `ZT-VMTEST kernel=<uname -r> path=<p> transport=<t> result=PASS|FAIL detail=<…>`
-//! then `ZT-VMTEST done`. On a failure the agent's stderr follows as
+//! then `ZT-VMTEST done`. Before each step of a cell the guest prints
+//! `ZT-VMTEST step path=<p> transport=<t> step=<name>`, so that when the
+//! kernel hangs the host can say where. On a failure the agent's stderr follows as
 //! `ZT-VMTEST-LOG path=<p> transport=<t> | <line>`.
 
 use std::collections::BTreeMap;
@@ -47,8 +49,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Opts {
     agent: String,
-    paths: Vec<String>,
-    transports: Vec<String>,
+    /// (path, transport) in the order they run; transport `self-spans` is
+    /// `zerotrace run` with its own spans.
+    cells: Vec<(String, String)>,
     /// How long the agent may take to load and attach (TCG is slow).
     ready_timeout: Duration,
 }
@@ -56,8 +59,14 @@ struct Opts {
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
         agent: "/bin/zerotrace".into(),
-        paths: vec!["fentry".into(), "kprobe".into()],
-        transports: vec!["ringbuf".into(), "perf".into()],
+        cells: ["fentry", "kprobe"]
+            .iter()
+            .flat_map(|p| {
+                ["ringbuf", "perf", SELF_SPANS]
+                    .iter()
+                    .map(move |t| (p.to_string(), t.to_string()))
+            })
+            .collect(),
         ready_timeout: Duration::from_secs(60),
     };
     let mut args = std::env::args().skip(1);
@@ -65,8 +74,16 @@ fn parse_args() -> Result<Opts, String> {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--agent" => o.agent = value()?,
-            "--paths" => o.paths = value()?.split(',').map(String::from).collect(),
-            "--transports" => o.transports = value()?.split(',').map(String::from).collect(),
+            "--cells" => {
+                o.cells = value()?
+                    .split(',')
+                    .map(|c| {
+                        c.split_once('/')
+                            .map(|(p, t)| (p.to_string(), t.to_string()))
+                            .ok_or(format!("bad cell {c:?} (want PATH/TRANSPORT)"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             "--ready-timeout" => {
                 let s = value()?;
                 let secs: u64 = s.parse().map_err(|_| format!("bad --ready-timeout {s}"))?;
@@ -97,27 +114,25 @@ fn main() {
     if let Err(e) = write_body() {
         println!("ZT-VMTEST error cannot write {BODY_FILE}: {e}");
     }
-    for path in &opts.paths {
-        for transport in opts.transports.iter().chain([&SELF_SPANS.to_string()]) {
-            println!("ZT-VMTEST start path={path} transport={transport}");
-            let started = Instant::now();
-            let (result, stderr) = run_cell(&opts, path, transport);
-            let secs = started.elapsed().as_secs_f64();
-            let (verdict, detail) = match &result {
-                Ok(d) => ("PASS", format!("{d} ({secs:.1}s)")),
-                Err(d) => ("FAIL", format!("{d} ({secs:.1}s)")),
-            };
-            println!(
-                "ZT-VMTEST kernel={kernel} path={path} transport={transport} result={verdict} detail={}",
-                one_line(&detail)
-            );
-            if result.is_err() {
-                for line in &stderr {
-                    println!("ZT-VMTEST-LOG path={path} transport={transport} | {line}");
-                }
+    for (path, transport) in &opts.cells {
+        println!("ZT-VMTEST start path={path} transport={transport}");
+        let started = Instant::now();
+        let (result, stderr) = run_cell(&opts, path, transport);
+        let secs = started.elapsed().as_secs_f64();
+        let (verdict, detail) = match &result {
+            Ok(d) => ("PASS", format!("{d} ({secs:.1}s)")),
+            Err(d) => ("FAIL", format!("{d} ({secs:.1}s)")),
+        };
+        println!(
+            "ZT-VMTEST kernel={kernel} path={path} transport={transport} result={verdict} detail={}",
+            one_line(&detail)
+        );
+        if result.is_err() {
+            for line in &stderr {
+                println!("ZT-VMTEST-LOG path={path} transport={transport} | {line}");
             }
-            let _ = std::io::stdout().flush();
         }
+        let _ = std::io::stdout().flush();
     }
     println!("ZT-VMTEST done");
 }
@@ -161,6 +176,13 @@ fn check_report(agent: &str) -> String {
             one_line(&String::from_utf8_lossy(&out.stderr))
         ),
     }
+}
+
+/// Tells the host which step of a cell runs now (flushed: the kernel may
+/// hang the next moment).
+fn step(path: &str, transport: &str, name: &str) {
+    println!("ZT-VMTEST step path={path} transport={transport} step={name}");
+    let _ = std::io::stdout().flush();
 }
 
 fn one_line(s: &str) -> String {
@@ -324,10 +346,14 @@ fn run_cell(opts: &Opts, path: &str, transport: &str) -> (Result<String, String>
 /// sendfile's tracepoints left out), and an `ebpf.execute` span counts
 /// the kernel-function probe's triggers.
 fn self_spans_checks(agent: &mut Agent, path: &str, ready_secs: f64) -> Result<String, String> {
+    step(path, SELF_SPANS, "traffic");
     traffic(&format!("/vm-{path}-spans"))?;
     // At least one full interval after the traffic.
+    step(path, SELF_SPANS, "drain");
     thread::sleep(Duration::from_millis(2500));
+    step(path, SELF_SPANS, "detach");
     agent.stop()?;
+    step(path, SELF_SPANS, "verify");
     let text = std::fs::read_to_string(SPANS_FILE).map_err(|e| format!("{SPANS_FILE}: {e}"))?;
     let mut spans = Vec::new();
     for line in text.lines() {
@@ -335,7 +361,8 @@ fn self_spans_checks(agent: &mut Agent, path: &str, ready_secs: f64) -> Result<S
             serde_json::from_str(line).map_err(|e| format!("jsonl line is not JSON ({e})"))?;
         spans.extend(otlp_json_spans(&v));
     }
-    let detail = verify_self_spans(&spans, path)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let detail = verify_self_spans(&spans, path, reports_verified_instructions(&kernel))?;
     Ok(format!("{detail} ready={ready_secs:.1}s"))
 }
 
@@ -379,7 +406,21 @@ fn otlp_json_spans(request: &Value) -> Vec<JsonSpan> {
     out
 }
 
-fn verify_self_spans(spans: &[JsonSpan], path: &str) -> Result<String, String> {
+/// Whether a kernel of this release fills `bpf_prog_info.verified_insns`
+/// (Linux 5.16 and later).
+fn reports_verified_instructions(osrelease: &str) -> bool {
+    let mut parts = osrelease
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 16)
+}
+
+fn verify_self_spans(
+    spans: &[JsonSpan],
+    path: &str,
+    verified_instructions: bool,
+) -> Result<String, String> {
     let attr = |s: &JsonSpan, k: &str| s.attrs.get(k).cloned().unwrap_or_default();
     let (method, types, prefix): (&str, &[&str], &str) = match path {
         "fentry" => ("fentry/fexit", &["fexit"], "fexit_tcp_send"),
@@ -418,16 +459,24 @@ fn verify_self_spans(spans: &[JsonSpan], path: &str) -> Result<String, String> {
     }) {
         return Err("sendfile tracepoints attached although the kernel-function layer runs".into());
     }
+    // Before 5.16 the kernel does not report the verifier's count: the span
+    // must be there, without the attribute.
     let compiled = spans.iter().any(|s| {
         s.name == "ebpf.compile"
             && attr(s, "ebpf.program.name").starts_with(prefix)
-            && attr(s, "ebpf.verifier.instructions")
-                .parse::<u64>()
-                .is_ok_and(|n| n > 0)
+            && match attr(s, "ebpf.verifier.instructions").parse::<u64>() {
+                Ok(n) => n > 0,
+                Err(_) => !verified_instructions,
+            }
     });
     if !compiled {
         return Err(format!(
-            "no ebpf.compile span with instructions for {prefix}*"
+            "no ebpf.compile span for {prefix}*{}",
+            if verified_instructions {
+                " with instructions"
+            } else {
+                ""
+            }
         ));
     }
     let triggers: u64 = spans
@@ -452,6 +501,7 @@ fn cell_checks(
     transport: &str,
 ) -> Result<String, String> {
     let started = Instant::now();
+    step(path, transport, "attach");
     let ready = agent.wait_ready(opts.ready_timeout)?;
     let ready_secs = started.elapsed().as_secs_f64();
     if transport == SELF_SPANS {
@@ -465,10 +515,14 @@ fn cell_checks(
             "ready line does not name the {path} layer: {ready}"
         ));
     }
+    step(path, transport, "traffic");
     let traffic = traffic(&format!("/vm-{path}-{transport}"))?;
     // Let the agent read what the kernel has queued before it is stopped.
+    step(path, transport, "drain");
     thread::sleep(Duration::from_secs(2));
+    step(path, transport, "detach");
     let lines = agent.stop()?;
+    step(path, transport, "verify");
     let mut events = Vec::with_capacity(lines.len());
     for line in &lines {
         let v: Value = serde_json::from_str(line)
@@ -818,6 +872,15 @@ mod tests {
         v.push(data("tcp_sendpage", "egress", BODY_LEN - 24 * 4096, &[]));
         v.push(json!({"type": "summary", "lost": 0}));
         v
+    }
+
+    #[test]
+    fn knows_which_kernels_count_verified_instructions() {
+        assert!(!reports_verified_instructions("5.10.0-46-cloud-amd64"));
+        assert!(!reports_verified_instructions("5.15.0-1-amd64"));
+        assert!(reports_verified_instructions("5.16.0"));
+        assert!(reports_verified_instructions("6.1.0-57-cloud-amd64"));
+        assert!(reports_verified_instructions("6.12.117+deb12-cloud-amd64"));
     }
 
     #[test]
