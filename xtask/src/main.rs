@@ -216,19 +216,37 @@ fn build(ctx: &Ctx, release: bool) -> Result<()> {
     build_agent(ctx, release)
 }
 
-/// `cargo build -p agent`, without the toolchain check.
+/// `cargo build -p agent`, without the toolchain check: one line before and
+/// one after. cargo runs quietly (errors and warnings still show); the
+/// nested eBPF build (agent/build.rs) shows its output only when it fails.
 fn build_agent(ctx: &Ctx, release: bool) -> Result<()> {
+    let bin = ctx.zerotrace_bin(release);
+    let profile = if release { "release" } else { "debug" };
+    say!(
+        "build",
+        "compiling the agent and its eBPF programs ({profile}{})…",
+        if bin.is_file() {
+            ""
+        } else {
+            "; the first build takes a few minutes"
+        }
+    );
+    let started = std::time::Instant::now();
     let mut c = ctx.cargo();
-    c.args(["build", "-p", "agent"]);
+    c.args(["build", "--quiet", "-p", "agent"]);
     if release {
         c.arg("--release");
     }
     run(&mut c)?;
-    let bin = ctx.zerotrace_bin(release);
     if !bin.is_file() {
         bail!("cargo build succeeded but {} is missing", bin.display());
     }
-    say!("build", "{}", ctx.rel(&bin));
+    say!(
+        "build",
+        "{} ({:.0}s)",
+        ctx.rel(&bin),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
