@@ -43,6 +43,12 @@ const KFUNC_NAMES: &[&str] = &["tcp_sendmsg", "tcp_sendpage"];
 const READY_PREFIXES: [&str; 2] = ["zerotrace: capturing (", "zerotrace: tracing ("];
 /// The cell that runs `zerotrace run` and checks the agent's own spans.
 const SELF_SPANS: &str = "self-spans";
+/// The cell where two agents attach and detach the same probes at once
+/// while traffic runs through the probed functions (an agent restarting
+/// beside another, a rolling update): live code patching under load.
+const CHURN: &str = "churn";
+/// Rounds of the churn cell; the second agent starts a little later each round.
+const CHURN_ROUNDS: u32 = 4;
 const SPANS_FILE: &str = "/tmp/zt-vm-spans.jsonl";
 /// Longest wait for one read(2) of the exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,7 +68,7 @@ fn parse_args() -> Result<Opts, String> {
         cells: ["fentry", "kprobe"]
             .iter()
             .flat_map(|p| {
-                ["ringbuf", "perf", SELF_SPANS]
+                ["ringbuf", "perf", SELF_SPANS, CHURN]
                     .iter()
                     .map(move |t| (p.to_string(), t.to_string()))
             })
@@ -329,6 +335,9 @@ impl Drop for Agent {
 }
 
 fn run_cell(opts: &Opts, path: &str, transport: &str) -> (Result<String, String>, Vec<String>) {
+    if transport == CHURN {
+        return churn_cell(opts, path);
+    }
     let mut agent = match Agent::start(opts, path, transport) {
         Ok(a) => a,
         Err(e) => return (Err(e), Vec::new()),
@@ -339,6 +348,124 @@ fn run_cell(opts: &Opts, path: &str, transport: &str) -> (Result<String, String>
         let _ = agent.child.wait();
     }
     (result, agent.stderr_lines())
+}
+
+/// Runs `cmd` to its end (killed after `limit`): its status and stderr lines.
+fn run_with_limit(mut cmd: Command, limit: Duration) -> Result<(String, Vec<String>), String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let pipe = child.stderr.take().expect("piped stderr");
+    let reader = thread::spawn(move || {
+        BufReader::new(pipe)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{cmd:?} still running after {}s (killed)",
+                    limit.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
+        }
+    };
+    let stderr = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("{cmd:?} exited with {status}"));
+    }
+    Ok((status.to_string(), stderr))
+}
+
+/// Two agents attach and detach the same kernel-function probes at once,
+/// [`CHURN_ROUNDS`] times, while a thread keeps making exchanges whose
+/// bodies go through the probed TCP send functions. Every agent must
+/// succeed and every round must see exchanges complete: the kernel keeps
+/// serving the probed functions while their code is patched.
+fn churn_cell(opts: &Opts, path: &str) -> (Result<String, String>, Vec<String>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let failure = Arc::new(Mutex::new(None::<String>));
+    let load = {
+        let (stop, exchanges, failure) = (stop.clone(), exchanges.clone(), failure.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match traffic("/vm-churn") {
+                    Ok(_) => {
+                        exchanges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failure.lock().unwrap().get_or_insert(e);
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    let mut logs = Vec::new();
+    let mut result = Ok(());
+    let mut per_round = Vec::new();
+    for round in 1..=CHURN_ROUNDS {
+        step(path, CHURN, &format!("round-{round}"));
+        let before = exchanges.load(Ordering::Relaxed);
+        let mut events = Command::new(&opts.agent);
+        events.args(["events", "--kernel-functions", path, "--duration", "1"]);
+        let first = thread::spawn(move || run_with_limit(events, Duration::from_secs(90)));
+        // The second agent attaches while the first is attaching, running
+        // or detaching, a little later each round.
+        thread::sleep(Duration::from_millis(u64::from(round - 1) * 400));
+        let mut check = Command::new(&opts.agent);
+        check.args(["check", "--json"]);
+        let second = run_with_limit(check, Duration::from_secs(90));
+        let first = first
+            .join()
+            .unwrap_or_else(|_| Err("agent thread panicked".into()));
+        // Exchanges go on for a moment after both agents are gone.
+        thread::sleep(Duration::from_millis(300));
+        let made = exchanges.load(Ordering::Relaxed) - before;
+        per_round.push(made.to_string());
+        for (name, outcome) in [("events", first), ("check", second)] {
+            match outcome {
+                Ok((_, lines)) => logs.extend(lines.into_iter().map(|l| format!("{name}: {l}"))),
+                Err(e) => {
+                    result = result.and(Err(format!("round {round}: {name}: {e}")));
+                }
+            }
+        }
+        if made == 0 {
+            result = result.and(Err(format!(
+                "round {round}: no exchange completed while the agents attached and detached"
+            )));
+        }
+        if result.is_err() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.join();
+    if let Some(e) = failure.lock().unwrap().take() {
+        result = result.and(Err(format!("traffic failed: {e}")));
+    }
+    let detail = result.map(|()| {
+        format!(
+            "{CHURN_ROUNDS} rounds of `events --kernel-functions {path}` and `check` attaching and \
+             detaching at once; exchanges per round: {}",
+            per_round.join(",")
+        )
+    });
+    (detail, logs)
 }
 
 /// `zerotrace run` with the jsonl exporter, one exchange, then the agent's

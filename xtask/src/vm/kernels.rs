@@ -4,12 +4,9 @@
 //! version Debian's archive offers, to test a new release on purpose.
 //!
 //! Pinned packages are fetched straight from the archive's pool and checked
-//! against the pin. Debian keeps only a few recent kernel ABIs: when a pinned
-//! file is gone, the nearest ABI of the same series that the archive still
-//! lists is booted instead, and the report says so. Everything apt does here
-//! runs on a private state directory under the cache (its own sources list
-//! for bookworm and bullseye, its own package lists), so the host's apt
-//! configuration is neither needed nor touched.
+//! against the pin (archive.rs). Debian keeps only a few recent kernel ABIs:
+//! when a pinned file is gone, the nearest ABI of the same series that the
+//! archive still lists is booted instead, and the report says so.
 //!
 //! Cache: `~/.cache/zerotrace/vm/kernels/<package>_<version>/` keeps the
 //! vmlinuz (with its SHA-256, checked on every use), the config and
@@ -19,15 +16,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
+use super::archive::{self, Apt, PoolFile};
 use crate::say;
 use crate::util::{Ctx, output};
-
-/// The Debian archive (`$ZEROTRACE_DEBIAN_MIRROR` overrides it).
-const MIRROR: &str = "http://deb.debian.org";
-/// Signs every Debian suite used here (package debian-archive-keyring).
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// A Debian kernel package family.
 pub struct Series {
@@ -37,18 +30,7 @@ pub struct Series {
     pub debian: &'static str,
     prefix: &'static str,
     suffix: &'static str,
-    /// apt suites (archive, suite) that carry it.
-    suites: &'static [(&'static str, &'static str)],
 }
-
-const BOOKWORM: &[(&str, &str)] = &[
-    ("debian", "bookworm"),
-    ("debian-security", "bookworm-security"),
-];
-const BULLSEYE: &[(&str, &str)] = &[
-    ("debian", "bullseye"),
-    ("debian-security", "bullseye-security"),
-];
 
 pub const SERIES: [Series; 3] = [
     // The oldest long-term kernel the "Linux ≥ 5.8" promise covers.
@@ -57,21 +39,18 @@ pub const SERIES: [Series; 3] = [
         debian: "Debian 11 (bullseye)",
         prefix: "linux-image-5.10.0-",
         suffix: "-cloud-amd64",
-        suites: BULLSEYE,
     },
     Series {
         name: "6.1",
         debian: "Debian 12 (bookworm)",
         prefix: "linux-image-6.1.0-",
         suffix: "-cloud-amd64",
-        suites: BOOKWORM,
     },
     Series {
         name: "6.12",
         debian: "Debian 12 (bookworm), its newer kernel line",
         prefix: "linux-image-6.12.",
         suffix: "+deb12-cloud-amd64",
-        suites: BOOKWORM,
     },
 ];
 
@@ -80,10 +59,7 @@ pub struct Pin {
     pub series: &'static str,
     pub package: &'static str,
     pub version: &'static str,
-    /// Of the .deb, as the archive's Packages index lists it.
-    pub sha256: &'static str,
-    /// Path of the .deb under the mirror.
-    pub pool: &'static str,
+    pub deb: PoolFile,
 }
 
 /// The pinned kernels. To move a pin: `apt-cache show PACKAGE` (with the
@@ -94,25 +70,31 @@ pub const PINS: &[Pin] = &[
         series: "5.10",
         package: "linux-image-5.10.0-46-cloud-amd64",
         version: "5.10.262-1",
-        sha256: "18d94781d1b3052e21967ac2262239e5f14fbf511d6c3e110629d7aa35340760",
-        pool: "debian-security/pool/updates/main/l/linux-signed-amd64/\
+        deb: PoolFile {
+            pool: "debian-security/pool/updates/main/l/linux-signed-amd64/\
                linux-image-5.10.0-46-cloud-amd64_5.10.262-1_amd64.deb",
+            sha256: "18d94781d1b3052e21967ac2262239e5f14fbf511d6c3e110629d7aa35340760",
+        },
     },
     Pin {
         series: "6.1",
         package: "linux-image-6.1.0-57-cloud-amd64",
         version: "6.1.192-3",
-        sha256: "4fdd0172a8c3f41a97e92465b2ac1867e1c10d82d7aeed3d26ee7a5d14df1754",
-        pool: "debian-security/pool/updates/main/l/linux-signed-amd64/\
+        deb: PoolFile {
+            pool: "debian-security/pool/updates/main/l/linux-signed-amd64/\
                linux-image-6.1.0-57-cloud-amd64_6.1.192-3_amd64.deb",
+            sha256: "4fdd0172a8c3f41a97e92465b2ac1867e1c10d82d7aeed3d26ee7a5d14df1754",
+        },
     },
     Pin {
         series: "6.12",
         package: "linux-image-6.12.117+deb12-cloud-amd64",
         version: "6.12.117-1~deb12u1",
-        sha256: "5195b288dec79e2981d6b84457f38b7ce7310a2d702930ec7d07209c7f78ce37",
-        pool: "debian-security/pool/updates/main/l/linux-signed-6.12-amd64/\
+        deb: PoolFile {
+            pool: "debian-security/pool/updates/main/l/linux-signed-6.12-amd64/\
                linux-image-6.12.117+deb12-cloud-amd64_6.12.117-1~deb12u1_amd64.deb",
+            sha256: "5195b288dec79e2981d6b84457f38b7ce7310a2d702930ec7d07209c7f78ce37",
+        },
     },
 ];
 
@@ -198,23 +180,9 @@ pub enum Choice {
     Newest,
 }
 
-fn cache_root() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    Ok(PathBuf::from(home).join(".cache/zerotrace/vm"))
-}
-
-fn mirror() -> String {
-    std::env::var("ZEROTRACE_DEBIAN_MIRROR")
-        .ok()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| MIRROR.to_string())
-        .trim_end_matches('/')
-        .to_string()
-}
-
 /// The kernels to boot for `series` (all when empty), fetched and unpacked.
 pub fn resolve(ctx: &Ctx, series: &[String], choice: Choice) -> Result<Vec<Kernel>> {
-    let root = cache_root()?;
+    let root = archive::cache_root()?;
     let kernels_dir = root.join("kernels");
     fs::create_dir_all(&kernels_dir)
         .with_context(|| format!("cannot create {}", kernels_dir.display()))?;
@@ -238,6 +206,19 @@ pub fn resolve(ctx: &Ctx, series: &[String], choice: Choice) -> Result<Vec<Kerne
         kernels.push(kernel);
     }
     prune(&kernels_dir, &kernels);
+    // Kernels unpacked by earlier versions of this task, one directory per
+    // package right under the cache root.
+    if let Ok(entries) = fs::read_dir(&root) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("linux-image-")
+            {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     Ok(kernels)
 }
 
@@ -258,52 +239,31 @@ fn pinned(ctx: &Ctx, apt: &mut Apt, series: &'static Series, dir: &Path) -> Resu
         return Ok(kernel);
     }
     let started = Instant::now();
-    let tmp = fresh_dir(&dir.join(format!(".download-{}", pin.package)))?;
+    let tmp = archive::fresh_dir(&dir.join(format!(".download-{}", pin.package)))?;
     let deb = tmp.join(format!("{}_{}.deb", pin.package, pin.version));
-    // The pool path of a security upload, then the same file in the main
-    // archive (where a point release copies it).
-    let urls = [
-        format!("{}/{}", mirror(), pin.pool),
-        format!(
-            "{}/{}",
-            mirror(),
-            pin.pool
-                .replacen("debian-security/pool/updates/", "debian/pool/", 1)
-        ),
-    ];
-    let mut why = Vec::new();
-    for url in &urls {
-        say!("vm-test", "kernel {}: downloading {url}…", series.name);
-        match curl(ctx, url, &deb) {
-            Ok(()) => match sha256(ctx, &deb) {
-                Ok(sum) if sum == pin.sha256 => {
-                    let kernel = unpack(
-                        ctx,
-                        series,
-                        &deb,
-                        &entry,
-                        pin.package,
-                        pin.version,
-                        Origin::Pinned,
-                    )?;
-                    let _ = fs::remove_dir_all(&tmp);
-                    say!(
-                        "vm-test",
-                        "kernel {}: {} verified and unpacked in {:.1}s",
-                        series.name,
-                        pin.package,
-                        started.elapsed().as_secs_f64()
-                    );
-                    return Ok(kernel);
-                }
-                Ok(sum) => why.push(format!("{url}: SHA-256 {sum}, pinned {}", pin.sha256)),
-                Err(e) => why.push(format!("{url}: {e:#}")),
-            },
-            Err(e) => why.push(format!("{url}: {e:#}")),
-        }
+    let fetched = archive::fetch_pinned(ctx, &pin.deb, &deb);
+    if fetched.is_ok() {
+        let kernel = unpack(
+            ctx,
+            series,
+            &deb,
+            &entry,
+            pin.package,
+            pin.version,
+            Origin::Pinned,
+        )?;
+        let _ = fs::remove_dir_all(&tmp);
+        say!(
+            "vm-test",
+            "kernel {}: {} verified and unpacked in {:.1}s",
+            series.name,
+            pin.package,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(kernel);
     }
     let _ = fs::remove_dir_all(&tmp);
-    let why = why.join("; ");
+    let why = fetched.err().unwrap_or_default();
     say!(
         "vm-test",
         "WARNING: kernel {}: the pinned {} {} cannot be fetched ({why}); looking for the nearest \
@@ -312,7 +272,7 @@ fn pinned(ctx: &Ctx, apt: &mut Apt, series: &'static Series, dir: &Path) -> Resu
         pin.package,
         pin.version
     );
-    let available = apt.packages(series)?;
+    let available = apt.packages(series.prefix, |n| series.number(n).is_some())?;
     let names: Vec<&str> = available.iter().map(|(n, _)| n.as_str()).collect();
     let package = series
         .nearest(pin.package, names.iter().copied())
@@ -341,7 +301,7 @@ fn pinned(ctx: &Ctx, apt: &mut Apt, series: &'static Series, dir: &Path) -> Resu
 }
 
 fn newest(ctx: &Ctx, apt: &mut Apt, series: &'static Series, dir: &Path) -> Result<Kernel> {
-    let available = apt.packages(series)?;
+    let available = apt.packages(series.prefix, |n| series.number(n).is_some())?;
     let package = series
         .newest(available.iter().map(|(n, _)| n.as_str()))
         .with_context(|| {
@@ -374,7 +334,7 @@ fn fetch_with_apt(
         return Ok(kernel);
     }
     let started = Instant::now();
-    let tmp = fresh_dir(&dir.join(format!(".download-{package}")))?;
+    let tmp = archive::fresh_dir(&dir.join(format!(".download-{package}")))?;
     say!(
         "vm-test",
         "kernel {}: downloading {package} {version} (apt-get download)…",
@@ -409,7 +369,7 @@ fn cached(
     let vmlinuz = entry.join("vmlinuz");
     let release = fs::read_to_string(entry.join("release")).ok()?;
     let recorded = fs::read_to_string(entry.join("vmlinuz.sha256")).ok()?;
-    if sha256(ctx, &vmlinuz).ok()? != recorded.trim() {
+    if archive::sha256(ctx, &vmlinuz).ok()? != recorded.trim() {
         say!(
             "vm-test",
             "kernel {}: cached {} does not match its checksum; fetching it again",
@@ -449,9 +409,9 @@ fn unpack(
         .find(|n| n.starts_with("vmlinuz-"))
         .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
     let release = image["vmlinuz-".len()..].to_string();
-    let staging = fresh_dir(&entry.with_extension("partial"))?;
+    let staging = archive::fresh_dir(&entry.with_extension("partial"))?;
     fs::copy(boot.join(&image), staging.join("vmlinuz"))?;
-    let sum = sha256(ctx, &staging.join("vmlinuz"))?;
+    let sum = archive::sha256(ctx, &staging.join("vmlinuz"))?;
     fs::write(staging.join("vmlinuz.sha256"), format!("{sum}\n"))?;
     let config = boot.join(format!("config-{release}"));
     if config.is_file() {
@@ -492,171 +452,6 @@ fn prune(dir: &Path, keep: &[Kernel]) {
             say!("vm-test", "removed the cached {name}");
         }
     }
-}
-
-fn fresh_dir(dir: &Path) -> Result<PathBuf> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir.to_path_buf())
-}
-
-fn curl(ctx: &Ctx, url: &str, dest: &Path) -> Result<()> {
-    output(
-        ctx.cmd("curl")
-            .args(["-fsSL", "--retry", "3", "--connect-timeout", "20", "-o"])
-            .arg(dest)
-            .arg(url),
-    )
-    .map(drop)
-}
-
-fn sha256(ctx: &Ctx, file: &Path) -> Result<String> {
-    let out = output(ctx.cmd("sha256sum").arg(file))?;
-    out.split_whitespace()
-        .next()
-        .map(str::to_string)
-        .context("sha256sum printed nothing")
-}
-
-/// apt on a private state directory: Debian's bookworm and bullseye suites,
-/// signed by Debian's archive keyring, package lists under the cache.
-struct Apt<'a> {
-    ctx: &'a Ctx,
-    dir: PathBuf,
-    updated: bool,
-}
-
-impl<'a> Apt<'a> {
-    fn new(ctx: &'a Ctx, dir: PathBuf) -> Self {
-        Self {
-            ctx,
-            dir,
-            updated: false,
-        }
-    }
-
-    fn options(&self) -> Vec<String> {
-        let d = self.dir.display();
-        // apt drops to `_apt` to download, which cannot write under a
-        // user's home: download as whoever runs this.
-        let user = if self.ctx.is_root {
-            "root".to_string()
-        } else {
-            std::env::var("USER").unwrap_or_else(|_| "root".into())
-        };
-        vec![
-            format!("Dir::Etc::SourceList={d}/sources.list"),
-            format!("Dir::Etc::SourceParts={d}/sources.list.d"),
-            format!("Dir::State::Lists={d}/lists"),
-            format!("Dir::Cache={d}/cache"),
-            format!("APT::Sandbox::User={user}"),
-        ]
-        .into_iter()
-        .flat_map(|o| ["-o".to_string(), o])
-        .collect()
-    }
-
-    /// Writes the sources and fetches the package lists, once per run.
-    fn update(&mut self) -> Result<()> {
-        if self.updated {
-            return Ok(());
-        }
-        if !Path::new(KEYRING).is_file() {
-            bail!("{KEYRING} is missing (package debian-archive-keyring)");
-        }
-        for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(self.dir.join(sub))?;
-        }
-        let mirror = mirror();
-        let mut sources = String::new();
-        for series in &SERIES {
-            for (archive, suite) in series.suites {
-                let line = format!("deb [signed-by={KEYRING}] {mirror}/{archive} {suite} main\n");
-                if !sources.contains(&line) {
-                    sources.push_str(&line);
-                }
-            }
-        }
-        fs::write(self.dir.join("sources.list"), sources)?;
-        let started = Instant::now();
-        say!(
-            "vm-test",
-            "apt-get update (bookworm and bullseye package lists, private to the cache)…"
-        );
-        output(
-            self.ctx
-                .cmd("apt-get")
-                .args(self.options())
-                .args(["update", "-q"]),
-        )
-        .context("apt-get update of the kernel sources")?;
-        say!(
-            "vm-test",
-            "package lists updated in {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
-        self.updated = true;
-        Ok(())
-    }
-
-    /// (package, candidate version) of every package of `series` the archive lists.
-    fn packages(&mut self, series: &Series) -> Result<Vec<(String, String)>> {
-        self.update()?;
-        let names = output(
-            self.ctx
-                .cmd("apt-cache")
-                .args(self.options())
-                .args(["pkgnames", series.prefix]),
-        )?;
-        let names: Vec<&str> = names
-            .lines()
-            .map(str::trim)
-            .filter(|n| series.number(n).is_some())
-            .collect();
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let madison = output(
-            self.ctx
-                .cmd("apt-cache")
-                .args(self.options())
-                .arg("madison")
-                .args(&names),
-        )?;
-        Ok(madison_versions(&madison))
-    }
-
-    fn download(&mut self, package: &str, version: &str, into: &Path) -> Result<()> {
-        self.update()?;
-        output(
-            self.ctx
-                .cmd("apt-get")
-                .args(self.options())
-                .args(["download", "-q"])
-                .arg(format!("{package}={version}"))
-                .current_dir(into),
-        )
-        .map(drop)
-        .with_context(|| format!("apt-get download {package}={version}"))
-    }
-}
-
-/// (package, version) pairs from `apt-cache madison` (one per line:
-/// `package | version | source`), the first (highest) version of each.
-fn madison_versions(text: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in text.lines() {
-        let mut parts = line.split('|').map(str::trim);
-        let (Some(package), Some(version)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if !package.is_empty() && !out.iter().any(|(p, _)| p == package) {
-            out.push((package.to_string(), version.to_string()));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -716,34 +511,15 @@ mod tests {
             assert_eq!(pins.len(), 1, "series {}", series.name);
             let pin = pins[0];
             assert!(series.number(pin.package).is_some(), "{}", pin.package);
-            assert_eq!(pin.sha256.len(), 64);
-            assert!(pin.sha256.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(pin.deb.sha256.len(), 64);
+            assert!(pin.deb.sha256.bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(
-                pin.pool
+                pin.deb
+                    .pool
                     .ends_with(&format!("{}_{}_amd64.deb", pin.package, pin.version)),
                 "{}",
-                pin.pool
+                pin.deb.pool
             );
         }
-    }
-
-    #[test]
-    fn reads_madison() {
-        let text = " linux-image-6.1.0-57-cloud-amd64 | 6.1.192-3 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages\n\
-                     linux-image-6.1.0-50-cloud-amd64 | 6.1.176-1 | http://deb.debian.org/debian bookworm/main amd64 Packages\n\
-                     linux-image-6.1.0-50-cloud-amd64 | 6.1.176-1 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages\n";
-        assert_eq!(
-            madison_versions(text),
-            [
-                (
-                    "linux-image-6.1.0-57-cloud-amd64".into(),
-                    "6.1.192-3".into()
-                ),
-                (
-                    "linux-image-6.1.0-50-cloud-amd64".into(),
-                    "6.1.176-1".into()
-                )
-            ]
-        );
     }
 }

@@ -2,9 +2,10 @@
 //! 6.12 cloud kernels under QEMU software emulation (TCG; no KVM needed)
 //! with an initramfs holding busybox, the release `zerotrace` binary and the
 //! guest check (tests/src/bin/vm_guest.rs). The guest runs every
-//! kernel-function path (fentry, kprobe) × transport (ringbuf, perf, and
-//! `zerotrace run`'s own spans) and reports one `ZT-VMTEST` line per cell on
-//! the serial console; this side collects them into a table and fails when a
+//! kernel-function path (fentry, kprobe) × transport (ringbuf, perf,
+//! `zerotrace run`'s own spans, and `churn`: two agents attaching and
+//! detaching the same probes at once while traffic runs through them) and
+//! reports one `ZT-VMTEST` line per cell on the serial console; this side collects them into a table and fails when a
 //! cell fails or never reports.
 //!
 //! A hang is a failure, not a timeout: the console is watched for the
@@ -19,7 +20,9 @@
 //! kernel N times, rotating the order of the cells, and reports every
 //! failure and lock-up it saw (a soak for intermittent kernel hangs).
 
+mod archive;
 mod console;
+mod emulator;
 mod initramfs;
 mod kernels;
 
@@ -38,12 +41,14 @@ use crate::say;
 use crate::setup;
 use crate::util::{Ctx, run};
 use console::{Cell, Guest};
+use emulator::Emulator;
 use kernels::{Choice, Kernel, Origin};
 
 /// The kernel-function paths each guest checks.
 const PATHS: [&str; 2] = ["fentry", "kprobe"];
-/// Capture over each transport, then `zerotrace run`'s own spans.
-const TRANSPORTS: [&str; 3] = ["ringbuf", "perf", "self-spans"];
+/// Capture over each transport, `zerotrace run`'s own spans, then two
+/// agents attaching and detaching at once under traffic (`churn`).
+const TRANSPORTS: [&str; 4] = ["ringbuf", "perf", "self-spans", "churn"];
 /// How long the console is still read after a kernel fault (for the
 /// stacks that follow the first line) before QEMU is stopped.
 const FAULT_GRACE: Duration = Duration::from_secs(15);
@@ -68,8 +73,12 @@ pub struct VmTestArgs {
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=8))]
     smp: u32,
+    /// Boot with the system's QEMU instead of the pinned QEMU 10.0 (Debian
+    /// 12's QEMU 7.2 hangs guests now and then; see xtask/src/vm/emulator.rs).
+    #[arg(long)]
+    system_qemu: bool,
     /// Seconds one guest may run (boot + all cells) before QEMU is killed.
-    #[arg(long, value_name = "SECONDS", default_value_t = 180,
+    #[arg(long, value_name = "SECONDS", default_value_t = 240,
           value_parser = clap::value_parser!(u64).range(10..))]
     timeout: u64,
     /// Echo every guest's serial console.
@@ -85,7 +94,8 @@ impl Default for VmTestArgs {
             newest: false,
             repeat: 1,
             smp: 2,
-            timeout: 180,
+            system_qemu: false,
+            timeout: 240,
             verbose: false,
         }
     }
@@ -132,9 +142,8 @@ fn cell_order(round: u32) -> Vec<(&'static str, &'static str)> {
 pub fn matrix(ctx: &Ctx, args: &VmTestArgs) -> Result<CellCounts> {
     let start = Instant::now();
     setup::vm_packages(ctx)?;
-    let qemu = ctx
-        .which("qemu-system-x86_64")
-        .context("qemu-system-x86_64 not found on PATH after installing qemu-system-x86")?;
+    let qemu = emulator::resolve(ctx, args.system_qemu)?;
+    say!("vm-test", "emulator: {}", qemu.describe);
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .map(PathBuf::from)
@@ -189,6 +198,8 @@ pub fn matrix(ctx: &Ctx, args: &VmTestArgs) -> Result<CellCounts> {
             });
         }
     }
+    println!();
+    println!("emulator: {}, {} vCPUs", qemu.describe, args.smp);
     Ok(if args.repeat > 1 {
         soak_report(&kernels, &boots, start.elapsed())
     } else {
@@ -311,7 +322,7 @@ fn kernel_command_line(order: &[(&str, &str)]) -> String {
 }
 
 fn boot(
-    qemu: &Path,
+    qemu: &Emulator,
     kernel: &Kernel,
     initrd: &Path,
     args: &VmTestArgs,
@@ -325,8 +336,9 @@ fn boot(
         args.timeout
     );
     let started = Instant::now();
-    let mut c = Command::new(qemu);
-    c.args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+    let mut c = Command::new(&qemu.binary);
+    c.args(qemu.data_args())
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
         .arg("-smp")
         .arg(args.smp.to_string())
         .args(["-nographic", "-no-reboot", "-nic", "none"])
@@ -341,7 +353,7 @@ fn boot(
         .stderr(Stdio::piped());
     let mut child = c
         .spawn()
-        .with_context(|| format!("cannot start {}", qemu.display()))?;
+        .with_context(|| format!("cannot start {}", qemu.binary.display()))?;
 
     let (tx, rx) = mpsc::channel::<String>();
     let mut readers = Vec::new();
@@ -588,7 +600,6 @@ fn report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> CellCount
         .max()
         .unwrap_or(6)
         .max(6);
-    println!();
     for k in kernels {
         println!("{:kw$}  {}", k.release, kernel_line(k));
     }
@@ -702,7 +713,6 @@ fn soak_report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> Cell
         .unwrap_or(6)
         .max(6);
     let mut counts = CellCounts::default();
-    println!();
     for k in kernels {
         println!("{:kw$}  {}", k.release, kernel_line(k));
     }
@@ -790,10 +800,12 @@ mod tests {
         assert_eq!(first[0], ("fentry", "ringbuf"));
         let second = cell_order(1);
         assert_eq!(second[0], ("fentry", "perf"));
-        assert_eq!(second[5], ("fentry", "ringbuf"));
-        assert_eq!(cell_order(6), first);
+        assert_eq!(second[7], ("fentry", "ringbuf"));
+        assert_eq!(cell_order(8), first);
         let line = kernel_command_line(&second);
-        assert!(line.contains(" ztcells=fentry/perf,fentry/self-spans,kprobe/ringbuf,"));
+        assert!(
+            line.contains(" ztcells=fentry/perf,fentry/self-spans,fentry/churn,kprobe/ringbuf,")
+        );
         assert!(line.contains("softlockup_panic=1"));
     }
 
