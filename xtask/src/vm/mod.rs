@@ -69,6 +69,9 @@ pub struct VmTestArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+    /// Run only these cells, e.g. `fentry/churn,kprobe/churn` [default: all].
+    #[arg(long, value_name = "PATH/TRANSPORT", value_delimiter = ',')]
+    cells: Vec<String>,
     /// Virtual CPUs per guest.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=8))]
@@ -93,6 +96,7 @@ impl Default for VmTestArgs {
             kernels: Vec::new(),
             newest: false,
             repeat: 1,
+            cells: Vec::new(),
             smp: 2,
             system_qemu: false,
             timeout: 240,
@@ -129,11 +133,29 @@ fn all_cells() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// The cells `--cells` names (all when none), in the default order.
+fn selected_cells(names: &[String]) -> Result<Vec<(&'static str, &'static str)>> {
+    let all = all_cells();
+    for name in names {
+        if !all.iter().any(|(p, t)| *name == format!("{p}/{t}")) {
+            let known: Vec<String> = all.iter().map(|(p, t)| format!("{p}/{t}")).collect();
+            bail!("unknown cell {name:?} (cells: {})", known.join(", "));
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|(p, t)| names.is_empty() || names.iter().any(|n| *n == format!("{p}/{t}")))
+        .collect())
+}
+
 /// The cells of boot `round` in the order the guest runs them: the default
 /// order first, then rotated by one cell per boot.
-fn cell_order(round: u32) -> Vec<(&'static str, &'static str)> {
-    let mut cells = all_cells();
-    let n = cells.len();
+fn cell_order(
+    cells: &[(&'static str, &'static str)],
+    round: u32,
+) -> Vec<(&'static str, &'static str)> {
+    let mut cells = cells.to_vec();
+    let n = cells.len().max(1);
     cells.rotate_left(round as usize % n);
     cells
 }
@@ -141,6 +163,7 @@ fn cell_order(round: u32) -> Vec<(&'static str, &'static str)> {
 /// Runs the matrix and prints its table; a failing cell is counted, not an error.
 pub fn matrix(ctx: &Ctx, args: &VmTestArgs) -> Result<CellCounts> {
     let start = Instant::now();
+    let cells = selected_cells(&args.cells)?;
     setup::vm_packages(ctx)?;
     let qemu = emulator::resolve(ctx, args.system_qemu)?;
     say!("vm-test", "emulator: {}", qemu.describe);
@@ -180,7 +203,7 @@ pub fn matrix(ctx: &Ctx, args: &VmTestArgs) -> Result<CellCounts> {
     let mut boots = Vec::new();
     for round in 0..args.repeat {
         for (k, kernel) in kernels.iter().enumerate() {
-            let order = cell_order(round);
+            let order = cell_order(&cells, round);
             if args.repeat > 1 {
                 say!(
                     "vm-test",
@@ -201,9 +224,9 @@ pub fn matrix(ctx: &Ctx, args: &VmTestArgs) -> Result<CellCounts> {
     println!();
     println!("emulator: {}, {} vCPUs", qemu.describe, args.smp);
     Ok(if args.repeat > 1 {
-        soak_report(&kernels, &boots, start.elapsed())
+        soak_report(&kernels, &boots, &cells, start.elapsed())
     } else {
-        report(&kernels, &boots, start.elapsed())
+        report(&kernels, &boots, &cells, start.elapsed())
     })
 }
 
@@ -572,7 +595,12 @@ fn print_fault(kernel: &Kernel, f: &Fault) {
 }
 
 /// The table, the reasons, and the verdict.
-fn report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> CellCounts {
+fn report(
+    kernels: &[Kernel],
+    boots: &[BootRun],
+    cells: &[(&'static str, &'static str)],
+    elapsed: Duration,
+) -> CellCounts {
     struct Row<'a> {
         kernel: &'a str,
         path: &'static str,
@@ -583,7 +611,7 @@ fn report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> CellCount
     let mut rows = Vec::new();
     for run in boots {
         let kernel = &kernels[run.kernel];
-        for (path, transport) in all_cells() {
+        for &(path, transport) in cells {
             let (result, detail) = run.boot.cell(path, transport);
             rows.push(Row {
                 kernel: &kernel.release,
@@ -704,7 +732,12 @@ fn kernel_line(k: &Kernel) -> String {
 
 /// `--repeat`: per kernel and cell, how many boots passed; every failing
 /// boot and every kernel fault.
-fn soak_report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> CellCounts {
+fn soak_report(
+    kernels: &[Kernel],
+    boots: &[BootRun],
+    cells: &[(&'static str, &'static str)],
+    elapsed: Duration,
+) -> CellCounts {
     let rounds = boots.iter().map(|b| b.round).max().map_or(0, |r| r + 1);
     let kw = kernels
         .iter()
@@ -723,7 +756,7 @@ fn soak_report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> Cell
     );
     for (ki, kernel) in kernels.iter().enumerate() {
         let runs: Vec<&BootRun> = boots.iter().filter(|b| b.kernel == ki).collect();
-        for (path, transport) in all_cells() {
+        for &(path, transport) in cells {
             let mut passed = 0;
             let mut failing = Vec::new();
             for run in &runs {
@@ -748,9 +781,9 @@ fn soak_report(kernels: &[Kernel], boots: &[BootRun], elapsed: Duration) -> Cell
     let mut faults = 0;
     for run in boots {
         let kernel = &kernels[run.kernel];
-        let failed: Vec<String> = all_cells()
-            .into_iter()
-            .filter_map(|(p, t)| match run.boot.cell(p, t) {
+        let failed: Vec<String> = cells
+            .iter()
+            .filter_map(|&(p, t)| match run.boot.cell(p, t) {
                 ("PASS", _) => None,
                 (result, detail) => Some(format!("{p}/{t} {result}: {detail}")),
             })
@@ -795,13 +828,17 @@ mod tests {
 
     #[test]
     fn boots_rotate_the_cell_order() {
-        let first = cell_order(0);
-        assert_eq!(first, all_cells());
+        let all = all_cells();
+        let first = cell_order(&all, 0);
+        assert_eq!(first, all);
         assert_eq!(first[0], ("fentry", "ringbuf"));
-        let second = cell_order(1);
+        let second = cell_order(&all, 1);
         assert_eq!(second[0], ("fentry", "perf"));
         assert_eq!(second[7], ("fentry", "ringbuf"));
-        assert_eq!(cell_order(8), first);
+        assert_eq!(cell_order(&all, 8), first);
+        let churn = selected_cells(&["kprobe/churn".into(), "fentry/churn".into()]).unwrap();
+        assert_eq!(churn, [("fentry", "churn"), ("kprobe", "churn")]);
+        assert!(selected_cells(&["fentry/nope".into()]).is_err());
         let line = kernel_command_line(&second);
         assert!(
             line.contains(" ztcells=fentry/perf,fentry/self-spans,fentry/churn,kprobe/ringbuf,")
