@@ -124,13 +124,7 @@ pub fn resolve(ctx: &Ctx, system: bool) -> Result<Emulator> {
 /// Fails, naming them, when the unpacked QEMU needs libraries this system
 /// lacks (they come with the system's qemu-system-x86).
 fn missing_libraries(ctx: &Ctx, binary: &Path) -> Result<()> {
-    let out = ctx
-        .cmd("ldd")
-        .arg(binary)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run ldd {}", binary.display()))?;
-    let missing: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let missing: Vec<String> = super::initramfs::ldd(ctx, binary)?
         .lines()
         .filter(|l| l.contains("not found"))
         .map(|l| l.split_whitespace().next().unwrap_or("").to_string())

@@ -124,7 +124,8 @@ fn ldd_paths(ldd: &str) -> Vec<String> {
         .collect()
 }
 
-fn shared_libraries(ctx: &Ctx, binary: &Path) -> Result<Vec<String>> {
+/// What `ldd binary` prints (nothing for a static binary).
+pub fn ldd(ctx: &Ctx, binary: &Path) -> Result<String> {
     // A static binary makes ldd exit non-zero ("not a dynamic executable").
     let out = ctx
         .cmd("ldd")
@@ -132,7 +133,6 @@ fn shared_libraries(ctx: &Ctx, binary: &Path) -> Result<Vec<String>> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run ldd {}", binary.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not a dynamic") {
         bail!(
             "ldd {} failed: {}",
@@ -140,7 +140,11 @@ fn shared_libraries(ctx: &Ctx, binary: &Path) -> Result<Vec<String>> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(ldd_paths(&text))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn shared_libraries(ctx: &Ctx, binary: &Path) -> Result<Vec<String>> {
+    Ok(ldd_paths(&ldd(ctx, binary)?))
 }
 
 /// The guest's /init: mounts, loopback, the check, power off. The kernel

@@ -81,7 +81,7 @@ pub struct VmTestArgs {
     #[arg(long)]
     system_qemu: bool,
     /// Seconds one guest may run (boot + all cells) before QEMU is killed.
-    #[arg(long, value_name = "SECONDS", default_value_t = 240,
+    #[arg(long, value_name = "SECONDS", default_value_t = 420,
           value_parser = clap::value_parser!(u64).range(10..))]
     timeout: u64,
     /// Echo every guest's serial console.
@@ -99,7 +99,7 @@ impl Default for VmTestArgs {
             cells: Vec::new(),
             smp: 2,
             system_qemu: false,
-            timeout: 240,
+            timeout: 420,
             verbose: false,
         }
     }
@@ -622,16 +622,7 @@ fn report(
             });
         }
     }
-    let kw = rows
-        .iter()
-        .map(|r| r.kernel.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    for k in kernels {
-        println!("{:kw$}  {}", k.release, kernel_line(k));
-    }
-    println!();
+    let kw = print_kernels(kernels);
     println!(
         "{:kw$}  {:6}  {:10}  {:7}  detail",
         "kernel", "path", "transport", "result"
@@ -717,6 +708,22 @@ fn report(
     }
 }
 
+/// One line per kernel (package, version, provenance); returns the width
+/// of the kernel column.
+fn print_kernels(kernels: &[Kernel]) -> usize {
+    let kw = kernels
+        .iter()
+        .map(|k| k.release.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    for k in kernels {
+        println!("{:kw$}  {}", k.release, kernel_line(k));
+    }
+    println!();
+    kw
+}
+
 /// Version and provenance of a kernel, for the report header.
 fn kernel_line(k: &Kernel) -> String {
     let mut s = format!("{} {}", k.package, k.version);
@@ -739,17 +746,8 @@ fn soak_report(
     elapsed: Duration,
 ) -> CellCounts {
     let rounds = boots.iter().map(|b| b.round).max().map_or(0, |r| r + 1);
-    let kw = kernels
-        .iter()
-        .map(|k| k.release.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
     let mut counts = CellCounts::default();
-    for k in kernels {
-        println!("{:kw$}  {}", k.release, kernel_line(k));
-    }
-    println!();
+    let kw = print_kernels(kernels);
     println!(
         "{:kw$}  {:6}  {:10}  {:>9}  failing boots",
         "kernel", "path", "transport", "passed"
