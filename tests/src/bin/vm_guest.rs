@@ -48,7 +48,7 @@ const SELF_SPANS: &str = "self-spans";
 /// beside another, a rolling update): live code patching under load.
 const CHURN: &str = "churn";
 /// Rounds of the churn cell; the second agent starts a little later each round.
-const CHURN_ROUNDS: u32 = 4;
+const CHURN_ROUNDS: u32 = 3;
 const SPANS_FILE: &str = "/tmp/zt-vm-spans.jsonl";
 /// Longest wait for one read(2) of the exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);

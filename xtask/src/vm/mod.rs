@@ -577,6 +577,10 @@ fn boot(
         b.problem.as_deref().unwrap_or("guest finished"),
         b.elapsed.as_secs_f64()
     );
+    // At once, not only in the report at the end: a soak may run for hours.
+    if let Some(f) = &b.fault {
+        print_fault(kernel, f);
+    }
     Ok(b)
 }
 
@@ -658,8 +662,8 @@ fn report(
                 }
             }
         }
-        if let Some(f) = &boot.fault {
-            print_fault(kernel, f);
+        if boot.fault.is_some() {
+            // Printed when the boot ended.
         } else if let Some(problem) = &boot.problem {
             println!(
                 "{} ({}): {problem}; last console lines:",
@@ -795,7 +799,13 @@ fn soak_report(
         }
         if let Some(f) = &run.boot.fault {
             faults += 1;
-            print_fault(kernel, f);
+            println!(
+                "  KERNEL {} during {} at {:.1}s: {} (console above, after the boot)",
+                f.kind.to_uppercase(),
+                f.during.describe(),
+                f.at,
+                console::kernel_message(&f.line).unwrap_or(&f.line).trim()
+            );
         }
     }
     for k in kernels.iter().enumerate() {
