@@ -390,7 +390,8 @@ fn run_with_limit(mut cmd: Command, limit: Duration) -> Result<(String, Vec<Stri
 
 /// Two agents attach and detach the same kernel-function probes at once,
 /// [`CHURN_ROUNDS`] times, while a thread keeps making exchanges whose
-/// bodies go through the probed TCP send functions. Every agent must
+/// bodies go through the probed TCP send functions and another keeps
+/// starting short-lived processes. Every agent must
 /// succeed and every round must see exchanges complete: the kernel keeps
 /// serving the probed functions while their code is patched.
 fn churn_cell(opts: &Opts, path: &str) -> (Result<String, String>, Vec<String>) {
@@ -411,6 +412,20 @@ fn churn_cell(opts: &Opts, path: &str) -> (Result<String, String>, Vec<String>) 
                         break;
                     }
                 }
+            }
+        })
+    };
+    // Short-lived processes meanwhile: fork, exec and exit run through the
+    // process tracepoints whose static keys the agents switch on and off.
+    let spawned = Arc::new(AtomicU64::new(0));
+    let spawner = {
+        let (stop, spawned) = (stop.clone(), spawned.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match Command::new("true").stdin(Stdio::null()).status() {
+                    Ok(_) => spawned.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => break,
+                };
             }
         })
     };
@@ -455,14 +470,16 @@ fn churn_cell(opts: &Opts, path: &str) -> (Result<String, String>, Vec<String>) 
     }
     stop.store(true, Ordering::Relaxed);
     let _ = load.join();
+    let _ = spawner.join();
     if let Some(e) = failure.lock().unwrap().take() {
         result = result.and(Err(format!("traffic failed: {e}")));
     }
     let detail = result.map(|()| {
         format!(
             "{CHURN_ROUNDS} rounds of `events --kernel-functions {path}` and `check` attaching and \
-             detaching at once; exchanges per round: {}",
-            per_round.join(",")
+             detaching at once; exchanges per round: {}; {} processes started meanwhile",
+            per_round.join(","),
+            spawned.load(Ordering::Relaxed)
         )
     });
     (detail, logs)
