@@ -688,12 +688,25 @@ struct Traffic {
     head: Vec<u8>,
 }
 
+/// The error of a failed call, or `None` when it was only interrupted (a
+/// socket with a receive timeout returns EINTR instead of restarting).
+fn failed(call: &str) -> Option<String> {
+    let err = std::io::Error::last_os_error();
+    (err.kind() != std::io::ErrorKind::Interrupted).then(|| format!("{call}: {err}"))
+}
+
 fn sys_write_all(fd: i32, mut buf: &[u8]) -> Result<(), String> {
     while !buf.is_empty() {
         // SAFETY: buf is a valid slice for its length.
         let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return Err(format!("write(2): {}", std::io::Error::last_os_error()));
+        if n == 0 {
+            return Err("write(2) wrote nothing".into());
+        }
+        if n < 0 {
+            match failed("write(2)") {
+                Some(e) => return Err(e),
+                None => continue,
+            }
         }
         buf = &buf[n as usize..];
     }
@@ -701,12 +714,16 @@ fn sys_write_all(fd: i32, mut buf: &[u8]) -> Result<(), String> {
 }
 
 fn sys_read(fd: i32, buf: &mut [u8]) -> Result<usize, String> {
-    // SAFETY: buf is a valid mutable slice for its length.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(format!("read(2): {}", std::io::Error::last_os_error()));
+    loop {
+        // SAFETY: buf is a valid mutable slice for its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        if let Some(e) = failed("read(2)") {
+            return Err(e);
+        }
     }
-    Ok(n as usize)
 }
 
 /// One request/response over loopback: read(2)/write(2)/sendfile(2) on the
@@ -743,11 +760,14 @@ fn traffic(target: &str) -> Result<Traffic, String> {
         while sent < BODY_LEN {
             // SAFETY: both fds are open; offset is a valid off_t.
             let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut offset, BODY_LEN - sent) };
-            if n <= 0 {
-                return Err(format!(
-                    "sendfile(2) after {sent} bytes: {}",
-                    std::io::Error::last_os_error()
-                ));
+            if n == 0 {
+                return Err(format!("sendfile(2) sent nothing after {sent} bytes"));
+            }
+            if n < 0 {
+                match failed(&format!("sendfile(2) after {sent} bytes")) {
+                    Some(e) => return Err(e),
+                    None => continue,
+                }
             }
             sent += n as usize;
         }
