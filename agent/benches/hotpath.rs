@@ -38,7 +38,7 @@ use zerotrace::{
         session::{self, Event, Protocol, Session},
         sql::summarize,
     },
-    trace::{TraceOptions, Tracer, context::Sampler},
+    trace::{TraceOptions, Tracer, parents::context::Sampler},
 };
 
 // --- messages ---------------------------------------------------------------

@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::{
     kernel::{kfunc::KfuncChoice, loader::TransportChoice},
-    trace::kubernetes::watch::ApiAccess,
+    trace::resources::kubernetes::watch::ApiAccess,
 };
 
 /// A configuration the agent cannot run with (exit code 2).

@@ -24,7 +24,7 @@ use crate::{
         interval::IntervalReporter,
         startup::Startup,
     },
-    trace::{TraceOptions, Tracer, context::Sampler, kubernetes::watch::Watch},
+    trace::{TraceOptions, Tracer, parents::context::Sampler, resources::kubernetes::watch::Watch},
 };
 
 #[derive(Args, Debug)]

@@ -14,8 +14,8 @@ use opentelemetry_sdk::{
 use crate::{
     export::{ExportSpan, SpanQueue},
     trace::{
-        context::{Ids, flags},
-        resource::Resources,
+        parents::context::{Ids, flags},
+        resources::Resources,
     },
 };
 

@@ -12,13 +12,9 @@
 //! - else of the span named by its own outgoing `traceparent` (an
 //!   instrumented caller).
 
-pub mod container;
-pub mod context;
-pub mod db;
-pub mod http;
-pub mod kubernetes;
-pub mod link;
-pub mod resource;
+pub mod parents;
+pub mod resources;
+pub mod semconv;
 
 use std::{
     borrow::Cow,
@@ -37,10 +33,15 @@ use opentelemetry::{
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use self::{
-    context::{Ids, Parent, Sampler, flags, parse_traceparent},
-    http::{Endpoints, PathFilter, Routes, Side},
-    link::{LinkKey, Links},
-    resource::Resources,
+    parents::{
+        context::{Ids, Parent, Sampler, flags, parse_traceparent},
+        link::{LinkKey, Links},
+    },
+    resources::{Resources, kubernetes},
+    semconv::{
+        Described, Endpoints, Side, db,
+        http::{self, PathFilter, Routes},
+    },
 };
 use crate::{
     IdMap,
@@ -121,13 +122,6 @@ impl Start {
             excluded: false,
         }
     }
-}
-
-/// A span's name, attributes and status, as a protocol describes it.
-pub struct Described {
-    pub name: String,
-    pub attributes: Vec<KeyValue>,
-    pub status: opentelemetry::trace::Status,
 }
 
 /// A span that has begun: its ids and what its children inherit.

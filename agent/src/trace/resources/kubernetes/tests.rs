@@ -10,17 +10,17 @@ use super::{
     *,
 };
 
-const PODS: &str = include_str!("../../../../tests/fixtures/kubernetes/pods.json");
-const IDS: &str = include_str!("../../../../tests/fixtures/kubernetes/container-ids.json");
+const PODS: &str = include_str!("../../../../../tests/fixtures/kubernetes/pods.json");
+const IDS: &str = include_str!("../../../../../tests/fixtures/kubernetes/container-ids.json");
 const RS_CHECKOUT: &str =
-    include_str!("../../../../tests/fixtures/kubernetes/replicaset-checkout-7c9d8f6b5d.json");
+    include_str!("../../../../../tests/fixtures/kubernetes/replicaset-checkout-7c9d8f6b5d.json");
 const RS_CART: &str =
-    include_str!("../../../../tests/fixtures/kubernetes/replicaset-cart-5f6d7c8b9.json");
-const JOB: &str = include_str!("../../../../tests/fixtures/kubernetes/job-report-28930140.json");
+    include_str!("../../../../../tests/fixtures/kubernetes/replicaset-cart-5f6d7c8b9.json");
+const JOB: &str = include_str!("../../../../../tests/fixtures/kubernetes/job-report-28930140.json");
 const CART_ADDED: &str =
-    include_str!("../../../../tests/fixtures/kubernetes/watch-cart-added.jsonl");
+    include_str!("../../../../../tests/fixtures/kubernetes/watch-cart-added.jsonl");
 const CHECKOUT_DELETED: &str =
-    include_str!("../../../../tests/fixtures/kubernetes/watch-checkout-deleted.jsonl");
+    include_str!("../../../../../tests/fixtures/kubernetes/watch-checkout-deleted.jsonl");
 
 fn id(name: &str) -> String {
     let ids: Value = serde_json::from_str(IDS).unwrap();

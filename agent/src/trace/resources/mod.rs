@@ -4,13 +4,16 @@
 //! the executable name; plus process.*, host.name, container.id, k8s.* and
 //! OTEL_RESOURCE_ATTRIBUTES.
 
+pub mod container;
+pub mod kubernetes;
+
 use crate::IdMap;
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 
-use super::{
-    container::{self, ContainerRef},
+use self::{
+    container::ContainerRef,
     kubernetes::{ContainerMeta, Metadata},
 };
 use crate::config::{ServiceRule, env};
@@ -337,7 +340,7 @@ mod tests {
     }
 
     fn pod(app: Option<&str>, workload: Option<&str>) -> ContainerMeta {
-        use crate::trace::kubernetes::PodMeta;
+        use super::kubernetes::PodMeta;
         ContainerMeta {
             pod: std::sync::Arc::new(PodMeta {
                 name: "web-6d4b9-x2k4p".into(),
@@ -377,7 +380,7 @@ mod tests {
 
     #[test]
     fn a_container_process_is_rebuilt_when_its_pod_arrives() {
-        use crate::trace::kubernetes::{Metadata, PodEntry};
+        use super::kubernetes::{Metadata, PodEntry};
         let metadata = Metadata::new("zt-node-1");
         let mut r = Resources::new(Vec::new()).with_kubernetes(Some(metadata.clone()));
         r.fallback_name = None;

@@ -3,10 +3,7 @@
 
 use opentelemetry::{KeyValue, trace::Status};
 
-use super::{
-    Described,
-    http::{Endpoints, Side},
-};
+use super::{Described, Endpoints, Side};
 use crate::protocol::db::DbCall;
 
 /// Name, attributes and status of one call; `system` is db.system.name.

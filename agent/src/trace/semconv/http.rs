@@ -1,14 +1,11 @@
 //! HTTP exchanges as spans: names, attributes and statuses per the
 //! OpenTelemetry HTTP semantic conventions.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::IpAddr, sync::Arc};
 
 use opentelemetry::{KeyValue, Value, trace::Status};
 
-use super::Described;
+use super::{Described, Endpoints, Side};
 use crate::protocol::http::{Exchange, Request};
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
@@ -140,20 +137,6 @@ impl PathFilter {
             None => path == rule,
         })
     }
-}
-
-/// Whether the span describes the server or the client end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Server,
-    Client,
-}
-
-/// The addresses of the connection, from the traced process's view.
-#[derive(Debug, Clone, Copy)]
-pub struct Endpoints {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
 }
 
 pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes) -> Described {
