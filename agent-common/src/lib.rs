@@ -29,6 +29,7 @@ pub mod maps {
     pub const SCRATCH: &str = "SCRATCH";
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
     pub const KFUNC_ARGS: &str = "KFUNC_ARGS";
+    pub const RUNTIMES: &str = "RUNTIMES";
 }
 
 /// Name of the read-only global holding [`KernelConfig`].
@@ -41,6 +42,8 @@ pub enum EventKind {
     Data = 1,
     ConnOpen = 2,
     ConnClose = 3,
+    /// A runtime made a new unit of work ([`UnitEvent`]).
+    Unit = 4,
 }
 
 impl EventKind {
@@ -49,6 +52,7 @@ impl EventKind {
             1 => Some(Self::Data),
             2 => Some(Self::ConnOpen),
             3 => Some(Self::ConnClose),
+            4 => Some(Self::Unit),
             _ => None,
         }
     }
@@ -195,6 +199,46 @@ pub struct DataEvent {
     pub total_bytes: u64,
     /// Payload bytes that follow (≤ capture limit, ≤ total_bytes).
     pub captured: u32,
+    /// The runtime's switch counter on this thread when the syscall
+    /// returned (CPython: the thread state's `context_ver`); with `unit`,
+    /// tells whether anything ran in between two moments on one thread.
+    pub unit_seq: u32,
+    /// The unit of work the thread was running, for processes whose runtime
+    /// is followed (CPython: the `PyContext` entered); 0 when unknown.
+    pub unit: u64,
+}
+
+/// A followed runtime allocated a unit of work on this thread while it ran
+/// `parent`: a task's context, a copy for a worker thread's hand-off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnitEvent {
+    /// `detail` is the runtime ([`RUNTIME_CPYTHON`]); `fd` and `conn_id` are 0.
+    pub header: EventHeader,
+    /// The unit running on the thread then (0: none yet).
+    pub parent: u64,
+    /// The new unit.
+    pub unit: u64,
+    /// The thread's switch counter then (see [`DataEvent::unit_seq`]).
+    pub parent_seq: u32,
+    pub _pad: u32,
+}
+
+/// Runtimes the kernel can follow ([`ThreadLayout::runtime`]).
+pub const RUNTIME_CPYTHON: u32 = 1;
+
+/// RUNTIMES value: how to find the running unit on a thread of one process.
+/// CPython: `tstate = *(fsbase + specific_off + 16 * key + 8)` (glibc's
+/// `pthread_getspecific` for the interpreter's thread-state key), then
+/// `unit = *(tstate + unit_off)` and `seq = *(u32 *)(tstate + seq_off)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadLayout {
+    pub runtime: u32,
+    pub key: u32,
+    pub specific_off: u32,
+    pub unit_off: u32,
+    pub seq_off: u32,
     pub _pad: u32,
 }
 
@@ -247,7 +291,8 @@ pub struct KernelOffsets {
     pub sk_v6_rcv_saddr: u32,
     /// Offset of `child_pid` in the sched_process_fork tracepoint record.
     pub fork_child_pid: u32,
-    pub _pad: u32,
+    /// `task_struct.thread.fsbase`: a thread's TLS base (x86-64).
+    pub task_fsbase: u32,
 }
 
 /// Filter modes for [`KernelConfig::filter_mode`].
@@ -338,6 +383,7 @@ mod pod {
     unsafe impl aya::Pod for SocketInfo {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SockConn {}
+    unsafe impl aya::Pod for ThreadLayout {}
 }
 
 #[cfg(test)]
@@ -348,7 +394,9 @@ mod tests {
     #[test]
     fn layouts_have_fixed_sizes() {
         assert_eq!(size_of::<EventHeader>(), 32);
-        assert_eq!(size_of::<DataEvent>(), 48);
+        assert_eq!(size_of::<DataEvent>(), 56);
+        assert_eq!(size_of::<UnitEvent>(), 56);
+        assert_eq!(size_of::<ThreadLayout>(), 24);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
         assert_eq!(size_of::<SocketKey>(), 8);
@@ -359,7 +407,12 @@ mod tests {
 
     #[test]
     fn enums_round_trip() {
-        for k in [EventKind::Data, EventKind::ConnOpen, EventKind::ConnClose] {
+        for k in [
+            EventKind::Data,
+            EventKind::ConnOpen,
+            EventKind::ConnClose,
+            EventKind::Unit,
+        ] {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(EventKind::from_u8(0), None);

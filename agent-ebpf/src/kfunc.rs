@@ -46,7 +46,8 @@ fn on_send<C: EbpfContext>(ctx: &C, function: Syscall, sk: u64, sent: i64) {
         ),
         total_bytes: sent as u64,
         captured: 0,
-        _pad: 0,
+        unit_seq: 0,
+        unit: 0,
     };
     output_record(ctx, &event);
 }

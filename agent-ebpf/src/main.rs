@@ -11,10 +11,11 @@
 mod emit;
 mod kfunc;
 mod process;
+mod runtime;
 mod socket;
 mod syscalls;
 
-use agent_common::{KernelConfig, KernelOffsets, SockConn, SocketInfo, SocketKey};
+use agent_common::{KernelConfig, KernelOffsets, SockConn, SocketInfo, SocketKey, ThreadLayout};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
@@ -45,7 +46,7 @@ static CONFIG: KernelConfig = KernelConfig {
         sk_v6_daddr: 0,
         sk_v6_rcv_saddr: 0,
         fork_child_pid: 0,
-        _pad: 0,
+        task_fsbase: 0,
     },
 };
 
@@ -86,6 +87,10 @@ static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0)
 /// pid_tgid → arguments of a data syscall in flight on that thread.
 #[map(name = "PENDING")]
 static PENDING: LruHashMap<u64, syscalls::PendingCall> = LruHashMap::with_max_entries(32768, 0);
+
+/// tgid → how to read the running unit of its threads (followed runtimes).
+#[map(name = "RUNTIMES")]
+static RUNTIMES: HashMap<u32, ThreadLayout> = HashMap::with_max_entries(4096, 0);
 
 /// Selected processes (when CONFIG.filter_mode is FILTER_SELECTED).
 #[map(name = "TRACED_PIDS")]

@@ -15,7 +15,7 @@ use crate::{
     PENDING, config,
     emit::{ScratchGuard, count, output},
     process::selected,
-    socket,
+    runtime, socket,
 };
 
 /// Marks a pending connect() rather than a data syscall.
@@ -183,6 +183,7 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         want
     };
     let captured = captured & SIZE_MASK;
+    let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
     scratch.event = DataEvent {
         header: socket::header(
             EventKind::Data,
@@ -193,7 +194,8 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         ),
         total_bytes: moved,
         captured: captured as u32,
-        _pad: 0,
+        unit_seq,
+        unit,
     };
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
     output(ctx, (&raw const scratch.event).cast::<u8>(), len, captured);

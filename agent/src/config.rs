@@ -169,6 +169,8 @@ pub struct CaptureConfig {
     pub buffer_size: Option<usize>,
     /// auto | fentry | kprobe | off.
     pub kernel_functions: Option<KfuncChoice>,
+    /// auto | off | a list of runtimes to follow (cpython).
+    pub runtimes: Option<crate::runtime::follow::RuntimeChoice>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

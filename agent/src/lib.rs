@@ -17,6 +17,7 @@ pub mod export;
 pub mod kernel;
 pub mod pipeline;
 pub mod protocol;
+pub mod runtime;
 pub mod selftrace;
 pub mod trace;
 

@@ -9,12 +9,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use agent_common::UnitEvent;
 use anyhow::Context;
 
 use crate::{
     capture::{Data, Event, Reader, ReaderStats},
     conn::{ConnTable, Connection, early::EarlyQueue, seed::Seed},
     kernel::loader::{KernelCounters, LoadOptions, Probes, Transport},
+    runtime::follow::{Change, Follower},
 };
 
 /// Most connections the agent remembers at once.
@@ -40,6 +42,21 @@ pub enum Record<'a> {
     Closed(&'a Connection),
     /// Dropped from the full connection table (only its id is known).
     Evicted(u64),
+    /// A followed runtime made a unit of work.
+    Unit(&'a UnitEvent),
+    /// The process's runtime is followed from now on (its records carry units).
+    Followed(u32),
+    /// The process exited; its runtime is no longer followed.
+    Unfollowed(u32),
+}
+
+impl From<Change> for Record<'_> {
+    fn from(change: Change) -> Self {
+        match change {
+            Change::Followed(tgid) => Record::Followed(tgid),
+            Change::Unfollowed(tgid) => Record::Unfollowed(tgid),
+        }
+    }
 }
 
 /// Everything the pipeline counted.
@@ -77,6 +94,8 @@ pub struct Pipeline {
     pub seeded: SeedReport,
     reader: Reader,
     attributor: Attributor,
+    /// Processes whose runtime is followed.
+    pub runtimes: Follower,
     /// When to look next for connections of processes that exited.
     next_reap: Instant,
 }
@@ -159,6 +178,7 @@ impl Attributor {
                     on_record(Record::Closed(&conn));
                 }
             }
+            Event::Unit(unit) => on_record(Record::Unit(&unit)),
         }
     }
 
@@ -217,6 +237,7 @@ impl Pipeline {
             seeded,
             reader,
             attributor: Attributor::new(ConnTable::new(MAX_CONNECTIONS, seed)),
+            runtimes: Follower::new(opts.runtimes.clone()),
             next_reap: Instant::now() + REAP_EVERY,
         })
     }
@@ -258,20 +279,30 @@ impl Pipeline {
             reader,
             attributor,
             next_reap,
+            probes,
+            runtimes,
             ..
         } = self;
         let now = Instant::now();
         let n = reader.poll(timeout, &mut |event| {
+            // A process is inspected for a runtime to follow when its
+            // traffic is first seen.
+            if let Event::Data(data) = &event
+                && let Some(change) = runtimes.observe(data.header.tgid, now, probes)
+            {
+                on_record(change.into());
+            }
             attributor.event(event, now, on_record);
         })?;
         let now = Instant::now();
         attributor.expire(now, on_record);
         if now >= *next_reap {
             *next_reap = now + REAP_EVERY;
-            attributor.close_exited(
-                |tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists(),
-                on_record,
-            );
+            let alive = |tgid| std::path::Path::new(&format!("/proc/{tgid}")).exists();
+            attributor.close_exited(alive, on_record);
+            for change in runtimes.reap(alive, probes) {
+                on_record(change.into());
+            }
         }
         Ok(n)
     }

@@ -699,7 +699,7 @@ fn stop(child: &mut Child, sig: i32) {
 }
 
 /// Waits until `GET /health` on 127.0.0.1:`port` answers 200.
-fn wait_for_health(child: &mut Child, port: u16, what: &str) -> anyhow::Result<()> {
+pub fn wait_for_health(child: &mut Child, port: u16, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {

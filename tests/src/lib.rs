@@ -7,6 +7,7 @@
 pub mod db;
 pub mod kube_api;
 pub mod load;
+pub mod nesting;
 pub mod otlp;
 pub mod rotel;
 pub mod servers;

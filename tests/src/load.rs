@@ -34,7 +34,7 @@ impl LoadResult {
     }
 }
 
-fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+pub fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("running {what} (is it installed? `cargo xtask setup`)"))?;

@@ -457,8 +457,8 @@ pub fn vm_packages(ctx: &Ctx) -> Result<()> {
 /// collector whose wheel ships `site-packages/rotel/rotel-agent`. rotel is
 /// pinned: the tests read its debug-log layout. Then what the test apps in
 /// tests/apps run on (tests/src/db.rs starts them with this venv's python):
-/// FastAPI under plain uvicorn (asyncio loop, h11; no uvloop/httptools),
-/// Flask, psycopg 3 with its binary libpq, PyMySQL and redis-py.
+/// FastAPI under uvicorn (asyncio loop with h11, or uvloop with httptools),
+/// Flask, psycopg 3 with its binary libpq, PyMySQL, redis-py and httpx.
 pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "opentelemetry-sdk~=1.45",
     "opentelemetry-exporter-otlp-proto-grpc~=1.45",
@@ -470,6 +470,9 @@ pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "psycopg[binary]~=3.3",
     "pymysql~=1.2",
     "redis~=8.1",
+    "httpx~=0.28",
+    "uvloop~=0.23",
+    "httptools~=0.9",
     // The reference parser for the Prometheus text format (the /metrics test).
     "prometheus-client~=0.26",
     // Kubernetes OpenAPI schemas (strict: unknown fields are errors) and
@@ -514,7 +517,7 @@ fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
         "import opentelemetry.sdk.trace, \
          opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
          opentelemetry.exporter.otlp.proto.http.trace_exporter, \
-         fastapi, uvicorn, flask, psycopg, pymysql, redis, prometheus_client.parser, \
+         fastapi, uvicorn, flask, psycopg, pymysql, redis, httpx, uvloop, httptools, prometheus_client.parser, \
          kubernetes_validate, yaml; \
          psycopg.pq.version()",
     ]))?;

@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use agent_common::{ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall};
+use agent_common::{
+    ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall, UnitEvent,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum Event<'a> {
     Data(Data<'a>),
     Open(Open),
     Close(EventHeader),
+    /// A followed runtime made a unit of work.
+    Unit(UnitEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,10 @@ pub struct Data<'a> {
     /// Bytes the syscall moved; the payload may be a prefix of them.
     pub total_bytes: u64,
     pub payload: &'a [u8],
+    /// The runtime's unit running on the thread (0: not followed).
+    pub unit: u64,
+    /// The thread's runtime switch counter then.
+    pub unit_seq: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +67,7 @@ impl Event<'_> {
             Event::Data(d) => &d.header,
             Event::Open(o) => &o.header,
             Event::Close(h) => h,
+            Event::Unit(u) => &u.header,
         }
     }
 }
@@ -119,6 +128,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 direction: syscall.direction(),
                 total_bytes: data.total_bytes,
                 payload: &rest[..captured],
+                unit: data.unit,
+                unit_seq: data.unit_seq,
             }))
         }
         EventKind::ConnOpen => {
@@ -132,6 +143,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             }))
         }
         EventKind::ConnClose => Ok(Event::Close(header)),
+        EventKind::Unit => Ok(Event::Unit(read(bytes)?)),
     }
 }
 
@@ -163,7 +175,8 @@ pub(crate) mod tests {
             header: header(EventKind::Data, Syscall::Write as u8),
             total_bytes: 10,
             captured: 5,
-            _pad: 0,
+            unit_seq: 0,
+            unit: 0,
         };
         let mut bytes = as_bytes(&event);
         bytes.extend_from_slice(b"hello");
@@ -220,7 +233,8 @@ pub(crate) mod tests {
             header: header(EventKind::Data, Syscall::Read as u8),
             total_bytes: 100,
             captured: 64,
-            _pad: 0,
+            unit_seq: 0,
+            unit: 0,
         };
         assert!(matches!(
             decode(&as_bytes(&lying)),

@@ -103,6 +103,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         pids: vec![child.id()],
         exes: Vec::new(),
         kernel_functions: KfuncChoice::Auto,
+        runtimes: Default::default(),
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

@@ -29,6 +29,7 @@ fn trial_load(report: &mut Report) {
         pids: vec![u32::MAX],
         exes: Vec::new(),
         kernel_functions: KfuncChoice::Auto,
+        runtimes: Default::default(),
     };
     let (programs, layer) = match Probes::load(&opts) {
         Ok(probes) => {

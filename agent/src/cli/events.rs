@@ -164,6 +164,10 @@ fn data_json(conn: Option<&Connection>, data: &Data<'_>) -> serde_json::Value {
         v["local"] = conn.local.to_string().into();
         v["remote"] = conn.remote.to_string().into();
     }
+    if data.unit != 0 {
+        v["unit"] = format!("{:#x}", data.unit).into();
+        v["unit_seq"] = data.unit_seq.into();
+    }
     v
 }
 
@@ -189,7 +193,27 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let mut write_error = None;
     let mut on_record = |record: Record<'_>| {
         let line = match (args.format, record) {
-            (_, Record::Evicted(_)) => return,
+            (_, Record::Evicted(_) | Record::Followed(_) | Record::Unfollowed(_)) => return,
+            (Format::Json, Record::Unit(u)) => serde_json::json!({
+                "type": "unit",
+                "ts_ns": u.header.ts_ns,
+                "pid": u.header.tgid,
+                "tid": u.header.tid,
+                "unit": format!("{:#x}", u.unit),
+                "parent": format!("{:#x}", u.parent),
+                "parent_seq": u.parent_seq,
+            })
+            .to_string(),
+            (Format::Text, Record::Unit(u)) => format!(
+                "{} {:>7}/{:<7} {:15} unit {:#x} made in {:#x} (seq {})",
+                clock.format(u.header.ts_ns),
+                u.header.tgid,
+                u.header.tid,
+                "",
+                u.unit,
+                u.parent,
+                u.parent_seq
+            ),
             (Format::Json, Record::Opened(c)) => {
                 let mut v = conn_json(c);
                 v["type"] = "open".into();

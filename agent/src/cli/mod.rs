@@ -16,6 +16,7 @@ use crate::{
         loader::{LoadOptions, Transport, TransportChoice},
     },
     pipeline::default_buffer_bytes,
+    runtime::follow::RuntimeChoice,
 };
 
 #[derive(Parser, Debug)]
@@ -68,6 +69,10 @@ pub struct CaptureArgs {
     /// bypasses read/write) [default: auto = fentry, else kprobe, else none].
     #[arg(long, value_enum, env = "ZEROTRACE_KERNEL_FUNCTIONS")]
     pub kernel_functions: Option<KfuncChoice>,
+    /// Runtimes whose units of work are followed to nest calls under their
+    /// requests: auto, off, or a list (cpython) [default: auto].
+    #[arg(long, value_name = "auto|off|LIST", env = "ZEROTRACE_RUNTIMES")]
+    pub runtimes: Option<RuntimeChoice>,
 }
 
 impl CaptureArgs {
@@ -90,6 +95,11 @@ impl CaptureArgs {
             kernel_functions: self
                 .kernel_functions
                 .or(file.kernel_functions)
+                .unwrap_or_default(),
+            runtimes: self
+                .runtimes
+                .clone()
+                .or_else(|| file.runtimes.clone())
                 .unwrap_or_default(),
         }
     }

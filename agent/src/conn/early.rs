@@ -29,6 +29,8 @@ pub struct EarlyData {
     pub direction: Direction,
     pub total_bytes: u64,
     pub payload: Vec<u8>,
+    pub unit: u64,
+    pub unit_seq: u32,
 }
 
 impl EarlyData {
@@ -39,6 +41,8 @@ impl EarlyData {
             direction: self.direction,
             total_bytes: self.total_bytes,
             payload: &self.payload,
+            unit: self.unit,
+            unit_seq: self.unit_seq,
         }
     }
 }
@@ -65,6 +69,8 @@ impl EarlyQueue {
                 direction: data.direction,
                 total_bytes: data.total_bytes,
                 payload: data.payload.to_vec(),
+                unit: data.unit,
+                unit_seq: data.unit_seq,
             },
         ));
         true
@@ -125,6 +131,8 @@ mod tests {
             direction: Direction::Egress,
             total_bytes: payload.len() as u64,
             payload,
+            unit: 0,
+            unit_seq: 0,
         }
     }
 

@@ -184,6 +184,8 @@ mod tests {
             direction: Direction::Egress,
             total_bytes: u64::MAX - 1,
             payload: b"",
+            unit: 0,
+            unit_seq: 0,
         };
         conn.count(&huge);
         conn.count(&huge);

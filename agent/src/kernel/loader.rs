@@ -6,21 +6,22 @@
 
 use std::{
     os::fd::OwnedFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
 use agent_common::{
     CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
-    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, maps,
+    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, ThreadLayout, maps,
 };
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     programs::{
-        ProgramError, ProgramInfo, TracePoint,
+        ProgramError, ProgramInfo, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
+        uprobe::UProbeScope,
     },
     sys::{Stats, enable_stats},
     util::online_cpus,
@@ -166,6 +167,8 @@ pub struct LoadOptions {
     pub pids: Vec<u32>,
     pub exes: Vec<String>,
     pub kernel_functions: KfuncChoice,
+    /// Runtimes to follow (units of work for parents).
+    pub runtimes: crate::runtime::follow::RuntimeChoice,
 }
 
 /// How one program load (verification) went, for logs and the startup trace.
@@ -477,6 +480,66 @@ impl Probes {
             });
         }
         Ok(())
+    }
+
+    /// Puts the unit probe on the return of each function at `offsets` in
+    /// `file` (once per file: every process mapping it is covered, and the
+    /// program ignores processes not in RUNTIMES). Loads the program first.
+    pub fn attach_unit_probes(&mut self, file: &Path, offsets: &[u64]) -> anyhow::Result<()> {
+        const PROGRAM: &str = "runtime_unit_new";
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .context("program runtime_unit_new missing from the object")?
+            .try_into()?;
+        if program.fd().is_err() {
+            let load = ProgramLoad::measure(PROGRAM, "uretprobe", || {
+                program.load()?;
+                Ok(verified_instructions(program.info().ok()))
+            });
+            let error = load.error.clone();
+            self.loads.push(load);
+            if let Some(error) = error {
+                bail!("the kernel refused program {PROGRAM}: {error}");
+            }
+        }
+        for &offset in offsets {
+            let started = SystemTime::now();
+            let clock = Instant::now();
+            let outcome = program
+                .attach(offset, file, UProbeScope::AllProcesses)
+                .map(drop)
+                .map_err(|e| e.to_string());
+            self.attachments.push(Attachment {
+                program: PROGRAM,
+                target: format!("{}+{offset:#x}", file.display()),
+                kind: "uretprobe",
+                started,
+                duration: clock.elapsed(),
+                outcome: outcome.clone(),
+                fallback: None,
+            });
+            if let Err(e) = outcome {
+                bail!("attaching to {}+{offset:#x}: {e}", file.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel how to read the running unit of `tgid`'s threads.
+    pub fn follow_runtime(&mut self, tgid: u32, layout: ThreadLayout) -> anyhow::Result<()> {
+        let mut map: BpfHashMap<_, u32, ThreadLayout> =
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::RUNTIMES).context("RUNTIMES map")?)?;
+        map.insert(tgid, layout, 0).context("RUNTIMES map full")
+    }
+
+    /// Stops reading units of a process that exited.
+    pub fn unfollow_runtime(&mut self, tgid: u32) {
+        if let Some(map) = self.ebpf.map_mut(maps::RUNTIMES)
+            && let Ok(mut map) = BpfHashMap::<_, u32, ThreadLayout>::try_from(map)
+        {
+            let _ = map.remove(&tgid);
+        }
     }
 
     /// Takes the transport's map for a reader.

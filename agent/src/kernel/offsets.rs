@@ -32,7 +32,7 @@ pub fn resolve(btf: &Btf, tracefs: &Path) -> anyhow::Result<KernelOffsets> {
         sk_v6_daddr: m("sock_common", "skc_v6_daddr")?,
         sk_v6_rcv_saddr: m("sock_common", "skc_v6_rcv_saddr")?,
         fork_child_pid: tracefs::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?,
-        _pad: 0,
+        task_fsbase: m("task_struct", "thread")? + m("thread_struct", "fsbase")?,
     })
 }
 

@@ -7,8 +7,11 @@
 //! - a server span is the child of the client span at the other end of the
 //!   same TCP connection when that end is on this host too;
 //! - else of the caller's span named by an incoming `traceparent`;
-//! - a client span is the child of the server request in flight on the
-//!   same thread, when exactly one is;
+//! - in a process whose runtime is followed (CPython), a client span is the
+//!   child of the request that owns the unit of work making the call
+//!   ([`parents::runtime`]), else a root;
+//! - elsewhere, a client span is the child of the server request in flight
+//!   on the same thread, when exactly one is;
 //! - else of the span named by its own outgoing `traceparent` (an
 //!   instrumented caller).
 
@@ -36,6 +39,7 @@ use self::{
     parents::{
         context::{Ids, Parent, Sampler, flags, parse_traceparent},
         link::{LinkKey, Links},
+        runtime::{Ownership, RequestRef, UnitAt},
     },
     resources::{Resources, kubernetes},
     semconv::{
@@ -183,6 +187,11 @@ pub struct Tracer {
     serving: IdMap<(u32, u32), Vec<Serving>>,
     /// The two ends of local connections.
     links: Links,
+    /// Which request each unit of work of a followed runtime serves.
+    pub ownership: Ownership,
+    /// The thread and runtime unit of the record being handled.
+    io_thread: u32,
+    io_unit: UnitAt,
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
@@ -216,6 +225,9 @@ impl Tracer {
             conns: IdMap::default(),
             serving: IdMap::default(),
             links: Links::default(),
+            ownership: Ownership::default(),
+            io_thread: 0,
+            io_unit: UnitAt::default(),
             scope: InstrumentationScope::builder("zerotrace")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -249,6 +261,18 @@ impl Tracer {
                     tid: data.header.tid,
                 };
                 state.last = at;
+                self.io_thread = at.tid;
+                self.io_unit = UnitAt {
+                    unit: data.unit,
+                    seq: data.unit_seq,
+                };
+                if self.ownership.is_followed(conn.tgid) {
+                    self.ownership
+                        .on_io(conn.tgid, at.tid, at.ts_ns, self.io_unit);
+                }
+                let Some(state) = self.conns.get_mut(&conn.conn_id) else {
+                    return;
+                };
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
                 state
@@ -271,6 +295,22 @@ impl Tracer {
                     self.forget(conn.conn_id, state);
                 }
             }
+            Record::Unit(made) => {
+                let h = &made.header;
+                if self.ownership.is_followed(h.tgid) {
+                    let conns = &self.conns;
+                    let parent = UnitAt {
+                        unit: made.parent,
+                        seq: made.parent_seq,
+                    };
+                    self.ownership
+                        .on_unit((h.tgid, h.tid), h.ts_ns, parent, made.unit, |r| {
+                            serving_request(conns, r).is_some()
+                        });
+                }
+            }
+            Record::Followed(tgid) => self.ownership.follow(tgid),
+            Record::Unfollowed(tgid) => self.ownership.unfollow(tgid),
             Record::Evicted(conn_id) => {
                 if let Some(state) = self.conns.remove(&conn_id) {
                     self.forget(conn_id, state);
@@ -386,6 +426,9 @@ impl Tracer {
         let now = at.ts_ns;
         let (parent, inherited) = match side {
             Side::Server => self.server_parent(conn, now, traceparent),
+            Side::Client if self.ownership.is_followed(conn.tgid) => {
+                self.owned_parent(conn.tgid, traceparent)
+            }
             Side::Client => self.client_parent(thread, traceparent),
         };
         let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
@@ -415,6 +458,13 @@ impl Tracer {
         let key = link_key(conn.local, conn.remote, side);
         match side {
             Side::Server if !excluded => {
+                if self.ownership.is_followed(conn.tgid) {
+                    let request = RequestRef {
+                        conn_id: conn.conn_id,
+                        seq: begun.seq,
+                    };
+                    self.ownership.began(conn.tgid, self.io_thread, request);
+                }
                 if begun.parent.is_none() {
                     self.links.wait_for_call(key, conn.conn_id, begun.seq, now);
                 }
@@ -507,6 +557,24 @@ impl Tracer {
                 Some(only) => inherit(only),
                 None => (None, None),
             },
+        }
+    }
+
+    /// A followed runtime's call: the child of the request owning the unit
+    /// that made it, while that request is in flight; else a root (or its
+    /// own traceparent).
+    fn owned_parent(
+        &self,
+        tgid: u32,
+        traceparent: Option<Parent>,
+    ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
+        let owner = self
+            .ownership
+            .owner_of(tgid, self.io_unit.unit)
+            .and_then(|r| serving_request(&self.conns, r));
+        match owner {
+            Some(b) => (Some(b.as_parent()), Some(Arc::clone(&b.tenant))),
+            None => (traceparent, None),
         }
     }
 
@@ -664,6 +732,15 @@ impl Tracer {
     }
 }
 
+/// The server request `r`, if it is still in flight.
+fn serving_request(conns: &IdMap<u64, ConnTrace>, r: RequestRef) -> Option<&Begun> {
+    conns
+        .get(&r.conn_id)?
+        .begun
+        .iter()
+        .find(|b| b.seq == r.seq && b.side == Side::Server)
+}
+
 /// Links are keyed by the client end's (local, remote).
 fn link_key(local: SocketAddr, remote: SocketAddr, side: Side) -> LinkKey {
     match side {
@@ -726,6 +803,8 @@ mod tests {
             direction: syscall.direction(),
             total_bytes: bytes.len() as u64,
             payload: bytes,
+            unit: 0,
+            unit_seq: 0,
         };
         t.on_record(Record::Data(Some(c), &d));
     }
@@ -797,6 +876,93 @@ mod tests {
             call.span.parent_span_id,
             servers[0].span.span_context.span_id()
         );
+    }
+
+    /// A record of a followed process: `unit` is the runtime unit running.
+    fn unit_data(t: &mut Tracer, c: &Connection, tid: u32, ts: u64, unit: UnitAt, bytes: &[u8]) {
+        let syscall = if bytes.starts_with(b"HTTP/") == (c.role == Role::Server) {
+            Syscall::Write
+        } else {
+            Syscall::Read
+        };
+        let d = Data {
+            header: EventHeader {
+                tgid: c.tgid,
+                tid,
+                ts_ns: ts,
+                conn_id: c.conn_id,
+                ..Default::default()
+            },
+            syscall,
+            direction: syscall.direction(),
+            total_bytes: bytes.len() as u64,
+            payload: bytes,
+            unit: unit.unit,
+            unit_seq: unit.seq,
+        };
+        t.on_record(Record::Data(Some(c), &d));
+    }
+
+    fn made(t: &mut Tracer, tid: u32, ts: u64, parent: UnitAt, unit: u64) {
+        let event = agent_common::UnitEvent {
+            header: EventHeader {
+                tgid: 10,
+                tid,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            parent: parent.unit,
+            unit,
+            parent_seq: parent.seq,
+            _pad: 0,
+        };
+        t.on_record(Record::Unit(&event));
+    }
+
+    #[test]
+    fn a_followed_event_loop_nests_each_call_under_its_own_request() {
+        let (mut t, rx) = tracer();
+        t.on_record(Record::Followed(10));
+        let at = |unit, seq| UnitAt { unit, seq };
+        let (loop_tid, worker) = (10, 11);
+        let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
+        let b = conn(2, Role::Server, SERVER, "127.0.0.1:40002");
+        let db = conn(3, Role::Client, "127.0.0.1:50000", "10.0.0.9:80");
+        let db2 = conn(4, Role::Client, "127.0.0.1:50001", "10.0.0.9:80");
+        for c in [&a, &b, &db, &db2] {
+            t.on_record(Record::Opened(c));
+        }
+        // Both requests are read on the loop thread, each in its
+        // transport's context; each callback starts the request's task.
+        unit_data(&mut t, &a, loop_tid, 100, at(0xa0, 1), REQ);
+        made(&mut t, loop_tid, 101, at(0xa0, 1), 0xa1);
+        unit_data(&mut t, &b, loop_tid, 110, at(0xb0, 3), REQ);
+        made(&mut t, loop_tid, 111, at(0xb0, 3), 0xb1);
+        // B's task hands work to a worker thread with a copied context.
+        made(&mut t, loop_tid, 115, at(0xb1, 5), 0xb2);
+        // A's task calls out on the loop; B's copy calls out on the worker.
+        unit_data(&mut t, &db, loop_tid, 120, at(0xa1, 7), CALL);
+        unit_data(&mut t, &db2, worker, 121, at(0xb2, 1), CALL);
+        unit_data(&mut t, &db, loop_tid, 130, at(0xa1, 9), RESP);
+        unit_data(&mut t, &db2, worker, 131, at(0xb2, 1), RESP);
+        // A call from a unit nobody owns (a background task): a root.
+        unit_data(&mut t, &db, loop_tid, 135, at(0xe0, 11), CALL);
+        unit_data(&mut t, &db, loop_tid, 136, at(0xe0, 11), RESP);
+        unit_data(&mut t, &a, loop_tid, 140, at(0xa1, 13), RESP);
+        unit_data(&mut t, &b, loop_tid, 150, at(0xb1, 15), RESP);
+        // After A ended, its task's calls are roots.
+        unit_data(&mut t, &db, loop_tid, 160, at(0xa1, 17), CALL);
+        unit_data(&mut t, &db, loop_tid, 170, at(0xa1, 17), RESP);
+        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let [call_a, call_b, background, server_a, server_b, late] = &spans[..] else {
+            panic!("{spans:#?}")
+        };
+        assert_eq!(call_a.parent_span_id, server_a.span_context.span_id());
+        assert_eq!(call_b.parent_span_id, server_b.span_context.span_id());
+        assert_eq!(background.parent_span_id, SpanId::INVALID);
+        assert_eq!(late.parent_span_id, SpanId::INVALID);
+        assert_eq!(t.ownership.stats.units_adopted, 2);
+        assert_eq!(t.ownership.stats.units_inherited, 1);
     }
 
     #[test]

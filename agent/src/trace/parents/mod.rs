@@ -9,3 +9,4 @@
 
 pub mod context;
 pub mod link;
+pub mod runtime;

@@ -1,0 +1,282 @@
+//! Nesting under concurrency: `tests/apps/nesting_app.py` under wrk, and a
+//! score of its client spans against the parents its request ids say they
+//! must have. Shared by the end-to-end tests and `cargo xtask bench nesting`.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Context;
+
+use crate::{
+    db::{Postgres, Redis, apps_dir, wait_for_health},
+    free_port,
+    load::{LoadResult, output, parse_wrk},
+    otlp::ReceivedSpan,
+};
+
+/// How uvicorn runs the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventLoop {
+    /// asyncio's default loop with h11.
+    Asyncio,
+    /// uvloop with httptools.
+    Uvloop,
+}
+
+impl EventLoop {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Asyncio => "asyncio+h11",
+            Self::Uvloop => "uvloop+httptools",
+        }
+    }
+
+    fn uvicorn_args(self) -> [&'static str; 4] {
+        match self {
+            Self::Asyncio => ["--loop", "asyncio", "--http", "h11"],
+            Self::Uvloop => ["--loop", "uvloop", "--http", "httptools"],
+        }
+    }
+}
+
+/// One uvicorn process running `nesting_app:app`; killed when dropped.
+pub struct NestingApp {
+    child: Child,
+    pub port: u16,
+    pub pid: u32,
+}
+
+impl NestingApp {
+    /// Starts the app with `python` (a venv's interpreter with FastAPI,
+    /// uvicorn, redis-py, psycopg, httpx and uvloop) calling `backend`.
+    pub fn start(
+        python: &Path,
+        pg: &Postgres,
+        redis: &Redis,
+        backend: &str,
+        event_loop: EventLoop,
+    ) -> anyhow::Result<Self> {
+        let port = free_port();
+        let child = Command::new(python)
+            .args(["-m", "uvicorn", "nesting_app:app", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--workers", "1"])
+            .args(event_loop.uvicorn_args())
+            .args(["--log-level", "warning", "--no-access-log"])
+            .current_dir(apps_dir())
+            .env("PG_URL", pg.url())
+            .env("REDIS_PORT", redis.port.to_string())
+            .env("BACKEND", backend)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting uvicorn with {}", python.display()))?;
+        let mut app = NestingApp {
+            pid: child.id(),
+            child,
+            port,
+        };
+        wait_for_health(&mut app.child, port, "nesting_app")?;
+        Ok(app)
+    }
+
+    /// `http://127.0.0.1:PORT{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for NestingApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// wrk on `base` + `/{handler}/{id}` with a fresh id per request (unique
+/// across wrk's connections: a random prefix per run, then a counter).
+pub fn wrk_with_ids(
+    base: &str,
+    handler: &str,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
+    let script = std::env::temp_dir().join(format!("zt-nesting-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "math.randomseed(os.time())\n\
+             local n = math.random(1, 900000) * 1000\n\
+             request = function()\n  n = n + 1\n  \
+             return wrk.format(\"GET\", \"/{handler}/\" .. n)\nend\n"
+        ),
+    )?;
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}")])
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--latency")
+        .arg("-s")
+        .arg(&script)
+        .arg(base);
+    let text = output(&mut cmd, "wrk");
+    let _ = std::fs::remove_file(&script);
+    let text = text?;
+    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
+}
+
+/// How the client spans of one process nested.
+#[derive(Debug, Clone, Default)]
+pub struct Score {
+    /// Client spans made for a request (they carry a request id).
+    pub client_spans: u64,
+    /// Children of the server span of their own request.
+    pub right: u64,
+    pub root: u64,
+    /// Children of anything else.
+    pub wrong: u64,
+    /// Up to five wrong ones, for the report.
+    pub wrong_examples: Vec<String>,
+}
+
+impl Score {
+    pub fn right_share(&self) -> f64 {
+        if self.client_spans == 0 {
+            0.0
+        } else {
+            self.right as f64 / self.client_spans as f64
+        }
+    }
+}
+
+/// The request id a span names: `/async/ID`, `/sync/ID` or `/backend/ID`
+/// in its URL, `rid:ID` in a Redis command, `AS rID` in SQL.
+pub fn request_id(span: &ReceivedSpan) -> Option<u64> {
+    let text = ["url.full", "url.path", "db.query.text"]
+        .iter()
+        .find_map(|k| span.attr_str(k))?;
+    for marker in ["/async/", "/sync/", "/backend/", "rid:", " AS r", " as r"] {
+        if let Some(i) = text.find(marker) {
+            let digits: String = text[i + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(id) = digits.parse() {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
+fn pid_of(span: &ReceivedSpan) -> Option<u64> {
+    span.resource.get("process.pid")?.as_u64()
+}
+
+/// Scores the CLIENT spans of process `pid` made for its `/{handler}/ID`
+/// requests: right when the parent is `pid`'s SERVER span of the same id.
+pub fn score(spans: &[ReceivedSpan], pid: u32, handler: &str) -> Score {
+    let by_id: HashMap<&str, &ReceivedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let prefix = format!("/{handler}/");
+    let ours = |s: &ReceivedSpan| pid_of(s) == Some(u64::from(pid));
+    let handled: std::collections::HashSet<u64> = spans
+        .iter()
+        .filter(|s| s.kind == "SERVER" && ours(s))
+        .filter(|s| {
+            s.attr_str("url.path")
+                .is_some_and(|p| p.starts_with(&prefix))
+        })
+        .filter_map(request_id)
+        .collect();
+    let mut score = Score::default();
+    for span in spans {
+        if span.kind != "CLIENT" || !ours(span) {
+            continue;
+        }
+        let Some(id) = request_id(span).filter(|id| handled.contains(id)) else {
+            continue;
+        };
+        score.client_spans += 1;
+        if span.parent_span_id.is_empty() {
+            score.root += 1;
+            continue;
+        }
+        let parent = by_id.get(span.parent_span_id.as_str());
+        let right = parent.is_some_and(|p| {
+            p.kind == "SERVER" && pid_of(p) == Some(u64::from(pid)) && request_id(p) == Some(id)
+        });
+        if right {
+            score.right += 1;
+        } else {
+            score.wrong += 1;
+            if score.wrong_examples.len() < 5 {
+                let mut line = span.brief();
+                match parent {
+                    Some(p) => {
+                        let _ = write!(line, "\n    parent: {}", p.brief());
+                    }
+                    None => line.push_str("\n    parent: not received"),
+                }
+                score.wrong_examples.push(line);
+            }
+        }
+    }
+    score
+}
+
+/// The nesting app's interpreters: a venv per interpreter under
+/// `~/.cache/zerotrace/venv-nesting-NAME`, made with `python -m venv` and
+/// the app's packages (the tests' OTel venv serves Debian's python3).
+pub fn venv_python(interpreter: &Path) -> anyhow::Result<PathBuf> {
+    let name: String = interpreter
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let venv = PathBuf::from(home).join(format!(".cache/zerotrace/venv-nesting{name}"));
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".zerotrace-nesting");
+    if stamp.is_file() {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command, what: &str| -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| what.to_owned())?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(
+        Command::new(interpreter)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+        "making the nesting venv",
+    )?;
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(APP_PACKAGES),
+        "installing the nesting app's packages",
+    )?;
+    std::fs::write(&stamp, APP_PACKAGES.join("\n"))?;
+    Ok(python)
+}
+
+/// What the nesting app runs on.
+pub const APP_PACKAGES: &[&str] = &[
+    "fastapi>=0.115",
+    "uvicorn>=0.34",
+    "psycopg[binary]>=3.2",
+    "redis>=5.2",
+    "httpx>=0.28",
+    "uvloop>=0.21",
+    "httptools>=0.6",
+];

@@ -1,0 +1,78 @@
+//! End-to-end: under concurrent load, every client call of a FastAPI app —
+//! from `async def` handlers on the event loop and from `def` handlers in
+//! its thread pool — is the child of the request it was made for, on
+//! Debian's own interpreter (no symbol table) with the default loop and
+//! with uvloop. Needs root.
+
+use std::time::Duration;
+
+use zerotrace_tests::{
+    db::{Postgres, Redis},
+    nesting::{EventLoop, NestingApp, Score, score, wrk_with_ids},
+    otlp::{Protocol, Receiver, otel_python},
+    spans::*,
+    *,
+};
+
+/// Load per handler kind: long enough for thousands of calls.
+const LOAD: Duration = Duration::from_secs(4);
+
+fn check(score: &Score, what: &str) {
+    eprintln!(
+        "{what}: {} client spans, {} right, {} root, {} wrong",
+        score.client_spans, score.right, score.root, score.wrong
+    );
+    assert!(
+        score.wrong == 0,
+        "{what}: {} wrong parents:\n{}",
+        score.wrong,
+        score.wrong_examples.join("\n")
+    );
+    assert!(
+        score.client_spans >= 200,
+        "{what}: only {} client spans",
+        score.client_spans
+    );
+    assert!(
+        score.right_share() >= 0.95,
+        "{what}: only {:.1} % right ({} roots)",
+        100.0 * score.right_share(),
+        score.root
+    );
+}
+
+#[test]
+fn fastapi_calls_nest_under_their_requests_under_concurrency() {
+    if !can_trace() {
+        return;
+    }
+    let pg = Postgres::start().unwrap();
+    let redis = Redis::start().unwrap();
+    let python = otel_python().unwrap();
+    // The backend the app calls over HTTP: the same app, calling nothing.
+    let backend = NestingApp::start(
+        &python,
+        &pg,
+        &redis,
+        "http://127.0.0.1:9",
+        EventLoop::Asyncio,
+    )
+    .unwrap();
+    for event_loop in [EventLoop::Asyncio, EventLoop::Uvloop] {
+        let rx = Receiver::start(Protocol::Grpc).unwrap();
+        let agent = agent_for(&rx, &[]);
+        let app = NestingApp::start(&python, &pg, &redis, &backend.url(""), event_loop).unwrap();
+        for handler in ["async", "sync"] {
+            let load = wrk_with_ids(&app.url(""), handler, 16, LOAD).unwrap();
+            assert!(load.requests > 100, "{handler}: {load:?}");
+        }
+        // Let the last batches arrive.
+        std::thread::sleep(Duration::from_secs(2));
+        let spans = rx.spans();
+        drop(agent);
+        for handler in ["async", "sync"] {
+            let what = format!("{} /{handler}", event_loop.name());
+            check(&score(&spans, app.pid, handler), &what);
+        }
+    }
+}
