@@ -141,6 +141,8 @@ pub struct Score {
     pub wrong: u64,
     /// Up to five wrong ones, for the report.
     pub wrong_examples: Vec<String>,
+    /// Up to three roots, for the report.
+    pub root_examples: Vec<String>,
 }
 
 impl Score {
@@ -177,13 +179,15 @@ fn pid_of(span: &ReceivedSpan) -> Option<u64> {
     span.resource.get("process.pid")?.as_u64()
 }
 
-/// Scores the CLIENT spans of process `pid` made for its `/{handler}/ID`
-/// requests: right when the parent is `pid`'s SERVER span of the same id.
-pub fn score(spans: &[ReceivedSpan], pid: u32, handler: &str) -> Score {
+/// Scores the CLIENT spans of the processes `pids` made for their
+/// `/{handler}/ID` requests: right when the parent is the same process's
+/// SERVER span of the same id.
+pub fn score(spans: &[ReceivedSpan], pids: &[u32], handler: &str) -> Score {
     let by_id: HashMap<&str, &ReceivedSpan> =
         spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let prefix = format!("/{handler}/");
-    let ours = |s: &ReceivedSpan| pid_of(s) == Some(u64::from(pid));
+    let ours =
+        |s: &ReceivedSpan| pid_of(s).is_some_and(|p| pids.iter().any(|&x| u64::from(x) == p));
     let handled: std::collections::HashSet<u64> = spans
         .iter()
         .filter(|s| s.kind == "SERVER" && ours(s))
@@ -204,11 +208,14 @@ pub fn score(spans: &[ReceivedSpan], pid: u32, handler: &str) -> Score {
         score.client_spans += 1;
         if span.parent_span_id.is_empty() {
             score.root += 1;
+            if score.root_examples.len() < 3 {
+                score.root_examples.push(span.brief());
+            }
             continue;
         }
         let parent = by_id.get(span.parent_span_id.as_str());
         let right = parent.is_some_and(|p| {
-            p.kind == "SERVER" && pid_of(p) == Some(u64::from(pid)) && request_id(p) == Some(id)
+            p.kind == "SERVER" && pid_of(p) == pid_of(span) && request_id(p) == Some(id)
         });
         if right {
             score.right += 1;
@@ -280,3 +287,91 @@ pub const APP_PACKAGES: &[&str] = &[
     "uvloop>=0.21",
     "httptools>=0.6",
 ];
+
+/// nginx as a reverse proxy in front of `upstream_port`: one worker, every
+/// path proxied over HTTP/1.1; `keepalive` idle upstream connections kept
+/// (0: a new upstream connection per request). Stopped when dropped.
+pub struct Proxy {
+    master: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn start(upstream_port: u16, keepalive: u32) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let d = dir.path().display();
+        let (keep, version, connection) = if keepalive > 0 {
+            (format!("keepalive {keepalive};"), "1.1", "\"\"")
+        } else {
+            (String::new(), "1.0", "close")
+        };
+        let conf = format!(
+            r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    upstream app {{
+        server 127.0.0.1:{upstream_port};
+        {keep}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version {version};
+            proxy_set_header Connection {connection};
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::create_dir_all(dir.path().join("tmp"))?;
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let master = Command::new("nginx")
+            .args(["-c", &conf_path.to_string_lossy(), "-p"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting nginx")?;
+        crate::wait_for_port(port, Duration::from_secs(10))?;
+        Ok(Self {
+            master,
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// The worker processes (children of the master).
+    pub fn workers(&self) -> Vec<u32> {
+        let pid = self.master.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// `http://127.0.0.1:PORT{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        crate::signal(&self.master, libc::SIGQUIT);
+        let _ = crate::wait_timeout(&mut self.master, Duration::from_secs(5));
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use zerotrace_tests::{
     db::{Postgres, Redis},
-    nesting::{EventLoop, NestingApp, Score, score, wrk_with_ids},
+    nesting::{EventLoop, NestingApp, Proxy, Score, score, wrk_with_ids},
     otlp::{Protocol, Receiver, otel_python},
     spans::*,
     *,
@@ -22,6 +22,9 @@ fn check(score: &Score, what: &str) {
         "{what}: {} client spans, {} right, {} root, {} wrong",
         score.client_spans, score.right, score.root, score.wrong
     );
+    for root in &score.root_examples {
+        eprintln!("  root: {root}");
+    }
     assert!(
         score.wrong == 0,
         "{what}: {} wrong parents:\n{}",
@@ -35,9 +38,10 @@ fn check(score: &Score, what: &str) {
     );
     assert!(
         score.right_share() >= 0.95,
-        "{what}: only {:.1} % right ({} roots)",
+        "{what}: only {:.1} % right ({} roots), e.g.\n{}",
         100.0 * score.right_share(),
-        score.root
+        score.root,
+        score.root_examples.join("\n")
     );
 }
 
@@ -72,7 +76,38 @@ fn fastapi_calls_nest_under_their_requests_under_concurrency() {
         drop(agent);
         for handler in ["async", "sync"] {
             let what = format!("{} /{handler}", event_loop.name());
-            check(&score(&spans, app.pid, handler), &what);
+            check(&score(&spans, &[app.pid], handler), &what);
         }
+    }
+}
+
+#[test]
+fn nginx_upstream_calls_nest_under_their_downstream_requests_under_concurrency() {
+    if !can_trace() {
+        return;
+    }
+    let pg = Postgres::start().unwrap();
+    let redis = Redis::start().unwrap();
+    let python = otel_python().unwrap();
+    let app = NestingApp::start(
+        &python,
+        &pg,
+        &redis,
+        "http://127.0.0.1:9",
+        EventLoop::Uvloop,
+    )
+    .unwrap();
+    // A new upstream connection per request, and kept-alive ones.
+    for keepalive in [0, 16] {
+        let proxy = Proxy::start(app.port, keepalive).unwrap();
+        let rx = Receiver::start(Protocol::Grpc).unwrap();
+        let agent = agent_for(&rx, &[]);
+        let load = wrk_with_ids(&proxy.url(""), "backend", 16, LOAD).unwrap();
+        assert!(load.requests > 100, "{load:?}");
+        std::thread::sleep(Duration::from_secs(2));
+        let spans = rx.spans();
+        drop(agent);
+        let what = format!("nginx keepalive {keepalive}");
+        check(&score(&spans, &proxy.workers(), "backend"), &what);
     }
 }

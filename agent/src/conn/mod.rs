@@ -24,6 +24,9 @@ pub struct Connection {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub comm: String,
+    /// The thread that connected or accepted it (or first used it) and when.
+    pub opened_by: u32,
+    pub opened_ns: u64,
     /// The kernel saw connect/accept (not first seen mid-stream).
     pub seen_from_start: bool,
     pub bytes_in: u64,
@@ -114,6 +117,8 @@ impl ConnTable {
                 conn_id: h.conn_id,
                 tgid: h.tgid,
                 fd: h.fd,
+                opened_by: h.tid,
+                opened_ns: h.ts_ns,
                 role,
                 local: open.local,
                 remote: open.remote,

@@ -11,7 +11,10 @@
 //!   child of the request that owns the unit of work making the call
 //!   ([`parents::runtime`]), else a root;
 //! - elsewhere, a client span is the child of the server request in flight
-//!   on the same thread, when exactly one is;
+//!   on the same thread, when exactly one is; when several are (an event
+//!   loop), of the one whose callback made the call and whose content it
+//!   forwards, or of the only one whose content it forwards
+//!   ([`parents::event_loop`]);
 //! - else of the span named by its own outgoing `traceparent` (an
 //!   instrumented caller).
 
@@ -38,6 +41,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use self::{
     parents::{
         context::{Ids, Parent, Sampler, flags, parse_traceparent},
+        event_loop::{Adjacency, Content},
         link::{LinkKey, Links},
         runtime::{Ownership, RequestRef, UnitAt},
     },
@@ -62,6 +66,9 @@ use crate::{
 
 /// Most requests remembered as in flight per thread or per connection.
 const MAX_IN_FLIGHT: usize = 64;
+/// Most requests remembered as being served per thread (an event loop may
+/// serve hundreds at once; a proxy's upstream call is matched among them).
+const MAX_SERVING: usize = 1024;
 
 /// What the tracer is configured with.
 pub struct TraceOptions {
@@ -113,6 +120,8 @@ struct Start {
     /// Tenant attributes from the request itself.
     own_tenant: Vec<KeyValue>,
     excluded: bool,
+    /// HTTP method and path, for matching a proxy's upstream call.
+    content: Option<Content>,
 }
 
 impl Start {
@@ -124,6 +133,7 @@ impl Start {
             traceparent: None,
             own_tenant: Vec::new(),
             excluded: false,
+            content: None,
         }
     }
 }
@@ -173,6 +183,7 @@ struct Serving {
     seq: u64,
     parent: Parent,
     tenant: Arc<[KeyValue]>,
+    content: Option<Content>,
 }
 
 pub struct Tracer {
@@ -189,6 +200,8 @@ pub struct Tracer {
     links: Links,
     /// Which request each unit of work of a followed runtime serves.
     pub ownership: Ownership,
+    /// What event loops without a followed runtime do on each thread.
+    adjacency: Adjacency,
     /// The thread and runtime unit of the record being handled.
     io_thread: u32,
     io_unit: UnitAt,
@@ -226,6 +239,7 @@ impl Tracer {
             serving: IdMap::default(),
             links: Links::default(),
             ownership: Ownership::default(),
+            adjacency: Adjacency::default(),
             io_thread: 0,
             io_unit: UnitAt::default(),
             scope: InstrumentationScope::builder("zerotrace")
@@ -241,6 +255,13 @@ impl Tracer {
         match record {
             Record::Opened(conn) => {
                 let from_start = conn.seen_from_start;
+                if from_start
+                    && conn.role == agent_common::Role::Client
+                    && !self.ownership.is_followed(conn.tgid)
+                {
+                    self.adjacency
+                        .connected((conn.tgid, conn.opened_by), conn.conn_id);
+                }
                 self.conns.remove(&conn.conn_id);
                 let state = self.new_conn(conn, from_start);
                 self.conns.insert(conn.conn_id, state);
@@ -269,6 +290,8 @@ impl Tracer {
                 if self.ownership.is_followed(conn.tgid) {
                     self.ownership
                         .on_io(conn.tgid, at.tid, at.ts_ns, self.io_unit);
+                } else {
+                    self.adjacency.on_io((conn.tgid, at.tid), conn.conn_id);
                 }
                 let Some(state) = self.conns.get_mut(&conn.conn_id) else {
                     return;
@@ -294,6 +317,7 @@ impl Tracer {
                 if let Some(state) = self.conns.remove(&conn.conn_id) {
                     self.forget(conn.conn_id, state);
                 }
+                self.adjacency.closed(conn.conn_id);
             }
             Record::Unit(made) => {
                 let h = &made.header;
@@ -407,6 +431,10 @@ impl Tracer {
                     .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref())),
                 own_tenant,
                 excluded: self.opts.exclude_paths.excludes(&request.target),
+                content: Some(Content::new(
+                    &request.method,
+                    http::path_and_query(&request.target).0,
+                )),
             },
         );
     }
@@ -421,6 +449,7 @@ impl Tracer {
             traceparent,
             own_tenant,
             excluded,
+            content,
         } = start;
         let thread = (conn.tgid, at.tid);
         let now = at.ts_ns;
@@ -429,7 +458,10 @@ impl Tracer {
             Side::Client if self.ownership.is_followed(conn.tgid) => {
                 self.owned_parent(conn.tgid, traceparent)
             }
-            Side::Client => self.client_parent(thread, traceparent),
+            Side::Client => {
+                let adjacent = self.adjacency.adjacent(thread, conn.conn_id);
+                self.client_parent(thread, traceparent, adjacent, content.as_ref())
+            }
         };
         let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
             inherited.unwrap_or_else(|| Arc::from(Vec::new()))
@@ -458,23 +490,26 @@ impl Tracer {
         let key = link_key(conn.local, conn.remote, side);
         match side {
             Side::Server if !excluded => {
+                let request = RequestRef {
+                    conn_id: conn.conn_id,
+                    seq: begun.seq,
+                };
                 if self.ownership.is_followed(conn.tgid) {
-                    let request = RequestRef {
-                        conn_id: conn.conn_id,
-                        seq: begun.seq,
-                    };
                     self.ownership.began(conn.tgid, self.io_thread, request);
+                } else {
+                    self.adjacency.began((conn.tgid, self.io_thread), request);
                 }
                 if begun.parent.is_none() {
                     self.links.wait_for_call(key, conn.conn_id, begun.seq, now);
                 }
                 let serving = self.serving.entry(thread).or_default();
-                if serving.len() < MAX_IN_FLIGHT {
+                if serving.len() < MAX_SERVING {
                     serving.push(Serving {
                         conn_id: conn.conn_id,
                         seq: begun.seq,
                         parent: begun.as_parent(),
                         tenant: Arc::clone(&begun.tenant),
+                        content,
                     });
                 }
             }
@@ -541,13 +576,33 @@ impl Tracer {
         &self,
         thread: (u32, u32),
         traceparent: Option<Parent>,
+        adjacent: Option<RequestRef>,
+        content: Option<&Content>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         let inherit = |s: &Serving| (Some(s.parent.clone()), Some(Arc::clone(&s.tenant)));
         match self.serving.get(&thread).map(Vec::as_slice) {
             Some([only]) => inherit(only),
-            // Several requests in flight on one thread (an event loop): which
-            // one made this call is unknowable from syscalls.
-            Some([_, _, ..]) => (None, None),
+            // Several requests in flight on one thread (an event loop): the
+            // one whose callback made the call, if the call forwards it, or
+            // the only one the call forwards.
+            Some(many @ [_, _, ..]) => {
+                let Some(content) = content else {
+                    return (None, None);
+                };
+                let forwards =
+                    |s: &&Serving| s.content.as_ref().is_some_and(|c| c.forwarded_as(content));
+                let by_adjacency = adjacent.and_then(|r| {
+                    many.iter()
+                        .filter(forwards)
+                        .find(|s| s.conn_id == r.conn_id && s.seq == r.seq)
+                });
+                let mut matching = many.iter().filter(forwards);
+                let by_content = match (matching.next(), matching.next()) {
+                    (Some(only), None) => Some(only),
+                    _ => None,
+                };
+                by_adjacency.or(by_content).map_or((None, None), inherit)
+            }
             _ if traceparent.is_some() => (traceparent, None),
             // A thread serving nothing itself, e.g. a worker pool thread
             // running a request's blocking code (FastAPI `def` endpoints,
@@ -780,6 +835,8 @@ mod tests {
             conn_id: id,
             tgid: 10,
             fd: id as i32,
+            opened_by: 0,
+            opened_ns: 0,
             role,
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
@@ -963,6 +1020,53 @@ mod tests {
         assert_eq!(late.parent_span_id, SpanId::INVALID);
         assert_eq!(t.ownership.stats.units_adopted, 2);
         assert_eq!(t.ownership.stats.units_inherited, 1);
+    }
+
+    /// nginx: two requests in flight on one worker thread; each callback
+    /// that reads a head opens its upstream connection, whose request is
+    /// written later, after the other request's I/O.
+    #[test]
+    fn a_proxy_loop_nests_each_upstream_call_under_its_downstream_request() {
+        let (mut t, rx) = tracer();
+        let worker = 10;
+        let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
+        let d1 = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
+        let d2 = conn(2, Role::Server, SERVER, "127.0.0.1:40002");
+        let up = |id, port: u16| Connection {
+            opened_by: worker,
+            ..conn(
+                id,
+                Role::Client,
+                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:9000",
+            )
+        };
+        let (u1, u2, u3) = (up(11, 50001), up(12, 50002), up(13, 50003));
+        t.on_record(Record::Opened(&d1));
+        t.on_record(Record::Opened(&d2));
+        data(&mut t, &d1, worker, 100, Syscall::Read, &req("/a/1"));
+        t.on_record(Record::Opened(&u1));
+        data(&mut t, &d2, worker, 110, Syscall::Read, &req("/a/2"));
+        t.on_record(Record::Opened(&u2));
+        // The connects complete: the requests go out, in the other order.
+        data(&mut t, &u2, worker, 120, Syscall::Write, &req("/a/2"));
+        data(&mut t, &u1, worker, 121, Syscall::Write, &req("/a/1"));
+        // A connection opened by a callback that read nothing, carrying a
+        // request both downstream requests could have made: a root.
+        t.on_record(Record::Opened(&u3));
+        data(&mut t, &u3, worker, 122, Syscall::Write, &req("/a"));
+        for (c, ts) in [(&u1, 130), (&u2, 131), (&u3, 132)] {
+            data(&mut t, c, worker, ts, Syscall::Read, RESP);
+        }
+        data(&mut t, &d1, worker, 140, Syscall::Write, RESP);
+        data(&mut t, &d2, worker, 141, Syscall::Write, RESP);
+        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let [c1, c2, c3, s1, s2] = &spans[..] else {
+            panic!("{spans:#?}")
+        };
+        assert_eq!(c1.parent_span_id, s1.span_context.span_id());
+        assert_eq!(c2.parent_span_id, s2.span_context.span_id());
+        assert_eq!(c3.parent_span_id, SpanId::INVALID);
     }
 
     #[test]

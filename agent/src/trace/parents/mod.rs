@@ -5,8 +5,11 @@
 //! - [`link`]: the two ends of one local TCP connection (client span →
 //!   server span);
 //! - [`runtime`]: which server request a client call was made for, from
-//!   what the process's runtime ran at that moment.
+//!   what the process's runtime ran at that moment;
+//! - [`event_loop`]: the same for event loops without a runtime to follow
+//!   (nginx), from what the loop did on the thread and what it forwarded.
 
 pub mod context;
+pub mod event_loop;
 pub mod link;
 pub mod runtime;
