@@ -96,6 +96,8 @@ pub struct Pipeline {
     attributor: Attributor,
     /// Processes whose runtime is followed.
     pub runtimes: Follower,
+    /// Runtime changes found at start, handed on with the first records.
+    pending: Vec<Change>,
     /// When to look next for connections of processes that exited.
     next_reap: Instant,
 }
@@ -230,6 +232,8 @@ impl Pipeline {
             connections: seed.conns.len(),
             listeners: seed.listeners.len(),
         };
+        let mut runtimes = Follower::new(opts.runtimes.clone());
+        let pending = runtimes.scan(&mut probes);
         let map = probes.take_events_map()?;
         let reader = Reader::new(probes.transport, map, opts.buffer_bytes)?;
         Ok(Self {
@@ -237,7 +241,8 @@ impl Pipeline {
             seeded,
             reader,
             attributor: Attributor::new(ConnTable::new(MAX_CONNECTIONS, seed)),
-            runtimes: Follower::new(opts.runtimes.clone()),
+            runtimes,
+            pending,
             next_reap: Instant::now() + REAP_EVERY,
         })
     }
@@ -281,8 +286,12 @@ impl Pipeline {
             next_reap,
             probes,
             runtimes,
+            pending,
             ..
         } = self;
+        for change in pending.drain(..) {
+            on_record(change.into());
+        }
         let now = Instant::now();
         let n = reader.poll(timeout, &mut |event| {
             // A process is inspected for a runtime to follow when its

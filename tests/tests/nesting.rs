@@ -62,6 +62,18 @@ fn fastapi_calls_nest_under_their_requests_under_concurrency() {
         EventLoop::Asyncio,
     )
     .unwrap();
+    // `zerotrace check` says, per process, which runtime it follows: here
+    // Debian's interpreter, which has no symbol table.
+    let report = check_report();
+    let line = report["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pid"] == backend.pid)
+        .cloned()
+        .unwrap_or_else(|| panic!("no runtime line for pid {}: {report}", backend.pid));
+    assert_eq!(line["followed"], true, "{line}");
+    assert_eq!(line["version"], "3.11", "{line}");
     for event_loop in [EventLoop::Asyncio, EventLoop::Uvloop] {
         let rx = Receiver::start(Protocol::Grpc).unwrap();
         let agent = agent_for(&rx, &[]);

@@ -111,6 +111,9 @@ enum Bench {
     /// Userspace hot path under criterion: record decoding, protocol parsing,
     /// SQL sanitizing and span building, per core (no root, no eBPF).
     Micro,
+    /// Client spans of a FastAPI app and of nginx under concurrency, scored
+    /// against the parents their request ids name.
+    Nesting,
 }
 
 impl Bench {
@@ -131,6 +134,7 @@ impl Bench {
             ),
             Bench::Capture => bench::capture::capture(ctx, seconds.unwrap_or(5)),
             Bench::Micro => bench::micro::micro(ctx).map(drop),
+            Bench::Nesting => bench::nesting::nesting(ctx, seconds.unwrap_or(8).max(2)),
         }
     }
 }

@@ -4,10 +4,13 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::kernel::{
-    features::{self, Report, Row},
-    kfunc::KfuncChoice,
-    loader::{LoadOptions, Probes, TransportChoice},
+use crate::{
+    kernel::{
+        features::{self, Report, Row},
+        kfunc::KfuncChoice,
+        loader::{LoadOptions, Probes, TransportChoice},
+    },
+    runtime::follow::{self, Follower, RuntimeChoice},
 };
 
 #[derive(Args, Debug)]
@@ -32,7 +35,12 @@ fn trial_load(report: &mut Report) {
         runtimes: Default::default(),
     };
     let (programs, layer) = match Probes::load(&opts) {
-        Ok(probes) => {
+        Ok(mut probes) => {
+            // Runtime probes go on every interpreter running now (the
+            // processes themselves are not traced: no pid is selected).
+            let mut runtimes = Follower::new(RuntimeChoice::Auto);
+            runtimes.scan(&mut probes);
+            report.runtimes = runtimes.reports.clone();
             let attached = probes
                 .attachments
                 .iter()
@@ -83,6 +91,12 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         println!();
         if let Some(row) = report.get("kernel-function layer") {
             println!("kernel-function layer: {}", row.detail);
+        }
+        if report.runtimes.is_empty() {
+            println!("runtimes: no CPython process running");
+        }
+        for r in &report.runtimes {
+            println!("runtime {}", follow::describe(r));
         }
     }
     if report.capture_ready {

@@ -329,6 +329,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     };
+    startup.annotate("zerotrace.runtimes", pipeline.runtimes.summary());
     if let Some(spans) = self_spans.as_mut() {
         startup.finish(spans, Some(&pipeline), None);
     }
@@ -341,9 +342,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     ));
     state.set_ready();
     eprintln!(
-        "zerotrace: tracing ({} transport, kernel functions: {}, {} probes attached), exporting {}; Ctrl-C to stop",
+        "zerotrace: tracing ({} transport, kernel functions: {}, runtimes: {}, {} probes attached), exporting {}; Ctrl-C to stop",
         pipeline.transport().name(),
         pipeline.probes.kernel_functions.describe(),
+        pipeline.runtimes.summary(),
         pipeline
             .probes
             .attachments

@@ -30,6 +30,8 @@ pub struct Report {
     /// Which kernel-function probe method the agent would use, if any: a
     /// guess from the rows, replaced by `zerotrace check` after a real load.
     pub kernel_function_layer: Option<String>,
+    /// Per process: which runtime is followed, or why not (`zerotrace check`).
+    pub runtimes: Vec<crate::runtime::follow::ProcessRuntime>,
 }
 
 impl Report {
@@ -370,6 +372,7 @@ pub fn probe() -> Report {
     Report {
         rows,
         capture_ready,
+        runtimes: Vec::new(),
         kernel_function_layer: if fentry_ok {
             Some("fentry/fexit".into())
         } else if kprobe_ok {

@@ -190,6 +190,9 @@ impl Follower {
         let interp = match self.inspector.inspect(tgid) {
             Ok(interp) => interp,
             Err(NotFollowed::NotPython) => return (skipped, None),
+            // A process the agent may not read (another namespace's init,
+            // a hardened service) is only worth a line if it is Python.
+            Err(NotFollowed::Io(_)) if !looks_like_python(tgid) => return (skipped, None),
             Err(NotFollowed::NotInitialised) if tries < MAX_RETRIES => {
                 let retry = State::Retry {
                     at: now + RETRY_EVERY,
@@ -243,6 +246,39 @@ impl Follower {
         (State::Followed, Some(report))
     }
 
+    /// Looks at every running process (at start: later ones are looked at
+    /// when their traffic is first seen).
+    pub fn scan(&mut self, probes: &mut Probes) -> Vec<Change> {
+        if !self.enabled() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let own = std::process::id();
+        let pids: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&pid| pid != own)
+            .collect();
+        pids.into_iter()
+            .filter_map(|pid| self.observe(pid, now, probes))
+            .collect()
+    }
+
+    /// What the agent says about runtimes in one line.
+    pub fn summary(&self) -> String {
+        if !self.enabled() {
+            return "off".to_owned();
+        }
+        let followed = self.reports.iter().filter(|r| r.followed).count();
+        let skipped = self.reports.len() - followed;
+        match skipped {
+            0 => format!("{followed} CPython processes followed"),
+            _ => format!("{followed} CPython processes followed, {skipped} not (see the log)"),
+        }
+    }
+
     /// Forgets processes for which `alive` is false.
     pub fn reap(&mut self, alive: impl Fn(u32) -> bool, probes: &mut Probes) -> Vec<Change> {
         let mut gone = Vec::new();
@@ -260,6 +296,10 @@ impl Follower {
         }
         gone.into_iter().map(Change::Unfollowed).collect()
     }
+}
+
+fn looks_like_python(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.contains("python"))
 }
 
 fn not_followed(

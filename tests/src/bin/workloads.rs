@@ -23,6 +23,7 @@ use zerotrace_tests::{
     db::{Mariadb, ModelsApp, Postgres, Redis},
     free_port, load,
     load::LoadResult,
+    nesting,
     otlp::{Protocol, Receiver},
     servers::{Nginx, PythonApp, curl},
     stats::{get_raw, host_busy_seconds, metrics, metrics_text, parse_metric_by, proc_stats},
@@ -49,6 +50,22 @@ enum Cmd {
         /// Workloads to run [default: all].
         #[arg(long = "workload", value_enum)]
         workloads: Vec<Workload>,
+    },
+    /// The nesting app under wrk on each interpreter, loop, handler kind and
+    /// connection count, and nginx in front of it; one JSON line per cell
+    /// with its client spans scored against their request ids, then the
+    /// cost of following the runtime (agent with runtimes off and on).
+    Nesting {
+        /// Seconds of load per cell.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
+        seconds: u64,
+        /// Interpreters (python executables) to run the app on [default:
+        /// pyenv 3.9, 3.11 and 3.13 when present, and Debian's python3.11].
+        #[arg(long = "interpreter")]
+        interpreters: Vec<std::path::PathBuf>,
+        /// Connection counts.
+        #[arg(long = "connections", value_delimiter = ',', default_values_t = [1, 16, 64])]
+        connections: Vec<u32>,
     },
     /// Mixed traffic for MINUTES with one agent running; one JSON line per
     /// sample of its memory, CPU time and counters.
@@ -465,5 +482,255 @@ fn main() -> anyhow::Result<()> {
             minutes,
             sample_seconds,
         } => soak(minutes, sample_seconds),
+        Cmd::Nesting {
+            seconds,
+            interpreters,
+            connections,
+        } => nesting(seconds, interpreters, &connections),
     }
+}
+
+/// Debian's interpreter and the pyenv ones the issue names, where present.
+fn default_interpreters() -> Vec<std::path::PathBuf> {
+    let mut found = vec![std::path::PathBuf::from("/usr/bin/python3.11")];
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let versions = std::path::Path::new(&home).join(".pyenv/versions");
+    for minor in ["3.9", "3.11", "3.13"] {
+        let Ok(dir) = std::fs::read_dir(&versions) else {
+            break;
+        };
+        let mut candidates: Vec<_> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{minor}.")))
+            })
+            .collect();
+        candidates.sort();
+        if let Some(dir) = candidates.pop() {
+            found.push(dir.join(format!("bin/python{minor}")));
+        }
+    }
+    found.retain(|p| p.is_file());
+    found
+}
+
+/// The venv's python for `interpreter`: the test venv for Debian's own,
+/// else a nesting venv made once per interpreter.
+fn app_python(interpreter: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    if interpreter.starts_with("/usr/bin") {
+        return zerotrace_tests::otlp::otel_python();
+    }
+    nesting::venv_python(interpreter)
+}
+
+/// Spans received since `t0_ns` (wall clock, ns).
+fn spans_since(rx: &Receiver, t0_ns: u64) -> Vec<zerotrace_tests::otlp::ReceivedSpan> {
+    let mut spans = rx.spans();
+    spans.retain(|s| s.start_ns >= t0_ns);
+    spans
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Runs wrk for one cell and scores the spans it produced.
+fn nesting_cell(
+    rx: &Receiver,
+    url: &str,
+    handler: &str,
+    pids: &[u32],
+    connections: u32,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let t0 = now_ns();
+    let load = nesting::wrk_with_ids(url, handler, connections, Duration::from_secs(seconds))?;
+    // Let the last spans arrive: the exporter batches every 200 ms.
+    let mut last = 0;
+    for _ in 0..20 {
+        thread::sleep(Duration::from_millis(500));
+        let n = rx.span_count();
+        if n == last {
+            break;
+        }
+        last = n;
+    }
+    let score = nesting::score(&spans_since(rx, t0), pids, handler);
+    Ok(json!({
+        "handler": handler,
+        "connections": connections,
+        "requests": load.requests,
+        "rps": load.rate(),
+        "errors": load.errors,
+        "client_spans": score.client_spans,
+        "right": score.right,
+        "root": score.root,
+        "wrong": score.wrong,
+        "wrong_examples": score.wrong_examples,
+        "root_examples": score.root_examples,
+    }))
+}
+
+fn nesting(
+    seconds: u64,
+    interpreters: Vec<std::path::PathBuf>,
+    connections: &[u32],
+) -> anyhow::Result<()> {
+    let interpreters = if interpreters.is_empty() {
+        default_interpreters()
+    } else {
+        interpreters
+    };
+    anyhow::ensure!(!interpreters.is_empty(), "no interpreter found");
+    let redis = Redis::start()?;
+    let pg = Postgres::start()?;
+    let rx = Receiver::start(Protocol::Grpc)?;
+    let debian = zerotrace_tests::otlp::otel_python()?;
+    // The HTTP backend every app calls: a separate process, traced too.
+    let backend = nesting::NestingApp::start(
+        &debian,
+        &pg,
+        &redis,
+        "http://127.0.0.1:9",
+        nesting::EventLoop::Uvloop,
+    )?;
+    let agent = Agent::run(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    )?;
+    for interpreter in &interpreters {
+        let python = app_python(interpreter)?;
+        for event_loop in [nesting::EventLoop::Asyncio, nesting::EventLoop::Uvloop] {
+            eprintln!(
+                "[workloads] nesting: {} with {}",
+                interpreter.display(),
+                event_loop.name()
+            );
+            let app =
+                nesting::NestingApp::start(&python, &pg, &redis, &backend.url(""), event_loop)?;
+            // Warm up: pools, worker threads, the agent's first look.
+            nesting::wrk_with_ids(&app.url(""), "async", 4, Duration::from_secs(1))?;
+            nesting::wrk_with_ids(&app.url(""), "sync", 4, Duration::from_secs(1))?;
+            for &c in connections {
+                for handler in ["async", "sync"] {
+                    let cell = nesting_cell(&rx, &app.url(""), handler, &[app.pid], c, seconds)?;
+                    let line = merge(
+                        json!({
+                            "kind": "app",
+                            "interpreter": interpreter.display().to_string(),
+                            "loop": event_loop.name(),
+                        }),
+                        cell,
+                    );
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    // nginx in front of the app: a new upstream connection per request,
+    // and kept-alive ones.
+    let app = nesting::NestingApp::start(
+        &debian,
+        &pg,
+        &redis,
+        "http://127.0.0.1:9",
+        nesting::EventLoop::Uvloop,
+    )?;
+    for keepalive in [0, 32] {
+        eprintln!("[workloads] nesting: nginx, upstream keepalive {keepalive}");
+        let proxy = nesting::Proxy::start(app.port, keepalive)?;
+        nesting::wrk_with_ids(&proxy.url(""), "backend", 4, Duration::from_secs(1))?;
+        for &c in connections {
+            let cell = nesting_cell(&rx, &proxy.url(""), "backend", &proxy.workers(), c, seconds)?;
+            let line = merge(json!({"kind": "nginx", "keepalive": keepalive}), cell);
+            println!("{line}");
+        }
+    }
+    drop(agent);
+    nesting_cost(&debian, &pg, &redis, &backend, seconds)
+}
+
+/// What following the runtime costs: the app under the same load with the
+/// agent's runtimes off and on, alternating over three rounds.
+fn nesting_cost(
+    python: &std::path::Path,
+    pg: &Postgres,
+    redis: &Redis,
+    backend: &nesting::NestingApp,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let app = nesting::NestingApp::start(
+        python,
+        pg,
+        redis,
+        &backend.url(""),
+        nesting::EventLoop::Asyncio,
+    )?;
+    let rx = Receiver::start_counting(Protocol::Grpc)?;
+    nesting::wrk_with_ids(&app.url(""), "async", 16, Duration::from_secs(2))?;
+    for round in 1..=3 {
+        let modes = if round % 2 == 1 {
+            ["off", "auto"]
+        } else {
+            ["auto", "off"]
+        };
+        for runtimes in modes {
+            eprintln!("[workloads] nesting cost: round {round}, runtimes {runtimes}");
+            let listen = free_port();
+            let mut cmd = Command::new(agent_bin());
+            cmd.args(["run", "--listen", &format!("127.0.0.1:{listen}")])
+                .args(["--runtimes", runtimes])
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name());
+            let agent = Agent::spawn(cmd, "tracing")?;
+            // A first request makes the agent look at the app.
+            nesting::wrk_with_ids(&app.url(""), "async", 2, Duration::from_secs(1))?;
+            let k0 = program_seconds(listen);
+            let p0 = proc_stats(agent.pid()).context("agent gone")?;
+            let a0 = proc_stats(app.pid).context("app gone")?;
+            let load =
+                nesting::wrk_with_ids(&app.url(""), "async", 16, Duration::from_secs(seconds))?;
+            let k1 = program_seconds(listen);
+            let p1 = proc_stats(agent.pid()).context("agent gone")?;
+            let a1 = proc_stats(app.pid).context("app gone")?;
+            let m = drain(listen);
+            agent.stop()?;
+            let per_request = |v: f64| {
+                if load.requests > 0 {
+                    v / load.requests as f64
+                } else {
+                    0.0
+                }
+            };
+            let unit_ns = k1.get("runtime_unit_new").unwrap_or(&0.0)
+                - k0.get("runtime_unit_new").unwrap_or(&0.0);
+            let exit_ns =
+                k1.get("sys_exit_data").unwrap_or(&0.0) - k0.get("sys_exit_data").unwrap_or(&0.0);
+            println!(
+                "{}",
+                json!({
+                    "kind": "cost",
+                    "round": round,
+                    "runtimes": runtimes,
+                    "requests": load.requests,
+                    "rps": load.rate(),
+                    "app_cpu_us_per_request": per_request((a1.cpu_seconds - a0.cpu_seconds) * 1e6),
+                    "agent_cpu_us_per_request": per_request((p1.cpu_seconds - p0.cpu_seconds) * 1e6),
+                    "unit_probe_ns_per_request": per_request(unit_ns * 1e9),
+                    "sys_exit_data_ns_per_request": per_request(exit_ns * 1e9),
+                    "spans": m.get("zerotrace_spans_total").copied().unwrap_or(0.0),
+                })
+            );
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod micro;
+pub mod nesting;
 pub mod overhead;
 pub mod soak;
 
