@@ -240,6 +240,9 @@ pub struct ThreadLayout {
     pub unit_off: u32,
     pub seq_off: u32,
     pub _pad: u32,
+    /// The unit objects' type (CPython: `&PyContext_Type`, at `unit + 8`):
+    /// a probed return value of another type is not a new unit. 0: unchecked.
+    pub unit_type: u64,
 }
 
 /// A connection became known: connect/accept returned, or first sight.
@@ -396,7 +399,7 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 32);
         assert_eq!(size_of::<DataEvent>(), 56);
         assert_eq!(size_of::<UnitEvent>(), 56);
-        assert_eq!(size_of::<ThreadLayout>(), 24);
+        assert_eq!(size_of::<ThreadLayout>(), 32);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
         assert_eq!(size_of::<SocketKey>(), 8);

@@ -74,6 +74,15 @@ pub fn runtime_unit_new(ctx: RetProbeContext) -> u32 {
     if unit == 0 {
         return 0;
     }
+    // The allocator was found by disassembly: make sure what it returned
+    // is a unit (its type object at offset 8) before reporting it.
+    if layout.unit_type != 0 {
+        // SAFETY: faulting-safe user read.
+        let ty: u64 = unsafe { bpf_probe_read_user((unit + 8) as *const u64) }.unwrap_or(0);
+        if ty != layout.unit_type {
+            return 0;
+        }
+    }
     let (parent, parent_seq) = read_unit(layout).unwrap_or((0, 0));
     let event = UnitEvent {
         header: socket::header(EventKind::Unit, layout.runtime as u8, pid_tgid, 0, 0),

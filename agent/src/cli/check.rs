@@ -34,7 +34,10 @@ fn trial_load(report: &mut Report) {
         kernel_functions: KfuncChoice::Auto,
         runtimes: Default::default(),
     };
-    let (programs, layer) = match Probes::load(&opts) {
+    // The runtime probe is loaded on every kernel check runs on, whether
+    // or not an interpreter is running.
+    let loaded = Probes::load(&opts).and_then(|mut p| p.load_unit_probe().map(|()| p));
+    let (programs, layer) = match loaded {
         Ok(mut probes) => {
             // Runtime probes go on every interpreter running now (the
             // processes themselves are not traced: no pid is selected).

@@ -157,6 +157,9 @@ pub const HOOKS: &[Hook] = &[
     hook("sys_enter_connect", "syscalls", "sys_enter_connect", true),
 ];
 
+/// The return probe on a runtime's unit allocators.
+const UNIT_PROBE: &str = "runtime_unit_new";
+
 /// What the caller wants captured.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -486,23 +489,12 @@ impl Probes {
     /// `file` (once per file: every process mapping it is covered, and the
     /// program ignores processes not in RUNTIMES). Loads the program first.
     pub fn attach_unit_probes(&mut self, file: &Path, offsets: &[u64]) -> anyhow::Result<()> {
-        const PROGRAM: &str = "runtime_unit_new";
+        self.load_unit_probe()?;
         let program: &mut UProbe = self
             .ebpf
-            .program_mut(PROGRAM)
+            .program_mut(UNIT_PROBE)
             .context("program runtime_unit_new missing from the object")?
             .try_into()?;
-        if program.fd().is_err() {
-            let load = ProgramLoad::measure(PROGRAM, "uretprobe", || {
-                program.load()?;
-                Ok(verified_instructions(program.info().ok()))
-            });
-            let error = load.error.clone();
-            self.loads.push(load);
-            if let Some(error) = error {
-                bail!("the kernel refused program {PROGRAM}: {error}");
-            }
-        }
         for &offset in offsets {
             let started = SystemTime::now();
             let clock = Instant::now();
@@ -511,7 +503,7 @@ impl Probes {
                 .map(drop)
                 .map_err(|e| e.to_string());
             self.attachments.push(Attachment {
-                program: PROGRAM,
+                program: UNIT_PROBE,
                 target: format!("{}+{offset:#x}", file.display()),
                 kind: "uretprobe",
                 started,
@@ -524,6 +516,29 @@ impl Probes {
             }
         }
         Ok(())
+    }
+
+    /// Loads (verifies) the unit probe once; `zerotrace check` calls it so
+    /// every kernel it runs on proves the program loads.
+    pub fn load_unit_probe(&mut self) -> anyhow::Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(UNIT_PROBE)
+            .context("program runtime_unit_new missing from the object")?
+            .try_into()?;
+        if program.fd().is_ok() {
+            return Ok(());
+        }
+        let load = ProgramLoad::measure(UNIT_PROBE, "uretprobe", || {
+            program.load()?;
+            Ok(verified_instructions(program.info().ok()))
+        });
+        let error = load.error.clone();
+        self.loads.push(load);
+        match error {
+            Some(error) => bail!("the kernel refused program {UNIT_PROBE}: {error}"),
+            None => Ok(()),
+        }
     }
 
     /// Tells the kernel how to read the running unit of `tgid`'s threads.

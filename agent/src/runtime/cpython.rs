@@ -369,6 +369,7 @@ fn thread_layout(
         specific_off: specific_offset(pid, mem, key, &threads)?,
         unit_off: off.context as u32,
         seq_off: off.context_ver as u32,
+        unit_type: context_type,
     })
 }
 

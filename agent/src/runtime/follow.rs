@@ -227,6 +227,7 @@ impl Follower {
             unit_off: l.unit_off,
             seq_off: l.seq_off,
             _pad: 0,
+            unit_type: l.unit_type,
         };
         if let Err(e) = probes.follow_runtime(tgid, layout) {
             let reason = format!("{e:#}");

@@ -48,6 +48,9 @@ pub struct ThreadLayout {
     pub specific_off: u32,
     pub unit_off: u32,
     pub seq_off: u32,
+    /// Address of `PyContext_Type` in the process: a probed allocator's
+    /// return value counts as a new unit only if it has this type.
+    pub unit_type: u64,
 }
 
 /// A file to put return probes on, once per file (not per process).
