@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         ts += 1;
         conn.feed(
             dir,
-            Moment { ts_ns: ts, tid: 1 },
+            Moment { ts_ns: ts, tid: 1, unit: 0 },
             piece.bytes,
             piece.missing,
             &mut out,
@@ -49,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         Moment {
             ts_ns: ts + 1,
             tid: 1,
+unit: 0,
         },
         &mut out,
     );

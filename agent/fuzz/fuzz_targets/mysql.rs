@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
     if flags & 4 != 0 {
         for (dir, bytes) in handshake(flags & 8 != 0) {
             ts += 1;
-            conn.feed(dir, Moment { ts_ns: ts, tid: 1 }, &bytes, 0, &mut out);
+            conn.feed(dir, Moment { ts_ns: ts, tid: 1, unit: 0 }, &bytes, 0, &mut out);
         }
     }
     for piece in pieces(rest) {
@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
         ts += 1;
         conn.feed(
             dir,
-            Moment { ts_ns: ts, tid: 1 },
+            Moment { ts_ns: ts, tid: 1, unit: 0 },
             piece.bytes,
             piece.missing,
             &mut out,
@@ -94,6 +94,7 @@ fuzz_target!(|data: &[u8]| {
         Moment {
             ts_ns: ts + 1,
             tid: 1,
+unit: 0,
         },
         &mut out,
     );

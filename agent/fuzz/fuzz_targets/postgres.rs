@@ -65,15 +65,15 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let mut ts = 0u64;
     if flags & 8 != 0 {
-        conn.feed(front, Moment { ts_ns: 0, tid: 1 }, &startup(), 0, &mut out);
-        conn.feed(back, Moment { ts_ns: 0, tid: 1 }, &auth_ok(), 0, &mut out);
+        conn.feed(front, Moment { ts_ns: 0, tid: 1, unit: 0 }, &startup(), 0, &mut out);
+        conn.feed(back, Moment { ts_ns: 0, tid: 1, unit: 0 }, &auth_ok(), 0, &mut out);
     }
     for piece in pieces(rest) {
         let dir = if piece.first_side { front } else { back };
         ts += 1;
         conn.feed(
             dir,
-            Moment { ts_ns: ts, tid: 1 },
+            Moment { ts_ns: ts, tid: 1, unit: 0 },
             piece.bytes,
             piece.missing,
             &mut out,
@@ -83,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
         Moment {
             ts_ns: ts + 1,
             tid: 1,
+unit: 0,
         },
         &mut out,
     );

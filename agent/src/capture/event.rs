@@ -224,7 +224,7 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(DecodeError::Short { .. })));
         assert_eq!(
             decode(&as_bytes(&header(EventKind::Data, 99))[..]).unwrap_err(),
-            DecodeError::Short { len: 32, need: 48 }
+            DecodeError::Short { len: 32, need: 56 }
         );
         let mut bad = header(EventKind::ConnClose, 0);
         bad.kind = 77;

@@ -100,6 +100,8 @@ impl Default for HttpOptions {
 pub struct Moment {
     pub ts_ns: u64,
     pub tid: u32,
+    /// The runtime's unit of work the thread ran (0: none followed).
+    pub unit: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -1731,6 +1733,7 @@ mod tests {
             Moment {
                 ts_ns: u64::MAX,
                 tid: 0,
+                unit: 0,
             },
             &mut out,
         );

@@ -2518,6 +2518,7 @@ mod tests {
             Moment {
                 ts_ns: u64::MAX,
                 tid: 0,
+                unit: 0,
             },
             &mut out,
         );

@@ -11,7 +11,11 @@ use super::{
 
 /// A moment at `ts_ns` on thread 7.
 pub fn at(ts_ns: u64) -> Moment {
-    Moment { ts_ns, tid: 7 }
+    Moment {
+        ts_ns,
+        tid: 7,
+        unit: 0,
+    }
 }
 
 /// Default options of the database parsers.
@@ -122,6 +126,7 @@ pub fn moment(is_req: bool, off: usize) -> Moment {
     Moment {
         ts_ns: (u64::from(tid) << 40) | off as u64,
         tid,
+        unit: 0,
     }
 }
 

@@ -280,6 +280,7 @@ impl Tracer {
                 let at = Moment {
                     ts_ns: data.header.ts_ns,
                     tid: data.header.tid,
+                    unit: data.unit,
                 };
                 state.last = at;
                 self.io_thread = at.tid;
@@ -455,8 +456,11 @@ impl Tracer {
         let now = at.ts_ns;
         let (parent, inherited) = match side {
             Side::Server => self.server_parent(conn, now, traceparent),
+            // The unit that wrote the request's first bytes: a request may
+            // be recognised only later (a new connection's protocol is
+            // confirmed by its answer), read by another unit.
             Side::Client if self.ownership.is_followed(conn.tgid) => {
-                self.owned_parent(conn.tgid, traceparent)
+                self.owned_parent(conn.tgid, at.unit, traceparent)
             }
             Side::Client => {
                 let adjacent = self.adjacency.adjacent(thread, conn.conn_id);
@@ -621,11 +625,12 @@ impl Tracer {
     fn owned_parent(
         &self,
         tgid: u32,
+        unit: u64,
         traceparent: Option<Parent>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         let owner = self
             .ownership
-            .owner_of(tgid, self.io_unit.unit)
+            .owner_of(tgid, unit)
             .and_then(|r| serving_request(&self.conns, r));
         match owner {
             Some(b) => (Some(b.as_parent()), Some(Arc::clone(&b.tenant))),
