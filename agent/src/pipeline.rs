@@ -44,8 +44,12 @@ pub enum Record<'a> {
     Evicted(u64),
     /// A followed runtime made a unit of work.
     Unit(&'a UnitEvent),
-    /// The process's runtime is followed from now on (its records carry units).
-    Followed(u32),
+    /// The process's runtime is followed: its records stamped from
+    /// `since_ns` on carry units.
+    Followed {
+        tgid: u32,
+        since_ns: u64,
+    },
     /// The process exited; its runtime is no longer followed.
     Unfollowed(u32),
 }
@@ -53,7 +57,7 @@ pub enum Record<'a> {
 impl From<Change> for Record<'_> {
     fn from(change: Change) -> Self {
         match change {
-            Change::Followed(tgid) => Record::Followed(tgid),
+            Change::Followed { tgid, since_ns } => Record::Followed { tgid, since_ns },
             Change::Unfollowed(tgid) => Record::Unfollowed(tgid),
         }
     }

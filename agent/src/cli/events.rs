@@ -193,7 +193,7 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
     let mut write_error = None;
     let mut on_record = |record: Record<'_>| {
         let line = match (args.format, record) {
-            (_, Record::Evicted(_) | Record::Followed(_) | Record::Unfollowed(_)) => return,
+            (_, Record::Evicted(_) | Record::Followed { .. } | Record::Unfollowed(_)) => return,
             (Format::Json, Record::Unit(u)) => serde_json::json!({
                 "type": "unit",
                 "ts_ns": u.header.ts_ns,

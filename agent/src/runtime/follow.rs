@@ -116,7 +116,11 @@ const MAX_RETRIES: u8 = 20;
 /// What changed for the tracer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    Followed(u32),
+    /// Followed: records stamped from `since_ns` (CLOCK_MONOTONIC) on carry units.
+    Followed {
+        tgid: u32,
+        since_ns: u64,
+    },
     Unfollowed(u32),
 }
 
@@ -174,7 +178,10 @@ impl Follower {
             self.reports.retain(|r| r.pid != tgid);
             self.reports.push(report);
         }
-        followed.then_some(Change::Followed(tgid))
+        followed.then(|| Change::Followed {
+            tgid,
+            since_ns: monotonic_ns(),
+        })
     }
 
     fn follow(
@@ -297,6 +304,13 @@ impl Follower {
         }
         gone.into_iter().map(Change::Unfollowed).collect()
     }
+}
+
+/// The clock the kernel stamps records with.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 fn looks_like_python(pid: u32) -> bool {

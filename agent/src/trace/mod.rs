@@ -204,6 +204,7 @@ pub struct Tracer {
     adjacency: Adjacency,
     /// The thread and runtime unit of the record being handled.
     io_thread: u32,
+    io_ts: u64,
     io_unit: UnitAt,
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
@@ -241,6 +242,7 @@ impl Tracer {
             ownership: Ownership::default(),
             adjacency: Adjacency::default(),
             io_thread: 0,
+            io_ts: 0,
             io_unit: UnitAt::default(),
             scope: InstrumentationScope::builder("zerotrace")
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -257,7 +259,7 @@ impl Tracer {
                 let from_start = conn.seen_from_start;
                 if from_start
                     && conn.role == agent_common::Role::Client
-                    && !self.ownership.is_followed(conn.tgid)
+                    && !self.ownership.follows_at(conn.tgid, conn.opened_ns)
                 {
                     self.adjacency
                         .connected((conn.tgid, conn.opened_by), conn.conn_id);
@@ -284,11 +286,12 @@ impl Tracer {
                 };
                 state.last = at;
                 self.io_thread = at.tid;
+                self.io_ts = at.ts_ns;
                 self.io_unit = UnitAt {
                     unit: data.unit,
                     seq: data.unit_seq,
                 };
-                if self.ownership.is_followed(conn.tgid) {
+                if self.ownership.follows_at(conn.tgid, at.ts_ns) {
                     self.ownership
                         .on_io(conn.tgid, at.tid, at.ts_ns, self.io_unit);
                 } else {
@@ -334,7 +337,7 @@ impl Tracer {
                         });
                 }
             }
-            Record::Followed(tgid) => self.ownership.follow(tgid),
+            Record::Followed { tgid, since_ns } => self.ownership.follow(tgid, since_ns),
             Record::Unfollowed(tgid) => self.ownership.unfollow(tgid),
             Record::Evicted(conn_id) => {
                 if let Some(state) = self.conns.remove(&conn_id) {
@@ -459,7 +462,7 @@ impl Tracer {
             // The unit that wrote the request's first bytes: a request may
             // be recognised only later (a new connection's protocol is
             // confirmed by its answer), read by another unit.
-            Side::Client if self.ownership.is_followed(conn.tgid) => {
+            Side::Client if self.ownership.follows_at(conn.tgid, at.ts_ns) => {
                 self.owned_parent(conn.tgid, at.unit, traceparent)
             }
             Side::Client => {
@@ -498,7 +501,7 @@ impl Tracer {
                     conn_id: conn.conn_id,
                     seq: begun.seq,
                 };
-                if self.ownership.is_followed(conn.tgid) {
+                if self.ownership.follows_at(conn.tgid, self.io_ts) {
                     self.ownership.began(conn.tgid, self.io_thread, request);
                 } else {
                     self.adjacency.began((conn.tgid, self.io_thread), request);
@@ -984,7 +987,10 @@ mod tests {
     #[test]
     fn a_followed_event_loop_nests_each_call_under_its_own_request() {
         let (mut t, rx) = tracer();
-        t.on_record(Record::Followed(10));
+        t.on_record(Record::Followed {
+            tgid: 10,
+            since_ns: 0,
+        });
         let at = |unit, seq| UnitAt { unit, seq };
         let (loop_tid, worker) = (10, 11);
         let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");

@@ -71,17 +71,20 @@ pub struct OwnershipStats {
 
 #[derive(Default)]
 pub struct Ownership {
-    followed: IdMap<u32, ()>,
+    /// Followed processes, and since when their records carry units.
+    followed: IdMap<u32, u64>,
     owners: IdMap<(u32, u64), RequestRef>,
     last_io: IdMap<(u32, u32), LastIo>,
     pub stats: OwnershipStats,
 }
 
 impl Ownership {
-    /// The process's runtime is followed from now on: its calls are
-    /// parented by ownership only.
-    pub fn follow(&mut self, tgid: u32) {
-        self.followed.insert(tgid, ());
+    /// The process's runtime is followed: its records stamped from
+    /// `since_ns` on carry units, and their calls are parented by ownership
+    /// only. Records from before (the agent was still looking at the
+    /// process) keep the rule for processes not followed.
+    pub fn follow(&mut self, tgid: u32, since_ns: u64) {
+        self.followed.insert(tgid, since_ns);
     }
 
     pub fn unfollow(&mut self, tgid: u32) {
@@ -92,6 +95,13 @@ impl Ownership {
 
     pub fn is_followed(&self, tgid: u32) -> bool {
         self.followed.contains_key(&tgid)
+    }
+
+    /// Whether a record of `tgid` stamped `ts_ns` carries its unit.
+    pub fn follows_at(&self, tgid: u32, ts_ns: u64) -> bool {
+        self.followed
+            .get(&tgid)
+            .is_some_and(|&since| ts_ns >= since)
     }
 
     /// A socket record of a followed process on thread `tid`.
@@ -204,7 +214,7 @@ mod tests {
 
     fn followed() -> Ownership {
         let mut o = Ownership::default();
-        o.follow(PID);
+        o.follow(PID, 0);
         o
     }
 
