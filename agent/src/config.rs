@@ -471,6 +471,19 @@ mod tests {
         let c = Config::from_yaml(text).unwrap();
         assert!(!c.exclude.paths.is_empty());
         assert!(!c.services.is_empty());
+        assert_eq!(
+            c.capture.runtimes,
+            Some(crate::runtime::follow::RuntimeChoice::Auto)
+        );
+        let listed = Config::from_yaml("capture:\n  runtimes: [cpython]\n").unwrap();
+        assert_eq!(
+            listed.capture.runtimes,
+            Some(crate::runtime::follow::RuntimeChoice::Only(vec![
+                "cpython".into()
+            ]))
+        );
+        let bad = Config::from_yaml("capture:\n  runtimes: [jvm]\n").unwrap_err();
+        assert!(bad.0.contains("jvm"), "{bad}");
     }
 
     #[test]
