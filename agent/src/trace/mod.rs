@@ -64,6 +64,13 @@ use crate::{
     },
 };
 
+/// How long a request whose client went away before the answer keeps
+/// owning its units: its handler usually runs on (OpenTelemetry SDKs nest
+/// those calls under it too).
+const ABANDONED_GRACE_NS: u64 = 10_000_000_000;
+/// Most abandoned requests remembered.
+const MAX_ABANDONED: usize = 4096;
+
 /// Most requests remembered as in flight per thread or per connection.
 const MAX_IN_FLIGHT: usize = 64;
 /// Most requests remembered as being served per thread (an event loop may
@@ -202,6 +209,9 @@ pub struct Tracer {
     pub ownership: Ownership,
     /// What event loops without a followed runtime do on each thread.
     adjacency: Adjacency,
+    /// Server requests of followed processes whose connection closed
+    /// unanswered: (conn_id, seq) → what children inherit, and until when.
+    abandoned: IdMap<(u64, u64), (Parent, Arc<[KeyValue]>, u64)>,
     /// The thread and runtime unit of the record being handled.
     io_thread: u32,
     io_ts: u64,
@@ -241,6 +251,7 @@ impl Tracer {
             links: Links::default(),
             ownership: Ownership::default(),
             adjacency: Adjacency::default(),
+            abandoned: IdMap::default(),
             io_thread: 0,
             io_ts: 0,
             io_unit: UnitAt::default(),
@@ -326,7 +337,7 @@ impl Tracer {
             Record::Unit(made) => {
                 let h = &made.header;
                 if self.ownership.is_followed(h.tgid) {
-                    let conns = &self.conns;
+                    let (conns, abandoned) = (&self.conns, &self.abandoned);
                     let parent = UnitAt {
                         unit: made.parent,
                         seq: made.parent_seq,
@@ -334,6 +345,9 @@ impl Tracer {
                     self.ownership
                         .on_unit((h.tgid, h.tid), h.ts_ns, parent, made.unit, |r| {
                             serving_request(conns, r).is_some()
+                                || abandoned
+                                    .get(&(r.conn_id, r.seq))
+                                    .is_some_and(|a| h.ts_ns <= a.2)
                         });
                 }
             }
@@ -463,7 +477,7 @@ impl Tracer {
             // be recognised only later (a new connection's protocol is
             // confirmed by its answer), read by another unit.
             Side::Client if self.ownership.follows_at(conn.tgid, at.ts_ns) => {
-                self.owned_parent(conn.tgid, at.unit, traceparent)
+                self.owned_parent(conn.tgid, at.unit, now, traceparent)
             }
             Side::Client => {
                 let adjacent = self.adjacency.adjacent(thread, conn.conn_id);
@@ -629,15 +643,20 @@ impl Tracer {
         &self,
         tgid: u32,
         unit: u64,
+        now: u64,
         traceparent: Option<Parent>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
-        let owner = self
-            .ownership
-            .owner_of(tgid, unit)
-            .and_then(|r| serving_request(&self.conns, r));
-        match owner {
-            Some(b) => (Some(b.as_parent()), Some(Arc::clone(&b.tenant))),
-            None => (traceparent, None),
+        let Some(r) = self.ownership.owner_of(tgid, unit) else {
+            return (traceparent, None);
+        };
+        if let Some(b) = serving_request(&self.conns, r) {
+            return (Some(b.as_parent()), Some(Arc::clone(&b.tenant)));
+        }
+        match self.abandoned.get(&(r.conn_id, r.seq)) {
+            Some((parent, tenant, until)) if now <= *until => {
+                (Some(parent.clone()), Some(Arc::clone(tenant)))
+            }
+            _ => (traceparent, None),
         }
     }
 
@@ -733,6 +752,7 @@ impl Tracer {
         while state.begun.front().is_some_and(|b| b.seq < seq) {
             stale.extend(state.begun.pop_front());
         }
+        let unanswered = end_ns.is_none();
         let end_ns = end_ns.unwrap_or(state.last.ts_ns).max(start_ns);
         let Some(begun) = state.begun.front().filter(|b| b.seq == seq).cloned() else {
             for b in &stale {
@@ -743,6 +763,9 @@ impl Tracer {
         state.begun.pop_front();
         for b in stale.iter().chain([&begun]) {
             self.unregister(conn.conn_id, addrs, b, end_ns);
+        }
+        if unanswered && begun.side == Side::Server && self.ownership.is_followed(conn.tgid) {
+            self.abandon(conn.conn_id, &begun, end_ns);
         }
         if begun.excluded {
             self.stats.requests_excluded += 1;
@@ -783,6 +806,19 @@ impl Tracer {
         };
         self.stats.spans += 1;
         self.queue.push(ExportSpan { resource, span });
+    }
+
+    /// The client went away before the answer: the request keeps owning
+    /// its units for a while.
+    fn abandon(&mut self, conn_id: u64, begun: &Begun, end_ns: u64) {
+        if self.abandoned.len() >= MAX_ABANDONED {
+            self.abandoned.retain(|_, a| a.2 >= end_ns);
+        }
+        if self.abandoned.len() < MAX_ABANDONED {
+            let until = end_ns.saturating_add(ABANDONED_GRACE_NS);
+            let owner = (begun.as_parent(), Arc::clone(&begun.tenant), until);
+            self.abandoned.insert((conn_id, begun.seq), owner);
+        }
     }
 
     fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
@@ -856,6 +892,18 @@ mod tests {
     }
 
     fn data(t: &mut Tracer, c: &Connection, tid: u32, ts: u64, syscall: Syscall, bytes: &[u8]) {
+        record(t, c, (tid, ts), syscall, UnitAt::default(), bytes);
+    }
+
+    /// A data record on `c` by thread `tid` at `ts`, made while `unit` ran.
+    fn record(
+        t: &mut Tracer,
+        c: &Connection,
+        (tid, ts): (u32, u64),
+        syscall: Syscall,
+        unit: UnitAt,
+        bytes: &[u8],
+    ) {
         let d = Data {
             header: EventHeader {
                 tgid: c.tgid,
@@ -868,8 +916,8 @@ mod tests {
             direction: syscall.direction(),
             total_bytes: bytes.len() as u64,
             payload: bytes,
-            unit: 0,
-            unit_seq: 0,
+            unit: unit.unit,
+            unit_seq: unit.seq,
         };
         t.on_record(Record::Data(Some(c), &d));
     }
@@ -945,27 +993,13 @@ mod tests {
 
     /// A record of a followed process: `unit` is the runtime unit running.
     fn unit_data(t: &mut Tracer, c: &Connection, tid: u32, ts: u64, unit: UnitAt, bytes: &[u8]) {
+        // Servers read requests and write responses; clients the reverse.
         let syscall = if bytes.starts_with(b"HTTP/") == (c.role == Role::Server) {
             Syscall::Write
         } else {
             Syscall::Read
         };
-        let d = Data {
-            header: EventHeader {
-                tgid: c.tgid,
-                tid,
-                ts_ns: ts,
-                conn_id: c.conn_id,
-                ..Default::default()
-            },
-            syscall,
-            direction: syscall.direction(),
-            total_bytes: bytes.len() as u64,
-            payload: bytes,
-            unit: unit.unit,
-            unit_seq: unit.seq,
-        };
-        t.on_record(Record::Data(Some(c), &d));
+        record(t, c, (tid, ts), syscall, unit, bytes);
     }
 
     fn made(t: &mut Tracer, tid: u32, ts: u64, parent: UnitAt, unit: u64) {
@@ -1031,6 +1065,36 @@ mod tests {
         assert_eq!(late.parent_span_id, SpanId::INVALID);
         assert_eq!(t.ownership.stats.units_adopted, 2);
         assert_eq!(t.ownership.stats.units_inherited, 1);
+    }
+
+    #[test]
+    fn a_request_whose_client_left_keeps_its_calls_for_a_while() {
+        let (mut t, rx) = tracer();
+        t.on_record(Record::Followed {
+            tgid: 10,
+            since_ns: 0,
+        });
+        let at = |unit, seq| UnitAt { unit, seq };
+        let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
+        let db = conn(3, Role::Client, "127.0.0.1:50000", "10.0.0.9:80");
+        t.on_record(Record::Opened(&a));
+        t.on_record(Record::Opened(&db));
+        unit_data(&mut t, &a, 10, 100, at(0xa0, 1), REQ);
+        made(&mut t, 10, 101, at(0xa0, 1), 0xa1);
+        // The client hangs up; the handler goes on with its calls.
+        t.on_record(Record::Closed(&a));
+        unit_data(&mut t, &db, 10, 200, at(0xa1, 3), CALL);
+        unit_data(&mut t, &db, 10, 210, at(0xa1, 3), RESP);
+        // Long after, its task's calls are roots.
+        let late = 101 + ABANDONED_GRACE_NS + 1000;
+        unit_data(&mut t, &db, 10, late, at(0xa1, 5), CALL);
+        unit_data(&mut t, &db, 10, late + 10, at(0xa1, 5), RESP);
+        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let [server, call, late] = &spans[..] else {
+            panic!("{spans:#?}")
+        };
+        assert_eq!(call.parent_span_id, server.span_context.span_id());
+        assert_eq!(late.parent_span_id, SpanId::INVALID);
     }
 
     /// nginx: two requests in flight on one worker thread; each callback

@@ -229,6 +229,16 @@ fn program_seconds(port: u16) -> BTreeMap<String, f64> {
     )
 }
 
+/// Runs of each program from a fresh /metrics.
+fn program_runs(port: u16) -> BTreeMap<String, f64> {
+    thread::sleep(Duration::from_millis(1100));
+    parse_metric_by(
+        &metrics_text(port),
+        "zerotrace_bpf_program_runs_total",
+        "program",
+    )
+}
+
 /// Waits (up to 15 s) until the agent has exported what it queued and its
 /// counters stand still, so its CPU time covers all the work of a run.
 fn drain(port: u16) -> BTreeMap<String, f64> {
@@ -591,14 +601,18 @@ fn nesting(
     let pg = Postgres::start()?;
     let rx = Receiver::start(Protocol::Grpc)?;
     let debian = zerotrace_tests::otlp::otel_python()?;
-    // The HTTP backend every app calls: a separate process, traced too.
-    let backend = nesting::NestingApp::start(
-        &debian,
-        &pg,
-        &redis,
-        "http://127.0.0.1:9",
-        nesting::EventLoop::Uvloop,
-    )?;
+    // Debian's interpreter on uvloop, calling nothing: the HTTP backend
+    // every app calls, and the app behind nginx.
+    let plain_app = || {
+        nesting::NestingApp::start(
+            &debian,
+            &pg,
+            &redis,
+            "http://127.0.0.1:9",
+            nesting::EventLoop::Uvloop,
+        )
+    };
+    let backend = plain_app()?;
     let agent = Agent::run(
         &[],
         &[
@@ -638,13 +652,7 @@ fn nesting(
     }
     // nginx in front of the app: a new upstream connection per request,
     // and kept-alive ones.
-    let app = nesting::NestingApp::start(
-        &debian,
-        &pg,
-        &redis,
-        "http://127.0.0.1:9",
-        nesting::EventLoop::Uvloop,
-    )?;
+    let app = plain_app()?;
     for keepalive in [0, 32] {
         eprintln!("[workloads] nesting: nginx, upstream keepalive {keepalive}");
         let proxy = nesting::Proxy::start(app.port, keepalive)?;
@@ -695,11 +703,13 @@ fn nesting_cost(
             // A first request makes the agent look at the app.
             nesting::wrk_with_ids(&app.url(""), "async", 2, Duration::from_secs(1))?;
             let k0 = program_seconds(listen);
+            let r0 = program_runs(listen);
             let p0 = proc_stats(agent.pid()).context("agent gone")?;
             let a0 = proc_stats(app.pid).context("app gone")?;
             let load =
                 nesting::wrk_with_ids(&app.url(""), "async", 16, Duration::from_secs(seconds))?;
             let k1 = program_seconds(listen);
+            let r1 = program_runs(listen);
             let p1 = proc_stats(agent.pid()).context("agent gone")?;
             let a1 = proc_stats(app.pid).context("app gone")?;
             let m = drain(listen);
@@ -726,6 +736,10 @@ fn nesting_cost(
                     "app_cpu_us_per_request": per_request((a1.cpu_seconds - a0.cpu_seconds) * 1e6),
                     "agent_cpu_us_per_request": per_request((p1.cpu_seconds - p0.cpu_seconds) * 1e6),
                     "unit_probe_ns_per_request": per_request(unit_ns * 1e9),
+                    "unit_probe_runs_per_request": per_request(
+                        r1.get("runtime_unit_new").unwrap_or(&0.0)
+                            - r0.get("runtime_unit_new").unwrap_or(&0.0)
+                    ),
                     "sys_exit_data_ns_per_request": per_request(exit_ns * 1e9),
                     "spans": m.get("zerotrace_spans_total").copied().unwrap_or(0.0),
                 })

@@ -162,18 +162,19 @@ fn render(cells: &[Value], m: &Machine, seconds: u32) -> String {
         );
         let _ = writeln!(
             md,
-            "| round | runtimes | req/s | app CPU µs/req | agent CPU µs/req | unit probe ns/req | sys_exit_data ns/req |"
+            "| round | runtimes | req/s | app CPU µs/req | agent CPU µs/req | unit probe runs/req | unit probe ns/req | sys_exit_data ns/req |"
         );
-        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
         for c in &cost {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
                 num(c, "round"),
                 c["runtimes"].as_str().unwrap_or("?"),
                 num(c, "rps"),
                 num(c, "app_cpu_us_per_request"),
                 num(c, "agent_cpu_us_per_request"),
+                num(c, "unit_probe_runs_per_request"),
                 num(c, "unit_probe_ns_per_request"),
                 num(c, "sys_exit_data_ns_per_request"),
             );
