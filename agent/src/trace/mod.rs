@@ -184,6 +184,13 @@ struct ConnTrace {
     last: Moment,
 }
 
+/// A request whose client left before the answer, still owning its units.
+struct Abandoned {
+    parent: Parent,
+    tenant: Arc<[KeyValue]>,
+    until_ns: u64,
+}
+
 /// A server request in flight on a thread: the parent of calls it makes.
 struct Serving {
     conn_id: u64,
@@ -211,7 +218,7 @@ pub struct Tracer {
     adjacency: Adjacency,
     /// Server requests of followed processes whose connection closed
     /// unanswered: (conn_id, seq) → what children inherit, and until when.
-    abandoned: IdMap<(u64, u64), (Parent, Arc<[KeyValue]>, u64)>,
+    abandoned: IdMap<(u64, u64), Abandoned>,
     /// The thread and runtime unit of the record being handled.
     io_thread: u32,
     io_ts: u64,
@@ -347,7 +354,7 @@ impl Tracer {
                             serving_request(conns, r).is_some()
                                 || abandoned
                                     .get(&(r.conn_id, r.seq))
-                                    .is_some_and(|a| h.ts_ns <= a.2)
+                                    .is_some_and(|a| h.ts_ns <= a.until_ns)
                         });
                 }
             }
@@ -653,9 +660,7 @@ impl Tracer {
             return (Some(b.as_parent()), Some(Arc::clone(&b.tenant)));
         }
         match self.abandoned.get(&(r.conn_id, r.seq)) {
-            Some((parent, tenant, until)) if now <= *until => {
-                (Some(parent.clone()), Some(Arc::clone(tenant)))
-            }
+            Some(a) if now <= a.until_ns => (Some(a.parent.clone()), Some(Arc::clone(&a.tenant))),
             _ => (traceparent, None),
         }
     }
@@ -812,11 +817,14 @@ impl Tracer {
     /// its units for a while.
     fn abandon(&mut self, conn_id: u64, begun: &Begun, end_ns: u64) {
         if self.abandoned.len() >= MAX_ABANDONED {
-            self.abandoned.retain(|_, a| a.2 >= end_ns);
+            self.abandoned.retain(|_, a| a.until_ns >= end_ns);
         }
         if self.abandoned.len() < MAX_ABANDONED {
-            let until = end_ns.saturating_add(ABANDONED_GRACE_NS);
-            let owner = (begun.as_parent(), Arc::clone(&begun.tenant), until);
+            let owner = Abandoned {
+                parent: begun.as_parent(),
+                tenant: Arc::clone(&begun.tenant),
+                until_ns: end_ns.saturating_add(ABANDONED_GRACE_NS),
+            };
             self.abandoned.insert((conn_id, begun.seq), owner);
         }
     }
