@@ -492,7 +492,12 @@ mod tests {
         ));
         assert_eq!(
             Bench::value_variants(),
-            [Bench::Overhead, Bench::Capture, Bench::Micro]
+            [
+                Bench::Overhead,
+                Bench::Capture,
+                Bench::Micro,
+                Bench::Nesting
+            ]
         );
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());
         let Cmd::Fuzz(f) = parse(&["fuzz"]) else {

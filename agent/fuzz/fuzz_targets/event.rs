@@ -60,6 +60,10 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(conn.conn_id, header.conn_id);
                 }
             }
+            // A runtime's new unit: a fixed-size record, nothing to own.
+            Ok(Event::Unit(unit)) => {
+                assert!(std::mem::size_of_val(&unit) <= record.len());
+            }
             Err(DecodeError::Short { len, need }) => assert!(len < need),
             Err(_) => {}
         }
