@@ -307,17 +307,10 @@ impl Proxy {
         } else {
             (String::new(), "1.0", "close")
         };
+        let head = crate::servers::nginx_head(&d.to_string(), 1024);
         let conf = format!(
             r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
+{head}
     upstream app {{
         server 127.0.0.1:{upstream_port};
         {keep}

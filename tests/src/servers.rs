@@ -79,17 +79,10 @@ impl Nginx {
         }
         let port = free_port();
         let d = dir.path().display();
+        let head = nginx_head(&d.to_string(), 256);
         let conf = format!(
             r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
+{head}
     fastcgi_temp_path {d}/tmp;
     uwsgi_temp_path {d}/tmp;
     scgi_temp_path {d}/tmp;
@@ -142,6 +135,22 @@ http {{
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
+}
+
+/// The start of an nginx.conf for one foreground worker whose pid, logs and
+/// temporary files live in `dir`, up to the inside of its `http` block.
+pub fn nginx_head(dir: &str, connections: u32) -> String {
+    format!(
+        "worker_processes 1;\n\
+         daemon off;\n\
+         pid {dir}/nginx.pid;\n\
+         error_log {dir}/error.log;\n\
+         events {{ worker_connections {connections}; }}\n\
+         http {{\n    \
+         access_log off;\n    \
+         client_body_temp_path {dir}/tmp;\n    \
+         proxy_temp_path {dir}/tmp;"
+    )
 }
 
 /// Runs curl with `args`; returns its stdout. Fails on curl errors (HTTP
