@@ -219,10 +219,8 @@ pub struct Tracer {
     /// Server requests of followed processes whose connection closed
     /// unanswered: (conn_id, seq) → what children inherit, and until when.
     abandoned: IdMap<(u64, u64), Abandoned>,
-    /// The thread and runtime unit of the record being handled.
-    io_thread: u32,
-    io_ts: u64,
-    io_unit: UnitAt,
+    /// The moment (thread, time, unit) of the record being handled.
+    io: Moment,
     scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
@@ -259,9 +257,7 @@ impl Tracer {
             ownership: Ownership::default(),
             adjacency: Adjacency::default(),
             abandoned: IdMap::default(),
-            io_thread: 0,
-            io_ts: 0,
-            io_unit: UnitAt::default(),
+            io: Moment::default(),
             scope: InstrumentationScope::builder("zerotrace")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -303,21 +299,16 @@ impl Tracer {
                     unit: data.unit,
                 };
                 state.last = at;
-                self.io_thread = at.tid;
-                self.io_ts = at.ts_ns;
-                self.io_unit = UnitAt {
-                    unit: data.unit,
-                    seq: data.unit_seq,
-                };
+                self.io = at;
                 if self.ownership.follows_at(conn.tgid, at.ts_ns) {
-                    self.ownership
-                        .on_io(conn.tgid, at.tid, at.ts_ns, self.io_unit);
+                    let unit = UnitAt {
+                        unit: data.unit,
+                        seq: data.unit_seq,
+                    };
+                    self.ownership.on_io(conn.tgid, at.tid, at.ts_ns, unit);
                 } else {
                     self.adjacency.on_io((conn.tgid, at.tid), conn.conn_id);
                 }
-                let Some(state) = self.conns.get_mut(&conn.conn_id) else {
-                    return;
-                };
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
                 state
@@ -522,10 +513,10 @@ impl Tracer {
                     conn_id: conn.conn_id,
                     seq: begun.seq,
                 };
-                if self.ownership.follows_at(conn.tgid, self.io_ts) {
-                    self.ownership.began(conn.tgid, self.io_thread, request);
+                if self.ownership.follows_at(conn.tgid, self.io.ts_ns) {
+                    self.ownership.began(conn.tgid, self.io.tid, request);
                 } else {
-                    self.adjacency.began((conn.tgid, self.io_thread), request);
+                    self.adjacency.began((conn.tgid, self.io.tid), request);
                 }
                 if begun.parent.is_none() {
                     self.links.wait_for_call(key, conn.conn_id, begun.seq, now);
@@ -1026,14 +1017,23 @@ mod tests {
         t.on_record(Record::Unit(&event));
     }
 
-    #[test]
-    fn a_followed_event_loop_nests_each_call_under_its_own_request() {
+    /// A tracer for which process 10's runtime is followed from the start.
+    fn followed_tracer() -> (Tracer, Receiver<ExportSpan>) {
         let (mut t, rx) = tracer();
         t.on_record(Record::Followed {
             tgid: 10,
             since_ns: 0,
         });
-        let at = |unit, seq| UnitAt { unit, seq };
+        (t, rx)
+    }
+
+    fn at(unit: u64, seq: u32) -> UnitAt {
+        UnitAt { unit, seq }
+    }
+
+    #[test]
+    fn a_followed_event_loop_nests_each_call_under_its_own_request() {
+        let (mut t, rx) = followed_tracer();
         let (loop_tid, worker) = (10, 11);
         let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
         let b = conn(2, Role::Server, SERVER, "127.0.0.1:40002");
@@ -1077,12 +1077,7 @@ mod tests {
 
     #[test]
     fn a_request_whose_client_left_keeps_its_calls_for_a_while() {
-        let (mut t, rx) = tracer();
-        t.on_record(Record::Followed {
-            tgid: 10,
-            since_ns: 0,
-        });
-        let at = |unit, seq| UnitAt { unit, seq };
+        let (mut t, rx) = followed_tracer();
         let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
         let db = conn(3, Role::Client, "127.0.0.1:50000", "10.0.0.9:80");
         t.on_record(Record::Opened(&a));
