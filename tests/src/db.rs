@@ -10,6 +10,10 @@
 //! ones, over TCP to 127.0.0.1, so the agent sees their traffic; setup steps
 //! (creating the `zt` database) use the Unix sockets instead.
 //!
+//! Each server also runs over TLS (`start_tls` with a [`TestCa`]): the
+//! same helpers then make their clients use TLS (`sslmode=require`,
+//! `mariadb --ssl`, `redis-cli --tls`).
+//!
 //! ```no_run
 //! use zerotrace_tests::db::{Mariadb, ModelsApp, Postgres, Redis};
 //!
@@ -36,7 +40,11 @@ use std::{
 use anyhow::{Context, bail};
 use tempfile::TempDir;
 
-use crate::{free_port, signal, wait_timeout};
+use crate::{
+    free_port, signal,
+    tls::{ServerCerts, TestCa},
+    wait_timeout,
+};
 
 /// How long a server gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,15 +66,32 @@ pub struct Postgres {
     /// `data/`, the socket `.s.PGSQL.<port>`, `postgres.log`.
     pub dir: TempDir,
     bin: PathBuf,
+    /// With [`Postgres::start_tls`]: the server's certificate files.
+    pub tls: Option<ServerCerts>,
 }
 
 impl Postgres {
     /// initdb (≈0.5 s) and start (≈0.1 s).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// The same server with `ssl=on` (the certificate of `ca`, which also
+    /// verifies client certificates presented). [`Postgres::psql`],
+    /// [`Postgres::pgbench`] and [`Postgres::url`] ask for
+    /// `sslmode=require`; clear-text clients are still accepted.
+    pub fn start_tls(ca: &TestCa) -> anyhow::Result<Self> {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&TestCa>) -> anyhow::Result<Self> {
         let bin = pg_bin_dir()?;
         let user = SystemUser::lookup("postgres")?;
         let dir = tempfile::Builder::new().prefix("zt-pg-").tempdir()?;
         user.own(dir.path())?;
+        let tls = ca
+            .map(|ca| install_certs(ca, dir.path(), &user))
+            .transpose()?;
         let data = dir.path().join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
@@ -87,8 +112,17 @@ impl Postgres {
             .arg("-k")
             .arg(dir.path())
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off"])
-            .current_dir(dir.path())
+            .args(["-c", "full_page_writes=off"]);
+        if let Some(certs) = &tls {
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", certs.cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", certs.key.display()))
+                .arg("-c")
+                .arg(format!("ssl_ca_file={}", certs.ca.display()));
+        }
+        cmd.current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -100,6 +134,7 @@ impl Postgres {
             port,
             dir,
             bin,
+            tls,
         };
         // The port opens before the server takes queries: creating the
         // database (over the Unix socket) is the readiness check.
@@ -124,21 +159,43 @@ impl Postgres {
         Ok(pg)
     }
 
-    /// `postgresql://postgres@127.0.0.1:PORT/zt`
+    /// `postgresql://postgres@127.0.0.1:PORT/zt`, with `?sslmode=require`
+    /// over TLS.
     pub fn url(&self) -> String {
-        format!("postgresql://postgres@127.0.0.1:{}/zt", self.port)
+        let ssl = if self.tls.is_some() {
+            "?sslmode=require"
+        } else {
+            ""
+        };
+        format!("postgresql://postgres@127.0.0.1:{}/zt{ssl}", self.port)
+    }
+
+    /// `PGSSLMODE=require` over TLS.
+    fn ssl_env(&self, cmd: &mut Command) {
+        if self.tls.is_some() {
+            cmd.env("PGSSLMODE", "require");
+        }
     }
 
     /// Runs `sql` through the real psql over TCP (`-h 127.0.0.1 -p PORT -U
     /// postgres -d zt -X -A -t -v ON_ERROR_STOP=0`, the script on stdin, so
     /// each statement is its own simple Query). Rows come out `|`-separated,
     /// without headers. A failing statement is not an error: it makes `ok`
-    /// false and psql goes on. Fails when psql cannot connect.
+    /// false and psql goes on. Fails when psql cannot connect. Over TLS
+    /// with `PGSSLMODE=require`.
     pub fn psql(&self, sql: &str) -> anyhow::Result<SqlOutput> {
+        self.psql_with_env(sql, &[])
+    }
+
+    /// [`Postgres::psql`] with libpq environment variables (`PGSSLMODE`,
+    /// `PGSSLCERT` …) over the defaults.
+    pub fn psql_with_env(&self, sql: &str, envs: &[(&str, &str)]) -> anyhow::Result<SqlOutput> {
         let mut cmd = Command::new(self.bin.join("psql"));
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-U", "postgres", "-d", "zt", "-X", "-A", "-t"])
             .args(["-v", "ON_ERROR_STOP=0", "-f", "-"]);
+        self.ssl_env(&mut cmd);
+        cmd.envs(envs.iter().copied());
         let out = with_stdin(&mut cmd, sql)?;
         let (stdout, stderr) = texts(&out);
         match out.status.code() {
@@ -161,6 +218,7 @@ impl Postgres {
             .args(args)
             .arg("zt")
             .stdin(Stdio::null());
+        self.ssl_env(&mut cmd);
         Ok(texts(&check(&mut cmd, "pgbench")?).0)
     }
 
@@ -195,8 +253,9 @@ impl Drop for Postgres {
 }
 
 /// MariaDB 10.11 on 127.0.0.1:`port`: `root` without a password, database
-/// `zt`, no TLS (clients talk clear text), no name resolution, no binlog.
-/// Killed when dropped.
+/// `zt`, no TLS (clients talk clear text) unless started with
+/// [`Mariadb::start_tls`], no name resolution, no binlog. Killed when
+/// dropped.
 pub struct Mariadb {
     server: Child,
     pub port: u16,
@@ -204,6 +263,8 @@ pub struct Mariadb {
     pub pid: u32,
     /// `data/`, `mysqld.sock`, `error.log`.
     pub dir: TempDir,
+    /// With [`Mariadb::start_tls`]: the server's certificate files.
+    pub tls: Option<ServerCerts>,
 }
 
 impl Mariadb {
@@ -211,10 +272,33 @@ impl Mariadb {
     /// kept in the temporary directory across runs) and starts mariadbd
     /// (≈0.2 s in all).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// The same server with TLS (`--ssl-ca/--ssl-cert/--ssl-key` from `ca`)
+    /// and `--require-secure-transport`: TCP clients must use TLS.
+    /// [`Mariadb::mysql`] then runs `mariadb --ssl`, verifying the server.
+    pub fn start_tls(ca: &TestCa) -> anyhow::Result<Self> {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&TestCa>) -> anyhow::Result<Self> {
         let user = SystemUser::lookup("mysql")?;
         let template = mariadb_template(&user)?;
         let dir = tempfile::Builder::new().prefix("zt-mariadb-").tempdir()?;
         user.own(dir.path())?;
+        let tls = ca
+            .map(|ca| install_certs(ca, dir.path(), &user))
+            .transpose()?;
+        let ssl: Vec<String> = match &tls {
+            Some(certs) => vec![
+                format!("--ssl-ca={}", certs.ca.display()),
+                format!("--ssl-cert={}", certs.cert.display()),
+                format!("--ssl-key={}", certs.key.display()),
+                "--require-secure-transport=ON".to_owned(),
+            ],
+            None => vec!["--skip-ssl".to_owned()],
+        };
         let data = dir.path().join("data");
         check(
             Command::new("cp").arg("-a").arg(&template).arg(&data),
@@ -236,7 +320,8 @@ impl Mariadb {
             .arg(format!("--pid-file={}", path("mysqld.pid")))
             .arg(format!("--log-error={}", path("error.log")))
             .arg(format!("--init-file={}", init.display()))
-            .args(["--skip-name-resolve", "--skip-ssl", "--skip-log-bin"])
+            .args(["--skip-name-resolve", "--skip-log-bin"])
+            .args(&ssl)
             .args(INNODB_OPTIONS)
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -249,6 +334,7 @@ impl Mariadb {
             server,
             port,
             dir,
+            tls,
         };
         // Ready once `zt` (made by the init file) answers over the socket.
         let deadline = Instant::now() + START_TIMEOUT;
@@ -285,7 +371,8 @@ impl Mariadb {
     /// -P PORT -u root --skip-ssl --batch --skip-column-names --force zt`, the
     /// statements on stdin). Rows come out tab-separated. A failing statement
     /// is not an error: `ok` is false and (with `--force`) the client goes on.
-    /// Fails when the client cannot connect.
+    /// Fails when the client cannot connect. Over TLS `--ssl --ssl-ca=CA
+    /// --ssl-verify-server-cert` replaces `--skip-ssl`.
     pub fn mysql(&self, sql: &str) -> anyhow::Result<SqlOutput> {
         let mut cmd = Command::new("mariadb");
         cmd.args([
@@ -295,8 +382,16 @@ impl Mariadb {
             "-P",
             &self.port.to_string(),
         ])
-        .args(["-u", "root", "--skip-ssl", "--batch", "--skip-column-names"])
-        .args(["--force", "zt"]);
+        .args(["-u", "root"]);
+        match &self.tls {
+            Some(certs) => cmd
+                .arg("--ssl")
+                .arg(format!("--ssl-ca={}", certs.ca.display()))
+                .arg("--ssl-verify-server-cert"),
+            None => cmd.arg("--skip-ssl"),
+        };
+        cmd.args(["--batch", "--skip-column-names"])
+            .args(["--force", "zt"]);
         let out = with_stdin(&mut cmd, sql)?;
         let (stdout, stderr) = texts(&out);
         // Client-side errors (CR_*, 2000–2999) mean no conversation took place.
@@ -385,15 +480,44 @@ pub struct Redis {
     pub port: u16,
     pub pid: u32,
     pub dir: TempDir,
+    /// With [`Redis::start_tls`]: the server's certificate files.
+    pub tls: Option<ServerCerts>,
 }
 
 impl Redis {
     /// Starts redis-server (≈0.05 s).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// The same server speaking TLS only: `--tls-port PORT --port 0`, the
+    /// certificate of `ca`, `--tls-auth-clients no`. [`Redis::cli`] and
+    /// [`Redis::benchmark`] then pass `--tls --cacert CA`.
+    pub fn start_tls(ca: &TestCa) -> anyhow::Result<Self> {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&TestCa>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("zt-redis-").tempdir()?;
         let port = free_port();
-        let server = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        let tls = ca
+            .map(|ca| ca.install_server_files(dir.path()))
+            .transpose()?;
+        let mut server = Command::new("redis-server");
+        match &tls {
+            Some(certs) => server
+                .args(["--bind", "127.0.0.1", "--port", "0"])
+                .args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&certs.cert)
+                .arg("--tls-key-file")
+                .arg(&certs.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca)
+                .args(["--tls-auth-clients", "no"]),
+            None => server.args(["--bind", "127.0.0.1", "--port", &port.to_string()]),
+        };
+        let server = server
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(dir.path())
@@ -409,6 +533,7 @@ impl Redis {
             server,
             port,
             dir,
+            tls,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -428,26 +553,34 @@ impl Redis {
 
     /// `redis-cli -h 127.0.0.1 -p PORT ARGS`; returns stdout. Error replies
     /// are printed (`ERR …`) and are not an error; failing to connect is.
+    /// Over TLS with `--tls --cacert CA`.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("redis-cli");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        self.tls_args(&mut cmd);
+        cmd.args(args).stdin(Stdio::null());
         Ok(texts(&check(&mut cmd, "redis-cli")?).0)
     }
 
     /// `redis-benchmark -h 127.0.0.1 -p PORT ARGS`; returns stdout.
     pub fn benchmark(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("redis-benchmark");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        self.tls_args(&mut cmd);
+        cmd.args(args).stdin(Stdio::null());
         Ok(texts(&check(&mut cmd, "redis-benchmark")?).0)
     }
 
     /// The server log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `--tls --cacert CA` over TLS.
+    fn tls_args(&self, cmd: &mut Command) {
+        if let Some(certs) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&certs.ca);
+        }
     }
 }
 
@@ -628,6 +761,16 @@ impl SystemUser {
     fn apply(&self, cmd: &mut Command) {
         cmd.uid(self.uid).gid(self.gid);
     }
+}
+
+/// The server files of `ca` in `dir`, owned by `user` (PostgreSQL refuses
+/// a key readable by others or owned by someone else).
+fn install_certs(ca: &TestCa, dir: &Path, user: &SystemUser) -> anyhow::Result<ServerCerts> {
+    let certs = ca.install_server_files(dir)?;
+    for file in [&certs.ca, &certs.cert, &certs.key] {
+        user.own(file)?;
+    }
+    Ok(certs)
 }
 
 /// `/usr/lib/postgresql/<newest>/bin`.

@@ -13,6 +13,7 @@ pub mod rotel;
 pub mod servers;
 pub mod spans;
 pub mod stats;
+pub mod tls;
 
 use std::{
     io::{BufRead, BufReader, Read},

@@ -1,5 +1,6 @@
 //! Real servers for the HTTP tests: nginx (static files, and a reverse
-//! proxy under /api/) in front of a small Python HTTP/1.1 app.
+//! proxy under /api/) in front of a small Python HTTP/1.1 app; nginx also
+//! over TLS ([`Nginx::start_tls`]).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -62,6 +63,8 @@ pub struct Nginx {
     master: Child,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// `https` when started with [`Nginx::start_tls`], else `http`.
+    pub scheme: &'static str,
 }
 
 /// Static files nginx serves, with their sizes known to the tests.
@@ -70,6 +73,17 @@ pub const STATIC_FILES: [(&str, usize); 3] =
 
 impl Nginx {
     pub fn start(upstream_port: u16) -> anyhow::Result<Self> {
+        Self::start_with(upstream_port, None)
+    }
+
+    /// The same server over TLS only (`listen … ssl`, HTTP/1.1): the
+    /// certificate of `ca` for 127.0.0.1; `/api/` is still proxied to the
+    /// app in clear text.
+    pub fn start_tls(upstream_port: u16, ca: &crate::tls::TestCa) -> anyhow::Result<Self> {
+        Self::start_with(upstream_port, Some(ca))
+    }
+
+    fn start_with(upstream_port: u16, ca: Option<&crate::tls::TestCa>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let www = dir.path().join("www");
         std::fs::create_dir_all(&www)?;
@@ -80,6 +94,20 @@ impl Nginx {
         let port = free_port();
         let d = dir.path().display();
         let head = nginx_head(&d.to_string(), 256);
+        let (ssl, certificates) = match ca {
+            Some(ca) => {
+                let certs = ca.install_server_files(dir.path())?;
+                (
+                    " ssl",
+                    format!(
+                        "ssl_certificate {};\n        ssl_certificate_key {};",
+                        certs.cert.display(),
+                        certs.key.display()
+                    ),
+                )
+            }
+            None => ("", String::new()),
+        };
         let conf = format!(
             r#"
 {head}
@@ -94,7 +122,8 @@ impl Nginx {
         keepalive 4;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
+        {certificates}
         root {d}/www;
         location /api/ {{
             proxy_pass http://app;
@@ -117,6 +146,7 @@ impl Nginx {
             master: child,
             port,
             dir,
+            scheme: if ca.is_some() { "https" } else { "http" },
         };
         if let Err(e) = wait_for_port(port, Duration::from_secs(10)) {
             anyhow::bail!("nginx did not start: {e}; {}", nginx.error_log());
@@ -125,11 +155,21 @@ impl Nginx {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     pub fn master_pid(&self) -> u32 {
         self.master.id()
+    }
+
+    /// The worker processes (children of the master).
+    pub fn workers(&self) -> Vec<u32> {
+        let pid = self.master.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     pub fn error_log(&self) -> String {
