@@ -458,7 +458,8 @@ pub fn vm_packages(ctx: &Ctx) -> Result<()> {
 /// pinned: the tests read its debug-log layout. Then what the test apps in
 /// tests/apps run on (tests/src/db.rs starts them with this venv's python):
 /// FastAPI under uvicorn (asyncio loop with h11, or uvloop with httptools),
-/// Flask, psycopg 3 with its binary libpq, PyMySQL, redis-py and httpx.
+/// Flask, psycopg 3 with its binary libpq, PyMySQL, redis-py, httpx and
+/// requests.
 pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "opentelemetry-sdk~=1.45",
     "opentelemetry-exporter-otlp-proto-grpc~=1.45",
@@ -471,6 +472,8 @@ pub const OTEL_VENV_REQUIREMENTS: &[&str] = &[
     "pymysql~=1.2",
     "redis~=8.1",
     "httpx~=0.28",
+    // An HTTPS client of the TLS tests (tests/src/tls.rs), next to httpx.
+    "requests~=2.32",
     "uvloop~=0.23",
     "httptools~=0.9",
     // The reference parser for the Prometheus text format (the /metrics test).
@@ -517,7 +520,7 @@ fn probe_otel_venv(ctx: &Ctx, venv: &Path) -> Result<String> {
         "import opentelemetry.sdk.trace, \
          opentelemetry.exporter.otlp.proto.grpc.trace_exporter, \
          opentelemetry.exporter.otlp.proto.http.trace_exporter, \
-         fastapi, uvicorn, flask, psycopg, pymysql, redis, httpx, uvloop, httptools, prometheus_client.parser, \
+         fastapi, uvicorn, flask, psycopg, pymysql, redis, httpx, requests, uvloop, httptools, prometheus_client.parser, \
          kubernetes_validate, yaml; \
          psycopg.pq.version()",
     ]))?;
