@@ -316,6 +316,25 @@ pub struct ExportConfig {
     pub endpoint: Option<String>,
     /// OTLP protocol when OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL is unset.
     pub protocol: Option<OtlpProtocol>,
+    /// TLS to the collector, each key used when its OTEL_EXPORTER_OTLP_*
+    /// variable is unset.
+    pub tls: OtlpTlsConfig,
+}
+
+/// TLS to an https:// collector; the keys of OpenTelemetry's declarative
+/// configuration (`tls` of an OTLP exporter).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpTlsConfig {
+    /// PEM CA certificates the collector's certificate must chain to,
+    /// instead of the host's (OTEL_EXPORTER_OTLP_CERTIFICATE).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (…_CLIENT_CERTIFICATE).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (…_CLIENT_KEY).
+    pub key_file: Option<PathBuf>,
+    /// Plaintext to a gRPC endpoint given without a scheme (…_INSECURE).
+    pub insecure: Option<bool>,
 }
 
 /// Sampling when OTEL_TRACES_SAMPLER is unset.

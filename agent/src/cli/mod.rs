@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod events;
+mod otlp;
 mod run;
 
 use std::process::ExitCode;

@@ -46,6 +46,8 @@ pub struct RunArgs {
     /// OTLP protocol (overrides OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL) [default: http/protobuf].
     #[arg(long, value_enum)]
     otlp_protocol: Option<OtlpProtocol>,
+    #[command(flatten)]
+    otlp_tls: super::otlp::OtlpTlsArgs,
     /// Request header copied to a span attribute, HEADER=ATTRIBUTE (repeatable;
     /// replaces the defaults x-tenant-id=tenant.id, x-user-id=user.id).
     #[arg(long = "header", value_name = "HEADER=ATTRIBUTE", value_parser = HeaderRule::parse,
@@ -205,7 +207,13 @@ impl RunArgs {
                     .ok_or_else(|| ConfigError::new("--exporter jsonl needs --output FILE"))?,
             ),
             ExporterKind::Otlp => Target::Otlp(
-                OtlpSettings::resolve(explicit.as_deref(), protocol, env).map_err(ConfigError)?,
+                OtlpSettings::resolve(
+                    explicit.as_deref(),
+                    protocol,
+                    &self.otlp_tls.over(&config.export.tls),
+                    env,
+                )
+                .map_err(ConfigError)?,
             ),
         };
         let sampler = Sampler::from_env_or(&config.sampling)?;

@@ -6,6 +6,7 @@
 mod console;
 mod jsonl;
 mod otlp;
+mod tls;
 
 use std::{
     path::PathBuf,
@@ -24,7 +25,8 @@ use opentelemetry_sdk::{Resource, trace::SpanData};
 use crate::config::{BatchConfig, OtlpProtocol};
 
 pub use console::render_trees;
-pub use otlp::{OtlpSettings, request as otlp_request};
+pub use otlp::{OtlpSettings, TlsSources, request as otlp_request};
+pub use tls::{PemFile, TlsFiles};
 
 /// A finished span with the resource of the process it describes.
 #[derive(Debug, Clone)]
@@ -46,14 +48,20 @@ impl Target {
         match self {
             Target::Console => "console".into(),
             Target::Jsonl(path) => format!("jsonl to {}", path.display()),
-            Target::Otlp(otlp) => format!(
-                "otlp {} to {}",
-                match otlp.protocol {
-                    OtlpProtocol::Grpc => "grpc",
-                    OtlpProtocol::HttpProtobuf => "http/protobuf",
-                },
-                otlp.endpoint
-            ),
+            Target::Otlp(otlp) => {
+                let mut out = format!(
+                    "otlp {} to {}",
+                    match otlp.protocol {
+                        OtlpProtocol::Grpc => "grpc",
+                        OtlpProtocol::HttpProtobuf => "http/protobuf",
+                    },
+                    otlp.endpoint
+                );
+                if let Some(tls) = &otlp.tls {
+                    out.push_str(&format!(" ({})", tls.describe()));
+                }
+                out
+            }
         }
     }
 }
@@ -246,9 +254,14 @@ fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, st
                 stats.failed.fetch_add(n, Ordering::Relaxed);
                 errors += 1;
                 // The first failure and then every 100th: a dead collector
-                // must not flood the log.
+                // must not flood the log. A TLS failure is a setting to
+                // fix, not a collector that is down: an error.
                 if errors % 100 == 1 {
-                    log::warn!("export failed ({errors} failures so far): {e:#}");
+                    let level = match e.downcast_ref::<tls::TlsFailure>() {
+                        Some(_) => log::Level::Error,
+                        None => log::Level::Warn,
+                    };
+                    log::log!(level, "export failed ({errors} failures so far): {e:#}");
                 }
             }
         }

@@ -1,10 +1,12 @@
-//! OTLP over gRPC (tonic) or HTTP/protobuf (reqwest). A batch becomes one
-//! ExportTraceServiceRequest holding a ResourceSpans per process, converted
-//! from the spans the batch owns, and goes out in one call. Settings follow
-//! the OTLP exporter specification: OTEL_EXPORTER_OTLP_{,TRACES_}{ENDPOINT,
-//! HEADERS,TIMEOUT,COMPRESSION}, the signal-specific variable first.
+//! OTLP over gRPC (tonic) or HTTP/protobuf (reqwest), plaintext or TLS. A
+//! batch becomes one ExportTraceServiceRequest holding a ResourceSpans per
+//! process, converted from the spans the batch owns, and goes out in one
+//! call. Settings follow the OTLP exporter specification:
+//! OTEL_EXPORTER_OTLP_{,TRACES_}{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION,
+//! CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY,INSECURE}, the signal-specific
+//! variable first.
 
-use std::{io::Write, time::Duration};
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, anyhow, bail};
 use opentelemetry_proto::{
@@ -20,8 +22,11 @@ use opentelemetry_proto::{
 use prost::Message;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
-use super::{ExportSpan, Sink, by_resource};
-use crate::config::OtlpProtocol;
+use super::{
+    ExportSpan, Sink, by_resource,
+    tls::{ClientTls, PemFile, TlsFiles, explain, plaintext_config},
+};
+use crate::config::{OtlpProtocol, OtlpTlsConfig};
 
 /// Where and how spans are sent, resolved from flags, environment and file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,15 +39,27 @@ pub struct OtlpSettings {
     pub gzip: bool,
     /// Per request (OTEL_EXPORTER_OTLP_TIMEOUT, default 10 s).
     pub timeout: Duration,
+    /// `Some` for an https:// endpoint.
+    pub tls: Option<TlsFiles>,
+}
+
+/// TLS settings from flags, which outrank the environment, and from the
+/// config file, which it outranks.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSources {
+    pub flags: OtlpTlsConfig,
+    pub file: OtlpTlsConfig,
 }
 
 impl OtlpSettings {
     /// `explicit`: the endpoint from a flag, or from the config file when
     /// the environment names none. `env` reads a variable (empty counts as
-    /// unset). Errors name the variable at fault.
+    /// unset). Errors name the variable at fault. TLS files are only named
+    /// here; the exporter reads them when it starts.
     pub fn resolve(
         explicit: Option<&str>,
         protocol: OtlpProtocol,
+        tls: &TlsSources,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
         let either = |suffix: &str| {
@@ -69,21 +86,81 @@ impl OtlpSettings {
                 None => "http://localhost:4317".into(),
             },
         };
-        if endpoint.starts_with("https://") {
-            return Err(format!(
-                "OTLP endpoint {endpoint}: TLS is not built into this agent yet; export over \
-                 http:// to a collector on the node or a sidecar"
-            ));
-        }
-        let valid = endpoint.starts_with("http://")
+        let insecure = match (tls.flags.insecure, either("INSECURE")) {
+            (Some(flag), _) => flag,
+            (None, Some((name, v))) => match v.trim().to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(format!("{name}={v:?}: use true or false")),
+            },
+            (None, None) => tls.file.insecure.unwrap_or(false),
+        };
+        // A gRPC target may come without a scheme: then INSECURE chooses,
+        // and TLS is the default. A scheme always wins over INSECURE.
+        let endpoint = match endpoint.contains("://") {
+            false if !http && insecure => format!("http://{endpoint}"),
+            false if !http => format!("https://{endpoint}"),
+            _ => endpoint,
+        };
+        let secure = endpoint.starts_with("https://");
+        let valid = (secure || endpoint.starts_with("http://"))
             && endpoint
                 .parse::<tonic::transport::Uri>()
                 .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()));
         if !valid {
             return Err(format!(
-                "OTLP endpoint {endpoint:?} is not a URL like http://collector:4317"
+                "OTLP endpoint {endpoint:?} is not a URL like http://collector:4317 or \
+                 https://collector:4317"
             ));
         }
+        // Flag, then the signal's and the general variable, then the file.
+        let pem = |suffix: &str,
+                   (flag_name, flag): (&str, &Option<PathBuf>),
+                   (key, file): (&str, &Option<PathBuf>)| {
+            let (setting, path) = match (flag, either(suffix)) {
+                (Some(path), _) => (flag_name.to_owned(), path.clone()),
+                (None, Some((name, v))) => (name, PathBuf::from(v.trim())),
+                (None, None) => (key.to_owned(), file.clone()?),
+            };
+            Some(PemFile { setting, path })
+        };
+        let (flags, conf) = (&tls.flags, &tls.file);
+        let ca = pem(
+            "CERTIFICATE",
+            ("--otlp-certificate", &flags.ca_file),
+            ("export.tls.ca_file", &conf.ca_file),
+        );
+        let cert = pem(
+            "CLIENT_CERTIFICATE",
+            ("--otlp-client-certificate", &flags.cert_file),
+            ("export.tls.cert_file", &conf.cert_file),
+        );
+        let key = pem(
+            "CLIENT_KEY",
+            ("--otlp-client-key", &flags.key_file),
+            ("export.tls.key_file", &conf.key_file),
+        );
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(format!(
+                    "{one}: a client certificate needs its key and a key its certificate \
+                     (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY)"
+                ));
+            }
+        };
+        let files = TlsFiles { ca, client };
+        let tls = if secure {
+            Some(files)
+        } else {
+            if let Some(set) = files.ca.as_ref().or(files.client.as_ref().map(|c| &c.0)) {
+                log::warn!(
+                    "{set} is not used: the OTLP endpoint {endpoint} is plaintext (http://)"
+                );
+            }
+            None
+        };
         let mut headers = HeaderMap::new();
         // The general headers first, so the signal-specific ones replace them.
         for name in [
@@ -117,6 +194,7 @@ impl OtlpSettings {
             headers,
             gzip,
             timeout,
+            tls,
         })
     }
 }
@@ -175,14 +253,23 @@ impl Otlp {
         settings: OtlpSettings,
         export_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        // Bad TLS files are configuration errors (exit code 2).
+        let tls = settings.tls.as_ref().map(ClientTls::load).transpose()?;
         let transport = match settings.protocol {
             OtlpProtocol::Grpc => {
                 // Connects on first use and reconnects after failures, so a
                 // collector that is not up yet is not a startup error.
-                let channel = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
-                    .with_context(|| format!("OTLP endpoint {}", settings.endpoint))?
-                    .connect_timeout(settings.timeout)
-                    .timeout(settings.timeout);
+                let mut channel =
+                    tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
+                        .with_context(|| format!("OTLP endpoint {}", settings.endpoint))?
+                        .connect_timeout(settings.timeout)
+                        .timeout(settings.timeout);
+                if let Some(tls) = &tls {
+                    // The handshake has the request's bound too.
+                    channel = channel
+                        .tls_config(tls.tonic_config().timeout(settings.timeout))
+                        .with_context(|| format!("TLS to {}", settings.endpoint))?;
+                }
                 let channel = {
                     let _guard = runtime.enter();
                     channel.connect_lazy()
@@ -194,12 +281,22 @@ impl Otlp {
                     client
                 })
             }
-            OtlpProtocol::HttpProtobuf => Transport::Http(
-                reqwest::Client::builder()
-                    .timeout(settings.timeout)
-                    .build()
-                    .context("building the OTLP HTTP client")?,
-            ),
+            OtlpProtocol::HttpProtobuf => {
+                let config = match &tls {
+                    // HTTP/1.1 only: reqwest is built without HTTP/2.
+                    Some(tls) => tls
+                        .rustls_config(vec![b"http/1.1".to_vec()])
+                        .with_context(|| format!("TLS to {}", settings.endpoint))?,
+                    None => plaintext_config(),
+                };
+                Transport::Http(
+                    reqwest::Client::builder()
+                        .timeout(settings.timeout)
+                        .tls_backend_preconfigured(config)
+                        .build()
+                        .context("building the OTLP HTTP client")?,
+                )
+            }
         };
         Ok(Self {
             runtime,
@@ -236,7 +333,10 @@ async fn send(
             client
                 .export(req)
                 .await
-                .map_err(|s| anyhow!("gRPC status {:?}: {}", s.code(), s.message()))?
+                .map_err(|s| {
+                    tls_failure(&s, settings)
+                        .unwrap_or_else(|| anyhow!("gRPC status {:?}: {}", s.code(), s.message()))
+                })?
                 .into_inner()
         }
         Transport::Http(client) => {
@@ -254,7 +354,11 @@ async fn send(
                 body = gz.finish()?;
                 req = req.header(CONTENT_ENCODING, "gzip");
             }
-            let resp = req.body(body).send().await?;
+            let resp = req
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| tls_failure(&e, settings).unwrap_or_else(|| e.into()))?;
             let status = resp.status();
             let bytes = resp.bytes().await?;
             if !status.is_success() {
@@ -276,6 +380,15 @@ async fn send(
         p.rejected_spans.max(0)
     });
     Ok(rejected)
+}
+
+/// A failed request whose cause is the TLS handshake, said in terms of the
+/// settings to check.
+fn tls_failure(
+    err: &(dyn std::error::Error + 'static),
+    settings: &OtlpSettings,
+) -> Option<anyhow::Error> {
+    Some(explain(err, settings.tls.as_ref()?)?.into())
 }
 
 impl Sink for Otlp {
@@ -311,7 +424,16 @@ mod tests {
         protocol: OtlpProtocol,
         vars: &[(&str, &str)],
     ) -> Result<OtlpSettings, String> {
-        OtlpSettings::resolve(explicit, protocol, |name| {
+        resolve_tls(explicit, protocol, &TlsSources::default(), vars)
+    }
+
+    fn resolve_tls(
+        explicit: Option<&str>,
+        protocol: OtlpProtocol,
+        tls: &TlsSources,
+        vars: &[(&str, &str)],
+    ) -> Result<OtlpSettings, String> {
+        OtlpSettings::resolve(explicit, protocol, tls, |name| {
             vars.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
@@ -352,12 +474,145 @@ mod tests {
             endpoint(Some("http://h:4317"), grpc, &both),
             "http://h:4317"
         );
-        for bad in ["collector:4317", "http://", "http://bad host:4317"] {
+        for bad in ["http://", "http://bad host:4317", "ftp://c:4317"] {
             let err = resolve(Some(bad), grpc, &[]).unwrap_err();
             assert!(err.contains("http://collector:4317"), "{bad}: {err}");
         }
-        let err = resolve(None, grpc, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c")]).unwrap_err();
-        assert!(err.contains("TLS"), "{err}");
+        // HTTP needs a URL; only a gRPC target may lack the scheme.
+        let err = resolve(Some("collector:4318"), http, &[]).unwrap_err();
+        assert!(err.contains("https://collector:4317"), "{err}");
+    }
+
+    #[test]
+    fn https_and_insecure_follow_the_specification() {
+        let (http, grpc) = (OtlpProtocol::HttpProtobuf, OtlpProtocol::Grpc);
+        let s = resolve(
+            None,
+            grpc,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317")],
+        )
+        .unwrap();
+        assert_eq!(s.endpoint, "https://c:4317");
+        assert_eq!(s.tls, Some(TlsFiles::default()));
+        let s = resolve(Some("https://c:4318"), http, &[]).unwrap();
+        assert_eq!(s.endpoint, "https://c:4318/v1/traces");
+        assert!(s.tls.is_some());
+        assert_eq!(resolve(None, grpc, &[]).unwrap().tls, None);
+
+        // Without a scheme, a gRPC target is TLS unless INSECURE is true.
+        let bare = ("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317");
+        let s = resolve(None, grpc, &[bare]).unwrap();
+        assert_eq!(s.endpoint, "https://c:4317");
+        assert!(s.tls.is_some());
+        for (insecure, endpoint) in [("TRUE", "http://c:4317"), ("false", "https://c:4317")] {
+            let vars = [bare, ("OTEL_EXPORTER_OTLP_INSECURE", insecure)];
+            assert_eq!(resolve(None, grpc, &vars).unwrap().endpoint, endpoint);
+        }
+        // The signal's variable first; a scheme outranks INSECURE.
+        let vars = [
+            bare,
+            ("OTEL_EXPORTER_OTLP_INSECURE", "false"),
+            ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true"),
+        ];
+        assert_eq!(
+            resolve(None, grpc, &vars).unwrap().endpoint,
+            "http://c:4317"
+        );
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+        ];
+        assert!(resolve(None, grpc, &vars).unwrap().tls.is_some());
+        let err = resolve(None, grpc, &[bare, ("OTEL_EXPORTER_OTLP_INSECURE", "yes")]).unwrap_err();
+        assert!(
+            err.starts_with("OTEL_EXPORTER_OTLP_INSECURE=\"yes\""),
+            "{err}"
+        );
+        // Flag over environment over file.
+        let mut sources = TlsSources::default();
+        sources.file.insecure = Some(true);
+        let s = resolve_tls(Some("c:4317"), grpc, &sources, &[]).unwrap();
+        assert_eq!(s.endpoint, "http://c:4317");
+        let vars = [("OTEL_EXPORTER_OTLP_INSECURE", "false")];
+        let s = resolve_tls(Some("c:4317"), grpc, &sources, &vars).unwrap();
+        assert_eq!(s.endpoint, "https://c:4317");
+        sources.flags.insecure = Some(true);
+        let s = resolve_tls(Some("c:4317"), grpc, &sources, &vars).unwrap();
+        assert_eq!(s.endpoint, "http://c:4317");
+    }
+
+    #[test]
+    fn tls_files_come_from_flags_then_environment_then_file() {
+        let grpc = OtlpProtocol::Grpc;
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317");
+        let mut sources = TlsSources::default();
+        sources.file.ca_file = Some("/file/ca.pem".into());
+        sources.file.cert_file = Some("/file/client.pem".into());
+        sources.file.key_file = Some("/file/client.key".into());
+        let files = |sources: &TlsSources, vars: &[(&str, &str)]| {
+            let mut all = vec![endpoint];
+            all.extend_from_slice(vars);
+            resolve_tls(None, grpc, sources, &all).unwrap().tls.unwrap()
+        };
+        let f = files(&sources, &[]);
+        assert_eq!(
+            f.ca.as_ref().unwrap().to_string(),
+            "export.tls.ca_file=/file/ca.pem"
+        );
+        let (cert, key) = f.client.unwrap();
+        assert_eq!(cert.to_string(), "export.tls.cert_file=/file/client.pem");
+        assert_eq!(key.to_string(), "export.tls.key_file=/file/client.key");
+
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env/ca.pem"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                "/env/traces-ca.pem",
+            ),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/env/client.key"),
+        ];
+        let f = files(&sources, &vars);
+        assert_eq!(
+            f.ca.as_ref().unwrap().to_string(),
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE=/env/traces-ca.pem"
+        );
+        let (cert, key) = f.client.unwrap();
+        assert_eq!(cert.setting, "export.tls.cert_file");
+        assert_eq!(
+            key.to_string(),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY=/env/client.key"
+        );
+
+        sources.flags.ca_file = Some("/flag/ca.pem".into());
+        let f = files(&sources, &vars);
+        assert_eq!(f.ca.unwrap().to_string(), "--otlp-certificate=/flag/ca.pem");
+
+        // Half a client identity is an error.
+        let err = resolve(
+            None,
+            grpc,
+            &[
+                endpoint,
+                ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE=/c.pem")
+                && err.contains("CLIENT_KEY"),
+            "{err}"
+        );
+        // A plaintext endpoint does not use them.
+        let s = resolve(
+            None,
+            grpc,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env/ca.pem"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.tls, None);
     }
 
     #[test]
