@@ -8,7 +8,9 @@
 use serde_json::json;
 use zerotrace_tests::{
     db::{Mariadb, Postgres, Redis},
-    servers::{Nginx, PythonApp},
+    otlp::{Protocol, ReceivedSpan, Receiver},
+    servers::{Nginx, PythonApp, STATIC_FILES},
+    spans::*,
     tls::{
         CLIENT_SUBJECT, HttpClient, LazyHttps, TestCa, mapped_libssl, psycopg, pymysql, python_http,
     },
@@ -170,5 +172,946 @@ fn tls_fixtures_work_without_agent() {
     assert!(
         mapped.iter().any(|p| p.ends_with("/libssl.so.3")),
         "{mapped:?}"
+    );
+}
+
+/// The kernel transports every protocol is checked on.
+const TRANSPORTS: [&str; 2] = ["ringbuf", "perf"];
+
+/// `zerotrace run --transport TRANSPORT ARGS` exporting to `rx`; checks
+/// that the transport asked for is the one in use.
+fn agent_on(rx: &Receiver, transport: &str, args: &[&str]) -> Agent {
+    let agent = agent_for(rx, &[&["--transport", transport], args].concat());
+    let ready = agent
+        .stderr_lines
+        .iter()
+        .find(|l| l.contains("tracing ("))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ready.contains(&format!("({transport} transport")),
+        "{ready}"
+    );
+    agent
+}
+
+/// Stops the agent with SIGINT (it exports what it holds) and returns
+/// every span received: counts are final.
+fn stop(agent: Agent, rx: &Receiver) -> Vec<ReceivedSpan> {
+    agent.stop().expect("zerotrace stops cleanly");
+    rx.spans()
+}
+
+/// The process a span came from.
+fn pid_of(s: &ReceivedSpan) -> Option<u32> {
+    s.resource
+        .get("process.pid")?
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+}
+
+fn of_pid<'a>(spans: &'a [ReceivedSpan], pid: u32, kind: &str) -> Vec<&'a ReceivedSpan> {
+    let mut found: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| pid_of(s) == Some(pid) && s.kind == kind)
+        .collect();
+    found.sort_by_key(|s| s.start_ns);
+    found
+}
+
+/// Spans whose parent is `parent`.
+fn children_of<'a>(spans: &'a [ReceivedSpan], parent: &ReceivedSpan) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.parent_span_id == parent.span_id)
+        .collect()
+}
+
+/// The one SERVER span linked under client span `client` (both ends on this
+/// host): one trace, and exactly one server span for each client call.
+fn served<'a>(spans: &'a [ReceivedSpan], client: &ReceivedSpan) -> &'a ReceivedSpan {
+    let kids: Vec<&ReceivedSpan> = children_of(spans, client)
+        .into_iter()
+        .filter(|s| s.kind == "SERVER")
+        .collect();
+    assert_eq!(
+        kids.len(),
+        1,
+        "want one server span under {}:{}",
+        client.brief(),
+        briefs(spans)
+    );
+    assert_eq!(kids[0].trace_id, client.trace_id);
+    kids[0]
+}
+
+fn on_port<'a>(spans: &'a [ReceivedSpan], kind: &str, port: u16) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.kind == kind && s.attr_i64("server.port") == Some(i64::from(port)))
+        .collect()
+}
+
+/// The path a span's request was for: `url.path`, else the path of `url.full`.
+fn path_of(s: &ReceivedSpan) -> Option<String> {
+    if let Some(path) = s.attr_str("url.path") {
+        return Some(path.to_owned());
+    }
+    let full = s.attr_str("url.full")?;
+    let rest = full.split_once("://")?.1;
+    let path = &rest[rest.find('/')?..];
+    Some(path.split('?').next().unwrap_or(path).to_owned())
+}
+
+fn sorted_paths(spans: &[&ReceivedSpan]) -> Vec<String> {
+    let mut paths: Vec<String> = spans
+        .iter()
+        .map(|s| path_of(s).unwrap_or_else(|| format!("<no path: {}>", s.brief())))
+        .collect();
+    paths.sort();
+    paths
+}
+
+// ---------------------------------------------------------------- HTTPS
+
+#[test]
+fn https_requests_to_nginx_from_curl_httpx_and_requests_are_spans_on_both_transports() {
+    if !can_trace() {
+        return;
+    }
+    for transport in TRANSPORTS {
+        eprintln!("transport {transport}");
+        https_over(transport);
+    }
+}
+
+fn https_over(transport: &str) {
+    let ca = TestCa::new().unwrap();
+    let app = PythonApp::start().unwrap();
+    let nginx = Nginx::start_tls(app.port, &ca).unwrap();
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_on(&rx, transport, &["--route", "/api/users/{id}"]);
+
+    // curl → nginx (TLS) → app (clear text), tenant headers inside TLS.
+    ca.curl(&[
+        "-o",
+        "/dev/null",
+        "-H",
+        "x-tenant-id: acme",
+        "-H",
+        "x-user-id: u-7",
+        &nginx.url("/api/users/42?token=s3cret"),
+    ])
+    .unwrap();
+    // Three static files over one kept-alive TLS connection.
+    let statics = ["/a.txt", "/b.txt", "/index.html"].map(|p| nginx.url(p));
+    let mut args = Vec::new();
+    for url in &statics {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    ca.curl(&args).unwrap();
+    ca.curl(&["-o", "/dev/null", &nginx.url("/missing.txt")])
+        .unwrap();
+    // Python clients, one kept-alive connection each.
+    let urls = |ids: &[u32]| -> Vec<String> {
+        ids.iter()
+            .map(|i| nginx.url(&format!("/api/users/{i}")))
+            .collect()
+    };
+    let httpx = python_http(
+        HttpClient::Httpx,
+        &ca,
+        &[("x-tenant-id", "py-httpx")],
+        &urls(&[101, 102, 103]),
+    )
+    .unwrap();
+    let requests = python_http(
+        HttpClient::Requests,
+        &ca,
+        &[("x-tenant-id", "py-requests")],
+        &urls(&[201, 202]),
+    )
+    .unwrap();
+    assert!(
+        httpx.lines()[..3].iter().all(|l| l.starts_with("200 ")),
+        "{httpx:?}"
+    );
+    assert!(
+        requests.lines().iter().all(|l| l.starts_with("200 ")),
+        "{requests:?}"
+    );
+
+    // 10 requests reached nginx over TLS; 6 of them went on to the app.
+    let requests_made = 10;
+    rx.wait_for(WAIT, "nginx's server spans and their clients'", |s| {
+        on_port(s, "SERVER", nginx.port).len() >= requests_made
+            && on_port(s, "CLIENT", nginx.port).len() >= requests_made
+            && on_port(s, "SERVER", app.port).len() >= 6
+    })
+    .unwrap();
+    let spans = stop(agent, &rx);
+
+    // N requests, N spans on each side: nothing counted twice, nothing
+    // made from ciphertext.
+    let mut expected: Vec<String> = [
+        "/api/users/42",
+        "/a.txt",
+        "/b.txt",
+        "/index.html",
+        "/missing.txt",
+        "/api/users/101",
+        "/api/users/102",
+        "/api/users/103",
+        "/api/users/201",
+        "/api/users/202",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    expected.sort();
+    assert_eq!(
+        sorted_paths(&on_port(&spans, "SERVER", nginx.port)),
+        expected,
+        "nginx's server spans:{}",
+        briefs(&spans)
+    );
+    assert_eq!(
+        sorted_paths(&on_port(&spans, "CLIENT", nginx.port)),
+        expected,
+        "client spans to nginx:{}",
+        briefs(&spans)
+    );
+    assert_eq!(on_port(&spans, "SERVER", app.port).len(), 6);
+    assert_nowhere(&spans, "s3cret");
+
+    // One trace: curl → nginx → nginx's upstream call → the app.
+    let for_path = |s: &ReceivedSpan, path: &str| path_of(s).as_deref() == Some(path);
+    let curl_span = one(&spans, "curl's span", |s| {
+        s.kind == "CLIENT" && is_service(s, "curl") && for_path(s, "/api/users/42")
+    });
+    let nginx_server = served(&spans, curl_span);
+    let nginx_client = one(&spans, "nginx's upstream call", |s| {
+        s.kind == "CLIENT" && for_path(s, "/api/users/42") && is_service(s, "nginx")
+    });
+    let app_server = served(&spans, nginx_client);
+    assert_eq!(curl_span.parent_span_id, "", "curl starts the trace");
+    assert_eq!(nginx_client.parent_span_id, nginx_server.span_id);
+    for s in [curl_span, nginx_server, nginx_client, app_server] {
+        assert_eq!(s.trace_id, curl_span.trace_id, "{}", s.brief());
+        assert_eq!(s.attr_str("tenant.id"), Some("acme"), "{}", s.brief());
+        assert_eq!(s.attr_str("user.id"), Some("u-7"), "{}", s.brief());
+        assert_eq!(s.attr_str("http.request.method"), Some("GET"));
+        assert_eq!(s.attr_i64("http.response.status_code"), Some(200));
+        assert_eq!(s.attr_str("network.protocol.version"), Some("1.1"));
+        assert_eq!(s.status, "UNSET", "{}", s.brief());
+    }
+    assert_eq!(
+        nginx_server.attr_i64("server.port"),
+        Some(i64::from(nginx.port))
+    );
+    assert_eq!(nginx_server.service(), Some("nginx"));
+    assert_eq!(nginx_server.name, "GET /api/users/{id}");
+    assert_eq!(nginx_server.attr_str("http.route"), Some("/api/users/{id}"));
+    assert_eq!(nginx_server.attr_str("url.path"), Some("/api/users/42"));
+    assert_eq!(
+        nginx_server.attr_str("url.query"),
+        Some("token=REDACTED"),
+        "{}",
+        nginx_server.brief()
+    );
+    assert_eq!(
+        nginx_server.attr_str("url.scheme"),
+        Some("https"),
+        "{}",
+        nginx_server.brief()
+    );
+    assert!(
+        nginx_server
+            .attr_str("user_agent.original")
+            .is_some_and(|ua| ua.starts_with("curl/")),
+        "{}",
+        nginx_server.brief()
+    );
+    assert_eq!(
+        curl_span.attr_str("url.full"),
+        Some(nginx.url("/api/users/42?token=REDACTED").as_str()),
+        "{}",
+        curl_span.brief()
+    );
+    assert_eq!(curl_span.service(), Some("curl"));
+    // The upstream leg is clear text.
+    assert_eq!(
+        nginx_client.attr_str("url.full"),
+        Some(format!("http://127.0.0.1:{}/api/users/42?token=REDACTED", app.port).as_str()),
+        "{}",
+        nginx_client.brief()
+    );
+    assert_eq!(app_server.attr_str("url.scheme"), Some("http"));
+    assert_eq!(app_server.name, "GET /api/users/{id}");
+
+    // Kept-alive static files: each response with its request, bodies
+    // (written by SSL_write, not sendfile) of the right size.
+    let static_servers: Vec<&ReceivedSpan> = STATIC_FILES
+        .iter()
+        .map(|(name, size)| {
+            let path = format!("/{name}");
+            let curl_span = one(&spans, &path, |s| {
+                s.kind == "CLIENT" && is_service(s, "curl") && for_path(s, &path)
+            });
+            let server = served(&spans, curl_span);
+            assert_eq!(server.attr_str("url.path"), Some(path.as_str()));
+            assert_eq!(server.attr_i64("http.response.status_code"), Some(200));
+            assert_eq!(
+                server.attr_i64("http.response.body.size"),
+                Some(*size as i64),
+                "{}",
+                server.brief()
+            );
+            assert_eq!(server.name, "GET");
+            server
+        })
+        .collect();
+    let peer = |s: &ReceivedSpan| s.attr_i64("network.peer.port");
+    assert!(
+        static_servers
+            .iter()
+            .all(|s| peer(s) == peer(static_servers[0])),
+        "one connection:{}",
+        briefs(&spans)
+    );
+
+    // A 404 is the client's error, not the server's.
+    let missing_client = one(&spans, "404 client span", |s| {
+        s.kind == "CLIENT" && for_path(s, "/missing.txt")
+    });
+    assert_eq!(missing_client.status, "ERROR");
+    assert_eq!(missing_client.attr_str("error.type"), Some("404"));
+    let missing_server = served(&spans, missing_client);
+    assert_eq!(missing_server.status, "UNSET");
+    assert_eq!(
+        missing_server.attr_i64("http.response.status_code"),
+        Some(404)
+    );
+
+    // The Python clients: one span per request, each linked to nginx's
+    // span of it, which carries the tenant header sent inside TLS.
+    for (run, ids, tenant) in [
+        (&httpx, &[101, 102, 103][..], "py-httpx"),
+        (&requests, &[201, 202][..], "py-requests"),
+    ] {
+        let clients = of_pid(&spans, run.pid, "CLIENT");
+        let want: Vec<String> = ids
+            .iter()
+            .map(|i| nginx.url(&format!("/api/users/{i}")))
+            .collect();
+        let got: Vec<&str> = clients
+            .iter()
+            .map(|s| s.attr_str("url.full").unwrap_or("?"))
+            .collect();
+        assert_eq!(got, want, "{tenant}:{}", briefs(&spans));
+        let servers: Vec<&ReceivedSpan> = clients
+            .iter()
+            .map(|client| {
+                assert_eq!(client.attr_str("http.request.method"), Some("GET"));
+                assert_eq!(client.attr_i64("http.response.status_code"), Some(200));
+                assert_eq!(client.attr_i64("server.port"), Some(i64::from(nginx.port)));
+                assert_eq!(client.attr_str("tenant.id"), Some(tenant));
+                let server = served(&spans, client);
+                assert_eq!(
+                    server.attr_str("tenant.id"),
+                    Some(tenant),
+                    "{}",
+                    server.brief()
+                );
+                assert_eq!(server.name, "GET /api/users/{id}");
+                assert_eq!(server.attr_str("url.scheme"), Some("https"));
+                assert_eq!(path_of(server), path_of(client));
+                server
+            })
+            .collect();
+        assert!(
+            servers.iter().all(|s| peer(s) == peer(servers[0])),
+            "{tenant}: one kept-alive connection:{}",
+            briefs(&spans)
+        );
+    }
+}
+
+// ------------------------------------------------------------- databases
+
+fn db_clients<'a>(spans: &'a [ReceivedSpan], system: &str) -> Vec<&'a ReceivedSpan> {
+    let mut found: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.kind == "CLIENT" && s.attr_str("db.system.name") == Some(system))
+        .collect();
+    found.sort_by_key(|s| s.start_ns);
+    found
+}
+
+fn db_servers<'a>(spans: &'a [ReceivedSpan], system: &str) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.kind == "SERVER" && s.attr_str("db.system.name") == Some(system))
+        .collect()
+}
+
+fn names(spans: &[&ReceivedSpan]) -> Vec<String> {
+    spans.iter().map(|s| s.name.clone()).collect()
+}
+
+fn query_texts(spans: &[&ReceivedSpan]) -> Vec<String> {
+    spans
+        .iter()
+        .map(|s| s.attr_str("db.query.text").unwrap_or("<none>").to_owned())
+        .collect()
+}
+
+#[test]
+fn postgres_over_tls_from_psql_and_psycopg_on_both_transports() {
+    if !can_trace() {
+        return;
+    }
+    for transport in TRANSPORTS {
+        eprintln!("transport {transport}");
+        postgres_over(transport);
+    }
+}
+
+fn postgres_over(transport: &str) {
+    let ca = TestCa::new().unwrap();
+    let pg = Postgres::start_tls(&ca).unwrap();
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_on(&rx, transport, &[]);
+
+    // psql, sslmode=require: six simple queries, one failing.
+    let (_, err, ok) = pg
+        .psql(
+            "CREATE TABLE items (id int, secret text);\n\
+             INSERT INTO items VALUES (1, 'hunter2-pg-secret');\n\
+             SELECT secret FROM items WHERE id = 1;\n\
+             SELECT secret FROM items WHERE id = 1;\n\
+             SELECT secret FROM items WHERE id = 1;\n\
+             SELECT * FROM missing_table;\n",
+        )
+        .unwrap();
+    assert!(!ok && err.contains("missing_table"), "{err}");
+    // psycopg (its own libpq and libssl), sslmode=require: parameters
+    // bound server-side, and a literal.
+    let py = psycopg(
+        &pg.url(),
+        &[
+            ("SELECT secret FROM items WHERE id = %s", json!([1])),
+            ("SELECT secret FROM items WHERE id = %s", json!([1])),
+            ("SELECT secret FROM items WHERE id = %s", json!([1])),
+            (
+                "INSERT INTO items VALUES (%s, %s)",
+                json!([2, "hunter3-psycopg-secret"]),
+            ),
+            (
+                "SELECT id FROM items WHERE secret = 'hunter2-pg-secret'",
+                json!([]),
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(py.lines()[0], "ssl True", "{py:?}");
+
+    let psql_clients = |s: &[ReceivedSpan]| -> usize {
+        db_clients(s, "postgresql")
+            .iter()
+            .filter(|x| is_service(x, "psql"))
+            .count()
+    };
+    rx.wait_for(WAIT, "psql's and psycopg's spans", |s| {
+        psql_clients(s) >= 6 && of_pid(s, py.pid, "CLIENT").len() >= 5
+    })
+    .unwrap();
+    let spans = stop(agent, &rx);
+    assert_nowhere(&spans, "hunter2-pg-secret");
+    assert_nowhere(&spans, "hunter3-psycopg-secret");
+
+    // psql: six statements, six spans, in order.
+    let psql: Vec<&ReceivedSpan> = db_clients(&spans, "postgresql")
+        .into_iter()
+        .filter(|s| is_service(s, "psql"))
+        .collect();
+    assert_eq!(psql.len(), 6, "{}", briefs(&spans));
+    assert_eq!(
+        names(&psql[1..]),
+        [
+            "INSERT items",
+            "SELECT items",
+            "SELECT items",
+            "SELECT items",
+            "SELECT missing_table"
+        ],
+        "{}",
+        briefs(&spans)
+    );
+    let insert = psql[1];
+    assert_eq!(insert.attr_str("db.namespace"), Some("zt"));
+    assert_eq!(insert.attr_str("db.operation.name"), Some("INSERT"));
+    assert_eq!(insert.attr_str("db.collection.name"), Some("items"));
+    assert_eq!(insert.attr_i64("server.port"), Some(i64::from(pg.port)));
+    assert_eq!(insert.status, "UNSET");
+    assert_eq!(
+        insert.attr_str("db.query.text"),
+        Some("INSERT INTO items VALUES (?, ?)"),
+        "{}",
+        insert.brief()
+    );
+    for select in &psql[2..5] {
+        assert_eq!(
+            select.attr_str("db.query.text"),
+            Some("SELECT secret FROM items WHERE id = ?"),
+            "{}",
+            select.brief()
+        );
+        assert_eq!(select.attr_str("db.operation.name"), Some("SELECT"));
+    }
+    let missing = psql[5];
+    assert_eq!(missing.status, "ERROR");
+    assert_eq!(missing.attr_str("db.response.status_code"), Some("42P01"));
+    assert_eq!(missing.attr_str("error.type"), Some("42P01"));
+
+    // psycopg: five statements, five spans.
+    let py_spans: Vec<&ReceivedSpan> = of_pid(&spans, py.pid, "CLIENT");
+    assert_eq!(
+        query_texts(&py_spans),
+        [
+            "SELECT secret FROM items WHERE id = $1",
+            "SELECT secret FROM items WHERE id = $1",
+            "SELECT secret FROM items WHERE id = $1",
+            "INSERT INTO items VALUES ($1, $2)",
+            "SELECT id FROM items WHERE secret = ?",
+        ],
+        "{}",
+        briefs(&spans)
+    );
+    for s in &py_spans {
+        assert_eq!(s.attr_str("db.system.name"), Some("postgresql"));
+        assert_eq!(s.attr_str("db.namespace"), Some("zt"), "{}", s.brief());
+        assert_eq!(s.attr_str("db.collection.name"), Some("items"));
+        assert_eq!(s.status, "UNSET", "{}", s.brief());
+    }
+    assert_eq!(
+        names(&py_spans),
+        [
+            "SELECT items",
+            "SELECT items",
+            "SELECT items",
+            "INSERT items",
+            "SELECT items"
+        ]
+    );
+
+    // The backends are on this host: each call's server side is linked
+    // to it, once; no other server spans.
+    for client in psql.iter().chain(&py_spans) {
+        let server = served(&spans, client);
+        assert_eq!(server.name, client.name, "{}", server.brief());
+        assert_eq!(
+            server.attr_str("db.query.text"),
+            client.attr_str("db.query.text")
+        );
+    }
+    assert_eq!(
+        db_servers(&spans, "postgresql").len(),
+        11,
+        "{}",
+        briefs(&spans)
+    );
+}
+
+#[test]
+fn mariadb_over_tls_from_the_mariadb_client_and_pymysql_on_both_transports() {
+    if !can_trace() {
+        return;
+    }
+    for transport in TRANSPORTS {
+        eprintln!("transport {transport}");
+        mariadb_over(transport);
+    }
+}
+
+fn mariadb_over(transport: &str) {
+    let ca = TestCa::new().unwrap();
+    let my = Mariadb::start_tls(&ca).unwrap();
+    let rx = Receiver::start(Protocol::HttpProtobuf).unwrap();
+    let agent = agent_on(&rx, transport, &[]);
+
+    // mariadb --ssl: seven statements, two failing.
+    let (_, err, ok) = my
+        .mysql(
+            "CREATE TABLE t (id INT, v VARCHAR(40));\n\
+             INSERT INTO t VALUES (1, 'topsecret-maria-99');\n\
+             SELECT v FROM t WHERE id = 1;\n\
+             SELECT v FROM t WHERE id = 1;\n\
+             SELECT v FROM t WHERE id = 1;\n\
+             SELEC 1;\n\
+             SELECT * FROM nope;\n",
+        )
+        .unwrap();
+    assert!(!ok && err.contains("nope"), "{err}");
+    // PyMySQL with ssl={'ca': …}: it puts the parameters into the text.
+    let py = pymysql(
+        my.port,
+        &ca,
+        &[
+            ("SELECT v FROM t WHERE id = %s", json!([1])),
+            ("SELECT v FROM t WHERE id = %s", json!([1])),
+            ("SELECT v FROM t WHERE id = %s", json!([1])),
+            (
+                "INSERT INTO t VALUES (%s, %s)",
+                json!([2, "topsecret-pymysql-77"]),
+            ),
+        ],
+    )
+    .unwrap();
+    assert!(py.lines()[0].starts_with("tls TLSv1."), "{py:?}");
+
+    let named = |s: &[ReceivedSpan], pred: &dyn Fn(&ReceivedSpan) -> bool, name: &str| {
+        db_clients(s, "mysql")
+            .into_iter()
+            .filter(|x| pred(x) && x.name == name)
+            .count()
+    };
+    let cli = |s: &ReceivedSpan| s.service() == Some("mariadb");
+    let ours = |s: &ReceivedSpan| pid_of(s) == Some(py.pid);
+    rx.wait_for(WAIT, "the mariadb client's and PyMySQL's spans", |s| {
+        db_clients(s, "mysql")
+            .iter()
+            .any(|x| x.attr_str("db.response.status_code") == Some("1146"))
+            && named(s, &ours, "INSERT t") >= 1
+    })
+    .unwrap();
+    let spans = stop(agent, &rx);
+    assert_nowhere(&spans, "topsecret-maria-99");
+    assert_nowhere(&spans, "topsecret-pymysql-77");
+
+    // As in clear text.
+    let insert = one(&spans, "the client's INSERT", |s| {
+        s.kind == "CLIENT" && cli(s) && s.name == "INSERT t"
+    });
+    assert_eq!(insert.attr_str("db.system.name"), Some("mysql"));
+    assert_eq!(insert.attr_str("db.namespace"), Some("zt"));
+    assert_eq!(insert.attr_str("db.operation.name"), Some("INSERT"));
+    assert_eq!(insert.attr_i64("server.port"), Some(i64::from(my.port)));
+    assert_eq!(insert.status, "UNSET");
+    let syntax = one(&spans, "syntax error", |s| {
+        s.kind == "CLIENT" && s.attr_str("db.response.status_code") == Some("1064")
+    });
+    assert_eq!(syntax.status, "ERROR");
+    let missing = one(&spans, "missing table", |s| {
+        s.kind == "CLIENT" && s.attr_str("db.response.status_code") == Some("1146")
+    });
+    assert_eq!(missing.status, "ERROR");
+    assert_eq!(missing.attr_str("error.type"), Some("1146"));
+
+    // Three SELECTs each, three spans each, sanitized.
+    for (who, pred) in [
+        ("mariadb", &cli as &dyn Fn(&ReceivedSpan) -> bool),
+        ("PyMySQL", &ours),
+    ] {
+        let selects: Vec<&ReceivedSpan> = db_clients(&spans, "mysql")
+            .into_iter()
+            .filter(|s| pred(s) && s.name == "SELECT t")
+            .collect();
+        assert_eq!(
+            query_texts(&selects),
+            ["SELECT v FROM t WHERE id = ?"; 3],
+            "{who}:{}",
+            briefs(&spans)
+        );
+        for s in &selects {
+            assert_eq!(s.attr_str("db.operation.name"), Some("SELECT"));
+            assert_eq!(s.attr_str("db.collection.name"), Some("t"));
+            assert_eq!(s.attr_str("db.namespace"), Some("zt"), "{}", s.brief());
+            assert_eq!(s.status, "UNSET");
+        }
+    }
+    assert_eq!(named(&spans, &ours, "INSERT t"), 1, "{}", briefs(&spans));
+
+    // mariadbd is on this host: each call's server side is linked to it.
+    for client in db_clients(&spans, "mysql") {
+        let server = served(&spans, client);
+        assert_eq!(server.name, client.name, "{}", server.brief());
+    }
+    assert_eq!(
+        db_servers(&spans, "mysql").len(),
+        db_clients(&spans, "mysql").len(),
+        "{}",
+        briefs(&spans)
+    );
+}
+
+#[test]
+fn redis_over_tls_from_redis_cli_and_redis_benchmark_on_both_transports() {
+    if !can_trace() {
+        return;
+    }
+    for transport in TRANSPORTS {
+        eprintln!("transport {transport}");
+        redis_over(transport);
+    }
+}
+
+fn redis_over(transport: &str) {
+    let ca = TestCa::new().unwrap();
+    let redis = Redis::start_tls(&ca).unwrap();
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_on(&rx, transport, &[]);
+
+    redis
+        .cli(&["SET", "k1", "supersecret-redis-value"])
+        .unwrap();
+    redis.cli(&["GET", "k1"]).unwrap();
+    let wrongtype = redis.cli(&["LPUSH", "k1", "x"]).unwrap();
+    assert!(wrongtype.contains("WRONGTYPE"), "{wrongtype}");
+    redis.cli(&["-n", "3", "SET", "in-db-3", "v"]).unwrap();
+    // 40 SETs, 8 per TLS record.
+    redis
+        .benchmark(&["-c", "1", "-P", "8", "-n", "40", "-t", "set", "-q"])
+        .unwrap();
+
+    let clients_named = |s: &[ReceivedSpan], service: &str, name: &str| -> usize {
+        db_clients(s, "redis")
+            .iter()
+            .filter(|x| x.service() == Some(service) && x.name == name)
+            .count()
+    };
+    rx.wait_for(WAIT, "redis-cli's and redis-benchmark's spans", |s| {
+        clients_named(s, "redis-benchmark", "SET") >= 40
+            && clients_named(s, "redis-cli", "LPUSH") >= 1
+    })
+    .unwrap();
+    let spans = stop(agent, &rx);
+    assert_nowhere(&spans, "supersecret-redis-value");
+
+    let set = one(&spans, "SET k1", |s| {
+        s.kind == "CLIENT" && s.attr_str("db.query.text") == Some("SET k1 ?")
+    });
+    assert_eq!(set.attr_str("db.system.name"), Some("redis"));
+    assert_eq!(set.attr_str("db.namespace"), Some("0"));
+    assert_eq!(set.attr_i64("server.port"), Some(i64::from(redis.port)));
+    assert_eq!(set.status, "UNSET");
+    let lpush = one(&spans, "LPUSH", |s| s.kind == "CLIENT" && s.name == "LPUSH");
+    assert_eq!(lpush.status, "ERROR");
+    assert_eq!(lpush.attr_str("db.response.status_code"), Some("WRONGTYPE"));
+    let db3 = one(&spans, "SET in db 3", |s| {
+        s.kind == "CLIENT" && s.attr_str("db.query.text") == Some("SET in-db-3 ?")
+    });
+    assert_eq!(db3.attr_str("db.namespace"), Some("3"));
+    // 40 pipelined SETs: 40 spans, each paired with its reply.
+    assert_eq!(
+        clients_named(&spans, "redis-benchmark", "SET"),
+        40,
+        "{}",
+        briefs(&spans)
+    );
+    // redis-server is on this host: each call's server side is linked.
+    let get = one(&spans, "GET", |s| {
+        s.kind == "CLIENT" && s.name == "GET" && is_service(s, "redis-cli")
+    });
+    assert_eq!(get.attr_str("db.query.text"), Some("GET k1"));
+    assert_eq!(served(&spans, get).name, "GET");
+    for client in db_clients(&spans, "redis") {
+        served(&spans, client);
+    }
+    assert_eq!(
+        db_servers(&spans, "redis").len(),
+        db_clients(&spans, "redis").len(),
+        "{}",
+        briefs(&spans)
+    );
+}
+
+// ------------------------------------------------ libssl, found and listed
+
+/// The `tls` entries of `zerotrace check --json` for process `pid`.
+fn tls_entries(report: &serde_json::Value, pid: u32) -> Vec<serde_json::Value> {
+    report["tls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tls array in the check report: {report}"))
+        .iter()
+        .filter(|e| e["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// `zerotrace check` lists each libssl `pid` maps as followed, in JSON and
+/// in text (`tls pid N: OpenSSL 3.0.x (PATH) followed`).
+fn assert_listed_as_followed(report: &serde_json::Value, text: &str, who: &str, pid: u32) {
+    let mapped = mapped_libssl(pid);
+    assert!(!mapped.is_empty(), "{who} (pid {pid}) maps no libssl");
+    let entries = tls_entries(report, pid);
+    for path in &mapped {
+        let entry = entries
+            .iter()
+            .find(|e| e["path"] == path.as_str())
+            .unwrap_or_else(|| panic!("{who}: {path} not listed for pid {pid}: {entries:?}"));
+        assert_eq!(entry["followed"], true, "{who}: {entry}");
+        let library = entry["library"].as_str().unwrap_or("");
+        assert!(library.starts_with("OpenSSL"), "{who}: {entry}");
+        if path.ends_with("/libssl.so.3") {
+            assert!(library.starts_with("OpenSSL 3."), "{who}: {entry}");
+        }
+        assert!(entry.get("reason").is_some(), "{who}: {entry}");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("tls pid {pid}: ")) && l.contains(path.as_str()))
+            .unwrap_or_else(|| panic!("{who}: no text line for pid {pid} and {path}:\n{text}"));
+        assert!(
+            line.contains(&format!("tls pid {pid}: OpenSSL"))
+                && line.contains(&format!("({path}) followed")),
+            "{who}: {line}"
+        );
+    }
+}
+
+/// `zerotrace check`'s text output.
+fn check_text() -> String {
+    let out = std::process::Command::new(agent_bin())
+        .arg("check")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn check_lists_the_libssl_of_running_curl_nginx_and_python_as_followed() {
+    if !can_trace() {
+        return;
+    }
+    let ca = TestCa::new().unwrap();
+    // Nothing is proxied here: the upstream port is never used.
+    let nginx = Nginx::start_tls(free_port(), &ca).unwrap();
+    // curl in the middle of a request nobody answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/", silent.local_addr().unwrap());
+    let curl = Guard(
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "60", &silent_url])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (_held, _) = silent.accept().unwrap();
+    // Python with `ssl` (the system libssl) and psycopg (its wheel's own
+    // libssl, loaded with its libpq) imported, waiting.
+    let mut python = Guard(
+        std::process::Command::new(otlp::otel_python().unwrap())
+            .args([
+                "-c",
+                "import ssl, sys, psycopg\nprint('ready', flush=True)\nsys.stdin.read()",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(python.0.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let python_pid = python.0.id();
+    let libraries = mapped_libssl(python_pid);
+    assert!(
+        libraries
+            .iter()
+            .any(|p| p.contains("/psycopg_binary.libs/libssl")),
+        "psycopg's own libssl is not mapped: {libraries:?}"
+    );
+
+    let report = check_report();
+    let text = check_text();
+    let workers = nginx.workers();
+    assert!(!workers.is_empty());
+    assert_listed_as_followed(&report, &text, "curl", curl.0.id());
+    assert_listed_as_followed(&report, &text, "nginx master", nginx.master_pid());
+    for worker in workers {
+        assert_listed_as_followed(&report, &text, "nginx worker", worker);
+    }
+    assert_listed_as_followed(&report, &text, "python with psycopg", python_pid);
+}
+
+#[test]
+fn python_that_loads_libssl_after_the_agent_started_is_followed() {
+    if !can_trace() {
+        return;
+    }
+    let ca = TestCa::new().unwrap();
+    let nginx = Nginx::start_tls(free_port(), &ca).unwrap();
+    let mut lazy = LazyHttps::start(&ca, nginx.port).unwrap();
+    assert!(
+        !lazy.maps_libssl(),
+        "the client maps libssl before importing ssl: {:?}",
+        mapped_libssl(lazy.pid)
+    );
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_for(&rx, &[]);
+    assert!(
+        !lazy.maps_libssl(),
+        "libssl appeared before the first request"
+    );
+
+    // The first request imports ssl (dlopen of libssl.so.3). The agent
+    // attaches to the new library by itself: retry for up to ~10 s until
+    // a request of this process becomes a span.
+    let pid = lazy.pid;
+    let has_span = |s: &[ReceivedSpan]| !of_pid(s, pid, "CLIENT").is_empty();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut requests = 0;
+    loop {
+        assert_eq!(lazy.get("/a.txt").unwrap(), 200);
+        requests += 1;
+        if requests == 1 {
+            let mapped = mapped_libssl(lazy.pid);
+            assert!(
+                mapped.iter().any(|p| p.ends_with("/libssl.so.3")),
+                "{mapped:?}"
+            );
+        }
+        let seen = rx
+            .wait_for(std::time::Duration::from_millis(500), "", has_span)
+            .is_ok();
+        if seen || std::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    let report = check_report();
+    let spans = stop(agent, &rx);
+
+    let clients = of_pid(&spans, lazy.pid, "CLIENT");
+    assert!(
+        !clients.is_empty(),
+        "no span of the {requests} requests of pid {} after it loaded libssl:{}",
+        lazy.pid,
+        briefs(&spans)
+    );
+    assert!(clients.len() <= requests, "{}", briefs(&spans));
+    for client in &clients {
+        assert_eq!(
+            client.attr_str("url.full"),
+            Some(nginx.url("/a.txt").as_str()),
+            "{}",
+            client.brief()
+        );
+        assert_eq!(client.attr_str("http.request.method"), Some("GET"));
+        assert_eq!(client.attr_i64("http.response.status_code"), Some(200));
+        let server = served(&spans, client);
+        assert_eq!(server.attr_str("url.path"), Some("/a.txt"));
+        assert_eq!(server.attr_i64("http.response.body.size"), Some(333));
+    }
+    // And `zerotrace check` lists the library it loaded late.
+    let entries = tls_entries(&report, lazy.pid);
+    assert!(
+        entries.iter().any(|e| e["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/libssl.so.3"))
+            && e["followed"] == true),
+        "{entries:?}"
     );
 }
