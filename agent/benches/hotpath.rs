@@ -19,7 +19,7 @@ use std::{
     hint::black_box,
     net::SocketAddr,
     sync::{Arc, mpsc::Receiver},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent_common::{ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall};
@@ -29,9 +29,8 @@ use criterion::{
 use zerotrace::{
     capture::decode,
     config::Config,
-    conn::{ConnTable, seed::Seed},
     export::{ExportSpan, SpanQueue, otlp_request},
-    pipeline::{Attributor, Record},
+    pipeline::Replay,
     protocol::{
         db::{DbEvent, DbOptions},
         http::{HttpEvent, HttpOptions, Moment},
@@ -542,14 +541,14 @@ fn bench_sql(c: &mut Criterion) {
     g.finish();
 }
 
-/// The stages after the reader, as `zerotrace run` wires them: the
-/// attributor (connection table) hands records to the tracer, whose spans
-/// go to the export queue; the receiver stands in for the exporter thread.
+/// The record path after the reader, as `zerotrace run` takes it: a
+/// replay of the records (the same rounds as the kernel's, attribution
+/// included) hands them to the tracer, whose spans go to the export queue;
+/// the receiver stands in for the exporter thread.
 struct Stages {
-    attributor: Attributor,
+    replay: Replay,
     tracer: Tracer,
     spans: Receiver<ExportSpan>,
-    now: Instant,
 }
 
 impl Stages {
@@ -557,29 +556,15 @@ impl Stages {
         let (queue, spans) = SpanQueue::for_test(4096);
         let opts = TraceOptions::new(&Config::default(), Sampler::default());
         Self {
-            attributor: Attributor::new(ConnTable::new(
-                zerotrace::pipeline::MAX_CONNECTIONS,
-                Seed::default(),
-            )),
+            replay: Replay::default(),
             tracer: Tracer::new(opts, queue),
             spans,
-            now: Instant::now(),
         }
     }
 
-    /// Decodes and handles `records` as one reader batch.
+    /// Hands `records` on as one reader batch.
     fn feed(&mut self, records: &[Vec<u8>]) {
-        let Self {
-            attributor,
-            tracer,
-            now,
-            ..
-        } = self;
-        for r in records {
-            let event = decode(r).expect("valid record");
-            attributor.event(event, *now, &mut |rec: Record<'_>| tracer.on_record(rec));
-        }
-        attributor.expire(*now, &mut |rec: Record<'_>| tracer.on_record(rec));
+        self.replay.feed(records, &mut self.tracer);
     }
 
     /// `feed`, then takes the spans off the queue; returns how many.
@@ -592,6 +577,7 @@ impl Stages {
     /// `attribute`.
     fn check(&mut self, records: &[Vec<u8>], n: usize, attribute: &str) {
         self.feed(records);
+        assert_eq!(self.replay.undecodable, 0, "undecodable records");
         let spans: Vec<ExportSpan> = self.spans.try_iter().collect();
         assert_eq!(spans.len(), n, "{spans:?}");
         for s in &spans {

@@ -21,7 +21,7 @@ use crate::{
         kfunc::KfuncChoice,
         loader::{LoadOptions, Transport, TransportChoice},
     },
-    pipeline::{Pipeline, default_buffer_bytes},
+    pipeline::{Discard, Pipeline, default_buffer_bytes},
 };
 
 #[derive(Args, Debug)]
@@ -117,18 +117,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let stop = AtomicBool::new(false);
     let deadline = started + Duration::from_secs(args.seconds) + Duration::from_millis(500);
-    pipeline.run(
-        &stop,
-        Some(deadline),
-        Duration::from_secs(3600),
-        &mut |_| {},
-        &mut |_| {},
-    )?;
+    pipeline.run(&stop, Some(deadline), &mut Discard)?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("loadgen stdout")?).read_line(&mut line)?;
     child.wait()?;
     // Records still in flight after the generator stopped.
-    pipeline.step(Duration::from_millis(200), &mut |_| {})?;
+    pipeline.step(Duration::from_millis(200), &mut Discard)?;
     let elapsed = started
         .elapsed()
         .as_secs_f64()

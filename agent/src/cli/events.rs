@@ -15,7 +15,7 @@ use super::CaptureArgs;
 use crate::{
     capture::Data,
     conn::Connection,
-    pipeline::{Pipeline, Record, stop_on_signals},
+    pipeline::{Consumer, Every, Pipeline, Record, stop_on_signals},
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -171,29 +171,25 @@ fn data_json(conn: Option<&Connection>, data: &Data<'_>) -> serde_json::Value {
     v
 }
 
-pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
-    let stop = stop_on_signals()?;
-    let mut pipeline = Pipeline::start(&args.capture.load_options())?;
-    eprintln!(
-        "zerotrace: capturing ({} transport, kernel functions: {}); Ctrl-C to stop",
-        pipeline.transport().name(),
-        pipeline.probes.kernel_functions.describe()
-    );
-    if args.self_traffic {
-        eprintln!("zerotrace: self traffic on port {}", self_traffic()?);
-    }
-    let clock = Clock::new();
-    let stdout = std::io::stdout();
-    // Shared by the record callback and the tick that flushes it, so
-    // readers of a pipe see records within a tick, not only at exit.
-    let out = std::cell::RefCell::new(BufWriter::new(stdout.lock()));
-    let deadline = args
-        .duration
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let mut write_error = None;
-    let mut on_record = |record: Record<'_>| {
-        let line = match (args.format, record) {
-            (_, Record::Evicted(_) | Record::Followed { .. } | Record::Unfollowed(_)) => return,
+/// Prints each record as a line: what `events` plugs into the pipeline.
+struct Printer<'a, W: Write> {
+    args: &'a EventsArgs,
+    clock: Clock,
+    out: W,
+    /// The first failed write; later records are not printed.
+    write_error: Option<std::io::Error>,
+    /// Readers of a pipe see records within this, not only at exit.
+    flush_every: Every,
+}
+
+impl<W: Write> Printer<'_, W> {
+    /// The record's line, if it has one.
+    fn line(&self, record: Record<'_>) -> Option<String> {
+        let clock = &self.clock;
+        let line = match (self.args.format, record) {
+            (_, Record::Evicted(_) | Record::Followed { .. } | Record::Unfollowed(_)) => {
+                return None;
+            }
             (Format::Json, Record::Unit(u)) => serde_json::json!({
                 "type": "unit",
                 "ts_ns": u.header.ts_ns,
@@ -275,27 +271,61 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
                     tuple,
                     d.syscall.name(),
                     d.total_bytes,
-                    preview(d.payload, args.preview)
+                    preview(d.payload, self.args.preview)
                 )
             }
         };
-        if write_error.is_none()
-            && let Err(e) = writeln!(out.borrow_mut(), "{line}")
-        {
-            write_error = Some(e);
+        Some(line)
+    }
+}
+
+impl<W: Write> Consumer for Printer<'_, W> {
+    fn record(&mut self, record: Record<'_>) {
+        if self.write_error.is_some() {
+            return;
         }
+        if let Some(line) = self.line(record)
+            && let Err(e) = writeln!(self.out, "{line}")
+        {
+            self.write_error = Some(e);
+        }
+    }
+
+    fn tick(&mut self, _: &mut Pipeline) {
+        if self.flush_every.due() {
+            let _ = self.out.flush();
+        }
+    }
+}
+
+pub fn run(args: &EventsArgs) -> anyhow::Result<ExitCode> {
+    let stop = stop_on_signals()?;
+    let mut pipeline = Pipeline::start(&args.capture.load_options())?;
+    eprintln!(
+        "zerotrace: capturing ({} transport, kernel functions: {}); Ctrl-C to stop",
+        pipeline.transport().name(),
+        pipeline.probes.kernel_functions.describe()
+    );
+    if args.self_traffic {
+        eprintln!("zerotrace: self traffic on port {}", self_traffic()?);
+    }
+    let stdout = std::io::stdout();
+    let mut printer = Printer {
+        args,
+        clock: Clock::new(),
+        out: BufWriter::new(stdout.lock()),
+        write_error: None,
+        flush_every: Every::new(Duration::from_millis(200)),
     };
-    let mut flush = |_: &Pipeline| {
-        let _ = out.borrow_mut().flush();
-    };
-    pipeline.run(
-        &stop,
-        deadline,
-        Duration::from_millis(200),
-        &mut on_record,
-        &mut flush,
-    )?;
-    let mut out = out.into_inner();
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    pipeline.run(&stop, deadline, &mut printer)?;
+    let Printer {
+        mut out,
+        write_error,
+        ..
+    } = printer;
     let stats = pipeline.stats();
     if matches!(args.format, Format::Json) {
         let mut v = serde_json::to_value(stats)?;

@@ -1,9 +1,11 @@
 //! `zerotrace run`: the agent. Captures, traces and exports until stopped.
+//! This is its configuration, start-up and shutdown; the loop between them
+//! is the pipeline's ([`Pipeline::run`] with [`Tracing`] plugged in).
 
 use std::{
     path::PathBuf,
     process::ExitCode,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,11 +19,10 @@ use crate::{
     },
     export::{Exporter, OtlpSettings, Target},
     kernel::features,
-    pipeline::{Pipeline, stop_on_signals},
+    pipeline::{Periods, Pipeline, Tracing, stop_on_signals},
     selftrace::{
         SelfSpans,
-        endpoints::{self, AgentState, Endpoints, MetricsSnapshot, ProgramRun},
-        interval::IntervalReporter,
+        endpoints::{self, AgentState, Endpoints},
         startup::Startup,
     },
     trace::{TraceOptions, Tracer, parents::context::Sampler, resources::kubernetes::watch::Watch},
@@ -245,40 +246,6 @@ fn start_endpoints(settings: &Settings, state: &Arc<AgentState>) -> Option<Endpo
     }
 }
 
-/// What /metrics shows now.
-fn snapshot(
-    pipeline: &Pipeline,
-    tracer: &Tracer,
-    exporter: &Exporter,
-    own: u64,
-) -> MetricsSnapshot {
-    let s = pipeline.stats();
-    let x = exporter.counts();
-    MetricsSnapshot {
-        transport: s.transport,
-        events: s.reader.records,
-        bytes: s.reader.bytes,
-        lost: s.lost(),
-        spans_produced: tracer.stats.spans + own,
-        spans_exported: x.exported,
-        spans_dropped: x.dropped_queue_full,
-        export_errors: x.failed,
-        queue_depth: x.waiting(),
-        connections_open: s.connections_open as u64,
-        programs: pipeline
-            .probes
-            .program_stats()
-            .into_iter()
-            .map(|p| ProgramRun {
-                program: p.program,
-                kind: p.kind,
-                run_count: p.run_count,
-                run_time_ns: p.run_time_ns,
-            })
-            .collect(),
-    }
-}
-
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut startup = Startup::begin();
     let settings = startup.phase("config.load", || args.settings())?;
@@ -323,7 +290,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let mut options = TraceOptions::new(&settings.config, settings.sampler);
     options.kubernetes = watch.as_ref().map(Watch::metadata);
-    let mut tracer = Tracer::new(options, exporter.queue());
+    let tracer = Tracer::new(options, exporter.queue());
     let load = args.capture.load_options_over(&settings.config.capture);
     let mut pipeline = match Pipeline::start(&load) {
         Ok(pipeline) => pipeline,
@@ -337,23 +304,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     };
-    startup.annotate("zerotrace.runtimes", pipeline.runtimes.summary());
+    startup.annotate("zerotrace.runtimes", pipeline.followers.runtimes.summary());
     if let Some(spans) = self_spans.as_mut() {
         startup.finish(spans, Some(&pipeline), None);
     }
-    let own_spans = |s: &Option<SelfSpans>| s.as_ref().map_or(0, |s| s.produced);
-    state.update(snapshot(
-        &pipeline,
-        &tracer,
-        &exporter,
-        own_spans(&self_spans),
-    ));
+    let periods = Periods {
+        stats: Duration::from_secs(settings.config.stats_interval.unwrap_or(10).max(1)),
+        telemetry: Duration::from_secs(telemetry.interval.max(1)),
+    };
+    let mut tracing = Tracing::new(tracer, &exporter, &state, self_spans, &pipeline, periods);
     state.set_ready();
     eprintln!(
         "zerotrace: tracing ({} transport, kernel functions: {}, runtimes: {}, {} probes attached), exporting {}; Ctrl-C to stop",
         pipeline.transport().name(),
         pipeline.probes.kernel_functions.describe(),
-        pipeline.runtimes.summary(),
+        pipeline.followers.runtimes.summary(),
         pipeline
             .probes
             .attachments
@@ -362,69 +327,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .count(),
         settings.target.describe(),
     );
-    let report = |p: &Pipeline, t: &Tracer, e: &Exporter| {
-        let s = p.stats();
-        let x = e.counts();
-        log::info!(
-            "{} data events, {} lost, {} connections open; {} spans ({} in flight), \
-             {} exported, {} dropped, {} failed",
-            s.data_events,
-            s.lost(),
-            s.connections_open,
-            t.stats.spans,
-            t.in_flight(),
-            x.exported,
-            x.dropped_queue_full,
-            x.failed,
-        );
-    };
-    let mut intervals = IntervalReporter::new(&pipeline);
-    let stats_every = Duration::from_secs(settings.config.stats_interval.unwrap_or(10).max(1));
-    let interval_every = Duration::from_secs(telemetry.interval.max(1));
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let (mut last_report, mut last_interval, mut last_snapshot) =
-        (Instant::now(), Instant::now(), Instant::now());
-    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        pipeline.step(crate::capture::reader::POLL_EVERY, &mut |r| {
-            tracer.on_record(r)
-        })?;
-        state.heartbeat();
-        if last_snapshot.elapsed() >= Duration::from_secs(1) {
-            state.update(snapshot(
-                &pipeline,
-                &tracer,
-                &exporter,
-                own_spans(&self_spans),
-            ));
-            last_snapshot = Instant::now();
-        }
-        if last_interval.elapsed() >= interval_every {
-            if let Some(spans) = self_spans.as_mut() {
-                intervals.report(spans, &mut pipeline);
-            }
-            last_interval = Instant::now();
-        }
-        if last_report.elapsed() >= stats_every {
-            report(&pipeline, &tracer, &exporter);
-            last_report = Instant::now();
-        }
-    }
-    // Detach first: nothing new arrives, and what is already in the
-    // buffers still counts.
-    pipeline.probes.detach();
-    pipeline.step(Duration::ZERO, &mut |r| tracer.on_record(r))?;
-    if let Some(spans) = self_spans.as_mut()
-        && last_interval.elapsed() >= Duration::from_millis(100)
-    {
-        // The last, partial interval: a short run still reports its costs.
-        intervals.report(spans, &mut pipeline);
-    }
-    report(&pipeline, &tracer, &exporter);
+    pipeline.run(&stop, deadline, &mut tracing)?;
     drop(endpoints);
     drop(pipeline);
-    drop((tracer, self_spans, watch));
+    drop((tracing, watch));
     let counts = exporter.shutdown();
     eprintln!(
         "zerotrace: stopped, probes detached; {} spans exported, {} dropped, {} failed",
