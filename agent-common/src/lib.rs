@@ -30,6 +30,9 @@ pub mod maps {
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
     pub const KFUNC_ARGS: &str = "KFUNC_ARGS";
     pub const RUNTIMES: &str = "RUNTIMES";
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
+    pub const TLS_LAYOUTS: &str = "TLS_LAYOUTS";
 }
 
 /// Name of the read-only global holding [`KernelConfig`].
@@ -44,6 +47,9 @@ pub enum EventKind {
     ConnClose = 3,
     /// A runtime made a new unit of work ([`UnitEvent`]).
     Unit = 4,
+    /// A process mapped a file executable (a library loaded at exec or by
+    /// `dlopen`): header only, `fd` is the mapped file's descriptor.
+    Mapped = 5,
 }
 
 impl EventKind {
@@ -53,6 +59,7 @@ impl EventKind {
             2 => Some(Self::ConnOpen),
             3 => Some(Self::ConnClose),
             4 => Some(Self::Unit),
+            5 => Some(Self::Mapped),
             _ => None,
         }
     }
@@ -119,6 +126,11 @@ pub enum Syscall {
     TcpSendmsg = 10,
     /// Kernel-function layer: `tcp_sendpage` (sendfile and splice before 6.5).
     TcpSendpage = 11,
+    /// Plaintext a TLS library returned to the process (`SSL_read`,
+    /// `SSL_read_ex`): what the socket carried as ciphertext.
+    TlsRead = 12,
+    /// Plaintext the process handed to a TLS library (`SSL_write`, `SSL_write_ex`).
+    TlsWrite = 13,
 }
 
 impl Syscall {
@@ -135,6 +147,8 @@ impl Syscall {
             9 => Self::Sendfile,
             10 => Self::TcpSendmsg,
             11 => Self::TcpSendpage,
+            12 => Self::TlsRead,
+            13 => Self::TlsWrite,
             _ => return None,
         })
     }
@@ -152,7 +166,15 @@ impl Syscall {
             Self::Sendfile => "sendfile",
             Self::TcpSendmsg => "tcp_sendmsg",
             Self::TcpSendpage => "tcp_sendpage",
+            Self::TlsRead => "tls_read",
+            Self::TlsWrite => "tls_write",
         }
+    }
+
+    /// Whether the bytes are plaintext from a TLS library rather than what
+    /// a socket syscall moved.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::TlsRead | Self::TlsWrite)
     }
 
     pub fn direction(self) -> Direction {
@@ -163,8 +185,11 @@ impl Syscall {
             | Self::Sendmsg
             | Self::Sendfile
             | Self::TcpSendmsg
-            | Self::TcpSendpage => Direction::Egress,
-            Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg => Direction::Ingress,
+            | Self::TcpSendpage
+            | Self::TlsWrite => Direction::Egress,
+            Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg | Self::TlsRead => {
+                Direction::Ingress
+            }
         }
     }
 }
@@ -243,6 +268,29 @@ pub struct ThreadLayout {
     /// The unit objects' type (CPython: `&PyContext_Type`, at `unit + 8`):
     /// a probed return value of another type is not a new unit. 0: unchecked.
     pub unit_type: u64,
+}
+
+/// TLS_SESSIONS key: one TLS session object (OpenSSL: `SSL *`) of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsSessionKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub session: u64,
+}
+
+/// TLS_LAYOUTS value: where a process's TLS library keeps a session's
+/// socket, to check the socket a call is attributed to. OpenSSL:
+/// `bio = *(ssl + rbio_off)`; the BIO is a descriptor BIO when
+/// `*(u32 *)*(bio + bio_method_off) & BIO_TYPE_DESCRIPTOR`, and then its fd
+/// is `*(i32 *)(bio + bio_num_off)`. All 0: unknown layout, not checked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsLayout {
+    pub rbio_off: u32,
+    pub bio_method_off: u32,
+    pub bio_num_off: u32,
+    pub _pad: u32,
 }
 
 /// A connection became known: connect/accept returned, or first sight.
@@ -336,10 +384,18 @@ pub enum Counter {
     SocketsFull = 4,
     /// fd → socket look-ups that failed to read kernel memory.
     WalkFailed = 5,
+    /// TLS plaintext whose socket could not be told (no socket call inside
+    /// the library call, none remembered for the session): not sent.
+    TlsNoSocket = 6,
+    /// TLS plaintext whose socket call inside the library call and the
+    /// session's own socket (its BIO's fd) disagree: not sent.
+    TlsSocketMismatch = 7,
+    /// TLS library calls dropped because the TLS_CALLS map was full.
+    TlsCallsFull = 8,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 12;
 
 /// Kind of value in the SOCKETS table.
 pub const SOCKET_TRACKED: u8 = 1;
@@ -387,6 +443,8 @@ mod pod {
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SockConn {}
     unsafe impl aya::Pod for ThreadLayout {}
+    unsafe impl aya::Pod for TlsLayout {}
+    unsafe impl aya::Pod for TlsSessionKey {}
 }
 
 #[cfg(test)]
@@ -400,6 +458,8 @@ mod tests {
         assert_eq!(size_of::<DataEvent>(), 56);
         assert_eq!(size_of::<UnitEvent>(), 56);
         assert_eq!(size_of::<ThreadLayout>(), 32);
+        assert_eq!(size_of::<TlsLayout>(), 16);
+        assert_eq!(size_of::<TlsSessionKey>(), 16);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
         assert_eq!(size_of::<SocketKey>(), 8);
@@ -415,14 +475,18 @@ mod tests {
             EventKind::ConnOpen,
             EventKind::ConnClose,
             EventKind::Unit,
+            EventKind::Mapped,
         ] {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(EventKind::from_u8(0), None);
-        for s in 1..=11u8 {
+        for s in 1..=13u8 {
             assert_eq!(Syscall::from_u8(s).map(|s| s as u8), Some(s));
         }
-        assert_eq!(Syscall::from_u8(12), None);
+        assert_eq!(Syscall::from_u8(14), None);
+        assert!(Syscall::TlsRead.is_tls() && !Syscall::Read.is_tls());
+        assert_eq!(Syscall::TlsRead.direction(), Direction::Ingress);
+        assert_eq!(Syscall::TlsWrite.direction(), Direction::Egress);
         assert_eq!(Syscall::TcpSendpage.direction(), Direction::Egress);
         assert_eq!(Syscall::Sendfile.direction(), Direction::Egress);
         assert_eq!(Role::from_u8(2), Role::Server);

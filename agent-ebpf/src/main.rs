@@ -4,7 +4,8 @@
 //! the enter hook remembers the call's arguments per thread, the exit hook
 //! copies what really moved and hands it to userspace over the ring buffer or
 //! the perf event array. Kernel-function probes (fexit or kprobe) add what
-//! bypasses those syscalls. Maps are bounded; every drop is counted.
+//! bypasses those syscalls; probes on TLS libraries give the plaintext of
+//! encrypted connections. Maps are bounded; every drop is counted.
 #![no_std]
 #![no_main]
 
@@ -14,8 +15,12 @@ mod process;
 mod runtime;
 mod socket;
 mod syscalls;
+mod tls;
 
-use agent_common::{KernelConfig, KernelOffsets, SockConn, SocketInfo, SocketKey, ThreadLayout};
+use agent_common::{
+    KernelConfig, KernelOffsets, SockConn, SocketInfo, SocketKey, ThreadLayout, TlsLayout,
+    TlsSessionKey,
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerfEventByteArray, RingBuf},
@@ -91,6 +96,18 @@ static PENDING: LruHashMap<u64, syscalls::PendingCall> = LruHashMap::with_max_en
 /// tgid → how to read the running unit of its threads (followed runtimes).
 #[map(name = "RUNTIMES")]
 static RUNTIMES: HashMap<u32, ThreadLayout> = HashMap::with_max_entries(4096, 0);
+
+/// pid_tgid → a TLS library read or write in flight on that thread.
+#[map(name = "TLS_CALLS")]
+static TLS_CALLS: LruHashMap<u64, tls::TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, TLS session object) → the socket fd it was last seen using.
+#[map(name = "TLS_SESSIONS")]
+static TLS_SESSIONS: LruHashMap<TlsSessionKey, i32> = LruHashMap::with_max_entries(65536, 0);
+
+/// tgid → where its TLS library keeps a session's socket (for the check).
+#[map(name = "TLS_LAYOUTS")]
+static TLS_LAYOUTS: HashMap<u32, TlsLayout> = HashMap::with_max_entries(16384, 0);
 
 /// Selected processes (when CONFIG.filter_mode is FILTER_SELECTED).
 #[map(name = "TRACED_PIDS")]

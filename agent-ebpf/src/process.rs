@@ -1,4 +1,5 @@
-//! Process selection: which tgids are traced, following forks and execs.
+//! Process selection: which tgids are traced, following forks and execs,
+//! and the files they map executable (where library probes may belong).
 
 use agent_common::FILTER_SELECTED;
 use aya_ebpf::{
@@ -7,7 +8,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::{TRACED_COMMS, TRACED_PIDS, config};
+use agent_common::{EventHeader, EventKind};
+
+use crate::{TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_record, socket};
+
+const PROT_EXEC: u64 = 4;
 
 /// Whether the process's socket traffic is traced. The agent never traces itself.
 #[inline(always)]
@@ -64,16 +69,45 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched/sched_process_exit`: forget a process when its last thread leaves.
+/// `sched/sched_process_exit` (every exiting thread): forget a TLS call the
+/// thread left unfinished, and a process when its last thread leaves.
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // A thread that dies inside SSL_read never returns from it: its entry
+    // must not make a later thread with the same id look inside a call.
+    let _ = TLS_CALLS.remove(&pid_tgid);
     if !filtering() {
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tgid == tid {
         let _ = TRACED_PIDS.remove(&tgid);
     }
+    0
+}
+
+/// `mmap(addr, len, prot, flags, fd, off)`: a selected process maps a file
+/// executable — the dynamic loader placing a library, at exec or for a
+/// `dlopen` — so the agent looks for libraries it probes (a TLS library
+/// loaded after start). Anonymous and non-executable mappings are ignored.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    // SAFETY: sys_enter records hold six 8-byte arguments from offset 16.
+    let (prot, fd) = unsafe {
+        (
+            ctx.read_at::<u64>(16 + 8 * 2).unwrap_or(0),
+            ctx.read_at::<i64>(16 + 8 * 4).unwrap_or(-1),
+        )
+    };
+    if prot & PROT_EXEC == 0 || fd < 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !selected((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let record: EventHeader = socket::header(EventKind::Mapped, 0, pid_tgid, fd as i32, 0);
+    output_record(&ctx, &record);
     0
 }

@@ -15,7 +15,7 @@ use crate::{
     PENDING, config,
     emit::{ScratchGuard, count, output},
     process::selected,
-    runtime, socket,
+    runtime, socket, tls,
 };
 
 /// Marks a pending connect() rather than a data syscall.
@@ -23,7 +23,7 @@ const CONNECT: u8 = 0xff;
 const EINPROGRESS: i64 = -115;
 /// Masks that let the verifier bound copy offsets and sizes (see Scratch).
 const OFFSET_MASK: u64 = MAX_CAPTURE_BYTES as u64 - 1;
-const SIZE_MASK: u64 = 2 * MAX_CAPTURE_BYTES as u64 - 1;
+pub(crate) const SIZE_MASK: u64 = 2 * MAX_CAPTURE_BYTES as u64 - 1;
 
 /// Arguments of a syscall in flight, saved at enter for the exit hook.
 #[repr(C)]
@@ -169,6 +169,10 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let conn = socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?;
+    if tls::inside_call(pid_tgid, call.fd) {
+        // Ciphertext: the TLS probe sends this call's plaintext instead.
+        return Ok(());
+    }
     let mut guard = ScratchGuard::acquire().ok_or(())?;
     let scratch = guard.get();
 
@@ -209,7 +213,7 @@ fn min(a: u64, b: u64) -> u64 {
 
 /// Copies `n` user bytes from `src` to `payload[offset..]` (bounded by masks).
 #[inline(always)]
-fn copy_user(payload: &mut [u8], offset: u64, src: u64, n: u64) -> bool {
+pub(crate) fn copy_user(payload: &mut [u8], offset: u64, src: u64, n: u64) -> bool {
     let offset = offset & OFFSET_MASK;
     let n = n & SIZE_MASK;
     // SAFETY: offset + n < payload.len() by the masks and SCRATCH_PAYLOAD_BYTES.

@@ -36,6 +36,8 @@ pub enum Event<'a> {
     Close(EventHeader),
     /// A followed runtime made a unit of work.
     Unit(UnitEvent),
+    /// The process mapped a file executable (a library, at exec or dlopen).
+    Mapped(EventHeader),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +45,8 @@ pub struct Data<'a> {
     pub header: EventHeader,
     pub syscall: Syscall,
     pub direction: Direction,
-    /// Bytes the syscall moved; the payload may be a prefix of them.
+    /// Bytes the syscall (or TLS library call) moved; the payload may be a
+    /// prefix of them.
     pub total_bytes: u64,
     pub payload: &'a [u8],
     /// The runtime's unit running on the thread (0: not followed).
@@ -68,6 +71,7 @@ impl Event<'_> {
             Event::Open(o) => &o.header,
             Event::Close(h) => h,
             Event::Unit(u) => &u.header,
+            Event::Mapped(h) => h,
         }
     }
 }
@@ -144,6 +148,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         }
         EventKind::ConnClose => Ok(Event::Close(header)),
         EventKind::Unit => Ok(Event::Unit(read(bytes)?)),
+        EventKind::Mapped => Ok(Event::Mapped(header)),
     }
 }
 

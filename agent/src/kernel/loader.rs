@@ -12,7 +12,7 @@ use std::{
 
 use agent_common::{
     CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
-    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, ThreadLayout, maps,
+    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps,
 };
 use anyhow::{Context, bail};
 use aya::{
@@ -155,10 +155,25 @@ pub const HOOKS: &[Hook] = &[
     hook("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", false),
     hook("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
     hook("sys_enter_connect", "syscalls", "sys_enter_connect", true),
+    // Libraries loaded after start (a TLS library by dlopen) are found
+    // through it; without it they are found at the process's first traffic.
+    hook("sys_enter_mmap", "syscalls", "sys_enter_mmap", false),
 ];
 
 /// The return probe on a runtime's unit allocators.
 const UNIT_PROBE: &str = "runtime_unit_new";
+
+/// TLS library functions probed: (symbol, entry program, whether the shared
+/// return program [`TLS_RETURN`] goes on it too).
+pub const TLS_FUNCTIONS: &[(&str, &str, bool)] = &[
+    ("SSL_read", "tls_read_enter", true),
+    ("SSL_read_ex", "tls_read_ex_enter", true),
+    ("SSL_write", "tls_write_enter", true),
+    ("SSL_write_ex", "tls_write_ex_enter", true),
+    ("SSL_free", "tls_free", false),
+];
+/// The return probe of the TLS reads and writes.
+const TLS_RETURN: &str = "tls_return";
 
 /// What the caller wants captured.
 #[derive(Clone, Debug)]
@@ -541,6 +556,100 @@ impl Probes {
         }
     }
 
+    /// Loads (verifies) the TLS library programs once; `zerotrace check`
+    /// calls it so every kernel it runs on proves they load.
+    pub fn load_tls_probes(&mut self) -> anyhow::Result<()> {
+        let names = TLS_FUNCTIONS
+            .iter()
+            .map(|&(_, program, _)| program)
+            .chain([TLS_RETURN]);
+        for name in names {
+            let program: &mut UProbe = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            if program.fd().is_ok() {
+                continue;
+            }
+            let kind = if name == TLS_RETURN {
+                "uretprobe"
+            } else {
+                "uprobe"
+            };
+            let load = ProgramLoad::measure(name, kind, || {
+                program.load()?;
+                Ok(verified_instructions(program.info().ok()))
+            });
+            let error = load.error.clone();
+            self.loads.push(load);
+            if let Some(error) = error {
+                bail!("the kernel refused program {name}: {error}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the TLS probes on `functions` (symbols of [`TLS_FUNCTIONS`]) in
+    /// `file`, once per file: every process that maps it is covered, and
+    /// the programs leave unselected processes at once. The return probe
+    /// goes on before the entry probe, so no call is entered unseen by its
+    /// return.
+    pub fn attach_tls_probes(&mut self, file: &Path, functions: &[&str]) -> anyhow::Result<()> {
+        self.load_tls_probes()?;
+        for &(symbol, entry, returns) in TLS_FUNCTIONS {
+            if !functions.contains(&symbol) {
+                continue;
+            }
+            let programs = [(returns, TLS_RETURN, "uretprobe"), (true, entry, "uprobe")];
+            for (_, program_name, kind) in programs.into_iter().filter(|p| p.0) {
+                let program: &mut UProbe = self
+                    .ebpf
+                    .program_mut(program_name)
+                    .with_context(|| format!("program {program_name} missing from the object"))?
+                    .try_into()?;
+                let started = SystemTime::now();
+                let clock = Instant::now();
+                let outcome = program
+                    .attach(symbol, file, UProbeScope::AllProcesses)
+                    .map(drop)
+                    .map_err(|e| e.to_string());
+                self.attachments.push(Attachment {
+                    program: program_name,
+                    target: format!("{}:{symbol}", file.display()),
+                    kind,
+                    started,
+                    duration: clock.elapsed(),
+                    outcome: outcome.clone(),
+                    fallback: None,
+                });
+                if let Err(e) = outcome {
+                    bail!("attaching to {symbol} in {}: {e}", file.display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel where `tgid`'s TLS library keeps a session's socket.
+    pub fn follow_tls(&mut self, tgid: u32, layout: TlsLayout) -> anyhow::Result<()> {
+        let mut map: BpfHashMap<_, u32, TlsLayout> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(maps::TLS_LAYOUTS)
+                .context("TLS_LAYOUTS map")?,
+        )?;
+        map.insert(tgid, layout, 0).context("TLS_LAYOUTS map full")
+    }
+
+    /// Forgets the TLS layout of a process that exited.
+    pub fn unfollow_tls(&mut self, tgid: u32) {
+        if let Some(map) = self.ebpf.map_mut(maps::TLS_LAYOUTS)
+            && let Ok(mut map) = BpfHashMap::<_, u32, TlsLayout>::try_from(map)
+        {
+            let _ = map.remove(&tgid);
+        }
+    }
+
     /// Tells the kernel how to read the running unit of `tgid`'s threads.
     pub fn follow_runtime(&mut self, tgid: u32, layout: ThreadLayout) -> anyhow::Result<()> {
         let mut map: BpfHashMap<_, u32, ThreadLayout> =
@@ -584,6 +693,9 @@ impl Probes {
             pending_full: at(Counter::PendingFull),
             sockets_full: at(Counter::SocketsFull),
             walk_failed: at(Counter::WalkFailed),
+            tls_no_socket: at(Counter::TlsNoSocket),
+            tls_socket_mismatch: at(Counter::TlsSocketMismatch),
+            tls_calls_full: at(Counter::TlsCallsFull),
         })
     }
 
@@ -627,6 +739,13 @@ pub struct KernelCounters {
     pub pending_full: u64,
     pub sockets_full: u64,
     pub walk_failed: u64,
+    /// TLS plaintext not sent: its socket could not be told.
+    pub tls_no_socket: u64,
+    /// TLS plaintext not sent: the socket call and the session's own
+    /// socket disagreed.
+    pub tls_socket_mismatch: u64,
+    /// TLS library calls not followed: the TLS_CALLS map was full.
+    pub tls_calls_full: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -666,7 +785,9 @@ mod tests {
         let names = HOOKS
             .iter()
             .map(|h| h.program)
-            .chain(kfunc::program_names());
+            .chain(kfunc::program_names())
+            .chain(TLS_FUNCTIONS.iter().map(|&(_, program, _)| program))
+            .chain([TLS_RETURN]);
         for name in names {
             let name = name.as_bytes();
             assert!(

@@ -13,8 +13,10 @@
 //!
 //! * the handshake: the server's greeting (protocol 10) decides the roles; the
 //!   client's HandshakeResponse41 gives the capabilities both agreed on and the
-//!   initial database. An SSLRequest (TLS follows) or agreed compression make
-//!   the connection [`DbEvent::Skip`]. Auth switch / more-data packets are
+//!   initial database. After an SSLRequest, TLS follows: the session keeps
+//!   the ciphertext away and hands on the plaintext from the TLS probes, in
+//!   which the HandshakeResponse comes with sequence number 2. Agreed
+//!   compression makes the connection [`DbEvent::Skip`]. Auth switch / more-data packets are
 //!   passed over until the server's OK or ERR; the handshake is not a call.
 //! * commands, one call each: a command is a packet with sequence number 0 in
 //!   the request direction; packets with other numbers are the rest of an
@@ -1147,6 +1149,8 @@ pub struct MysqlConn {
     /// Try to sync the response direction at its next syscall.
     resp_await: bool,
     last_seen: Moment,
+    /// The client sent an SSLRequest: TLS follows.
+    tls: bool,
 }
 
 impl std::fmt::Debug for MysqlConn {
@@ -1189,7 +1193,13 @@ impl MysqlConn {
             limbo: None,
             resp_await: false,
             last_seen: Moment::default(),
+            tls: false,
         }
+    }
+
+    /// Whether a TLS record may come next: the client asked for TLS.
+    pub fn tls_may_start(&self) -> bool {
+        self.tls && self.phase != Phase::Off
     }
 
     /// One syscall's bytes. `bytes` is what was captured; `missing` further
@@ -1203,6 +1213,20 @@ impl MysqlConn {
         out: &mut Vec<DbEvent>,
     ) {
         if self.phase == Phase::Off {
+            return;
+        }
+        let side = &self.sides[index(dir)];
+        if self.tls
+            && self.phase == (Phase::Handshake { client_seen: false })
+            && side.frame == Frame::Header
+            && side.hdr_len == 0
+            && bytes.first() == Some(&0x16)
+        {
+            // A TLS handshake record where a packet would begin (no
+            // packet of the handshake is 22 bytes long).
+            // Ciphertext after the SSLRequest that no session kept away:
+            // nothing of this connection can be read.
+            self.skip(out);
             return;
         }
         self.last_seen = at;
@@ -1586,7 +1610,7 @@ impl MysqlConn {
     fn on_request(&mut self, pkt: &Packet<'_>, out: &mut Vec<DbEvent>) {
         if self.phase == (Phase::Handshake { client_seen: false }) {
             self.phase = Phase::Handshake { client_seen: true };
-            if pkt.seq == 1 {
+            if pkt.seq == 1 || (self.tls && pkt.seq == 2) {
                 self.client_hello(pkt, out);
                 return;
             }
@@ -1619,8 +1643,10 @@ impl MysqlConn {
                 client |= u64::from(u32_at(d, 28).unwrap_or(0)) << 32;
             }
         }
-        if client & CLIENT_SSL != 0 {
-            self.skip(out);
+        if client & CLIENT_SSL != 0 && !self.tls {
+            // An SSLRequest: the real response follows over TLS.
+            self.tls = true;
+            self.phase = Phase::Handshake { client_seen: false };
             return;
         }
         let agreed = server & client;
@@ -3056,23 +3082,25 @@ mod tests {
 
     #[test]
     fn handshake_variants() {
-        // SSLRequest: Skip once, nothing after.
+        // SSLRequest: TLS follows; the session drops the ciphertext and the
+        // plaintext goes on with the HandshakeResponse numbered 2.
         let mut conn = MysqlConn::new(db_opts(), true);
         let mut out = Vec::new();
         conn.feed(I, at(1), &greeting(BASE_CAPS | CLIENT_SSL), 0, &mut out);
         let mut ssl = ((BASE_CAPS | CLIENT_SSL) as u32).to_le_bytes().to_vec();
         ssl.resize(32, 0);
         conn.feed(E, at(2), &packet(1, &ssl), 0, &mut out);
-        conn.feed(
-            E,
-            at(3),
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
-            0,
-            &mut out,
-        );
-        conn.feed(E, at(4), &query("SELECT 1"), 0, &mut out);
-        conn.close(at(5), &mut out);
-        assert_eq!(out, vec![DbEvent::Skip]);
+        assert!(conn.tls_may_start());
+        let mut over_tls = hello(BASE_CAPS | CLIENT_SSL, Some("shop"));
+        over_tls[3] = 2;
+        conn.feed(E, at(3), &over_tls, 0, &mut out);
+        conn.feed(I, at(4), &packet(3, OK), 0, &mut out);
+        conn.feed(E, at(5), &query("SELECT 1"), 0, &mut out);
+        conn.feed(I, at(6), &packet(1, OK), 0, &mut out);
+        conn.close(at(7), &mut out);
+        let cs = calls(&out);
+        assert_eq!(cs.len(), 1, "{out:?}");
+        assert_eq!(cs[0].namespace.as_deref(), Some("shop"));
 
         // Compression agreed: Skip. Offered by one side only: fine.
         for (server, client, skip) in [

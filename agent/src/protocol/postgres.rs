@@ -44,9 +44,12 @@
 //!   `FunctionCall`, `Describe`, `Close`, `Flush`, `Terminate`, notices,
 //!   notifications and parameter status messages are not calls.
 //!
-//! An `SSLRequest` or `GSSENCRequest` answered `N` continues in clear text;
-//! answered `S` / `G` (or a TLS record after the request) the connection is
-//! encrypted: one [`DbEvent::Skip`], then nothing.
+//! An `SSLRequest` or `GSSENCRequest` answered `N` continues in clear text.
+//! Answered `S`, TLS follows: the session keeps the ciphertext away and
+//! hands on the plaintext from the TLS probes, which starts again with a
+//! `StartupMessage`. Answered `G` (GSSAPI encryption), or a TLS record fed
+//! here after the request, the connection is encrypted with nothing to
+//! read: one [`DbEvent::Skip`], then nothing.
 //!
 //! A connection first seen mid-stream (`from_start == false`) is hunted: the
 //! first syscall whose bytes parse as a chain of messages that only a
@@ -782,6 +785,11 @@ impl PostgresConn {
         false
     }
 
+    /// Whether a TLS record may come next: encryption was asked for.
+    pub fn tls_may_start(&self) -> bool {
+        self.encrypt_asked && !self.off
+    }
+
     /// The frontend guess from a startup prefix was wrong: hunt instead.
     fn abandon(&mut self) {
         self.front = None;
@@ -871,7 +879,12 @@ impl PostgresConn {
                     self.answers -= 1;
                     return 1;
                 }
-                b'S' | b'G' => {
+                b'S' => {
+                    // TLS: what follows (in plaintext) is a new startup.
+                    self.answers -= 1;
+                    return 1;
+                }
+                b'G' => {
                     self.skip(out);
                     return data.len();
                 }
@@ -2040,11 +2053,35 @@ mod tests {
     }
 
     #[test]
-    fn encryption_accepted_skips_the_connection() {
+    fn tls_accepted_continues_with_the_plaintext_startup() {
+        let ssl = [&8u32.to_be_bytes()[..], &SSL_REQUEST.to_be_bytes()].concat();
+        let mut conn = PostgresConn::new(db_opts(), true);
+        let mut out = Vec::new();
+        conn.feed(E, at(0), &ssl, 0, &mut out);
+        assert!(conn.tls_may_start());
+        conn.feed(I, at(1), b"S", 0, &mut out);
+        // The session drops the handshake; the TLS probes' plaintext follows.
+        let resp = cat(&[&auth_ok(), &complete("SELECT 1"), &ready()]);
+        let out = run(
+            &mut conn,
+            &[
+                (E, &startup("u", Some("shop")), 0),
+                (E, &query("SELECT 1"), 0),
+                (I, &resp, 0),
+            ],
+        );
+        assert_eq!(skips(&out), 0);
+        let calls = calls(&out);
+        assert_eq!(calls.len(), 1, "{out:?}");
+        assert_eq!(calls[0].namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn gss_encryption_skips_the_connection() {
         let ssl = [&8u32.to_be_bytes()[..], &SSL_REQUEST.to_be_bytes()].concat();
         let gss = [&8u32.to_be_bytes()[..], &GSSENC_REQUEST.to_be_bytes()].concat();
         let q = query("SELECT 1");
-        for (req, answer) in [(&ssl, &b"S"[..]), (&gss, b"G"), (&gss, b"N\x16\x03")] {
+        for (req, answer) in [(&gss, &b"G"[..]), (&gss, b"N\x16\x03")] {
             let mut conn = PostgresConn::new(db_opts(), true);
             let out = run(
                 &mut conn,

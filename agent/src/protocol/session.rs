@@ -1,6 +1,15 @@
 //! One connection's protocol: recognised from its first bytes, then parsed
 //! by that protocol's parser. Bytes seen while deciding are replayed into
 //! the chosen parser, so nothing is lost to detection.
+//!
+//! Encrypted connections: a socket chunk that begins with a TLS record
+//! where one may begin (a connection's first bytes, or after PostgreSQL's
+//! or MySQL's switch to TLS) makes the session *encrypted*: from then on
+//! socket bytes are ciphertext and never reach a parser. Plaintext from the
+//! TLS library probes ([`Session::feed_plaintext`]) goes on where the clear
+//! text left off, so a PostgreSQL or MySQL parser continues after its
+//! switch. Plaintext also marks the session encrypted, so nothing is read
+//! twice.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -94,6 +103,19 @@ pub struct Session {
     /// Reused for each parser call: no allocation per syscall.
     http_events: Vec<HttpEvent>,
     db_events: Vec<DbEvent>,
+    tls: Tls,
+}
+
+/// What the session knows about encryption on its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tls {
+    /// Clear text so far.
+    #[default]
+    None,
+    /// A TLS record went by; no plaintext from a TLS library yet.
+    Ciphertext,
+    /// Plaintext from a TLS library is being parsed.
+    Plaintext,
 }
 
 impl Session {
@@ -105,7 +127,13 @@ impl Session {
             state: State::Detecting(Vec::new()),
             http_events: Vec::new(),
             db_events: Vec::new(),
+            tls: Tls::None,
         }
+    }
+
+    /// Whether the connection is encrypted, and whether its plaintext is read.
+    pub fn tls(&self) -> Tls {
+        self.tls
     }
 
     pub fn protocol(&self) -> Option<Protocol> {
@@ -128,7 +156,52 @@ impl Session {
         }
     }
 
+    /// Bytes a socket syscall moved. Ciphertext is dropped here.
     pub fn feed(
+        &mut self,
+        dir: Direction,
+        at: Moment,
+        bytes: &[u8],
+        missing: u64,
+        out: &mut Vec<Event>,
+    ) {
+        if self.tls != Tls::None {
+            return;
+        }
+        if super::is_tls_record(bytes) && self.tls_may_start(dir) {
+            self.tls = Tls::Ciphertext;
+            return;
+        }
+        self.feed_clear(dir, at, bytes, missing, out);
+    }
+
+    /// Plaintext a TLS library moved on this connection.
+    pub fn feed_plaintext(
+        &mut self,
+        dir: Direction,
+        at: Moment,
+        bytes: &[u8],
+        missing: u64,
+        out: &mut Vec<Event>,
+    ) {
+        self.tls = Tls::Plaintext;
+        self.feed_clear(dir, at, bytes, missing, out);
+    }
+
+    /// Whether a TLS record may begin here: before any clear text in
+    /// `dir`, or where the protocol agreed to switch to TLS.
+    fn tls_may_start(&self, dir: Direction) -> bool {
+        match &self.state {
+            State::Detecting(chunks) => !chunks.iter().any(|c| c.dir == dir),
+            State::Parsing { parser, .. } => match parser.as_ref() {
+                Parser::Postgres(p) => p.tls_may_start(),
+                Parser::Mysql(p) => p.tls_may_start(),
+                Parser::Http(_) | Parser::Redis(_) => false,
+            },
+        }
+    }
+
+    fn feed_clear(
         &mut self,
         dir: Direction,
         at: Moment,
@@ -359,6 +432,89 @@ mod tests {
         }
         assert_eq!(s.protocol(), Some(Protocol::Http));
         assert!(events.contains(&Event::Http(HttpEvent::NotHttp)));
+    }
+
+    const CLIENT_HELLO: &[u8] = b"\x16\x03\x01\x00\xf8\x01\x00\x00\xf4\x03\x03";
+    const APP_DATA: &[u8] = b"\x17\x03\x03\x00\x20\xaa\xbb";
+
+    fn plain(s: &mut Session, dir: Direction, bytes: &[u8]) -> Vec<Event> {
+        let mut out = Vec::new();
+        s.feed_plaintext(dir, Moment::default(), bytes, 0, &mut out);
+        out
+    }
+
+    #[test]
+    fn https_ciphertext_is_dropped_and_plaintext_parsed() {
+        let mut s = session(true, "127.0.0.1:443");
+        assert!(feed(&mut s, Direction::Egress, CLIENT_HELLO).is_empty());
+        assert_eq!(s.tls(), Tls::Ciphertext);
+        assert_eq!(s.protocol(), None, "no protocol from ciphertext");
+        let events = plain(
+            &mut s,
+            Direction::Egress,
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        assert!(matches!(events[..], [Event::Http(HttpEvent::Request(_))]));
+        // Ciphertext the kernel sent after all (outside a library call).
+        assert!(feed(&mut s, Direction::Ingress, APP_DATA).is_empty());
+        let events = plain(
+            &mut s,
+            Direction::Ingress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(matches!(events[..], [Event::Http(HttpEvent::Exchange(_))]));
+        assert_eq!(s.tls(), Tls::Plaintext);
+    }
+
+    #[test]
+    fn encrypted_without_plaintext_yields_nothing() {
+        let mut s = session(true, "127.0.0.1:443");
+        let mut events = feed(&mut s, Direction::Egress, CLIENT_HELLO);
+        events.extend(feed(&mut s, Direction::Ingress, b"\x16\x03\x03\x00\x7a\x02"));
+        events.extend(feed(&mut s, Direction::Egress, APP_DATA));
+        let mut out = Vec::new();
+        s.close(Moment::default(), &mut out);
+        events.extend(out);
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(s.tls(), Tls::Ciphertext);
+    }
+
+    #[test]
+    fn postgres_switches_to_tls_and_goes_on_in_plaintext() {
+        let mut s = session(true, "127.0.0.1:5432");
+        let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        feed(&mut s, Direction::Egress, &ssl_request);
+        feed(&mut s, Direction::Ingress, b"S");
+        assert_eq!(s.protocol(), Some(Protocol::Postgres));
+        feed(&mut s, Direction::Egress, CLIENT_HELLO);
+        assert_eq!(s.tls(), Tls::Ciphertext);
+        let mut startup = Vec::new();
+        let body = b"\0\x03\0\0user\0u\0database\0shop\0\0";
+        startup.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        startup.extend_from_slice(body);
+        plain(&mut s, Direction::Egress, &startup);
+        let ready = b"Z\0\0\0\x05I";
+        let auth_ok = b"R\0\0\0\x08\0\0\0\0";
+        plain(&mut s, Direction::Ingress, &[&auth_ok[..], ready].concat());
+        let events = plain(&mut s, Direction::Egress, b"Q\0\0\0\x0dSELECT 1\0");
+        assert!(matches!(events[..], [Event::Db(DbEvent::Request { .. })]), "{events:?}");
+        let complete = b"C\0\0\0\x0dSELECT 1\0";
+        let events = plain(&mut s, Direction::Ingress, &[&complete[..], ready].concat());
+        let [Event::Db(DbEvent::Call(call))] = &events[..] else {
+            panic!("one call: {events:?}");
+        };
+        assert_eq!(call.namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn tls_looking_bytes_inside_clear_text_are_clear_text() {
+        let mut s = session(true, "127.0.0.1:8080");
+        feed(&mut s, Direction::Egress, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n");
+        // A body chunk that happens to start like a TLS record.
+        feed(&mut s, Direction::Egress, CLIENT_HELLO);
+        assert_eq!(s.tls(), Tls::None);
+        let events = feed(&mut s, Direction::Ingress, b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(matches!(events[..], [Event::Http(HttpEvent::Exchange(_))]));
     }
 
     #[test]

@@ -60,7 +60,7 @@ use crate::{
     protocol::{
         db::{DbCall, DbEvent, DbOptions},
         http::{Exchange, HttpEvent, HttpOptions, Moment, Request},
-        session::{self, Event, Session},
+        session::{self, Event, Session, Tls},
     },
 };
 
@@ -114,6 +114,11 @@ pub struct TraceStats {
     pub requests_excluded: u64,
     /// Connections whose protocol is unknown, encrypted or compressed.
     pub connections_not_traced: u64,
+    /// Closed encrypted connections whose plaintext a TLS probe gave.
+    pub connections_tls: u64,
+    /// Closed encrypted connections without plaintext (their TLS library
+    /// is not followed): nothing of them was traced.
+    pub connections_tls_unread: u64,
     pub connections_ignored: u64,
 }
 
@@ -311,9 +316,15 @@ impl Tracer {
                 }
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
-                state
-                    .session
-                    .feed(data.direction, at, data.payload, missing, &mut events);
+                if data.syscall.is_tls() {
+                    state
+                        .session
+                        .feed_plaintext(data.direction, at, data.payload, missing, &mut events);
+                } else {
+                    state
+                        .session
+                        .feed(data.direction, at, data.payload, missing, &mut events);
+                }
                 self.handle(conn, data.direction, &mut events);
                 self.events = events;
             }
@@ -382,6 +393,11 @@ impl Tracer {
 
     /// Drops what a closed connection left in flight.
     fn forget(&mut self, conn_id: u64, state: ConnTrace) {
+        match state.session.tls() {
+            Tls::None => {}
+            Tls::Plaintext => self.stats.connections_tls += 1,
+            Tls::Ciphertext => self.stats.connections_tls_unread += 1,
+        }
         for begun in state.begun {
             self.unregister(conn_id, state.addrs, &begun, state.last.ts_ns);
         }

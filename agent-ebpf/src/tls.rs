@@ -1,0 +1,243 @@
+//! TLS library probes: the plaintext of encrypted connections.
+//!
+//! The process hands plaintext to `SSL_write` and gets it back from
+//! `SSL_read`; the socket only ever carries ciphertext. An entry probe
+//! remembers the call's buffer per thread, the return probe copies what the
+//! library really moved and sends it as a data record of the connection.
+//!
+//! Which connection: the socket call the library makes inside the call
+//! (the syscall exit hook notes its fd in [`TLS_CALLS`] and sends no
+//! ciphertext record for it), else the one remembered for the session
+//! object from an earlier call (a read served from the library's buffer
+//! makes no socket call). Where the library's layout is known, the
+//! session's BIO fd is read too and must agree; a disagreement is counted
+//! and nothing is sent, because a wrong connection would mean wrong spans.
+//!
+//! Probes sit on the library file, so every process mapping it runs them;
+//! unselected processes leave at once. OpenSSL is C with ordinary stacks,
+//! so return probes (uretprobes) are safe here.
+
+use agent_common::{Counter, DataEvent, EventKind, Syscall, TlsLayout, TlsSessionKey};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    TLS_CALLS, TLS_LAYOUTS, TLS_SESSIONS,
+    emit::{ScratchGuard, count, output},
+    process::selected,
+    runtime, socket,
+    syscalls::{SIZE_MASK, copy_user},
+};
+
+/// `BIO_TYPE_DESCRIPTOR`: the BIO's `num` is a file descriptor.
+const BIO_TYPE_DESCRIPTOR: u32 = 0x0100;
+
+/// A TLS library call in flight on a thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    /// The session object (`SSL *`).
+    session: u64,
+    buf: u64,
+    /// `size_t *` the `_ex` variants store the byte count in; 0 otherwise.
+    moved_at: u64,
+    /// The socket the library used inside the call; -1 until one is seen.
+    fd: i32,
+    syscall: u8,
+    _pad: [u8; 3],
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, syscall: Syscall, ex: bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !selected((pid_tgid >> 32) as u32) {
+        return;
+    }
+    let call = TlsCall {
+        session: ctx.arg(0).unwrap_or(0),
+        buf: ctx.arg(1).unwrap_or(0),
+        moved_at: if ex { ctx.arg(3).unwrap_or(0) } else { 0 },
+        fd: -1,
+        syscall: syscall as u8,
+        _pad: [0; 3],
+    };
+    if call.session == 0 || call.buf == 0 {
+        return;
+    }
+    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        count(Counter::TlsCallsFull, 1);
+    }
+}
+
+/// `int SSL_read(SSL *ssl, void *buf, int num)`.
+#[uprobe]
+pub fn tls_read_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Syscall::TlsRead, false);
+    0
+}
+
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`.
+#[uprobe]
+pub fn tls_read_ex_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Syscall::TlsRead, true);
+    0
+}
+
+/// `int SSL_write(SSL *ssl, const void *buf, int num)`.
+#[uprobe]
+pub fn tls_write_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Syscall::TlsWrite, false);
+    0
+}
+
+/// `int SSL_write_ex(SSL *ssl, const void *buf, size_t num, size_t *written)`.
+#[uprobe]
+pub fn tls_write_ex_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, Syscall::TlsWrite, true);
+    0
+}
+
+/// `void SSL_free(SSL *ssl)`: the session's remembered socket is forgotten,
+/// so an object allocated later at the same address starts afresh.
+#[uprobe]
+pub fn tls_free(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let key = TlsSessionKey {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        session: ctx.arg(0).unwrap_or(0),
+    };
+    let _ = TLS_SESSIONS.remove(&key);
+    0
+}
+
+/// Return of every read and write entry above.
+#[uretprobe]
+pub fn tls_return(ctx: RetProbeContext) -> u32 {
+    let _ = try_tls_return(&ctx);
+    0
+}
+
+fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out at once.
+    let call = unsafe { TLS_CALLS.get(&pid_tgid) }.copied().ok_or(())?;
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let ret: i64 = i64::from(ctx.ret::<i32>());
+    let moved = if call.moved_at != 0 {
+        if ret != 1 {
+            return Ok(());
+        }
+        // SAFETY: faulting-safe user read.
+        unsafe { bpf_probe_read_user(call.moved_at as *const u64) }.map_err(|_| ())?
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return Ok(());
+    };
+    if moved == 0 {
+        return Ok(());
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = TlsSessionKey {
+        tgid,
+        _pad: 0,
+        session: call.session,
+    };
+    let own = session_fd(tgid, call.session);
+    let fd = if call.fd >= 0 {
+        if own.is_some_and(|own| own != call.fd) {
+            count(Counter::TlsSocketMismatch, 1);
+            return Ok(());
+        }
+        let _ = TLS_SESSIONS.insert(&key, &call.fd, 0);
+        call.fd
+    } else if let Some(own) = own {
+        own
+    } else if let Some(fd) = remembered(&key) {
+        fd
+    } else {
+        count(Counter::TlsNoSocket, 1);
+        return Ok(());
+    };
+    let Some(conn) = socket::lookup(ctx, pid_tgid, fd) else {
+        count(Counter::TlsNoSocket, 1);
+        return Ok(());
+    };
+    let mut guard = ScratchGuard::acquire().ok_or(())?;
+    let scratch = guard.get();
+    let want = if moved < u64::from(crate::config!(capture_bytes)) {
+        moved
+    } else {
+        u64::from(crate::config!(capture_bytes))
+    };
+    let captured = if copy_user(&mut scratch.payload, 0, call.buf, want) {
+        want & SIZE_MASK
+    } else {
+        0
+    };
+    let (unit, unit_seq) = runtime::current_unit(tgid);
+    scratch.event = DataEvent {
+        header: socket::header(EventKind::Data, call.syscall, pid_tgid, fd, conn.conn_id),
+        total_bytes: moved,
+        captured: captured as u32,
+        unit_seq,
+        unit,
+    };
+    let len = core::mem::size_of::<DataEvent>() as u64 + captured;
+    output(ctx, (&raw const scratch.event).cast::<u8>(), len, captured);
+    Ok(())
+}
+
+/// The socket remembered for a session from an earlier call.
+#[inline(always)]
+fn remembered(key: &TlsSessionKey) -> Option<i32> {
+    // SAFETY: copied out at once.
+    unsafe { TLS_SESSIONS.get(key) }.copied()
+}
+
+/// The fd of the session's read BIO when the process's library layout is
+/// known and the BIO is a descriptor BIO (a socket BIO, `SSL_set_fd`).
+#[inline(always)]
+fn session_fd(tgid: u32, session: u64) -> Option<i32> {
+    // SAFETY: copied out at once.
+    let layout: TlsLayout = unsafe { TLS_LAYOUTS.get(&tgid) }.copied()?;
+    if layout.bio_num_off == 0 {
+        return None;
+    }
+    // SAFETY: faulting-safe user reads; a bad address gives an error.
+    unsafe {
+        let bio: u64 =
+            bpf_probe_read_user((session + u64::from(layout.rbio_off)) as *const u64).ok()?;
+        if bio == 0 {
+            return None;
+        }
+        let method: u64 =
+            bpf_probe_read_user((bio + u64::from(layout.bio_method_off)) as *const u64).ok()?;
+        let kind: u32 = bpf_probe_read_user(method as *const u32).ok()?;
+        if kind & BIO_TYPE_DESCRIPTOR == 0 {
+            return None;
+        }
+        let fd: i32 = bpf_probe_read_user((bio + u64::from(layout.bio_num_off)) as *const i32).ok()?;
+        (fd >= 0).then_some(fd)
+    }
+}
+
+/// Called by the syscall exit hook for a traced socket: whether the
+/// thread is inside a TLS library call, in which case the socket is noted
+/// for it and the (ciphertext) bytes are not sent.
+#[inline(always)]
+pub fn inside_call(pid_tgid: u64, fd: i32) -> bool {
+    match TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        Some(call) => {
+            // SAFETY: map value pointer, valid for the program's run; only
+            // this thread uses its own entry.
+            unsafe { (*call).fd = fd };
+            true
+        }
+        None => false,
+    }
+}

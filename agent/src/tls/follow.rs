@@ -1,0 +1,444 @@
+//! Which TLS libraries are probed: found in the maps of each traced
+//! process, probed once per library file, looked at again when a process
+//! maps new code.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent_common::TlsLayout;
+use serde::Serialize;
+
+use super::library::{self, Library, Version};
+use crate::{IdMap, kernel::loader::Probes};
+
+/// `capture.tls`: whether TLS libraries are probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsChoice {
+    /// Every TLS library the agent knows (OpenSSL 1.1 and 3, shared or
+    /// linked into an executable).
+    #[default]
+    Auto,
+    Off,
+}
+
+impl std::str::FromStr for TlsChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "openssl" => Ok(Self::Auto),
+            "off" | "none" => Ok(Self::Off),
+            other => Err(format!("unknown TLS choice {other:?}: expected auto or off")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TlsChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One TLS library in one process, for `zerotrace check` and the logs.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProcessTls {
+    pub pid: u32,
+    /// e.g. "OpenSSL 3.0.19", "GnuTLS".
+    pub library: String,
+    /// The file as the process maps it.
+    pub path: PathBuf,
+    pub followed: bool,
+    /// Why not, when not followed.
+    pub reason: Option<String>,
+}
+
+/// What a library file turned out to be (once per file).
+#[derive(Debug, Clone)]
+enum FileVerdict {
+    Probed(Option<Version>),
+    /// OpenSSL, but the probes could not go on (reason).
+    Failed(Option<Version>, String),
+    Unsupported(&'static str),
+    NotTls,
+}
+
+/// A process mapped new code: it is looked at again this long after (the
+/// loader maps a library's segments one by one).
+const RESCAN_AFTER: Duration = Duration::from_millis(2);
+/// Most per-process reports kept.
+const MAX_REPORTS: usize = 256;
+/// Most distinct files remembered.
+const MAX_FILES: usize = 16_384;
+
+pub struct TlsFollower {
+    choice: TlsChoice,
+    /// By device and inode.
+    files: HashMap<(u64, u64), FileVerdict>,
+    /// Processes looked at.
+    seen: IdMap<u32, ()>,
+    /// Processes that mapped new code, and when to look again.
+    rescan: IdMap<u32, Instant>,
+    /// Processes whose layout the kernel has.
+    layouts: IdMap<u32, ()>,
+    /// The latest verdicts, newest last (bounded).
+    pub reports: Vec<ProcessTls>,
+}
+
+/// One file-backed executable mapping.
+struct Mapped {
+    file: (u64, u64),
+    path: String,
+    /// Where the agent opens it: through the process's root, or its
+    /// `map_files` entry when the file on disk is gone or replaced.
+    open_at: PathBuf,
+}
+
+impl TlsFollower {
+    pub fn new(choice: TlsChoice) -> Self {
+        Self {
+            choice,
+            files: HashMap::new(),
+            seen: IdMap::default(),
+            rescan: IdMap::default(),
+            layouts: IdMap::default(),
+            reports: Vec::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.choice == TlsChoice::Auto
+    }
+
+    /// Looks at every process in `pids` (at start).
+    pub fn scan(&mut self, pids: impl IntoIterator<Item = u32>, probes: &mut Probes) {
+        if !self.enabled() {
+            return;
+        }
+        let own = std::process::id();
+        for pid in pids.into_iter().filter(|&p| p != own) {
+            self.look(pid, probes);
+        }
+    }
+
+    /// A record of `tgid` arrived: look at it the first time.
+    pub fn observe(&mut self, tgid: u32, probes: &mut Probes) {
+        if self.enabled() && !self.seen.contains_key(&tgid) {
+            self.look(tgid, probes);
+        }
+    }
+
+    /// `tgid` mapped a file executable: look again shortly.
+    pub fn mapped(&mut self, tgid: u32, now: Instant) {
+        if self.enabled() {
+            self.rescan.entry(tgid).or_insert(now + RESCAN_AFTER);
+        }
+    }
+
+    /// Looks again at the processes that mapped new code.
+    pub fn poll(&mut self, now: Instant, probes: &mut Probes) {
+        if self.rescan.is_empty() {
+            return;
+        }
+        let due: Vec<u32> = self
+            .rescan
+            .iter()
+            .filter(|&(_, at)| *at <= now)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            self.rescan.remove(&pid);
+            self.look(pid, probes);
+        }
+    }
+
+    /// Forgets processes for which `alive` is false.
+    pub fn reap(&mut self, alive: impl Fn(u32) -> bool, probes: &mut Probes) {
+        self.seen.retain(|&pid, ()| alive(pid));
+        self.rescan.retain(|&pid, _| alive(pid));
+        let gone: Vec<u32> = self
+            .layouts
+            .keys()
+            .copied()
+            .filter(|&p| !alive(p))
+            .collect();
+        for pid in gone {
+            self.layouts.remove(&pid);
+            probes.unfollow_tls(pid);
+        }
+    }
+
+    /// What the agent says about TLS in one line.
+    pub fn summary(&self) -> String {
+        if !self.enabled() {
+            return "off".to_owned();
+        }
+        let mut followed: Vec<&str> = Vec::new();
+        let mut not = 0;
+        for r in &self.reports {
+            if r.followed {
+                if !followed.contains(&r.library.as_str()) {
+                    followed.push(&r.library);
+                }
+            } else {
+                not += 1;
+            }
+        }
+        let files = self
+            .files
+            .values()
+            .filter(|v| matches!(v, FileVerdict::Probed(_)))
+            .count();
+        let mut line = match files {
+            0 => "no TLS library probed yet".to_owned(),
+            n => format!("{n} TLS library files probed ({})", followed.join(", ")),
+        };
+        if not > 0 {
+            line.push_str(&format!(", {not} process libraries not followed (see the log)"));
+        }
+        line
+    }
+
+    fn look(&mut self, pid: u32, probes: &mut Probes) {
+        self.seen.insert(pid, ());
+        let Ok(maps) = executable_maps(pid) else {
+            return;
+        };
+        let mut layout: Option<TlsLayout> = None;
+        let mut conflicting = false;
+        for m in &maps {
+            let verdict = match self.files.get(&m.file) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = self.judge(pid, m, &maps, probes);
+                    if self.files.len() >= MAX_FILES {
+                        self.files.retain(|_, v| matches!(v, FileVerdict::Probed(_)));
+                    }
+                    self.files.insert(m.file, v.clone());
+                    v
+                }
+            };
+            let report = match verdict {
+                FileVerdict::NotTls => continue,
+                FileVerdict::Probed(version) => {
+                    let this = version.as_ref().map(Version::layout).unwrap_or_default();
+                    conflicting |= layout.is_some_and(|l| l != this);
+                    layout = Some(this);
+                    ProcessTls {
+                        pid,
+                        library: name_of(version.as_ref()),
+                        path: m.path.clone().into(),
+                        followed: true,
+                        reason: None,
+                    }
+                }
+                FileVerdict::Failed(version, reason) => ProcessTls {
+                    pid,
+                    library: name_of(version.as_ref()),
+                    path: m.path.clone().into(),
+                    followed: false,
+                    reason: Some(reason),
+                },
+                FileVerdict::Unsupported(what) => ProcessTls {
+                    pid,
+                    library: what.to_owned(),
+                    path: m.path.clone().into(),
+                    followed: false,
+                    reason: Some(format!("{what} is not followed (OpenSSL only)")),
+                },
+            };
+            self.report(report);
+        }
+        if let Some(layout) = layout {
+            // Two OpenSSL builds in one process: their sessions differ, so
+            // the kernel relies on the socket calls alone.
+            let layout = if conflicting {
+                TlsLayout::default()
+            } else {
+                layout
+            };
+            match probes.follow_tls(pid, layout) {
+                Ok(()) => {
+                    self.layouts.insert(pid, ());
+                }
+                Err(e) => log::warn!("tls pid {pid}: {e:#}"),
+            }
+        }
+    }
+
+    /// Inspects a file the first time any process maps it, probing it when
+    /// it is OpenSSL.
+    fn judge(&self, pid: u32, m: &Mapped, maps: &[Mapped], probes: &mut Probes) -> FileVerdict {
+        let name = basename(&m.path);
+        let file = match std::fs::File::open(&m.open_at) {
+            Ok(f) => f,
+            Err(e) => {
+                // Most maps are ordinary libraries: only a TLS name is worth a line.
+                return if name.starts_with("libssl.so") {
+                    FileVerdict::Failed(None, format!("{}: {e}", m.open_at.display()))
+                } else {
+                    FileVerdict::NotTls
+                };
+            }
+        };
+        match library::inspect(file, name) {
+            Ok(Library::NotTls) => FileVerdict::NotTls,
+            Ok(Library::Unsupported(what)) => FileVerdict::Unsupported(what),
+            Err(e) if name.starts_with("libssl.so") => FileVerdict::Failed(None, e),
+            Err(_) => FileVerdict::NotTls,
+            Ok(Library::OpenSsl { functions, version }) => {
+                // A shared libssl names its version in the libcrypto next to it.
+                let version = version.or_else(|| {
+                    maps.iter()
+                        .find(|c| basename(&c.path).starts_with("libcrypto.so"))
+                        .and_then(|c| library::version_of(&c.open_at))
+                });
+                match probes.attach_tls_probes(&m.open_at, &functions) {
+                    Ok(()) => {
+                        log::info!(
+                            "tls: {} probed in {} (first mapped by pid {pid}): {}",
+                            name_of(version.as_ref()),
+                            m.path,
+                            functions.join(", ")
+                        );
+                        FileVerdict::Probed(version)
+                    }
+                    Err(e) => FileVerdict::Failed(version, format!("{e:#}")),
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, report: ProcessTls) {
+        if let Some(why) = &report.reason
+            && !self.reports.contains(&report)
+        {
+            log::info!(
+                "tls pid {}: {} ({}) not followed: {why}",
+                report.pid,
+                report.library,
+                report.path.display()
+            );
+        }
+        self.reports
+            .retain(|r| !(r.pid == report.pid && r.path == report.path));
+        if self.reports.len() >= MAX_REPORTS {
+            self.reports.remove(0);
+        }
+        self.reports.push(report);
+    }
+}
+
+fn name_of(version: Option<&Version>) -> String {
+    version.map_or_else(|| "OpenSSL".to_owned(), Version::short)
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The distinct files `pid` maps executable.
+fn executable_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut out: Vec<Mapped> = Vec::new();
+    for line in text.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(range), Some(perms), Some(_), Some(dev), Some(inode)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        let path = fields.collect::<Vec<_>>().join(" ");
+        if !perms.contains('x') || !path.starts_with('/') {
+            continue;
+        }
+        let Ok(inode) = inode.parse::<u64>() else {
+            continue;
+        };
+        let dev = parse_dev(dev);
+        if inode == 0 || out.iter().any(|m| m.file == (dev, inode)) {
+            continue;
+        }
+        let (path, gone) = match path.strip_suffix(" (deleted)") {
+            Some(p) => (p.to_owned(), true),
+            None => (path, false),
+        };
+        let rooted = PathBuf::from(format!("/proc/{pid}/root{path}"));
+        // The file on disk may have been replaced (a package upgrade):
+        // probes must go on the inode the process runs.
+        let same = !gone
+            && std::fs::metadata(&rooted).is_ok_and(|md| {
+                use std::os::unix::fs::MetadataExt;
+                md.ino() == inode
+            });
+        let open_at = if same {
+            rooted
+        } else {
+            PathBuf::from(format!("/proc/{pid}/map_files/{range}"))
+        };
+        out.push(Mapped {
+            file: (dev, inode),
+            path,
+            open_at,
+        });
+    }
+    Ok(out)
+}
+
+/// "fd:01" → a number unique per device.
+fn parse_dev(dev: &str) -> u64 {
+    let (major, minor) = dev.split_once(':').unwrap_or((dev, "0"));
+    let major = u64::from_str_radix(major, 16).unwrap_or(0);
+    let minor = u64::from_str_radix(minor, 16).unwrap_or(0);
+    (major << 32) | minor
+}
+
+/// One line per process library: followed, or why not.
+pub fn describe(r: &ProcessTls) -> String {
+    match (&r.reason, r.followed) {
+        (_, true) => format!("pid {}: {} ({}) followed", r.pid, r.library, r.path.display()),
+        (Some(why), false) => format!(
+            "pid {}: {} ({}) not followed: {why}",
+            r.pid,
+            r.library,
+            r.path.display()
+        ),
+        (None, false) => format!("pid {}: {} ({}) not followed", r.pid, r.library, r.path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse() {
+        assert_eq!("auto".parse(), Ok(TlsChoice::Auto));
+        assert_eq!(" OFF ".parse(), Ok(TlsChoice::Off));
+        let bad = "gnutls".parse::<TlsChoice>().unwrap_err();
+        assert!(bad.contains("\"gnutls\""), "{bad}");
+        let yaml: TlsChoice = serde_yaml_ng::from_str("off").unwrap();
+        assert_eq!(yaml, TlsChoice::Off);
+    }
+
+    #[test]
+    fn own_maps_list_libc_once() {
+        let maps = executable_maps(std::process::id()).unwrap();
+        let libc: Vec<&Mapped> = maps
+            .iter()
+            .filter(|m| basename(&m.path).starts_with("libc.so"))
+            .collect();
+        assert_eq!(libc.len(), 1, "one entry per file");
+        assert!(libc[0].open_at.exists());
+        assert_eq!(parse_dev("fd:01"), (0xfd << 32) | 1);
+    }
+}
