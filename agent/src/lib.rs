@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod runtime;
 pub mod selftrace;
+pub mod tls;
 pub mod trace;
 
 /// Maps keyed by ids the kernel or the system assigns (connection ids, pids,

@@ -84,6 +84,8 @@ impl Attributor {
                 }
             }
             Event::Unit(unit) => on_record(Record::Unit(&unit)),
+            // For the library followers only (see `Followers::observe`).
+            Event::Mapped(_) => {}
         }
     }
 
