@@ -14,6 +14,7 @@ pub mod servers;
 pub mod spans;
 pub mod stats;
 pub mod tls;
+pub mod tls_collector;
 
 use std::{
     io::{BufRead, BufReader, Read},

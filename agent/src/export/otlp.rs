@@ -8,7 +8,7 @@
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use opentelemetry_proto::{
     tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -22,9 +22,14 @@ use opentelemetry_proto::{
 use prost::Message;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
+use http_body_util::BodyExt;
+use tonic::codegen::{
+    Body, BoxFuture, Context as TaskContext, Poll, Service, StdError, http, http::StatusCode,
+};
+
 use super::{
     ExportSpan, Sink, by_resource,
-    tls::{ClientTls, PemFile, TlsFiles, explain, plaintext_config},
+    tls::{ClientTls, PemFile, TlsFiles, client_refused, explain, find, plaintext_config},
 };
 use crate::config::{OtlpProtocol, OtlpTlsConfig};
 
@@ -235,8 +240,121 @@ fn parse_headers(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
 }
 
 enum Transport {
-    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Grpc(TraceServiceClient<GrpcAnswers>),
     Http(reqwest::Client),
+}
+
+/// An HTTP error answer without a gRPC status: a proxy or TLS terminator
+/// in front of the collector refusing the request (nginx's 400 for a
+/// missing client certificate, an auth proxy's 401), or the collector's
+/// OTLP/HTTP receiver refusing it.
+#[derive(Debug)]
+pub struct HttpRefusal {
+    status: StatusCode,
+    /// The start of the body, as text (an HTML page's title).
+    text: String,
+    /// Seen on the gRPC transport, where the answer should have been gRPC.
+    grpc: bool,
+}
+
+impl HttpRefusal {
+    async fn read<B>(status: StatusCode, body: B, grpc: bool) -> Self
+    where
+        B: Body,
+        B::Error: Into<StdError>,
+    {
+        // A few KiB say why; a body that never ends must not hold the export.
+        let body = http_body_util::Limited::new(body, 4096);
+        let text = match tokio::time::timeout(Duration::from_secs(1), body.collect()).await {
+            Ok(Ok(all)) => body_text(&all.to_bytes()),
+            _ => String::new(),
+        };
+        Self { status, text, grpc }
+    }
+
+    /// Whether it is about the client certificate (nginx: "No required SSL
+    /// certificate was sent", "The SSL certificate error").
+    fn about_certificate(&self) -> bool {
+        matches!(self.status.as_u16(), 400 | 401 | 403 | 495 | 496)
+            && self.text.to_ascii_lowercase().contains("certificate")
+    }
+}
+
+impl std::fmt::Display for HttpRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}", self.status)?;
+        if self.grpc {
+            f.write_str(" instead of a gRPC answer")?;
+        }
+        if !self.text.is_empty() {
+            write!(f, ": {}", self.text)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for HttpRefusal {}
+
+/// A body as one short line of text: an HTML page's title, or the text
+/// without tags, cut to 200 bytes.
+fn body_text(body: &[u8]) -> String {
+    let body = String::from_utf8_lossy(body);
+    let title = body
+        .split_once("<title>")
+        .and_then(|(_, rest)| rest.split_once("</title>"))
+        .map(|(title, _)| title);
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in title.unwrap_or(&body).chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            _ if in_tag => {}
+            c if c.is_whitespace() => {
+                if !text.is_empty() && !text.ends_with(' ') {
+                    text.push(' ');
+                }
+            }
+            c => text.push(c),
+        }
+    }
+    let mut end = text.trim_end().len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
+}
+
+/// The gRPC channel, with answers that are not gRPC turned into an
+/// [`HttpRefusal`]: tonic would try to decode an HTML page as messages.
+#[derive(Clone)]
+struct GrpcAnswers(tonic::transport::Channel);
+
+impl Service<http::Request<tonic::body::Body>> for GrpcAnswers {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = StdError;
+    type Future = BoxFuture<Self::Response, StdError>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), StdError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            // gRPC answers 200, or carries its status in the headers.
+            if response.status() == StatusCode::OK || response.headers().contains_key("grpc-status")
+            {
+                return Ok(response);
+            }
+            let status = response.status();
+            Err(HttpRefusal::read(status, response.into_body(), true)
+                .await
+                .into())
+        })
+    }
 }
 
 pub struct Otlp {
@@ -274,7 +392,7 @@ impl Otlp {
                     let _guard = runtime.enter();
                     channel.connect_lazy()
                 };
-                let client = TraceServiceClient::new(channel);
+                let client = TraceServiceClient::new(GrpcAnswers(channel));
                 Transport::Grpc(if settings.gzip {
                     client.send_compressed(tonic::codec::CompressionEncoding::Gzip)
                 } else {
@@ -334,7 +452,7 @@ async fn send(
                 .export(req)
                 .await
                 .map_err(|s| {
-                    tls_failure(&s, settings)
+                    failure(&s, settings)
                         .unwrap_or_else(|| anyhow!("gRPC status {:?}: {}", s.code(), s.message()))
                 })?
                 .into_inner()
@@ -358,13 +476,13 @@ async fn send(
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| tls_failure(&e, settings).unwrap_or_else(|| e.into()))?;
+                .map_err(|e| failure(&e, settings).unwrap_or_else(|| e.into()))?;
             let status = resp.status();
-            let bytes = resp.bytes().await?;
             if !status.is_success() {
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-                bail!("HTTP {status}: {}", text.trim());
+                let refusal = HttpRefusal::read(status, reqwest::Body::from(resp), false).await;
+                return Err(failure(&refusal, settings).unwrap_or_else(|| refusal.into()));
             }
+            let bytes = resp.bytes().await?;
             // An empty or undecodable body on success is full success.
             ExportTraceServiceResponse::decode(bytes).unwrap_or_default()
         }
@@ -382,13 +500,26 @@ async fn send(
     Ok(rejected)
 }
 
-/// A failed request whose cause is the TLS handshake, said in terms of the
-/// settings to check.
-fn tls_failure(
+/// A failed request said in terms of the settings to check: a TLS
+/// handshake failure, or an HTTP refusal (about the client certificate,
+/// with TLS, is a TLS failure too). `None`: nothing better to say than the
+/// error itself.
+fn failure(
     err: &(dyn std::error::Error + 'static),
     settings: &OtlpSettings,
 ) -> Option<anyhow::Error> {
-    Some(explain(err, settings.tls.as_ref()?)?.into())
+    if let Some(tls) = &settings.tls
+        && let Some(failed) = explain(err, tls)
+    {
+        return Some(failed.into());
+    }
+    let refusal = find::<HttpRefusal>(err)?;
+    Some(match &settings.tls {
+        Some(tls) if refusal.about_certificate() => {
+            client_refused(tls, &refusal.to_string()).into()
+        }
+        _ => anyhow!("{refusal}"),
+    })
 }
 
 impl Sink for Otlp {

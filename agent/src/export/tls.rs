@@ -221,28 +221,35 @@ impl StdError for TlsFailure {}
 /// The rustls error somewhere in `err`'s chain, said in terms of `files`;
 /// `None` when the failure is not about TLS.
 pub fn explain(err: &(dyn StdError + 'static), files: &TlsFiles) -> Option<TlsFailure> {
-    let tls = find_rustls(err)?;
-    let what = match tls {
-        rustls::Error::InvalidCertificate(_) => format!(
-            "the collector's certificate is not trusted ({tls}); it must chain to {}",
+    let tls = find::<rustls::Error>(err)?;
+    Some(match tls {
+        rustls::Error::InvalidCertificate(_) => TlsFailure(format!(
+            "TLS: the collector's certificate is not trusted ({tls}); it must chain to {}",
             files.trust()
-        ),
-        rustls::Error::AlertReceived(alert) if refuses_client(*alert) => match &files.client {
-            Some((cert, _)) => {
-                format!("the collector refused the client certificate {cert} ({tls})")
-            }
-            None => format!(
-                "the collector refused the connection ({tls}); it may want a client \
-                 certificate: set OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and \
-                 OTEL_EXPORTER_OTLP_CLIENT_KEY"
-            ),
-        },
-        rustls::Error::InvalidMessage(_) => {
-            format!("{tls}: is the collector serving TLS on this port?")
+        )),
+        rustls::Error::AlertReceived(alert) if refuses_client(*alert) => {
+            client_refused(files, &tls.to_string())
         }
-        other => other.to_string(),
-    };
-    Some(TlsFailure(format!("TLS: {what}")))
+        rustls::Error::InvalidMessage(_) => TlsFailure(format!(
+            "TLS: {tls}: is the collector serving TLS on this port?"
+        )),
+        other => TlsFailure(format!("TLS: {other}")),
+    })
+}
+
+/// The collector (or a TLS terminator before it: nginx answers HTTP 400)
+/// refused the client certificate, or its absence; `why` is what it said.
+pub fn client_refused(files: &TlsFiles, why: &str) -> TlsFailure {
+    TlsFailure(match &files.client {
+        Some((cert, _)) => {
+            format!("TLS: the collector refused the client certificate {cert} ({why})")
+        }
+        None => format!(
+            "TLS: the collector refused the connection ({why}); it may want a client \
+             certificate: set OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and \
+             OTEL_EXPORTER_OTLP_CLIENT_KEY"
+        ),
+    })
 }
 
 /// Alerts a server sends about the client's certificate, or its absence.
@@ -261,12 +268,12 @@ fn refuses_client(alert: AlertDescription) -> bool {
     )
 }
 
-/// Walks the source chain. An io::Error's source() skips the error it
-/// wraps (where tokio-rustls puts the rustls one), so look inside it.
-fn find_rustls<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+/// The first `T` in the source chain. An io::Error's source() skips the
+/// error it wraps (where tokio-rustls puts the rustls one), so look inside.
+pub fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     let mut next = Some(err);
     while let Some(e) = next {
-        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+        if let Some(found) = e.downcast_ref::<T>() {
             return Some(found);
         }
         next = match e
