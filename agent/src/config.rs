@@ -171,6 +171,8 @@ pub struct CaptureConfig {
     pub kernel_functions: Option<KfuncChoice>,
     /// auto | off | a list of runtimes to follow (cpython).
     pub runtimes: Option<crate::runtime::follow::RuntimeChoice>,
+    /// auto | off: read the plaintext of TLS connections from their library.
+    pub tls: Option<crate::tls::TlsChoice>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -501,6 +503,10 @@ mod tests {
                 "cpython".into()
             ]))
         );
+        let tls = Config::from_yaml("capture:\n  tls: off\n").unwrap();
+        assert_eq!(tls.capture.tls, Some(crate::tls::TlsChoice::Off));
+        let bad = Config::from_yaml("capture:\n  tls: gnutls\n").unwrap_err();
+        assert!(bad.to_string().contains("gnutls"), "{bad}");
         let bad = Config::from_yaml("capture:\n  runtimes: [jvm]\n").unwrap_err();
         assert!(bad.0.contains("jvm"), "{bad}");
     }
@@ -559,6 +565,21 @@ mod tests {
 
         assert!(Config::from_yaml("kubernetes:\n  metadata: maybe\n").is_err());
         assert!(Config::from_yaml("kubernetes:\n  nodename: x\n").is_err());
+    }
+
+    #[test]
+    fn otlp_tls_keys() {
+        let c = Config::from_yaml(
+            "export:\n  endpoint: https://c:4317\n  tls:\n    ca_file: /etc/ca.pem\n    \
+             cert_file: /etc/c.pem\n    key_file: /etc/c.key\n    insecure: false\n",
+        )
+        .unwrap();
+        assert_eq!(c.export.tls.ca_file, Some("/etc/ca.pem".into()));
+        assert_eq!(c.export.tls.key_file, Some("/etc/c.key".into()));
+        assert_eq!(c.export.tls.insecure, Some(false));
+        let unknown = Config::from_yaml("export:\n  tls:\n    ca: /x\n").unwrap_err();
+        assert!(unknown.0.contains("ca"), "{unknown}");
+        assert!(Config::from_yaml("export:\n  tls:\n    insecure: maybe\n").is_err());
     }
 
     #[test]

@@ -747,6 +747,61 @@ mod tests {
     }
 
     #[test]
+    fn refusals_say_what_the_server_said() {
+        let nginx = "<html>\r\n<head><title>400 No required SSL certificate was sent</title></head>\r\n\
+                     <body>\r\n<center><h1>400 Bad Request</h1></center>\r\n</body></html>";
+        assert_eq!(
+            body_text(nginx.as_bytes()),
+            "400 No required SSL certificate was sent"
+        );
+        assert_eq!(body_text(b"  <p>quota\n exceeded</p>\n"), "quota exceeded");
+        assert_eq!(body_text("é".repeat(150).as_bytes()).len(), 200);
+        let refusal = |status: u16, text: &str, grpc| HttpRefusal {
+            status: StatusCode::from_u16(status).unwrap(),
+            text: text.into(),
+            grpc,
+        };
+        let r = refusal(400, "400 No required SSL certificate was sent", true);
+        assert!(r.about_certificate());
+        assert_eq!(
+            r.to_string(),
+            "HTTP 400 Bad Request instead of a gRPC answer: 400 No required SSL certificate was sent"
+        );
+        assert!(!refusal(401, "missing token", false).about_certificate());
+        assert_eq!(
+            refusal(503, "", false).to_string(),
+            "HTTP 503 Service Unavailable"
+        );
+
+        // With TLS, a refusal about the client certificate is a TLS failure.
+        let settings = |endpoint| {
+            resolve(
+                None,
+                OtlpProtocol::Grpc,
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)],
+            )
+            .unwrap()
+        };
+        let tls = failure(&r, &settings("https://c:4317")).unwrap();
+        assert!(
+            tls.downcast_ref::<crate::export::tls::TlsFailure>()
+                .is_some(),
+            "{tls}"
+        );
+        assert!(
+            tls.to_string().contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+            "{tls}"
+        );
+        let plain = failure(&r, &settings("http://c:4317")).unwrap();
+        assert!(
+            plain
+                .downcast_ref::<crate::export::tls::TlsFailure>()
+                .is_none()
+        );
+        assert_eq!(plain.to_string(), r.to_string());
+    }
+
+    #[test]
     fn headers_are_decoded_and_the_signal_variable_wins() {
         let s = resolve(
             None,
