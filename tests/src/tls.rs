@@ -267,8 +267,9 @@ if kind == "httpx":
         for url in urls:
             r = client.get(url)
             stream = r.extensions.get("network_stream")
-            if stream is not None:
-                version = stream.get_extra_info("ssl_object").version()
+            ssl_object = stream.get_extra_info("ssl_object") if stream else None
+            if ssl_object is not None:
+                version = ssl_object.version()
             print(r.status_code, len(r.content), flush=True)
         print("tls", version)
 else:
@@ -333,16 +334,16 @@ pub fn psycopg(url: &str, statements: &[(&str, serde_json::Value)]) -> anyhow::R
     )
 }
 
-/// PyMySQL over TLS (`ssl={'ca': CA}`: verified against the CA) to
-/// 127.0.0.1:PORT as root, database `zt`: prints `tls VERSION`, then per
-/// statement its rows, tab-joined. PyMySQL interpolates parameters itself:
-/// the server sees literals.
+/// PyMySQL to 127.0.0.1:PORT as root, database `zt`, over TLS (`ssl={'ca':
+/// CA}`: verified against the CA) when given a CA: prints `tls VERSION`
+/// (`None` in clear text), then per statement its rows, tab-joined.
+/// PyMySQL interpolates parameters itself: the server sees literals.
 const PYMYSQL: &str = r#"
 import json, sys, pymysql
 port, ca, statements = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 conn = pymysql.connect(host="127.0.0.1", port=port, user="root", database="zt",
-                       ssl={"ca": ca}, autocommit=True)
-print("tls", conn._sock.version(), flush=True)
+                       ssl={"ca": ca} if ca else None, autocommit=True)
+print("tls", conn._sock.version() if hasattr(conn._sock, "version") else None, flush=True)
 with conn.cursor() as cur:
     for sql, params in statements:
         cur.execute(sql, params or None)
@@ -351,10 +352,10 @@ with conn.cursor() as cur:
 conn.close()
 "#;
 
-/// Runs `(sql, params)` statements through PyMySQL over TLS.
+/// Runs `(sql, params)` statements through PyMySQL, over TLS with `ca`.
 pub fn pymysql(
     port: u16,
-    ca: &TestCa,
+    ca: Option<&TestCa>,
     statements: &[(&str, serde_json::Value)],
 ) -> anyhow::Result<ClientRun> {
     let list: Vec<serde_json::Value> = statements
@@ -365,7 +366,8 @@ pub fn pymysql(
         PYMYSQL,
         &[
             port.to_string(),
-            ca.ca_cert().display().to_string(),
+            ca.map(|ca| ca.ca_cert().display().to_string())
+                .unwrap_or_default(),
             serde_json::Value::Array(list).to_string(),
         ],
     )
