@@ -16,7 +16,7 @@
 //! let nginx = Nginx::start_tls(app.port, &ca)?;
 //! let body = ca.curl(&[&nginx.url("/a.txt")])?;
 //! let run = python_http(HttpClient::Httpx, &ca, &[], &[nginx.url("/api/users/1")])?;
-//! assert_eq!(run.lines()[0], "200");
+//! assert_eq!(run.lines()[0], "200 24"); // status, body bytes
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
