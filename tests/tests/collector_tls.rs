@@ -129,6 +129,31 @@ fn grpc_over_tls_delivers_spans() {
     s.request("/tls/grpc/1");
     s.delivered("/tls/grpc/1");
     agent.stop().unwrap();
+
+    // Without a CA file, the host's CA bundle: here the one SSL_CERT_FILE
+    // names, as OpenSSL would read it. The endpoint has no scheme, which
+    // for gRPC means TLS.
+    let host = format!("127.0.0.1:{}", s.terminator.grpc_port);
+    let agent = Agent::run(
+        &["--listen", "off"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &host),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("SSL_CERT_FILE", path_str(&ca)),
+            BATCH,
+        ],
+    )
+    .unwrap();
+    let ready = &agent.stderr_lines[agent.stderr_lines.len() - 1];
+    assert!(
+        ready.contains(&format!(
+            "otlp grpc to https://{host} (TLS trusting the host's CA certificates)"
+        )),
+        "{ready}"
+    );
+    s.request("/tls/grpc/2");
+    s.delivered("/tls/grpc/2");
+    agent.stop().unwrap();
     s.assert_exports_not_traced();
 }
 
@@ -376,7 +401,7 @@ fn bad_tls_files_are_configuration_errors() {
     let (ca, ca_key, client) = (pki.ca_pem(), pki.path("ca.key"), pki.client_pem());
     let (garbage, missing) = (path_str(&garbage), path_str(&missing));
     let (ca, ca_key, client) = (path_str(&ca), path_str(&ca_key), path_str(&client));
-    let cases: [(&[&str], &[(&str, &str)], String); 4] = [
+    let cases: [(&[&str], &[(&str, &str)], String); 5] = [
         (
             &["--otlp-certificate", missing],
             &[],
@@ -391,6 +416,12 @@ fn bad_tls_files_are_configuration_errors() {
             &[],
             &[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", client)],
             "a client certificate needs its key".into(),
+        ),
+        // No CA file, and no CA bundle where the host's should be.
+        (
+            &[],
+            &[("SSL_CERT_FILE", missing), ("SSL_CERT_DIR", missing)],
+            "no CA certificates on this host".into(),
         ),
         // The CA's key does not belong to the client certificate.
         (
