@@ -401,7 +401,9 @@ fn bad_tls_files_are_configuration_errors() {
     let (ca, ca_key, client) = (pki.ca_pem(), pki.path("ca.key"), pki.client_pem());
     let (garbage, missing) = (path_str(&garbage), path_str(&missing));
     let (ca, ca_key, client) = (path_str(&ca), path_str(&ca_key), path_str(&client));
-    let cases: [(&[&str], &[(&str, &str)], String); 5] = [
+    // Flags, environment, and what stderr must say.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], String);
+    let cases: [Case; 5] = [
         (
             &["--otlp-certificate", missing],
             &[],

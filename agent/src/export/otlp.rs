@@ -44,8 +44,8 @@ pub struct OtlpSettings {
     pub gzip: bool,
     /// Per request (OTEL_EXPORTER_OTLP_TIMEOUT, default 10 s).
     pub timeout: Duration,
-    /// `Some` for an https:// endpoint.
-    pub tls: Option<TlsFiles>,
+    /// `Some` for an https:// endpoint (boxed: most endpoints are not).
+    pub tls: Option<Box<TlsFiles>>,
 }
 
 /// TLS settings from flags, which outrank the environment, and from the
@@ -157,7 +157,7 @@ impl OtlpSettings {
         };
         let files = TlsFiles { ca, client };
         let tls = if secure {
-            Some(files)
+            Some(Box::new(files))
         } else {
             if let Some(set) = files.ca.as_ref().or(files.client.as_ref().map(|c| &c.0)) {
                 log::warn!(
@@ -372,7 +372,7 @@ impl Otlp {
         export_timeout: Duration,
     ) -> anyhow::Result<Self> {
         // Bad TLS files are configuration errors (exit code 2).
-        let tls = settings.tls.as_ref().map(ClientTls::load).transpose()?;
+        let tls = settings.tls.as_deref().map(ClientTls::load).transpose()?;
         let transport = match settings.protocol {
             OtlpProtocol::Grpc => {
                 // Connects on first use and reconnects after failures, so a
@@ -624,7 +624,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.endpoint, "https://c:4317");
-        assert_eq!(s.tls, Some(TlsFiles::default()));
+        assert_eq!(s.tls, Some(Box::default()));
         let s = resolve(Some("https://c:4318"), http, &[]).unwrap();
         assert_eq!(s.endpoint, "https://c:4318/v1/traces");
         assert!(s.tls.is_some());
