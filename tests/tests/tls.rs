@@ -757,7 +757,14 @@ fn postgres_over(transport: &str) {
     // to it, once; no other server spans.
     for client in psql.iter().chain(&py_spans) {
         let server = served(&spans, client);
-        assert_eq!(server.name, client.name, "{}", server.brief());
+        assert_eq!(
+            server.name,
+            client.name,
+            "{} under {}:{}",
+            server.brief(),
+            client.brief(),
+            shown(&spans)
+        );
         assert_eq!(
             server.attr_str("db.query.text"),
             client.attr_str("db.query.text")
@@ -890,7 +897,14 @@ fn mariadb_over(transport: &str) {
     // mariadbd is on this host: each call's server side is linked to it.
     for client in db_clients(&spans, "mysql", my.port) {
         let server = served(&spans, client);
-        assert_eq!(server.name, client.name, "{}", server.brief());
+        assert_eq!(
+            server.name,
+            client.name,
+            "{} under {}:{}",
+            server.brief(),
+            client.brief(),
+            shown(&spans)
+        );
     }
     assert_eq!(
         db_servers(&spans, "mysql", my.port).len(),
