@@ -9,6 +9,7 @@
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, anyhow};
+use http_body_util::BodyExt;
 use opentelemetry_proto::{
     tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -21,8 +22,6 @@ use opentelemetry_proto::{
 };
 use prost::Message;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-
-use http_body_util::BodyExt;
 use tonic::codegen::{
     Body, BoxFuture, Context as TaskContext, Poll, Service, StdError, http, http::StatusCode,
 };
@@ -249,7 +248,7 @@ enum Transport {
 /// missing client certificate, an auth proxy's 401), or the collector's
 /// OTLP/HTTP receiver refusing it.
 #[derive(Debug)]
-pub struct HttpRefusal {
+struct HttpRefusal {
     status: StatusCode,
     /// The start of the body, as text (an HTML page's title).
     text: String,
