@@ -101,9 +101,10 @@ static RUNTIMES: HashMap<u32, ThreadLayout> = HashMap::with_max_entries(4096, 0)
 #[map(name = "TLS_CALLS")]
 static TLS_CALLS: LruHashMap<u64, tls::TlsCall> = LruHashMap::with_max_entries(16384, 0);
 
-/// (tgid, TLS session object) → the socket fd it was last seen using.
+/// (tgid, TLS session object) → its socket and unfinished write.
 #[map(name = "TLS_SESSIONS")]
-static TLS_SESSIONS: LruHashMap<TlsSessionKey, i32> = LruHashMap::with_max_entries(65536, 0);
+static TLS_SESSIONS: LruHashMap<TlsSessionKey, tls::TlsSession> =
+    LruHashMap::with_max_entries(65536, 0);
 
 /// tgid → where its TLS library keeps a session's socket (for the check).
 #[map(name = "TLS_LAYOUTS")]

@@ -254,6 +254,21 @@ pub fn lookup<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) -> Option<SocketI
     }
 }
 
+/// The traced connection behind (tgid, fd) if a syscall already showed it
+/// (no registration: for probes whose stack cannot hold one).
+#[inline(always)]
+pub fn known(pid_tgid: u64, fd: i32) -> Option<SocketInfo> {
+    let key = SocketKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { SOCKETS.get(&key) } {
+        Some(info) if info.state == SOCKET_TRACKED => Some(*info),
+        _ => None,
+    }
+}
+
 /// Whether (tgid, fd) is known not to be a traced socket.
 #[inline(always)]
 pub fn known_ignored(pid_tgid: u64, fd: i32) -> bool {

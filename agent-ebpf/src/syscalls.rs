@@ -131,11 +131,38 @@ macro_rules! enter_msg {
 enter_plain!(sys_enter_read, Syscall::Read);
 enter_plain!(sys_enter_write, Syscall::Write);
 enter_plain!(sys_enter_sendto, Syscall::Sendto);
-enter_plain!(sys_enter_recvfrom, Syscall::Recvfrom);
+/// `MSG_PEEK`: the bytes stay queued and a later call reads them again.
+const MSG_PEEK: u64 = 2;
+
+/// Prototype: `recvfrom(int fd, void *ubuf, size_t size, unsigned int
+/// flags, ...)`. A peek is not reported: the read that follows is (nginx
+/// peeks at the first byte of every connection on a TLS port).
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 3) & MSG_PEEK == 0 {
+        remember(
+            Syscall::Recvfrom as u8,
+            arg(&ctx, 0) as i32,
+            arg(&ctx, 1),
+            arg(&ctx, 2),
+            false,
+        );
+    }
+    0
+}
 enter_iovec!(sys_enter_readv, Syscall::Readv);
 enter_iovec!(sys_enter_writev, Syscall::Writev);
 enter_msg!(sys_enter_sendmsg, Syscall::Sendmsg);
-enter_msg!(sys_enter_recvmsg, Syscall::Recvmsg);
+/// Prototype: `recvmsg(int fd, struct user_msghdr *msg, unsigned int flags)`;
+/// peeks are not reported (see [`sys_enter_recvfrom`]).
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 2) & MSG_PEEK == 0 {
+        let (iov, len) = msghdr_iov(arg(&ctx, 1));
+        remember(Syscall::Recvmsg as u8, arg(&ctx, 0) as i32, iov, len, true);
+    }
+    0
+}
 
 /// Prototype: `sendfile64(int out_fd, int in_fd, loff_t *offset, size_t count)`.
 /// The bytes come from a file, so only their count is reported (a null
@@ -169,33 +196,30 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let conn = socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?;
-    if tls::inside_call(pid_tgid, call.fd) {
-        // Ciphertext: the TLS probe sends this call's plaintext instead.
-        return Ok(());
-    }
+    // Inside a TLS library call these bytes are ciphertext: a read's
+    // plaintext is sent when the call returns, a write's now, in place of
+    // the ciphertext, so it is not stamped after the peer's answer.
+    let (syscall, moved, ptr, vectored) = match tls::inside_call(pid_tgid, call.fd) {
+        tls::Inside::No => (call.syscall, moved as u64, call.ptr, call.vectored),
+        tls::Inside::Ciphertext => return Ok(()),
+        tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),
+    };
     let mut guard = ScratchGuard::acquire().ok_or(())?;
     let scratch = guard.get();
 
-    let moved = moved as u64;
     let want = min(moved, u64::from(config!(capture_bytes)));
-    let captured = if call.ptr == 0 {
+    let captured = if ptr == 0 {
         0
-    } else if call.vectored != 0 {
-        copy_iovecs(&mut scratch.payload, call.ptr, call.len, want)
+    } else if vectored != 0 {
+        copy_iovecs(&mut scratch.payload, ptr, call.len, want)
     } else {
-        copy_user(&mut scratch.payload, 0, call.ptr, want);
+        copy_user(&mut scratch.payload, 0, ptr, want);
         want
     };
     let captured = captured & SIZE_MASK;
     let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
     scratch.event = DataEvent {
-        header: socket::header(
-            EventKind::Data,
-            call.syscall,
-            pid_tgid,
-            call.fd,
-            conn.conn_id,
-        ),
+        header: socket::header(EventKind::Data, syscall, pid_tgid, call.fd, conn.conn_id),
         total_bytes: moved,
         captured: captured as u32,
         unit_seq,

@@ -44,10 +44,33 @@ pub struct TlsCall {
     buf: u64,
     /// `size_t *` the `_ex` variants store the byte count in; 0 otherwise.
     moved_at: u64,
+    /// When the first socket call inside returned (0: none yet): the
+    /// record's time, as for clear text. The call's own return comes later
+    /// (for a write, possibly after the peer already read and answered),
+    /// and the two ends of a connection are ordered by these times.
+    ts_ns: u64,
+    /// Bytes asked to move.
+    len: u64,
     /// The socket the library used inside the call; -1 until one is seen.
     fd: i32,
     syscall: u8,
-    _pad: [u8; 3],
+    /// A write's plaintext went out at its first socket call.
+    sent: u8,
+    _pad: [u8; 2],
+}
+
+/// TLS_SESSIONS value: what is remembered about one session object.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsSession {
+    /// The socket it was last seen using.
+    fd: i32,
+    _pad: u32,
+    /// Length of a write whose plaintext went out but which the library
+    /// did not finish (a non-blocking socket was full): OpenSSL requires
+    /// the caller to retry it with the same length, and the retry must not
+    /// send the plaintext again. 0: none.
+    retry_len: u64,
 }
 
 #[inline(always)]
@@ -60,9 +83,16 @@ fn enter(ctx: &ProbeContext, syscall: Syscall, ex: bool) {
         session: ctx.arg(0).unwrap_or(0),
         buf: ctx.arg(1).unwrap_or(0),
         moved_at: if ex { ctx.arg(3).unwrap_or(0) } else { 0 },
+        ts_ns: 0,
+        len: if ex {
+            ctx.arg::<u64>(2).unwrap_or(0)
+        } else {
+            u64::from(ctx.arg::<u32>(2).unwrap_or(0))
+        },
         fd: -1,
         syscall: syscall as u8,
-        _pad: [0; 3],
+        sent: 0,
+        _pad: [0; 2],
     };
     if call.session == 0 || call.buf == 0 {
         return;
@@ -128,32 +158,49 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
     let _ = TLS_CALLS.remove(&pid_tgid);
     let ret: i64 = i64::from(ctx.ret::<i32>());
     let moved = if call.moved_at != 0 {
-        if ret != 1 {
-            return Ok(());
+        if ret == 1 {
+            // SAFETY: faulting-safe user read.
+            unsafe { bpf_probe_read_user(call.moved_at as *const u64) }.unwrap_or(0)
+        } else {
+            0
         }
-        // SAFETY: faulting-safe user read.
-        unsafe { bpf_probe_read_user(call.moved_at as *const u64) }.map_err(|_| ())?
     } else if ret > 0 {
         ret as u64
     } else {
-        return Ok(());
+        0
     };
-    if moved == 0 {
-        return Ok(());
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let key = TlsSessionKey {
         tgid,
         _pad: 0,
         session: call.session,
     };
+    if call.sent != 0 {
+        // A write whose plaintext went out at its socket call: remember
+        // what a retry must not send again (its unfinished part).
+        let session = TlsSession {
+            fd: call.fd,
+            _pad: 0,
+            retry_len: call.len.saturating_sub(moved),
+        };
+        let _ = TLS_SESSIONS.insert(&key, &session, 0);
+        return Ok(());
+    }
+    if moved == 0 {
+        return Ok(());
+    }
     let own = session_fd(tgid, call.session);
     let fd = if call.fd >= 0 {
         if own.is_some_and(|own| own != call.fd) {
             count(Counter::TlsSocketMismatch, 1);
             return Ok(());
         }
-        let _ = TLS_SESSIONS.insert(&key, &call.fd, 0);
+        let session = TlsSession {
+            fd: call.fd,
+            _pad: 0,
+            retry_len: 0,
+        };
+        let _ = TLS_SESSIONS.insert(&key, &session, 0);
         call.fd
     } else if let Some(own) = own {
         own
@@ -163,7 +210,8 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
     };
-    let Some(conn) = socket::lookup(ctx, pid_tgid, fd) else {
+    // The socket calls of the handshake registered the connection.
+    let Some(conn) = socket::known(pid_tgid, fd) else {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
     };
@@ -187,6 +235,9 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         unit_seq,
         unit,
     };
+    if call.ts_ns != 0 {
+        scratch.event.header.ts_ns = call.ts_ns;
+    }
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
     output(ctx, (&raw const scratch.event).cast::<u8>(), len, captured);
     Ok(())
@@ -196,7 +247,7 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
 #[inline(always)]
 fn remembered(key: &TlsSessionKey) -> Option<i32> {
     // SAFETY: copied out at once.
-    unsafe { TLS_SESSIONS.get(key) }.copied()
+    unsafe { TLS_SESSIONS.get(key) }.map(|s| s.fd)
 }
 
 /// The fd of the session's read BIO when the process's library layout is
@@ -221,23 +272,57 @@ fn session_fd(tgid: u32, session: u64) -> Option<i32> {
         if kind & BIO_TYPE_DESCRIPTOR == 0 {
             return None;
         }
-        let fd: i32 = bpf_probe_read_user((bio + u64::from(layout.bio_num_off)) as *const i32).ok()?;
+        let fd: i32 =
+            bpf_probe_read_user((bio + u64::from(layout.bio_num_off)) as *const i32).ok()?;
         (fd >= 0).then_some(fd)
     }
 }
 
-/// Called by the syscall exit hook for a traced socket: whether the
-/// thread is inside a TLS library call, in which case the socket is noted
-/// for it and the (ciphertext) bytes are not sent.
+/// What a socket call that moved bytes is, seen from the TLS probes.
+pub enum Inside {
+    /// Not inside a TLS library call.
+    No,
+    /// Inside one: ciphertext, not to be sent.
+    Ciphertext,
+    /// The first socket call of a TLS write: its plaintext (`len` bytes at
+    /// `buf`) is sent now, in place of the ciphertext.
+    Write { buf: u64, len: u64 },
+}
+
+/// Called by the syscall exit hook for a traced socket that moved bytes:
+/// notes the socket (and the time) for a TLS call the thread is inside.
 #[inline(always)]
-pub fn inside_call(pid_tgid: u64, fd: i32) -> bool {
-    match TLS_CALLS.get_ptr_mut(&pid_tgid) {
-        Some(call) => {
-            // SAFETY: map value pointer, valid for the program's run; only
-            // this thread uses its own entry.
-            unsafe { (*call).fd = fd };
-            true
-        }
-        None => false,
+pub fn inside_call(pid_tgid: u64, fd: i32) -> Inside {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+        return Inside::No;
+    };
+    // SAFETY: map value pointer, valid for the program's run; only this
+    // thread uses its own entry.
+    let call = unsafe { &mut *call };
+    call.fd = fd;
+    if call.ts_ns != 0 {
+        return Inside::Ciphertext;
+    }
+    // SAFETY: helper without preconditions.
+    call.ts_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    if call.syscall != Syscall::TlsWrite as u8 {
+        return Inside::Ciphertext;
+    }
+    call.sent = 1;
+    let key = TlsSessionKey {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        session: call.session,
+    };
+    // SAFETY: read at once.
+    if let Some(session) = unsafe { TLS_SESSIONS.get(&key) }
+        && session.retry_len != 0
+        && session.retry_len == call.len
+    {
+        return Inside::Ciphertext;
+    }
+    Inside::Write {
+        buf: call.buf,
+        len: call.len,
     }
 }

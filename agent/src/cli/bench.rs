@@ -104,6 +104,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         exes: Vec::new(),
         kernel_functions: KfuncChoice::Auto,
         runtimes: Default::default(),
+        tls: Default::default(),
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

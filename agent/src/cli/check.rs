@@ -11,6 +11,7 @@ use crate::{
         loader::{LoadOptions, Probes, TransportChoice},
     },
     runtime::follow::{self, Follower, RuntimeChoice},
+    tls::{self, TlsChoice, TlsFollower},
 };
 
 #[derive(Args, Debug)]
@@ -33,6 +34,7 @@ fn trial_load(report: &mut Report) {
         exes: Vec::new(),
         kernel_functions: KfuncChoice::Auto,
         runtimes: Default::default(),
+        tls: Default::default(),
     };
     // The runtime probe is loaded on every kernel check runs on, whether
     // or not an interpreter is running.
@@ -44,6 +46,15 @@ fn trial_load(report: &mut Report) {
             let mut runtimes = Follower::new(RuntimeChoice::Auto);
             runtimes.scan(&mut probes);
             report.runtimes = runtimes.reports.clone();
+            // So are the TLS probes, on every TLS library mapped now.
+            let mut tls = TlsFollower::new(TlsChoice::Auto);
+            tls.scan(crate::conn::seed::selected_or_all(&[], &[]), &mut probes);
+            if let Err(e) = probes.load_tls_probes() {
+                report
+                    .rows
+                    .push(Row::new("TLS probes", false, Err(format!("{e:#}"))));
+            }
+            report.tls = tls.reports.clone();
             let attached = probes
                 .attachments
                 .iter()
@@ -100,6 +111,12 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
         for r in &report.runtimes {
             println!("runtime {}", follow::describe(r));
+        }
+        if report.tls.is_empty() {
+            println!("tls: no process maps a TLS library");
+        }
+        for r in &report.tls {
+            println!("tls {}", tls::describe(r));
         }
     }
     if report.capture_ready {

@@ -74,6 +74,10 @@ pub struct CaptureArgs {
     /// requests: auto, off, or a list (cpython) [default: auto].
     #[arg(long, value_name = "auto|off|LIST", env = "ZEROTRACE_RUNTIMES")]
     pub runtimes: Option<RuntimeChoice>,
+    /// Read the plaintext of TLS connections from their library (OpenSSL):
+    /// auto or off [default: auto].
+    #[arg(long, value_name = "auto|off", env = "ZEROTRACE_TLS")]
+    pub tls: Option<crate::tls::TlsChoice>,
 }
 
 impl CaptureArgs {
@@ -102,6 +106,7 @@ impl CaptureArgs {
                 .clone()
                 .or_else(|| file.runtimes.clone())
                 .unwrap_or_default(),
+            tls: self.tls.or(file.tls).unwrap_or_default(),
         }
     }
 

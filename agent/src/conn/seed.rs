@@ -54,6 +54,22 @@ pub fn select_pids(pids: &[u32], exes: &[String]) -> Vec<u32> {
     out
 }
 
+/// The selected processes, or every process when none is selected (the
+/// agent itself left out).
+pub fn selected_or_all(pids: &[u32], exes: &[String]) -> Vec<u32> {
+    if !pids.is_empty() || !exes.is_empty() {
+        return select_pids(pids, exes);
+    }
+    let own = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != own)
+        .collect()
+}
+
 fn matches_exe(process: &Process, comm: &str, exes: &[String]) -> bool {
     let exe_name = process
         .exe()

@@ -32,6 +32,8 @@ pub struct Report {
     pub kernel_function_layer: Option<String>,
     /// Per process: which runtime is followed, or why not (`zerotrace check`).
     pub runtimes: Vec<crate::runtime::follow::ProcessRuntime>,
+    /// TLS libraries of the running processes, and whether each is followed.
+    pub tls: Vec<crate::tls::ProcessTls>,
 }
 
 impl Report {
@@ -373,6 +375,7 @@ pub fn probe() -> Report {
         rows,
         capture_ready,
         runtimes: Vec::new(),
+        tls: Vec::new(),
         kernel_function_layer: if fentry_ok {
             Some("fentry/fexit".into())
         } else if kprobe_ok {

@@ -187,6 +187,8 @@ pub struct LoadOptions {
     pub kernel_functions: KfuncChoice,
     /// Runtimes to follow (units of work for parents).
     pub runtimes: crate::runtime::follow::RuntimeChoice,
+    /// Whether TLS libraries are probed for plaintext.
+    pub tls: crate::tls::TlsChoice,
 }
 
 /// How one program load (verification) went, for logs and the startup trace.

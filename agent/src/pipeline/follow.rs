@@ -4,6 +4,8 @@
 //! - at start, about every running process ([`Followers::start`]);
 //! - for every record, in the order read ([`Followers::observe`]): a
 //!   process's first traffic, or a file it mapped, is the cue to look again;
+//! - after each read of the buffers, for work a record scheduled
+//!   ([`Followers::after_poll`]);
 //! - every few seconds, about the processes that exited ([`Followers::reap`]).
 //!
 //! What a follower changes that the consumer must know (records of a
@@ -15,24 +17,33 @@ use std::time::Instant;
 
 use crate::{
     capture::Event,
-    kernel::loader::Probes,
-    runtime::follow::{Change, Follower, RuntimeChoice},
+    kernel::loader::{LoadOptions, Probes},
+    runtime::follow::{Change, Follower},
+    tls::TlsFollower,
 };
 
 pub struct Followers {
     /// Interpreter runtimes whose units of work are followed (CPython).
     pub runtimes: Follower,
+    /// TLS libraries whose plaintext is read (OpenSSL).
+    pub tls: TlsFollower,
     /// Changes found at start, handed on ahead of the first records.
     found_at_start: Vec<Change>,
 }
 
 impl Followers {
-    /// Looks at every running process.
-    pub fn start(runtimes: RuntimeChoice, probes: &mut Probes) -> Self {
-        let mut runtimes = Follower::new(runtimes);
+    /// Looks at every running process (TLS: every selected one).
+    pub fn start(opts: &LoadOptions, probes: &mut Probes) -> Self {
+        let mut runtimes = Follower::new(opts.runtimes.clone());
         let found_at_start = runtimes.scan(probes);
+        let mut tls = TlsFollower::new(opts.tls);
+        tls.scan(
+            crate::conn::seed::selected_or_all(&opts.pids, &opts.exes),
+            probes,
+        );
         Self {
             runtimes,
+            tls,
             found_at_start,
         }
     }
@@ -54,11 +65,23 @@ impl Followers {
     ) {
         // A process is inspected for a runtime to follow when its traffic
         // is first seen.
-        if let Event::Data(data) = event
-            && let Some(change) = self.runtimes.observe(data.header.tgid, now, probes)
-        {
-            changed(change);
+        match event {
+            Event::Data(data) => {
+                if let Some(change) = self.runtimes.observe(data.header.tgid, now, probes) {
+                    changed(change);
+                }
+                self.tls.observe(data.header.tgid, probes);
+            }
+            // New code in a process (exec, dlopen): maybe a TLS library.
+            Event::Mapped(header) => self.tls.mapped(header.tgid, now),
+            _ => {}
         }
+    }
+
+    /// After a read of the buffers: processes that mapped new code are
+    /// looked at again.
+    pub fn after_poll(&mut self, now: Instant, probes: &mut Probes) {
+        self.tls.poll(now, probes);
     }
 
     /// Forgets processes for which `alive` is false.
@@ -71,5 +94,6 @@ impl Followers {
         for change in self.runtimes.reap(alive, probes) {
             changed(change);
         }
+        self.tls.reap(alive, probes);
     }
 }

@@ -270,7 +270,7 @@ impl Pipeline {
             connections: seed.conns.len(),
             listeners: seed.listeners.len(),
         };
-        let followers = Followers::start(opts.runtimes.clone(), &mut probes);
+        let followers = Followers::start(opts, &mut probes);
         let map = probes.take_events_map()?;
         let reader = Reader::new(probes.transport, map, opts.buffer_bytes)?;
         Ok(Self {

@@ -48,12 +48,14 @@ impl Source for Kernel<'_> {
         } = self;
         followers.take_found_at_start(&mut |change| each(Input::Change(change)));
         let now = Instant::now();
-        reader.poll(timeout, &mut |event| {
+        let read = reader.poll(timeout, &mut |event| {
             followers.observe(&event, now, probes, &mut |change| {
                 each(Input::Change(change));
             });
             each(Input::Event(event));
-        })
+        })?;
+        followers.after_poll(Instant::now(), probes);
+        Ok(read)
     }
 
     fn reap(&mut self, alive: impl Fn(u32) -> bool + Copy, changed: &mut impl FnMut(Change)) {

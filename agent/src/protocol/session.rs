@@ -470,7 +470,11 @@ mod tests {
     fn encrypted_without_plaintext_yields_nothing() {
         let mut s = session(true, "127.0.0.1:443");
         let mut events = feed(&mut s, Direction::Egress, CLIENT_HELLO);
-        events.extend(feed(&mut s, Direction::Ingress, b"\x16\x03\x03\x00\x7a\x02"));
+        events.extend(feed(
+            &mut s,
+            Direction::Ingress,
+            b"\x16\x03\x03\x00\x7a\x02",
+        ));
         events.extend(feed(&mut s, Direction::Egress, APP_DATA));
         let mut out = Vec::new();
         s.close(Moment::default(), &mut out);
@@ -497,7 +501,10 @@ mod tests {
         let auth_ok = b"R\0\0\0\x08\0\0\0\0";
         plain(&mut s, Direction::Ingress, &[&auth_ok[..], ready].concat());
         let events = plain(&mut s, Direction::Egress, b"Q\0\0\0\x0dSELECT 1\0");
-        assert!(matches!(events[..], [Event::Db(DbEvent::Request { .. })]), "{events:?}");
+        assert!(
+            matches!(events[..], [Event::Db(DbEvent::Request { .. })]),
+            "{events:?}"
+        );
         let complete = b"C\0\0\0\x0dSELECT 1\0";
         let events = plain(&mut s, Direction::Ingress, &[&complete[..], ready].concat());
         let [Event::Db(DbEvent::Call(call))] = &events[..] else {
@@ -509,11 +516,19 @@ mod tests {
     #[test]
     fn tls_looking_bytes_inside_clear_text_are_clear_text() {
         let mut s = session(true, "127.0.0.1:8080");
-        feed(&mut s, Direction::Egress, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n");
+        feed(
+            &mut s,
+            Direction::Egress,
+            b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n",
+        );
         // A body chunk that happens to start like a TLS record.
         feed(&mut s, Direction::Egress, CLIENT_HELLO);
         assert_eq!(s.tls(), Tls::None);
-        let events = feed(&mut s, Direction::Ingress, b"HTTP/1.1 204 No Content\r\n\r\n");
+        let events = feed(
+            &mut s,
+            Direction::Ingress,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        );
         assert!(matches!(events[..], [Event::Http(HttpEvent::Exchange(_))]));
     }
 

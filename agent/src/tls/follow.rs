@@ -31,7 +31,9 @@ impl std::str::FromStr for TlsChoice {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" | "openssl" => Ok(Self::Auto),
             "off" | "none" => Ok(Self::Off),
-            other => Err(format!("unknown TLS choice {other:?}: expected auto or off")),
+            other => Err(format!(
+                "unknown TLS choice {other:?}: expected auto or off"
+            )),
         }
     }
 }
@@ -198,7 +200,9 @@ impl TlsFollower {
             n => format!("{n} TLS library files probed ({})", followed.join(", ")),
         };
         if not > 0 {
-            line.push_str(&format!(", {not} process libraries not followed (see the log)"));
+            line.push_str(&format!(
+                ", {not} process libraries not followed (see the log)"
+            ));
         }
         line
     }
@@ -216,7 +220,8 @@ impl TlsFollower {
                 None => {
                     let v = self.judge(pid, m, &maps, probes);
                     if self.files.len() >= MAX_FILES {
-                        self.files.retain(|_, v| matches!(v, FileVerdict::Probed(_)));
+                        self.files
+                            .retain(|_, v| matches!(v, FileVerdict::Probed(_)));
                     }
                     self.files.insert(m.file, v.clone());
                     v
@@ -405,14 +410,24 @@ fn parse_dev(dev: &str) -> u64 {
 /// One line per process library: followed, or why not.
 pub fn describe(r: &ProcessTls) -> String {
     match (&r.reason, r.followed) {
-        (_, true) => format!("pid {}: {} ({}) followed", r.pid, r.library, r.path.display()),
+        (_, true) => format!(
+            "pid {}: {} ({}) followed",
+            r.pid,
+            r.library,
+            r.path.display()
+        ),
         (Some(why), false) => format!(
             "pid {}: {} ({}) not followed: {why}",
             r.pid,
             r.library,
             r.path.display()
         ),
-        (None, false) => format!("pid {}: {} ({}) not followed", r.pid, r.library, r.path.display()),
+        (None, false) => format!(
+            "pid {}: {} ({}) not followed",
+            r.pid,
+            r.library,
+            r.path.display()
+        ),
     }
 }
 

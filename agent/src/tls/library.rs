@@ -201,7 +201,13 @@ mod tests {
         let Library::OpenSsl { functions, .. } = inspect(file, "libssl.so.3").unwrap() else {
             panic!("libssl.so.3 is OpenSSL");
         };
-        for f in ["SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_free"] {
+        for f in [
+            "SSL_read",
+            "SSL_write",
+            "SSL_read_ex",
+            "SSL_write_ex",
+            "SSL_free",
+        ] {
             assert!(functions.contains(&f), "{f} in {functions:?}");
         }
         let version = version_of(&dir.join("libcrypto.so.3")).expect("libcrypto names its version");

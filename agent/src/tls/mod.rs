@@ -17,7 +17,7 @@
 //! Where the version is known, the kernel also checks that the socket a
 //! call used is the session's own ([`library::Version::layout`]).
 
-mod library;
 pub mod follow;
+mod library;
 
 pub use follow::{ProcessTls, TlsChoice, TlsFollower, describe};

@@ -317,9 +317,13 @@ impl Tracer {
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
                 if data.syscall.is_tls() {
-                    state
-                        .session
-                        .feed_plaintext(data.direction, at, data.payload, missing, &mut events);
+                    state.session.feed_plaintext(
+                        data.direction,
+                        at,
+                        data.payload,
+                        missing,
+                        &mut events,
+                    );
                 } else {
                     state
                         .session
@@ -718,6 +722,10 @@ impl Tracer {
         let at = Endpoints {
             local: conn.local,
             remote: conn.remote,
+            tls: self
+                .conns
+                .get(&conn.conn_id)
+                .is_some_and(|c| c.session.tls() == Tls::Plaintext),
         };
         self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| {
             http::describe(side, &exchange, at, &routes)
@@ -736,6 +744,10 @@ impl Tracer {
         let at = Endpoints {
             local: conn.local,
             remote: conn.remote,
+            tls: self
+                .conns
+                .get(&conn.conn_id)
+                .is_some_and(|c| c.session.tls() == Tls::Plaintext),
         };
         let end_ns = (!call.unanswered).then_some(call.end.ts_ns);
         let seq = call.seq;

@@ -72,6 +72,7 @@ mod tests {
         Endpoints {
             local: "127.0.0.1:40000".parse().unwrap(),
             remote: "127.0.0.1:5432".parse().unwrap(),
+            tls: false,
         }
     }
 

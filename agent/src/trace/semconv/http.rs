@@ -147,7 +147,8 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
     let (host, port) = authority(request, side, at);
     // Formatted once: servers report it twice (peer and client address).
     let peer = Value::from(ip_text(at.remote.ip()));
-    attrs.push(KeyValue::new("url.scheme", "http"));
+    let scheme = if at.tls { "https" } else { "http" };
+    attrs.push(KeyValue::new("url.scheme", scheme));
     attrs.push(KeyValue::new("network.protocol.version", request.version));
     attrs.push(KeyValue::new("network.transport", "tcp"));
     attrs.push(KeyValue::new("network.peer.address", peer.clone()));
@@ -158,7 +159,7 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
     let url_full = match side {
         Side::Server => None,
-        Side::Client => Some(url_full(&host, port, path, query.as_deref())),
+        Side::Client => Some(url_full(scheme, &host, port, path, query.as_deref())),
     };
     attrs.push(KeyValue::new("server.address", host));
     attrs.push(KeyValue::new("server.port", i64::from(port)));
@@ -235,9 +236,9 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
     }
 }
 
-/// `http://host:port/path?query`, IPv6 hosts in brackets, built in one
+/// `scheme://host:port/path?query`, IPv6 hosts in brackets, built in one
 /// allocation of the exact size.
-fn url_full(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
+fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>) -> String {
     let bracket = host.contains(':');
     let mut digits = [0u8; 5];
     let mut n = digits.len();
@@ -252,7 +253,8 @@ fn url_full(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
     }
     // ASCII digits.
     let port = std::str::from_utf8(&digits[n..]).unwrap_or("0");
-    let len = "http://".len()
+    let len = scheme.len()
+        + "://".len()
         + host.len()
         + if bracket { 2 } else { 0 }
         + 1
@@ -260,7 +262,8 @@ fn url_full(host: &str, port: u16, path: &str, query: Option<&str>) -> String {
         + path.len()
         + query.map_or(0, |q| 1 + q.len());
     let mut url = String::with_capacity(len);
-    url.push_str("http://");
+    url.push_str(scheme);
+    url.push_str("://");
     if bracket {
         url.push('[');
         url.push_str(host);
@@ -370,6 +373,7 @@ mod tests {
         Endpoints {
             local: "127.0.0.1:8080".parse().unwrap(),
             remote: "127.0.0.1:50123".parse().unwrap(),
+            tls: false,
         }
     }
 
@@ -482,11 +486,11 @@ mod tests {
         assert_eq!(path_and_query("/p?q#f"), ("/p", Some("q")));
         assert_eq!(path_and_query("/p:"), ("/p:", None));
         assert_eq!(path_and_query(""), ("", None));
-        let url = url_full("::1", 8, "/p", Some("q"));
+        let url = url_full("http", "::1", 8, "/p", Some("q"));
         assert_eq!(url, "http://[::1]:8/p?q");
         assert_eq!(url.capacity(), url.len());
-        assert_eq!(url_full("h", 65535, "", None), "http://h:65535");
-        assert_eq!(url_full("h", 0, "/", None), "http://h:0/");
+        assert_eq!(url_full("https", "h", 65535, "", None), "https://h:65535");
+        assert_eq!(url_full("http", "h", 0, "/", None), "http://h:0/");
         for ip in [
             "127.0.0.1",
             "::1",

@@ -17,11 +17,13 @@ pub enum Side {
     Client,
 }
 
-/// The addresses of the connection, from the traced process's view.
+/// The addresses of the connection, from the traced process's view, and
+/// whether it is encrypted (its bytes came from a TLS library).
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    pub tls: bool,
 }
 
 /// A span's name, attributes and status, as a protocol describes it.
