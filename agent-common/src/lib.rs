@@ -50,6 +50,10 @@ pub enum EventKind {
     /// A process mapped a file executable (a library loaded at exec or by
     /// `dlopen`): header only, `fd` is the mapped file's descriptor.
     Mapped = 5,
+    /// The agent itself connected ([`ConnOpenEvent`], addresses only): the
+    /// traced process at the other end (a collector, a TLS terminator in
+    /// front of one) must not have the agent's exports traced.
+    OwnConnect = 6,
 }
 
 impl EventKind {
@@ -60,6 +64,7 @@ impl EventKind {
             3 => Some(Self::ConnClose),
             4 => Some(Self::Unit),
             5 => Some(Self::Mapped),
+            6 => Some(Self::OwnConnect),
             _ => None,
         }
     }
@@ -476,6 +481,7 @@ mod tests {
             EventKind::ConnClose,
             EventKind::Unit,
             EventKind::Mapped,
+            EventKind::OwnConnect,
         ] {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }

@@ -82,6 +82,12 @@ pub fn count(counter: Counter, n: u64) {
 /// by the caller. Returns whether the transport accepted it.
 #[inline(always)]
 pub fn output<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64) -> bool {
+    send(ctx, data, len, payload, false)
+}
+
+/// Like [`output`], and the reader is woken at once (ring buffer).
+#[inline(always)]
+fn send<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64, urgent: bool) -> bool {
     let ok = if config!(transport) == TRANSPORT_PERF {
         // SAFETY: map pointer of a perf event array; data/len bounded by caller.
         unsafe {
@@ -106,7 +112,7 @@ pub fn output<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64) 
                 bpf_ringbuf_query(ring, u64::from(BPF_RB_RING_SIZE)),
             )
         };
-        let wakeup = if waiting >= size / 8 {
+        let wakeup = if urgent || waiting >= size / 8 {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -138,5 +144,18 @@ pub fn output_record<C: EbpfContext, T>(ctx: &C, record: &T) -> bool {
         (record as *const T).cast::<u8>(),
         core::mem::size_of::<T>() as u64,
         0,
+    )
+}
+
+/// Sends a fixed-size record the agent must act on quickly (the reader is
+/// woken rather than left to its next poll).
+#[inline(always)]
+pub fn output_urgent_record<C: EbpfContext, T>(ctx: &C, record: &T) -> bool {
+    send(
+        ctx,
+        (record as *const T).cast::<u8>(),
+        core::mem::size_of::<T>() as u64,
+        0,
+        true,
     )
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 
 use agent_common::{EventHeader, EventKind};
 
-use crate::{TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_record, socket};
+use crate::{TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket};
 
 const PROT_EXEC: u64 = 4;
 
@@ -108,6 +108,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let record: EventHeader = socket::header(EventKind::Mapped, 0, pid_tgid, fd as i32, 0);
-    output_record(&ctx, &record);
+    // The agent probes a newly loaded TLS library before its first use.
+    output_urgent_record(&ctx, &record);
     0
 }

@@ -214,6 +214,26 @@ fn announce<C: EbpfContext>(
     output_record(ctx, &event);
 }
 
+/// Tells the agent the addresses of one of its own connections (nothing
+/// is registered: its traffic is never traced).
+#[inline(always)]
+pub fn announce_own<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
+    let Ok(Walk::Inet(tuple)) = walk(fd) else {
+        return;
+    };
+    let event = ConnOpenEvent {
+        header: header(EventKind::OwnConnect, 0, pid_tgid, fd, 0),
+        family: tuple.family,
+        local_port: tuple.local_port,
+        remote_port: tuple.remote_port,
+        _pad: 0,
+        local_addr: tuple.local_addr,
+        remote_addr: tuple.remote_addr,
+        comm: [0; 16],
+    };
+    output_record(ctx, &event);
+}
+
 /// The traced connection behind a `struct sock *`, registering it (without
 /// an fd) when no syscall has shown it yet. `None` for non-inet sockets.
 #[inline(always)]

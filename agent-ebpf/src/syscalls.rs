@@ -20,6 +20,8 @@ use crate::{
 
 /// Marks a pending connect() rather than a data syscall.
 const CONNECT: u8 = 0xff;
+/// A connect() of the agent itself.
+const OWN_CONNECT: u8 = 0xfe;
 const EINPROGRESS: i64 = -115;
 /// Masks that let the verifier bound copy offsets and sizes (see Scratch).
 const OFFSET_MASK: u64 = MAX_CAPTURE_BYTES as u64 - 1;
@@ -192,7 +194,7 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     let call = unsafe { PENDING.get(&pid_tgid) }.copied().ok_or(())?;
     let _ = PENDING.remove(&pid_tgid);
     let moved = ret(ctx);
-    if moved <= 0 || call.syscall == CONNECT {
+    if moved <= 0 || call.syscall == CONNECT || call.syscall == OWN_CONNECT {
         return Ok(());
     }
     let conn = socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?;
@@ -274,8 +276,23 @@ fn copy_iovecs(payload: &mut [u8], iov: u64, iov_len: u64, want: u64) -> u64 {
 }
 
 /// Prototype: `connect(int fd, struct sockaddr *uservaddr, int addrlen)`.
+/// The agent's own connects are remembered too (never its traffic), so
+/// their addresses can be told to the agent.
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == config!(agent_tgid) {
+        let call = PendingCall {
+            fd: arg(&ctx, 0) as i32,
+            syscall: OWN_CONNECT,
+            vectored: 0,
+            _pad: [0; 2],
+            ptr: 0,
+            len: 0,
+        };
+        let _ = PENDING.insert(&pid_tgid, &call, 0);
+        return 0;
+    }
     remember(CONNECT, arg(&ctx, 0) as i32, 0, 0, false);
     0
 }
@@ -290,8 +307,13 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     };
     let _ = PENDING.remove(&pid_tgid);
     let r = ret(&ctx);
-    if call.syscall == CONNECT && (r == 0 || r == EINPROGRESS) {
+    if r != 0 && r != EINPROGRESS {
+        return 0;
+    }
+    if call.syscall == CONNECT {
         socket::register(&ctx, pid_tgid, call.fd, Role::Client);
+    } else if call.syscall == OWN_CONNECT {
+        socket::announce_own(&ctx, pid_tgid, call.fd);
     }
     0
 }

@@ -309,8 +309,11 @@ pub fn python_http(
 /// one connection: prints `ssl True|False`, then per statement its rows,
 /// one `|`-joined line each.
 const PSYCOPG: &str = r#"
-import json, sys, psycopg
+import json, sys, time, psycopg
 url, statements = sys.argv[1], json.loads(sys.argv[2])
+# The import loaded psycopg's own libssl; the agent probes it within tens
+# of milliseconds, as an app's start leaves it before its first query.
+time.sleep(0.2)
 with psycopg.connect(url, autocommit=True) as conn:
     print("ssl", conn.pgconn.ssl_in_use, flush=True)
     for sql, params in statements:

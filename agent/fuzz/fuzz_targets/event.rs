@@ -66,6 +66,9 @@ fuzz_target!(|data: &[u8]| {
             }
             // A file mapped executable: header only.
             Ok(Event::Mapped(header)) => assert!(std::mem::size_of_val(&header) <= record.len()),
+            Ok(Event::OwnConnect(_, header)) => {
+                assert!(std::mem::size_of_val(&header) <= record.len());
+            }
             Err(DecodeError::Short { len, need }) => assert!(len < need),
             Err(_) => {}
         }

@@ -38,6 +38,8 @@ pub enum Event<'a> {
     Unit(UnitEvent),
     /// The process mapped a file executable (a library, at exec or dlopen).
     Mapped(EventHeader),
+    /// The agent itself connected: its local address, never traced.
+    OwnConnect(SocketAddr, EventHeader),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +73,7 @@ impl Event<'_> {
             Event::Open(o) => &o.header,
             Event::Close(h) => h,
             Event::Unit(u) => &u.header,
-            Event::Mapped(h) => h,
+            Event::Mapped(h) | Event::OwnConnect(_, h) => h,
         }
     }
 }
@@ -149,6 +151,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ConnClose => Ok(Event::Close(header)),
         EventKind::Unit => Ok(Event::Unit(read(bytes)?)),
         EventKind::Mapped => Ok(Event::Mapped(header)),
+        EventKind::OwnConnect => {
+            let open: ConnOpenEvent = read(bytes)?;
+            let local = address(open.family, open.local_addr, open.local_port)?;
+            Ok(Event::OwnConnect(local, header))
+        }
     }
 }
 

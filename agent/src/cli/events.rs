@@ -187,7 +187,13 @@ impl<W: Write> Printer<'_, W> {
     fn line(&self, record: Record<'_>) -> Option<String> {
         let clock = &self.clock;
         let line = match (self.args.format, record) {
-            (_, Record::Evicted(_) | Record::Followed { .. } | Record::Unfollowed(_)) => {
+            (
+                _,
+                Record::Evicted(_)
+                | Record::Followed { .. }
+                | Record::Unfollowed(_)
+                | Record::OwnConnect(_),
+            ) => {
                 return None;
             }
             (Format::Json, Record::Unit(u)) => serde_json::json!({

@@ -15,6 +15,8 @@ use std::{
 /// Re-reading /proc on a miss at most this often bounds the cost when many
 /// loopback connections open.
 const MIN_REFRESH: Duration = Duration::from_millis(50);
+/// Most addresses remembered from the kernel's reports (a refresh starts over).
+const MAX_REMEMBERED: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct OwnSockets {
@@ -35,6 +37,21 @@ impl OwnSockets {
             self.refresh();
         }
         self.local.contains(&peer)
+    }
+
+    /// Whether `peer` is known to be ours, without looking again.
+    pub fn knows(&self, peer: SocketAddr) -> bool {
+        self.local.contains(&peer)
+    }
+
+    /// The kernel saw the agent connect from `local` (before the peer's
+    /// first byte): exact, where a look at our fds may come too early.
+    pub fn insert(&mut self, local: SocketAddr) {
+        if self.local.len() >= MAX_REMEMBERED {
+            self.local.clear();
+            self.refreshed = None;
+        }
+        self.local.insert(local);
     }
 
     /// Asks each of our socket fds for its address: the cost follows the

@@ -592,17 +592,21 @@ impl Probes {
         Ok(())
     }
 
-    /// Puts the TLS probes on `functions` (symbols of [`TLS_FUNCTIONS`]) in
-    /// `file`, once per file: every process that maps it is covered, and
+    /// Puts the TLS probes on `functions` (symbols of [`TLS_FUNCTIONS`] at
+    /// their file offsets) in `file`, once per file: every process that maps it is covered, and
     /// the programs leave unselected processes at once. The return probe
     /// goes on before the entry probe, so no call is entered unseen by its
     /// return.
-    pub fn attach_tls_probes(&mut self, file: &Path, functions: &[&str]) -> anyhow::Result<()> {
+    pub fn attach_tls_probes(
+        &mut self,
+        file: &Path,
+        functions: &[(&str, u64)],
+    ) -> anyhow::Result<()> {
         self.load_tls_probes()?;
         for &(symbol, entry, returns) in TLS_FUNCTIONS {
-            if !functions.contains(&symbol) {
+            let Some(&(_, offset)) = functions.iter().find(|&&(name, _)| name == symbol) else {
                 continue;
-            }
+            };
             let programs = [(returns, TLS_RETURN, "uretprobe"), (true, entry, "uprobe")];
             for (_, program_name, kind) in programs.into_iter().filter(|p| p.0) {
                 let program: &mut UProbe = self
@@ -613,7 +617,7 @@ impl Probes {
                 let started = SystemTime::now();
                 let clock = Instant::now();
                 let outcome = program
-                    .attach(symbol, file, UProbeScope::AllProcesses)
+                    .attach(offset, file, UProbeScope::AllProcesses)
                     .map(drop)
                     .map_err(|e| e.to_string());
                 self.attachments.push(Attachment {

@@ -86,6 +86,7 @@ impl Attributor {
             Event::Unit(unit) => on_record(Record::Unit(&unit)),
             // For the library followers only (see `Followers::observe`).
             Event::Mapped(_) => {}
+            Event::OwnConnect(local, _) => on_record(Record::OwnConnect(local)),
         }
     }
 

@@ -86,6 +86,9 @@ pub enum Record<'a> {
     },
     /// The process exited; its runtime is no longer followed.
     Unfollowed(u32),
+    /// The agent connected from this address: a traced peer of it must
+    /// not be traced (its traffic is the agent's exports).
+    OwnConnect(std::net::SocketAddr),
 }
 
 impl From<Change> for Record<'_> {
@@ -412,6 +415,7 @@ mod tests {
                 Record::Unit(_) => "unit".to_owned(),
                 Record::Followed { tgid, .. } => format!("followed {tgid}"),
                 Record::Unfollowed(tgid) => format!("unfollowed {tgid}"),
+                Record::OwnConnect(local) => format!("own {local}"),
             });
         }
     }

@@ -69,9 +69,20 @@ enum FileVerdict {
     NotTls,
 }
 
-/// A process mapped new code: it is looked at again this long after (the
-/// loader maps a library's segments one by one).
-const RESCAN_AFTER: Duration = Duration::from_millis(2);
+/// A process mapped new code: it is looked at again at once (the library
+/// may be used within milliseconds) and once more this long after, for the
+/// libraries the loader mapped after it.
+const RESCAN_AGAIN_AFTER: Duration = Duration::from_millis(20);
+/// Where distributions keep the shared OpenSSL: probed at start whether or
+/// not a process maps it yet, so a later `dlopen` finds the probes there.
+const SYSTEM_LIBRARIES: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/usr/lib/x86_64-linux-gnu/libssl.so.1.1",
+    "/usr/lib64/libssl.so.3",
+    "/usr/lib64/libssl.so.1.1",
+    "/usr/lib/libssl.so.3",
+    "/lib/libssl.so.3",
+];
 /// Most per-process reports kept.
 const MAX_REPORTS: usize = 256;
 /// Most distinct files remembered.
@@ -83,8 +94,11 @@ pub struct TlsFollower {
     files: HashMap<(u64, u64), FileVerdict>,
     /// Processes looked at.
     seen: IdMap<u32, ()>,
-    /// Processes that mapped new code, and when to look again.
-    rescan: IdMap<u32, Instant>,
+    /// Processes that mapped new code: when to look again, and whether
+    /// that is the last look.
+    rescan: IdMap<u32, (Instant, bool)>,
+    /// Libraries not followed that were already named in the log.
+    logged: HashMap<(u64, u64), ()>,
     /// Processes whose layout the kernel has.
     layouts: IdMap<u32, ()>,
     /// The latest verdicts, newest last (bounded).
@@ -107,6 +121,7 @@ impl TlsFollower {
             files: HashMap::new(),
             seen: IdMap::default(),
             rescan: IdMap::default(),
+            logged: HashMap::new(),
             layouts: IdMap::default(),
             reports: Vec::new(),
         }
@@ -116,10 +131,37 @@ impl TlsFollower {
         self.choice == TlsChoice::Auto
     }
 
-    /// Looks at every process in `pids` (at start).
+    /// Probes the system's OpenSSL and looks at every process in `pids`
+    /// (at start).
     pub fn scan(&mut self, pids: impl IntoIterator<Item = u32>, probes: &mut Probes) {
         if !self.enabled() {
             return;
+        }
+        for path in SYSTEM_LIBRARIES {
+            let Ok(md) = std::fs::metadata(path) else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            let file = (
+                dev_number(libc::major(md.dev()), libc::minor(md.dev())),
+                md.ino(),
+            );
+            if self.files.contains_key(&file) {
+                continue;
+            }
+            let m = Mapped {
+                file,
+                path: (*path).to_owned(),
+                open_at: PathBuf::from(path),
+            };
+            let libcrypto = path.replace("libssl", "libcrypto");
+            let beside = [Mapped {
+                file: (0, 0),
+                path: libcrypto.clone(),
+                open_at: libcrypto.into(),
+            }];
+            let verdict = self.judge(0, &m, &beside, probes);
+            self.files.insert(file, verdict);
         }
         let own = std::process::id();
         for pid in pids.into_iter().filter(|&p| p != own) {
@@ -134,10 +176,11 @@ impl TlsFollower {
         }
     }
 
-    /// `tgid` mapped a file executable: look again shortly.
+    /// `tgid` mapped a file executable: look again at once, and once more
+    /// a little later.
     pub fn mapped(&mut self, tgid: u32, now: Instant) {
         if self.enabled() {
-            self.rescan.entry(tgid).or_insert(now + RESCAN_AFTER);
+            self.rescan.insert(tgid, (now, false));
         }
     }
 
@@ -146,14 +189,18 @@ impl TlsFollower {
         if self.rescan.is_empty() {
             return;
         }
-        let due: Vec<u32> = self
+        let due: Vec<(u32, bool)> = self
             .rescan
             .iter()
-            .filter(|&(_, at)| *at <= now)
-            .map(|(&pid, _)| pid)
+            .filter(|&(_, (at, _))| *at <= now)
+            .map(|(&pid, &(_, last))| (pid, last))
             .collect();
-        for pid in due {
-            self.rescan.remove(&pid);
+        for (pid, last) in due {
+            if last {
+                self.rescan.remove(&pid);
+            } else {
+                self.rescan.insert(pid, (now + RESCAN_AGAIN_AFTER, true));
+            }
             self.look(pid, probes);
         }
     }
@@ -209,9 +256,15 @@ impl TlsFollower {
 
     fn look(&mut self, pid: u32, probes: &mut Probes) {
         self.seen.insert(pid, ());
-        let Ok(maps) = executable_maps(pid) else {
+        let Ok(mut maps) = file_maps(pid) else {
             return;
         };
+        // TLS libraries by name first: a library just loaded is probed
+        // before the other new files are read.
+        maps.sort_by_key(|m| {
+            let name = basename(&m.path);
+            !(name.contains("ssl") || name.contains("tls"))
+        });
         let mut layout: Option<TlsLayout> = None;
         let mut conflicting = false;
         for m in &maps {
@@ -256,6 +309,19 @@ impl TlsFollower {
                     reason: Some(format!("{what} is not followed (OpenSSL only)")),
                 },
             };
+            if !report.followed && self.logged.insert(m.file, ()).is_none() {
+                log::info!(
+                    "tls: {} ({}) mapped by pid {pid}{}: not followed: {}",
+                    report.library,
+                    report.path.display(),
+                    if self.logged.len() > 1 {
+                        ""
+                    } else {
+                        " and maybe others"
+                    },
+                    report.reason.as_deref().unwrap_or("")
+                );
+            }
             self.report(report);
         }
         if let Some(layout) = layout {
@@ -296,19 +362,33 @@ impl TlsFollower {
             Err(e) if name.starts_with("libssl.so") => FileVerdict::Failed(None, e),
             Err(_) => FileVerdict::NotTls,
             Ok(Library::OpenSsl { functions, version }) => {
+                // Probes first: a library just loaded may be used within
+                // milliseconds; its version only refines the report.
+                let clock = Instant::now();
+                let attached = probes.attach_tls_probes(&m.open_at, &functions);
+                let took = clock.elapsed();
                 // A shared libssl names its version in the libcrypto next to it.
                 let version = version.or_else(|| {
                     maps.iter()
-                        .find(|c| basename(&c.path).starts_with("libcrypto.so"))
+                        .find(|c| basename(&c.path).starts_with("libcrypto"))
                         .and_then(|c| library::version_of(&c.open_at))
                 });
-                match probes.attach_tls_probes(&m.open_at, &functions) {
+                match attached {
                     Ok(()) => {
                         log::info!(
-                            "tls: {} probed in {} (first mapped by pid {pid}): {}",
+                            "tls: {} probed in {} ({}, {took:.1?}): {}",
                             name_of(version.as_ref()),
                             m.path,
-                            functions.join(", ")
+                            if pid == 0 {
+                                "the system's, before any process maps it".to_owned()
+                            } else {
+                                format!("first mapped by pid {pid}")
+                            },
+                            functions
+                                .iter()
+                                .map(|&(name, _)| name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         );
                         FileVerdict::Probed(version)
                     }
@@ -319,15 +399,8 @@ impl TlsFollower {
     }
 
     fn report(&mut self, report: ProcessTls) {
-        if let Some(why) = &report.reason
-            && !self.reports.contains(&report)
-        {
-            log::info!(
-                "tls pid {}: {} ({}) not followed: {why}",
-                report.pid,
-                report.library,
-                report.path.display()
-            );
+        if !report.followed && !self.reports.contains(&report) {
+            log::debug!("tls {}", describe(&report));
         }
         self.reports
             .retain(|r| !(r.pid == report.pid && r.path == report.path));
@@ -346,14 +419,14 @@ fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The distinct files `pid` maps executable.
-fn executable_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
+/// The distinct files `pid` maps.
+fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let mut out: Vec<Mapped> = Vec::new();
     for line in text.lines() {
         // start-end perms offset dev inode path
         let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(perms), Some(_), Some(dev), Some(inode)) = (
+        let (Some(range), Some(_perms), Some(_), Some(dev), Some(inode)) = (
             fields.next(),
             fields.next(),
             fields.next(),
@@ -363,7 +436,10 @@ fn executable_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
             continue;
         };
         let path = fields.collect::<Vec<_>>().join(" ");
-        if !perms.contains('x') || !path.starts_with('/') {
+        // Not only executable mappings: the loader maps a library's first
+        // segment read-only and its code just after, and the mmap record
+        // that brings the agent here comes before that code mapping.
+        if !path.starts_with('/') {
             continue;
         }
         let Ok(inode) = inode.parse::<u64>() else {
@@ -399,12 +475,17 @@ fn executable_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
     Ok(out)
 }
 
-/// "fd:01" → a number unique per device.
+/// "fd:01" (as /proc/PID/maps shows it) → the number [`dev_number`] gives.
 fn parse_dev(dev: &str) -> u64 {
     let (major, minor) = dev.split_once(':').unwrap_or((dev, "0"));
-    let major = u64::from_str_radix(major, 16).unwrap_or(0);
-    let minor = u64::from_str_radix(minor, 16).unwrap_or(0);
-    (major << 32) | minor
+    let major = u32::from_str_radix(major, 16).unwrap_or(0);
+    let minor = u32::from_str_radix(minor, 16).unwrap_or(0);
+    dev_number(major, minor)
+}
+
+/// One number per device, the same from maps and from `stat`.
+fn dev_number(major: u32, minor: u32) -> u64 {
+    (u64::from(major) << 32) | u64::from(minor)
 }
 
 /// One line per process library: followed, or why not.
@@ -447,7 +528,7 @@ mod tests {
 
     #[test]
     fn own_maps_list_libc_once() {
-        let maps = executable_maps(std::process::id()).unwrap();
+        let maps = file_maps(std::process::id()).unwrap();
         let libc: Vec<&Mapped> = maps
             .iter()
             .filter(|m| basename(&m.path).starts_with("libc.so"))
@@ -455,5 +536,10 @@ mod tests {
         assert_eq!(libc.len(), 1, "one entry per file");
         assert!(libc[0].open_at.exists());
         assert_eq!(parse_dev("fd:01"), (0xfd << 32) | 1);
+        // The same file by stat: the same key, so it is probed once.
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&libc[0].open_at).unwrap();
+        let by_stat = dev_number(libc::major(md.dev()), libc::minor(md.dev()));
+        assert_eq!((by_stat, md.ino()), libc[0].file);
     }
 }

@@ -3,7 +3,7 @@
 use std::{fs::File, path::Path};
 
 use agent_common::TlsLayout;
-use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, read::ReadCache};
 
 use crate::kernel::loader::TLS_FUNCTIONS;
 
@@ -11,9 +11,10 @@ use crate::kernel::loader::TLS_FUNCTIONS;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Library {
     /// OpenSSL's API (a libssl, or an executable with OpenSSL linked in):
-    /// the probed functions it has and the version its text names.
+    /// the probed functions it has (with their file offsets) and the
+    /// version its text names.
     OpenSsl {
-        functions: Vec<&'static str>,
+        functions: Vec<(&'static str, u64)>,
         version: Option<Version>,
     },
     /// A TLS library the agent does not follow, by name.
@@ -78,12 +79,16 @@ pub fn inspect(file: File, name: &str) -> Result<Library, String> {
     if elf.section_by_name(".go.buildinfo").is_some() {
         return Ok(Library::Unsupported("Go crypto/tls"));
     }
-    let exported: Vec<&'static str> = TLS_FUNCTIONS
+    // Offsets are worked out here rather than by symbol name at attach
+    // time: bundled copies (Python wheels rewritten by patchelf) have
+    // section layouts a name look-up at attach time does not resolve.
+    let exported: Vec<(&'static str, u64)> = TLS_FUNCTIONS
         .iter()
-        .map(|&(symbol, _, _)| symbol)
-        .filter(|symbol| {
-            elf.dynamic_symbols()
-                .any(|s| s.is_definition() && s.name() == Ok(symbol))
+        .filter_map(|&(symbol, _, _)| {
+            let sym = elf
+                .dynamic_symbols()
+                .find(|s| s.is_definition() && s.name() == Ok(symbol))?;
+            Some((symbol, file_offset(&elf, sym.address())?))
         })
         .collect();
     let libssl = name.starts_with("libssl.so");
@@ -94,22 +99,31 @@ pub fn inspect(file: File, name: &str) -> Result<Library, String> {
     if version.as_ref().is_some_and(|v| v.flavour == "BoringSSL") {
         return Ok(Library::Unsupported("BoringSSL"));
     }
-    if !["SSL_read", "SSL_write"]
-        .iter()
-        .all(|f| exported.contains(f))
-    {
+    let has = |f: &str| exported.iter().any(|&(name, _)| name == f);
+    if !has("SSL_read") || !has("SSL_write") {
+        let names: Vec<&str> = exported.iter().map(|&(name, _)| name).collect();
         return Err(format!(
             "a TLS library without SSL_read and SSL_write (has: {})",
-            if exported.is_empty() {
+            if names.is_empty() {
                 "none of them".to_owned()
             } else {
-                exported.join(", ")
+                names.join(", ")
             }
         ));
     }
     Ok(Library::OpenSsl {
         functions: exported,
         version,
+    })
+}
+
+/// Where the code at `vaddr` lies in the file: through the loadable
+/// segment that maps it.
+fn file_offset<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>, vaddr: u64) -> Option<u64> {
+    elf.segments().find_map(|seg| {
+        let (offset, size) = seg.file_range();
+        let start = seg.address();
+        (vaddr >= start && vaddr < start + size).then(|| vaddr - start + offset)
     })
 }
 
@@ -208,7 +222,25 @@ mod tests {
             "SSL_write_ex",
             "SSL_free",
         ] {
-            assert!(functions.contains(&f), "{f} in {functions:?}");
+            assert!(
+                functions.iter().any(|&(n, _)| n == f),
+                "{f} in {functions:?}"
+            );
+        }
+        // The offsets are where `nm -D` puts the functions (a shared
+        // library's text is mapped at its file offset).
+        let nm = std::process::Command::new("nm")
+            .args(["-D", "--defined-only"])
+            .arg(dir.join("libssl.so.3"))
+            .output();
+        if let Ok(nm) = nm {
+            let text = String::from_utf8_lossy(&nm.stdout);
+            let read = text
+                .lines()
+                .find(|l| l.ends_with(" SSL_read") || l.contains(" SSL_read@"))
+                .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
+                .expect("nm lists SSL_read");
+            assert!(functions.contains(&("SSL_read", read)), "{functions:?}");
         }
         let version = version_of(&dir.join("libcrypto.so.3")).expect("libcrypto names its version");
         assert_eq!(version.flavour, "OpenSSL");
@@ -237,7 +269,8 @@ mod tests {
         let Library::OpenSsl { functions, version } = library else {
             panic!("node exports OpenSSL: {library:?}");
         };
-        assert!(functions.contains(&"SSL_read") && functions.contains(&"SSL_write"));
+        assert!(functions.iter().any(|&(n, _)| n == "SSL_read"));
+        assert!(functions.iter().any(|&(n, _)| n == "SSL_write"));
         assert_eq!(version.expect("node names its OpenSSL").flavour, "OpenSSL");
     }
 }

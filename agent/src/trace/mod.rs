@@ -185,6 +185,10 @@ struct ConnTrace {
     /// (local, remote), for the link keys of its requests.
     addrs: (SocketAddr, SocketAddr),
     ignored: bool,
+    /// No data record yet: the own-connection check is made again at the
+    /// first one (the kernel's report of the agent's connect may come
+    /// after the peer's accept, never after its first byte).
+    fresh: bool,
     begun: VecDeque<Begun>,
     last: Moment,
 }
@@ -295,6 +299,13 @@ impl Tracer {
                 let Some(state) = self.conns.get_mut(&conn.conn_id) else {
                     return;
                 };
+                if state.fresh {
+                    state.fresh = false;
+                    if !state.ignored && self.own.knows(conn.remote) {
+                        state.ignored = true;
+                        self.stats.connections_ignored += 1;
+                    }
+                }
                 if state.ignored {
                     return;
                 }
@@ -366,6 +377,7 @@ impl Tracer {
             }
             Record::Followed { tgid, since_ns } => self.ownership.follow(tgid, since_ns),
             Record::Unfollowed(tgid) => self.ownership.unfollow(tgid),
+            Record::OwnConnect(local) => self.own.insert(local),
             Record::Evicted(conn_id) => {
                 if let Some(state) = self.conns.remove(&conn_id) {
                     self.forget(conn_id, state);
@@ -390,6 +402,7 @@ impl Tracer {
             ),
             addrs: (conn.local, conn.remote),
             ignored,
+            fresh: true,
             begun: VecDeque::new(),
             last: Moment::default(),
         }
