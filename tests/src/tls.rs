@@ -403,9 +403,16 @@ pub struct LazyHttps {
 impl LazyHttps {
     /// Starts it against 127.0.0.1:`port`; returns once it printed `ready`.
     pub fn start(ca: &TestCa, port: u16) -> anyhow::Result<Self> {
+        Self::start_with_env(ca, port, &[])
+    }
+
+    /// As [`LazyHttps::start`], with extra environment variables (e.g.
+    /// `LD_LIBRARY_PATH` to load a copy of libssl).
+    pub fn start_with_env(ca: &TestCa, port: u16, envs: &[(&str, &str)]) -> anyhow::Result<Self> {
         use std::io::BufRead;
         let python = crate::otlp::otel_python()?;
         let mut child = Command::new(&python)
+            .envs(envs.iter().copied())
             .arg("-c")
             .arg(LAZY_HTTPS)
             .arg(ca.ca_cert())

@@ -1187,3 +1187,62 @@ fn python_that_loads_libssl_after_the_agent_started_is_followed() {
         "{entries:?}"
     );
 }
+
+/// A process runs a libssl that was replaced on disk after it loaded it (a
+/// package upgrade under a running service): the agent probes the file the
+/// process really maps, through its `/proc/PID/map_files` entry.
+#[test]
+fn a_libssl_replaced_on_disk_is_probed_through_the_process_mapping() {
+    if !can_trace() {
+        return;
+    }
+    let ca = TestCa::new().unwrap();
+    let nginx = Nginx::start_tls(free_port(), &ca).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("libssl.so.3");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &copy).unwrap();
+    let lib_dir = dir.path().display().to_string();
+    let mut client =
+        LazyHttps::start_with_env(&ca, nginx.port, &[("LD_LIBRARY_PATH", &lib_dir)]).unwrap();
+    // Loads the copy (the first request imports ssl).
+    assert_eq!(client.get("/a.txt").unwrap(), 200);
+    let mapped = mapped_libssl(client.pid);
+    assert!(
+        mapped.iter().any(|p| p.starts_with(&lib_dir)),
+        "the client runs the copy: {mapped:?}"
+    );
+    // Replaced on disk: a new file under the old name, the old one gone.
+    let fresh = dir.path().join("libssl.so.3.new");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &fresh).unwrap();
+    std::fs::rename(&fresh, &copy).unwrap();
+
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let agent = agent_for(&rx, &[]);
+    let pid = client.pid;
+    for _ in 0..3 {
+        assert_eq!(client.get("/b.txt").unwrap(), 200);
+    }
+    rx.wait_for(WAIT, "the client's spans", |s| {
+        of_pid(s, pid, "CLIENT").len() >= 3
+    })
+    .unwrap();
+    let report = check_report();
+    let spans = stop(agent, &rx);
+    let clients = of_pid(&spans, pid, "CLIENT");
+    assert_eq!(clients.len(), 3, "{}", shown(&spans));
+    for c in &clients {
+        assert_eq!(c.attr_str("url.full"), Some(nginx.url("/b.txt").as_str()));
+        assert_eq!(
+            served(&spans, c).attr_i64("http.response.body.size"),
+            Some(4444)
+        );
+    }
+    let entries = tls_entries(&report, pid);
+    assert!(
+        entries.iter().any(
+            |e| e["path"].as_str().is_some_and(|p| p.starts_with(&lib_dir))
+                && e["followed"] == true
+        ),
+        "{entries:?}"
+    );
+}

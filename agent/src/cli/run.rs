@@ -305,6 +305,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     startup.annotate("zerotrace.runtimes", pipeline.followers.runtimes.summary());
+    startup.annotate("zerotrace.tls", pipeline.followers.tls.summary());
     if let Some(spans) = self_spans.as_mut() {
         startup.finish(spans, Some(&pipeline), None);
     }
@@ -315,10 +316,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut tracing = Tracing::new(tracer, &exporter, &state, self_spans, &pipeline, periods);
     state.set_ready();
     eprintln!(
-        "zerotrace: tracing ({} transport, kernel functions: {}, runtimes: {}, {} probes attached), exporting {}; Ctrl-C to stop",
+        "zerotrace: tracing ({} transport, kernel functions: {}, runtimes: {}, tls: {}, {} probes attached), exporting {}; Ctrl-C to stop",
         pipeline.transport().name(),
         pipeline.probes.kernel_functions.describe(),
         pipeline.followers.runtimes.summary(),
+        pipeline.followers.tls.summary(),
         pipeline
             .probes
             .attachments

@@ -82,6 +82,13 @@ impl<'a> Tracing<'a> {
             export_errors: x.failed,
             queue_depth: x.waiting(),
             connections_open: s.connections_open as u64,
+            tls_dropped: [
+                s.kernel.tls_no_socket,
+                s.kernel.tls_socket_mismatch,
+                s.kernel.tls_calls_full,
+            ],
+            tls_connections: self.tracer.stats.connections_tls,
+            tls_connections_unread: self.tracer.stats.connections_tls_unread,
             programs: pipeline
                 .probes
                 .program_stats()

@@ -385,6 +385,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::http::Exchange;
 
     fn session(from_start: bool, remote: &str) -> Session {
         Session::new(
@@ -511,6 +512,37 @@ mod tests {
             panic!("one call: {events:?}");
         };
         assert_eq!(call.namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn garbage_or_truncated_plaintext_is_not_a_span() {
+        let mut s = session(true, "127.0.0.1:443");
+        feed(&mut s, Direction::Egress, CLIENT_HELLO);
+        let mut events = plain(&mut s, Direction::Egress, &[0x00, 0xff, 0x13, 0x37, 0x42]);
+        for _ in 0..DETECT_CHUNKS {
+            events.extend(plain(&mut s, Direction::Egress, b"\xfe\xed"));
+        }
+        assert!(
+            events.contains(&Event::Http(HttpEvent::NotHttp)),
+            "{events:?}"
+        );
+        // A request cut short by the connection's end: reported unanswered
+        // (an error span), no response made up.
+        let mut s = session(true, "127.0.0.1:443");
+        feed(&mut s, Direction::Egress, CLIENT_HELLO);
+        let mut events = plain(&mut s, Direction::Egress, b"GET /x HTTP/1.1\r\nHo");
+        let mut out = Vec::new();
+        s.close(Moment::default(), &mut out);
+        events.extend(out);
+        let exchanges: Vec<&Exchange> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Http(HttpEvent::Exchange(x)) => Some(x),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(exchanges.len(), 1, "{events:?}");
+        assert!(exchanges[0].response.is_none() && exchanges[0].request.head_truncated);
     }
 
     #[test]

@@ -84,6 +84,12 @@ pub struct MetricsSnapshot {
     /// Spans waiting in the export queue now.
     pub queue_depth: u64,
     pub connections_open: u64,
+    /// TLS plaintext the kernel did not send: no socket to tell / socket
+    /// disagreement / calls map full.
+    pub tls_dropped: [u64; 3],
+    /// Closed encrypted connections whose plaintext was read, and not.
+    pub tls_connections: u64,
+    pub tls_connections_unread: u64,
     /// Per loaded eBPF program.
     pub programs: Vec<ProgramRun>,
 }
@@ -435,6 +441,31 @@ impl Collector for SnapshotCollector {
                 metric.encode_family(&labels)?.encode_gauge(&value)?;
             }
         }
+        family(
+            &mut encoder,
+            "zerotrace_tls_plaintext_dropped_total",
+            "TLS library calls whose plaintext was not sent: no socket to tell (memory BIOs), the call's and the session's sockets disagreed, or the calls map was full.",
+            Counter,
+            [
+                ("no_socket", s.tls_dropped[0]),
+                ("socket_mismatch", s.tls_dropped[1]),
+                ("calls_full", s.tls_dropped[2]),
+            ]
+            .into_iter()
+            .map(|(reason, n)| ([("reason", reason)], n)),
+        )?;
+        family(
+            &mut encoder,
+            "zerotrace_tls_connections_total",
+            "Closed encrypted connections, by whether their plaintext was read (a TLS library not followed leaves it unread).",
+            Counter,
+            [
+                ("read", s.tls_connections),
+                ("unread", s.tls_connections_unread),
+            ]
+            .into_iter()
+            .map(|(plaintext, n)| ([("plaintext", plaintext)], n)),
+        )?;
 
         // One series per (program, kind): a program listed twice is summed,
         // since duplicate series would fail the whole scrape.
@@ -660,6 +691,9 @@ mod tests {
             export_errors: 1007,
             queue_depth: 1008,
             connections_open: 1009,
+            tls_dropped: [1010, 1011, 1012],
+            tls_connections: 1013,
+            tls_connections_unread: 1014,
             programs: vec![
                 ProgramRun {
                     program: "sys_exit_read".into(),
@@ -717,6 +751,37 @@ mod tests {
         assert_eq!(value("zerotrace_export_errors_total", &[]), 1007.0);
         assert_eq!(value("zerotrace_export_queue_spans", &[]), 1008.0);
         assert_eq!(value("zerotrace_connections_open", &[]), 1009.0);
+        let reason = |r| [("reason", r)];
+        assert_eq!(
+            value(
+                "zerotrace_tls_plaintext_dropped_total",
+                &reason("no_socket")
+            ),
+            1010.0
+        );
+        assert_eq!(
+            value(
+                "zerotrace_tls_plaintext_dropped_total",
+                &reason("socket_mismatch")
+            ),
+            1011.0
+        );
+        assert_eq!(
+            value(
+                "zerotrace_tls_plaintext_dropped_total",
+                &reason("calls_full")
+            ),
+            1012.0
+        );
+        let plaintext = |p| [("plaintext", p)];
+        assert_eq!(
+            value("zerotrace_tls_connections_total", &plaintext("read")),
+            1013.0
+        );
+        assert_eq!(
+            value("zerotrace_tls_connections_total", &plaintext("unread")),
+            1014.0
+        );
 
         let read = [("program", "sys_exit_read"), ("kind", "tracepoint")];
         let odd = [("program", r#"odd "name" \ here"#), ("kind", "fentry")];
@@ -734,7 +799,7 @@ mod tests {
         );
         assert!(!text.contains("nanoseconds"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("{}"), "{text}");
-        assert_eq!(samples.len(), 13, "{text}");
+        assert_eq!(samples.len(), 18, "{text}");
 
         // A new snapshot replaces the old one.
         state.update(MetricsSnapshot {
@@ -754,7 +819,7 @@ mod tests {
     fn every_snapshot_renders_a_valid_exposition() {
         let empty = render_metrics(MetricsSnapshot::default()).unwrap();
         let samples = check_exposition(&empty).unwrap_or_else(|e| panic!("{e}\n{empty}"));
-        assert_eq!(samples.len(), 9, "{empty}");
+        assert_eq!(samples.len(), 14, "{empty}");
         assert!(
             !empty.contains("bpf_program"),
             "no programs, no program families:\n{empty}"

@@ -245,6 +245,11 @@ mod tests {
         let version = version_of(&dir.join("libcrypto.so.3")).expect("libcrypto names its version");
         assert_eq!(version.flavour, "OpenSSL");
         assert_eq!(version.number.0, 3);
+        // A file named like libssl without OpenSSL's functions: an error
+        // that says what is missing, not a probe on the wrong code.
+        let impostor = File::open(dir.join("libcrypto.so.3")).unwrap();
+        let err = inspect(impostor, "libssl.so.3").unwrap_err();
+        assert!(err.contains("without SSL_read and SSL_write"), "{err}");
         let libc = File::open(dir.join("libc.so.6")).unwrap();
         assert_eq!(inspect(libc, "libc.so.6").unwrap(), Library::NotTls);
         let gnutls = File::open(dir.join("libc.so.6")).unwrap();
