@@ -71,6 +71,17 @@ enum Cmd {
         /// Overhead: rounds of every workload with the agent off and on.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
+        /// Overhead: run only these workloads (repeat or comma-separate); the
+        /// report then goes to target/bench/, not bench/.
+        #[arg(
+            long,
+            value_name = "WORKLOAD",
+            value_delimiter = ',',
+            value_parser = clap::builder::PossibleValuesParser::new(
+                bench::overhead::WORKLOADS.iter().map(|(name, _)| *name)
+            )
+        )]
+        only: Vec<String>,
     },
     /// Mixed traffic (nginx, Redis, PostgreSQL, the FastAPI app, short
     /// connections) for N minutes under one agent; writes bench/soak.md with
@@ -104,7 +115,8 @@ enum Cmd {
 /// The benchmarks; `cargo xtask bench` without a name runs them all, in this order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Bench {
-    /// Real workloads (nginx, Redis, PostgreSQL, FastAPI) with the agent off and on.
+    /// Real workloads (nginx over HTTP and HTTPS, Redis, PostgreSQL, FastAPI)
+    /// with the agent off and on.
     Overhead,
     /// Kernel → userspace event throughput and losses, ring buffer vs perf buffer.
     Capture,
@@ -123,13 +135,14 @@ impl Bench {
             .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
     }
 
-    fn run(self, ctx: &Ctx, seconds: Option<u32>, rounds: u32) -> Result<()> {
+    fn run(self, ctx: &Ctx, seconds: Option<u32>, rounds: u32, only: &[String]) -> Result<()> {
         match self {
             Bench::Overhead => bench::overhead::overhead(
                 ctx,
                 &bench::overhead::Options {
                     rounds,
                     seconds: seconds.unwrap_or(10).max(2),
+                    only: only.to_vec(),
                 },
             ),
             Bench::Capture => bench::capture::capture(ctx, seconds.unwrap_or(5)),
@@ -141,11 +154,20 @@ impl Bench {
 
 /// Runs the named benchmark, or all of them: one failing does not stop the
 /// others, and the run fails if any did.
-fn run_benches(ctx: &Ctx, which: Option<Bench>, seconds: Option<u32>, rounds: u32) -> Result<()> {
+fn run_benches(
+    ctx: &Ctx,
+    which: Option<Bench>,
+    seconds: Option<u32>,
+    rounds: u32,
+    only: &[String],
+) -> Result<()> {
+    if !only.is_empty() && which != Some(Bench::Overhead) {
+        bail!("--only selects overhead workloads: name the benchmark, `bench overhead --only …`");
+    }
     let Some(which) = which else {
         let mut failed = Vec::new();
         for b in Bench::value_variants() {
-            if let Err(e) = b.run(ctx, seconds, rounds) {
+            if let Err(e) = b.run(ctx, seconds, rounds, only) {
                 eprintln!("error: bench {}: {e:#}", b.name());
                 failed.push(b.name());
             }
@@ -155,7 +177,7 @@ fn run_benches(ctx: &Ctx, which: Option<Bench>, seconds: Option<u32>, rounds: u3
         }
         return Ok(());
     };
-    which.run(ctx, seconds, rounds)
+    which.run(ctx, seconds, rounds, only)
 }
 
 fn main() -> ExitCode {
@@ -195,7 +217,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             which,
             seconds,
             rounds,
-        } => run_benches(&ctx, which, seconds, rounds),
+            only,
+        } => run_benches(&ctx, which, seconds, rounds, &only),
         Cmd::Soak { minutes } => bench::soak::soak(&ctx, minutes),
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
@@ -472,9 +495,25 @@ mod tests {
             Cmd::Bench {
                 which: None,
                 seconds: None,
-                rounds: 3
-            }
+                rounds: 3,
+                ref only,
+            } if only.is_empty()
         ));
+        let Cmd::Bench { which, only, .. } = parse(&[
+            "bench",
+            "overhead",
+            "--only",
+            "nginx-https",
+            "--only",
+            "redis,nginx",
+        ]) else {
+            panic!()
+        };
+        assert_eq!(which, Some(Bench::Overhead));
+        assert_eq!(only, ["nginx-https", "redis", "nginx"]);
+        assert!(
+            Cli::try_parse_from(["xtask", "bench", "overhead", "--only", "nginx-tls"]).is_err()
+        );
         assert!(matches!(
             parse(&["bench", "capture", "--seconds", "2"]),
             Cmd::Bench {

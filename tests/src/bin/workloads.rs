@@ -27,6 +27,7 @@ use zerotrace_tests::{
     otlp::{Protocol, Receiver},
     servers::{Nginx, PythonApp, curl},
     stats::{get_raw, host_busy_seconds, metrics, metrics_text, parse_metric_by, proc_stats},
+    tls::TestCa,
 };
 
 #[derive(Parser)]
@@ -84,6 +85,10 @@ enum Workload {
     /// nginx (1 worker, sendfile) serving a 333-byte static file to wrk
     /// (1 thread, 32 keep-alive connections).
     Nginx,
+    /// The same nginx and file over TLS (`listen … ssl`, a certificate made
+    /// with the openssl CLI) to wrk over https, 32 keep-alive connections:
+    /// what the TLS library probes cost.
+    NginxHttps,
     /// redis-server under redis-benchmark GET (32 connections).
     Redis,
     /// PostgreSQL under pgbench select-only (8 connections).
@@ -95,8 +100,9 @@ enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 4] = [
+    const ALL: [Workload; 5] = [
         Workload::Nginx,
+        Workload::NginxHttps,
         Workload::Redis,
         Workload::Pgbench,
         Workload::Fastapi,
@@ -105,6 +111,7 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::Nginx => "nginx",
+            Workload::NginxHttps => "nginx-https",
             Workload::Redis => "redis",
             Workload::Pgbench => "pgbench",
             Workload::Fastapi => "fastapi",
@@ -115,6 +122,8 @@ impl Workload {
 /// Every server the workloads use, started once.
 struct Servers {
     nginx: Nginx,
+    /// The same server over TLS only.
+    nginx_https: Nginx,
     _upstream: PythonApp,
     redis: Redis,
     pg: Postgres,
@@ -134,6 +143,8 @@ impl Servers {
         eprintln!("[workloads] starting nginx, Redis, PostgreSQL, MariaDB and the FastAPI app…");
         let upstream = PythonApp::start()?;
         let nginx = Nginx::start(upstream.port)?;
+        // nginx keeps its own copies of the certificate and key.
+        let nginx_https = Nginx::start_tls(upstream.port, &TestCa::new()?)?;
         let redis = Redis::start()?;
         let pg = Postgres::start()?;
         let mariadb = Mariadb::start()?;
@@ -158,6 +169,7 @@ impl Servers {
             .with_context(|| format!("POST /models answered {created:?}"))?;
         let mut servers = Servers {
             nginx,
+            nginx_https,
             _upstream: upstream,
             redis,
             pg,
@@ -184,6 +196,7 @@ impl Servers {
         let d = Duration::from_secs(seconds);
         match workload {
             Workload::Nginx => load::wrk(&self.nginx.url("/a.txt"), 32, d, &[]),
+            Workload::NginxHttps => load::wrk(&self.nginx_https.url("/a.txt"), 32, d, &[]),
             Workload::Redis => {
                 let n = (self.redis_rate * seconds as f64).max(10_000.0) as u64;
                 load::redis_benchmark(&self.redis, 32, n)
@@ -407,6 +420,8 @@ fn soak(minutes: u64, sample_seconds: u64) -> anyhow::Result<()> {
                     Workload::Nginx => {
                         load::wrk(&servers.nginx.url("/a.txt"), 4, Duration::from_secs(3), &[])?
                     }
+                    // Not part of the soak's mix.
+                    Workload::NginxHttps => continue,
                     Workload::Redis => load::redis_benchmark(&servers.redis, 4, 5_000)?,
                     Workload::Pgbench => load::pgbench(&servers.pg, 2, Duration::from_secs(3))?,
                     Workload::Fastapi => load::wrk(
