@@ -185,6 +185,9 @@ struct ConnTrace {
     /// (local, remote), for the link keys of its requests.
     addrs: (SocketAddr, SocketAddr),
     ignored: bool,
+    /// Ignored because it carries the agent's own exports (its peer is the
+    /// agent, or a proxy's callback forwarding them opened it).
+    exports: bool,
     /// No data record yet: the own-connection check is made again at the
     /// first one (the kernel's report of the agent's connect may come
     /// after the peer's accept, never after its first byte).
@@ -280,15 +283,24 @@ impl Tracer {
         match record {
             Record::Opened(conn) => {
                 let from_start = conn.seen_from_start;
+                let mut forwards_exports = false;
                 if from_start
                     && conn.role == agent_common::Role::Client
                     && !self.ownership.follows_at(conn.tgid, conn.opened_ns)
                 {
-                    self.adjacency
+                    forwards_exports = self
+                        .adjacency
                         .connected((conn.tgid, conn.opened_by), conn.conn_id);
                 }
                 self.conns.remove(&conn.conn_id);
-                let state = self.new_conn(conn, from_start);
+                let mut state = self.new_conn(conn, from_start);
+                if forwards_exports && !state.ignored {
+                    // Its far end (the collector) must not be traced either.
+                    self.own.insert(conn.local);
+                    state.ignored = true;
+                    state.exports = true;
+                    self.stats.connections_ignored += 1;
+                }
                 self.conns.insert(conn.conn_id, state);
             }
             Record::Data(Some(conn), data) => {
@@ -303,10 +315,15 @@ impl Tracer {
                     state.fresh = false;
                     if !state.ignored && self.own.knows(conn.remote) {
                         state.ignored = true;
+                        state.exports = true;
                         self.stats.connections_ignored += 1;
                     }
                 }
                 if state.ignored {
+                    if state.exports {
+                        self.adjacency
+                            .on_exports((conn.tgid, data.header.tid), conn.conn_id);
+                    }
                     return;
                 }
                 let at = Moment {
@@ -389,7 +406,8 @@ impl Tracer {
     fn new_conn(&mut self, conn: &Connection, from_start: bool) -> ConnTrace {
         let exe = self.resources.exe_name(conn.tgid, &conn.comm, None);
         let excluded = self.opts.exclude_processes.iter().any(|p| p == exe);
-        let ignored = excluded || self.own.is_own(conn.remote);
+        let exports = !excluded && self.own.is_own(conn.remote);
+        let ignored = excluded || exports;
         if ignored {
             self.stats.connections_ignored += 1;
         }
@@ -402,6 +420,7 @@ impl Tracer {
             ),
             addrs: (conn.local, conn.remote),
             ignored,
+            exports,
             fresh: true,
             begun: VecDeque::new(),
             last: Moment::default(),

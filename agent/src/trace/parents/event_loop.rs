@@ -13,6 +13,11 @@
 //!
 //! Adjacency must agree with content; content alone must be unique. Anything
 //! else stays a root.
+//!
+//! Adjacency also carries the agent's own exports through a proxy on this
+//! host (a TLS terminator in front of a collector): a connection opened by
+//! the callback that read from a connection carrying exports carries them
+//! on, and is not traced either — or every export would make new spans.
 
 use super::runtime::RequestRef;
 use crate::IdMap;
@@ -27,6 +32,8 @@ struct LastRecord {
     /// For the record being handled: the head the previous record left,
     /// when this record is on another connection.
     handed_over: Option<RequestRef>,
+    /// `conn_id` carries the agent's own exports.
+    exports: bool,
 }
 
 /// Most client connections remembered as opened for a request.
@@ -56,6 +63,23 @@ impl Adjacency {
             last.handed_over = last.head.take();
             last.conn_id = conn_id;
         }
+        last.exports = false;
+    }
+
+    /// A socket record on `conn_id`, a connection carrying the agent's own
+    /// exports (not traced).
+    pub fn on_exports(&mut self, thread: (u32, u32), conn_id: u64) {
+        if self.threads.len() >= MAX_THREADS && !self.threads.contains_key(&thread) {
+            self.threads.clear();
+        }
+        self.threads.insert(
+            thread,
+            LastRecord {
+                conn_id,
+                exports: true,
+                ..LastRecord::default()
+            },
+        );
     }
 
     /// A server request's head was completed by the record being handled.
@@ -67,17 +91,22 @@ impl Adjacency {
 
     /// The thread connected `conn_id`: if it did so in the callback that
     /// read a request's head, the connection is opened for that request.
-    pub fn connected(&mut self, thread: (u32, u32), conn_id: u64) {
+    /// Returns whether it was opened in a callback reading the agent's
+    /// exports (it carries them on).
+    pub fn connected(&mut self, thread: (u32, u32), conn_id: u64) -> bool {
         let Some(last) = self.threads.get_mut(&thread) else {
-            return;
+            return false;
         };
         if let Some(request) = last.head.take()
             && self.opened_for.len() < MAX_OPENED
         {
             self.opened_for.insert(conn_id, request);
         }
+        let exports = last.exports;
         last.conn_id = conn_id;
         last.handed_over = None;
+        last.exports = false;
+        exports
     }
 
     /// The request an upstream request begun in the record being handled
@@ -132,6 +161,18 @@ mod tests {
 
     const T: (u32, u32) = (5, 5);
     const R1: RequestRef = RequestRef { conn_id: 1, seq: 0 };
+
+    #[test]
+    fn a_connection_opened_while_forwarding_exports_carries_them() {
+        let mut a = Adjacency::default();
+        a.on_exports(T, 1);
+        assert!(a.connected(T, 2), "opened in the export's callback");
+        // Anything else in between: no longer the export's callback.
+        a.on_exports(T, 1);
+        a.on_io(T, 3);
+        assert!(!a.connected(T, 4));
+        assert!(!a.connected((9, 9), 5), "another thread");
+    }
 
     #[test]
     fn an_upstream_write_right_after_the_head_is_adjacent() {
