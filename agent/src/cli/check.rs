@@ -36,9 +36,13 @@ fn trial_load(report: &mut Report) {
         runtimes: Default::default(),
         tls: Default::default(),
     };
-    // The runtime probe is loaded on every kernel check runs on, whether
-    // or not an interpreter is running.
-    let loaded = Probes::load(&opts).and_then(|mut p| p.load_unit_probe().map(|()| p));
+    // The runtime and TLS probes are loaded on every kernel check runs on,
+    // whether or not an interpreter or a TLS library is in use.
+    let loaded = Probes::load(&opts).and_then(|mut p| {
+        p.load_unit_probe()?;
+        p.load_tls_probes()?;
+        Ok(p)
+    });
     let (programs, layer) = match loaded {
         Ok(mut probes) => {
             // Runtime probes go on every interpreter running now (the
@@ -49,11 +53,6 @@ fn trial_load(report: &mut Report) {
             // So are the TLS probes, on every TLS library mapped now.
             let mut tls = TlsFollower::new(TlsChoice::Auto);
             tls.scan(crate::conn::seed::selected_or_all(&[], &[]), &mut probes);
-            if let Err(e) = probes.load_tls_probes() {
-                report
-                    .rows
-                    .push(Row::new("TLS probes", false, Err(format!("{e:#}"))));
-            }
             report.tls = tls.reports.clone();
             let attached = probes
                 .attachments
