@@ -13,9 +13,10 @@ use std::{
 
 use zerotrace_tests::{
     Agent, Guard, agent_bin, can_trace, free_port,
-    otlp::{Protocol, Receiver},
-    servers::curl,
+    otlp::{Protocol, ReceivedSpan, Receiver},
+    servers::{Nginx, curl},
     spans::WAIT,
+    tls::TestCa,
     wait_for_port, wait_timeout,
 };
 
@@ -210,5 +211,59 @@ fn without_any_one_required_capability_the_agent_names_it() {
             line.contains(missing.as_str()) && fewer.iter().all(|c| !line.contains(c.as_str())),
             "without {missing}: {line}"
         );
+    }
+}
+
+/// TLS plaintext takes probes on user-space code (uprobes). Kernels since
+/// 6.16 (and the stable updates of older lines) allow those to
+/// `CAP_SYS_ADMIN` only: with the unit's capabilities the agent either reads
+/// HTTPS or says exactly that; with `CAP_SYS_ADMIN` added it reads it.
+#[test]
+fn tls_plaintext_takes_cap_sys_admin_where_the_kernel_asks_for_it() {
+    if !can_trace() {
+        return;
+    }
+    let ca = TestCa::new().unwrap();
+    let nginx = Nginx::start_tls(free_port(), &ca).unwrap();
+    let unit = unit_capabilities();
+    let mut with_admin = unit.clone();
+    with_admin.push("CAP_SYS_ADMIN".into());
+    for (caps, must_read) in [(unit, false), (with_admin, true)] {
+        let rx = Receiver::start(Protocol::Grpc).unwrap();
+        let mut cmd = with_caps(Identity::User, &caps);
+        cmd.args([
+            "run",
+            "--pid",
+            &nginx.master_pid().to_string(),
+            "--listen",
+            "off",
+        ])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+        let agent = Agent::spawn(cmd, "tracing").unwrap_or_else(|e| panic!("{caps:?}: {e:#}"));
+        let refused = agent
+            .stderr_lines
+            .iter()
+            .any(|l| l.contains("libssl") && l.contains("only CAP_SYS_ADMIN attach probes"));
+        ca.curl(&["-o", "/dev/null", &nginx.url("/a.txt")]).unwrap();
+        let https = |spans: &[ReceivedSpan]| {
+            spans.iter().any(|s| {
+                s.attr_str("url.path") == Some("/a.txt")
+                    && s.attr_str("url.scheme") == Some("https")
+            })
+        };
+        if must_read || !refused {
+            rx.wait_for(WAIT, "nginx's HTTPS server span", https)
+                .unwrap_or_else(|e| panic!("{caps:?}: {e:#}"));
+        } else {
+            // Said so, and nothing made of the ciphertext meanwhile.
+            let spans = rx.spans();
+            assert!(
+                !spans.iter().any(|s| s.attr_str("url.path").is_some()),
+                "spans from ciphertext: {spans:?}"
+            );
+        }
+        agent.stop().unwrap();
     }
 }

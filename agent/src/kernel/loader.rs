@@ -518,7 +518,7 @@ impl Probes {
             let outcome = program
                 .attach(offset, file, UProbeScope::AllProcesses)
                 .map(drop)
-                .map_err(|e| e.to_string());
+                .map_err(|e| load_error_text(&e));
             self.attachments.push(Attachment {
                 program: UNIT_PROBE,
                 target: format!("{}+{offset:#x}", file.display()),
@@ -619,7 +619,7 @@ impl Probes {
                 let outcome = program
                     .attach(offset, file, UProbeScope::AllProcesses)
                     .map(drop)
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| load_error_text(&e));
                 self.attachments.push(Attachment {
                     program: program_name,
                     target: format!("{}:{symbol}", file.display()),
@@ -719,6 +719,22 @@ impl Probes {
                 })
             })
             .collect()
+    }
+}
+
+/// Why a probe on user-space code could not be attached, with what to do
+/// when the kernel refused it for want of a capability: kernels since 6.16
+/// (and the stable updates of older lines) take `CAP_SYS_ADMIN` for
+/// uprobes again, where `CAP_PERFMON` used to be enough.
+pub fn uprobe_attach_error(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if text.contains("os error 13") {
+        format!(
+            "{text}: this kernel lets only CAP_SYS_ADMIN attach probes to user-space code \
+             (grant it to the agent for TLS plaintext and runtime following)"
+        )
+    } else {
+        text
     }
 }
 

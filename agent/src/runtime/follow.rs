@@ -217,7 +217,7 @@ impl Follower {
             .or_insert_with(|| {
                 probes
                     .attach_unit_probes(&interp.probes.path, &interp.probes.offsets)
-                    .map_err(|e| format!("{e:#}"))
+                    .map_err(|e| crate::kernel::loader::uprobe_attach_error(&e))
             })
             .clone();
         if let Err(e) = attached {

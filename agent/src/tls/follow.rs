@@ -12,7 +12,10 @@ use agent_common::TlsLayout;
 use serde::Serialize;
 
 use super::library::{self, Library, Version};
-use crate::{IdMap, kernel::loader::Probes};
+use crate::{
+    IdMap,
+    kernel::loader::{Probes, uprobe_attach_error},
+};
 
 /// `capture.tls`: whether TLS libraries are probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -392,7 +395,7 @@ impl TlsFollower {
                         );
                         FileVerdict::Probed(version)
                     }
-                    Err(e) => FileVerdict::Failed(version, format!("{e:#}")),
+                    Err(e) => FileVerdict::Failed(version, uprobe_attach_error(&e)),
                 }
             }
         }
