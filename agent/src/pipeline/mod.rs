@@ -19,7 +19,7 @@
 //! - [`Pipeline::run`] is the one loop: rounds ([`Pipeline::step`]) until
 //!   stopped, then the probes are detached, what the buffers still hold is
 //!   handed on, and the consumer finishes. A round is the same for every
-//!   source ([`RecordPath::round`]), the connection table's upkeep included.
+//!   source (`RecordPath::round`), the connection table's upkeep included.
 
 mod attribute;
 mod follow;
