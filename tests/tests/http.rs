@@ -649,12 +649,17 @@ fn bad_configuration_exits_with_code_2_and_names_the_problem() {
     let (code, err) = run(&["--config", "/nonexistent/zerotrace.yaml"], &[]);
     assert_eq!(code, Some(2), "{err}");
 
+    // `https://` endpoints are served; a CA file that is not there is a
+    // configuration error naming the variable.
     let (code, err) = run(
         &[],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+        ],
     );
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("TLS"), "{err}");
+    assert!(err.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{err}");
 
     let collector = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9");
     let (code, err) = run(
