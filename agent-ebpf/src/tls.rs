@@ -2,8 +2,10 @@
 //!
 //! The process hands plaintext to `SSL_write` and gets it back from
 //! `SSL_read`; the socket only ever carries ciphertext. An entry probe
-//! remembers the call's buffer per thread, the return probe copies what the
-//! library really moved and sends it as a data record of the connection.
+//! remembers the call's buffer per thread. A read's plaintext is copied by
+//! the return probe, once the library says how much it moved; a write's is
+//! sent at the call's first socket call, in place of that ciphertext, so
+//! it is not stamped after the peer has already read and answered it.
 //!
 //! Which connection: the socket call the library makes inside the call
 //! (the syscall exit hook notes its fd in [`TLS_CALLS`] and sends no
