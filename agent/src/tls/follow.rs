@@ -348,6 +348,11 @@ impl TlsFollower {
     /// it is OpenSSL.
     fn judge(&self, pid: u32, m: &Mapped, maps: &[Mapped], probes: &mut Probes) -> FileVerdict {
         let name = basename(&m.path);
+        // Only regular files: opening a mapped device (a GPU, a shared
+        // memory driver) could reach its driver.
+        if !std::fs::metadata(&m.open_at).is_ok_and(|md| md.is_file()) {
+            return FileVerdict::NotTls;
+        }
         let file = match std::fs::File::open(&m.open_at) {
             Ok(f) => f,
             Err(e) => {
