@@ -52,7 +52,11 @@ fn trial_load(report: &mut Report) {
             report.runtimes = runtimes.reports.clone();
             // So are the TLS probes, on every TLS library mapped now.
             let mut tls = TlsFollower::new(TlsChoice::Auto);
-            tls.scan(crate::conn::seed::selected_or_all(&[], &[]), &mut probes);
+            tls.scan(
+                crate::conn::seed::selected_or_all(&[], &[]),
+                true,
+                &mut probes,
+            );
             report.tls = tls.reports.clone();
             let attached = probes
                 .attachments

@@ -37,8 +37,10 @@ impl Followers {
         let mut runtimes = Follower::new(opts.runtimes.clone());
         let found_at_start = runtimes.scan(probes);
         let mut tls = TlsFollower::new(opts.tls);
+        let everyone = opts.pids.is_empty() && opts.exes.is_empty();
         tls.scan(
             crate::conn::seed::selected_or_all(&opts.pids, &opts.exes),
+            everyone,
             probes,
         );
         Self {

@@ -134,13 +134,15 @@ impl TlsFollower {
         self.choice == TlsChoice::Auto
     }
 
-    /// Probes the system's OpenSSL and looks at every process in `pids`
-    /// (at start).
-    pub fn scan(&mut self, pids: impl IntoIterator<Item = u32>, probes: &mut Probes) {
+    /// Looks at every process in `pids` (at start). With `system` (every
+    /// process is traced), the system's OpenSSL is probed first whether or
+    /// not a process maps it yet; with a selection it is not, since a probe
+    /// on a shared file makes every process that calls it trap, traced or not.
+    pub fn scan(&mut self, pids: impl IntoIterator<Item = u32>, system: bool, probes: &mut Probes) {
         if !self.enabled() {
             return;
         }
-        for path in SYSTEM_LIBRARIES {
+        for path in SYSTEM_LIBRARIES.iter().filter(|_| system) {
             let Ok(md) = std::fs::metadata(path) else {
                 continue;
             };
