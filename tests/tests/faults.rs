@@ -171,12 +171,14 @@ fn sigterm_detaches_promptly_and_flushes_queued_spans() {
     assert!(status.success(), "{status}");
     let detached = detached.expect("programs left after SIGTERM");
     eprintln!("programs detached {detached:?} after SIGTERM");
-    // The agent detaches all tracepoints at once right after the signal;
-    // the rest is the kernel: closing the last perf event of a syscall
+    // The agent detaches all probes at once right after the signal; the
+    // rest is the kernel: closing the last perf event of a syscall
     // tracepoint waits for an RCU-tasks-trace grace period (faultable
-    // syscall tracepoints, 6.13+), about 1 s on this 6.18 kernel.
+    // syscall tracepoints, 6.13+), about 1 s on this 6.18 kernel, and each
+    // uprobe (the app's libssl and CPython, about 30 here) is unregistered
+    // under one kernel mutex with a grace period of its own: 1–2 s more.
     assert!(
-        detached < Duration::from_secs(2),
+        detached < Duration::from_secs(5),
         "detached after {detached:?}"
     );
     let spans = rx.spans();
