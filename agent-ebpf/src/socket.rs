@@ -201,17 +201,27 @@ fn announce<C: EbpfContext>(
     if SOCK_CONNS.insert(&tuple.sk, &by_sock, 0).is_err() {
         count(Counter::SocketsFull, 1);
     }
-    let event = ConnOpenEvent {
-        header: header(EventKind::ConnOpen, role as u8, pid_tgid, fd, conn_id),
+    let event = open_record(
+        header(EventKind::ConnOpen, role as u8, pid_tgid, fd, conn_id),
+        tuple,
+        bpf_get_current_comm().unwrap_or_default(),
+    );
+    output_record(ctx, &event);
+}
+
+/// An open record (a connection, or one of the agent's own) for `tuple`.
+#[inline(always)]
+fn open_record(header: EventHeader, tuple: &Tuple, comm: [u8; 16]) -> ConnOpenEvent {
+    ConnOpenEvent {
+        header,
         family: tuple.family,
         local_port: tuple.local_port,
         remote_port: tuple.remote_port,
         _pad: 0,
         local_addr: tuple.local_addr,
         remote_addr: tuple.remote_addr,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-    };
-    output_record(ctx, &event);
+        comm,
+    }
 }
 
 /// Tells the agent the addresses of one of its own connections (nothing
@@ -221,16 +231,11 @@ pub fn announce_own<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
     let Ok(Walk::Inet(tuple)) = walk(fd) else {
         return;
     };
-    let event = ConnOpenEvent {
-        header: header(EventKind::OwnConnect, 0, pid_tgid, fd, 0),
-        family: tuple.family,
-        local_port: tuple.local_port,
-        remote_port: tuple.remote_port,
-        _pad: 0,
-        local_addr: tuple.local_addr,
-        remote_addr: tuple.remote_addr,
-        comm: [0; 16],
-    };
+    let event = open_record(
+        header(EventKind::OwnConnect, 0, pid_tgid, fd, 0),
+        &tuple,
+        [0; 16],
+    );
     output_record(ctx, &event);
 }
 
