@@ -5,11 +5,15 @@
 //!
 //! Needs root, the Debian packages `cargo xtask setup` installs (nginx,
 //! PostgreSQL, MariaDB, Redis, wrk) and the test venv for the FastAPI app.
-//! The agent is `$ZEROTRACE_BIN` (xtask passes the release build).
+//! The agent is `$ZEROTRACE_BIN` (xtask passes the release build); the
+//! `unix_pingpong` binary of this crate is expected next to this one (xtask
+//! builds both).
 
 use std::{
     collections::BTreeMap,
-    process::Command,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
@@ -91,6 +95,13 @@ enum Workload {
     NginxHttps,
     /// redis-server under redis-benchmark GET (32 connections).
     Redis,
+    /// The same over a Unix socket: a redis-server listening only on
+    /// `unixsocket` under `redis-benchmark -s` GET (32 connections).
+    RedisUnix,
+    /// A protocol the agent does not know over a Unix socket: the
+    /// `unix_pingpong` client and echo server (64-byte binary frames, 8
+    /// connections), what muted connections cost.
+    UnixUnknown,
     /// PostgreSQL under pgbench select-only (8 connections).
     Pgbench,
     /// The FastAPI app (uvicorn, 1 worker; Redis cache in front of
@@ -100,10 +111,12 @@ enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 5] = [
+    const ALL: [Workload; 7] = [
         Workload::Nginx,
         Workload::NginxHttps,
         Workload::Redis,
+        Workload::RedisUnix,
+        Workload::UnixUnknown,
         Workload::Pgbench,
         Workload::Fastapi,
     ];
@@ -113,6 +126,8 @@ impl Workload {
             Workload::Nginx => "nginx",
             Workload::NginxHttps => "nginx-https",
             Workload::Redis => "redis",
+            Workload::RedisUnix => "redis-unix",
+            Workload::UnixUnknown => "unix-unknown",
             Workload::Pgbench => "pgbench",
             Workload::Fastapi => "fastapi",
         }
@@ -126,6 +141,10 @@ struct Servers {
     nginx_https: Nginx,
     _upstream: PythonApp,
     redis: Redis,
+    /// A second redis-server, on a Unix socket only.
+    redis_unix: UnixRedis,
+    /// The `unix_pingpong` echo server.
+    pingpong: PingPongServer,
     pg: Postgres,
     _mariadb: Mariadb,
     models: ModelsApp,
@@ -134,24 +153,213 @@ struct Servers {
     /// redis-benchmark takes a request count, not a duration: GETs per
     /// second measured in the warm-up.
     redis_rate: f64,
+    /// The same for the Unix-socket server.
+    redis_unix_rate: f64,
+}
+
+/// Waits until something accepts connections on the Unix socket `path`,
+/// or `server` exits.
+fn wait_for_socket(path: &Path, server: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(path).is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            bail!("{what} exited ({status})");
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} did not listen on {} within 30 s", path.display());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A temporary directory under /tmp for a Unix socket (whose path must
+/// stay short: 107 bytes at most).
+fn socket_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp")?)
+}
+
+/// redis-server 7 listening on a Unix socket only (`port 0`, `unixsocket`,
+/// `unixsocketperm 777`); killed when dropped.
+struct UnixRedis {
+    server: Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl UnixRedis {
+    fn start() -> anyhow::Result<Self> {
+        let dir = socket_dir("zt-ru-")?;
+        let socket = dir.path().join("redis.sock");
+        let mut server = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--unixsocketperm", "777"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting redis-server (Debian package redis-server)")?;
+        let up = wait_for_socket(&socket, &mut server, "redis-server (unixsocket)");
+        let redis = UnixRedis {
+            server,
+            socket,
+            dir,
+        };
+        up.with_context(|| format!("its log: {}", redis.log()))?;
+        Ok(redis)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `TOOL -s SOCKET ARGS` (redis-cli, redis-benchmark); returns stdout.
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(tool);
+        cmd.arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null());
+        load::output(&mut cmd, tool)
+    }
+
+    /// `redis-benchmark -s SOCKET -t get -c CONNECTIONS -n REQUESTS --csv`:
+    /// the `redis` row's load over the Unix socket.
+    fn benchmark(&self, connections: u32, requests: u64) -> anyhow::Result<LoadResult> {
+        let text = self.run(
+            "redis-benchmark",
+            &[
+                "-t",
+                "get",
+                "-c",
+                &connections.to_string(),
+                "-n",
+                &requests.to_string(),
+                "--csv",
+            ],
+        )?;
+        let r = load::parse_redis_csv(&text).with_context(|| format!("reading:\n{text}"))?;
+        Ok(LoadResult {
+            requests,
+            seconds: requests as f64 / r.rps,
+            p50_ms: r.p50_ms,
+            p99_ms: r.p99_ms,
+            errors: 0,
+        })
+    }
+}
+
+impl Drop for UnixRedis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// The `unix_pingpong` binary next to this one.
+fn pingpong_bin() -> anyhow::Result<PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("unix_pingpong");
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} missing: `cargo build --release -p zerotrace-tests --bin unix_pingpong` (xtask builds it)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// `unix_pingpong server SOCKET`: the echo server of the `unix-unknown`
+/// workload; killed when dropped.
+struct PingPongServer {
+    server: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Connections of the `unix-unknown` workload.
+const PINGPONG_CONNECTIONS: u32 = 8;
+
+impl PingPongServer {
+    fn start() -> anyhow::Result<Self> {
+        let dir = socket_dir("zt-pp-")?;
+        let socket = dir.path().join("pingpong.sock");
+        let mut server = Command::new(pingpong_bin()?)
+            .arg("server")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting unix_pingpong server")?;
+        let up = wait_for_socket(&socket, &mut server, "unix_pingpong server");
+        let pp = PingPongServer {
+            server,
+            socket,
+            _dir: dir,
+        };
+        up?;
+        Ok(pp)
+    }
+
+    /// `unix_pingpong client SOCKET --connections N --seconds S`: round
+    /// trips as requests.
+    fn load(&self, connections: u32, duration: Duration) -> anyhow::Result<LoadResult> {
+        let mut cmd = Command::new(pingpong_bin()?);
+        cmd.arg("client")
+            .arg(&self.socket)
+            .args(["--connections", &connections.to_string()])
+            .args(["--seconds", &duration.as_secs_f64().to_string()])
+            .stdin(Stdio::null());
+        let text = load::output(&mut cmd, "unix_pingpong client")?;
+        let v: Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("reading unix_pingpong's output {text:?}"))?;
+        let num = |k: &str| {
+            v[k].as_f64()
+                .with_context(|| format!("no {k:?} in unix_pingpong's output {text:?}"))
+        };
+        Ok(LoadResult {
+            requests: num("requests")? as u64,
+            seconds: num("seconds")?,
+            p50_ms: num("p50_ms")?,
+            p99_ms: num("p99_ms")?,
+            errors: num("errors")? as u64,
+        })
+    }
+}
+
+impl Drop for PingPongServer {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
 }
 
 const TENANT: &str = "x-tenant-id: bench";
 
 impl Servers {
     fn start() -> anyhow::Result<Self> {
-        eprintln!("[workloads] starting nginx, Redis, PostgreSQL, MariaDB and the FastAPI app…");
+        eprintln!(
+            "[workloads] starting nginx, Redis (TCP and Unix socket), the unix_pingpong echo server, PostgreSQL, MariaDB and the FastAPI app…"
+        );
         let upstream = PythonApp::start()?;
         let nginx = Nginx::start(upstream.port)?;
         // nginx keeps its own copies of the certificate and key.
         let nginx_https = Nginx::start_tls(upstream.port, &TestCa::new()?)?;
         let redis = Redis::start()?;
+        let redis_unix = UnixRedis::start()?;
+        let pingpong = PingPongServer::start()?;
         let pg = Postgres::start()?;
         let mariadb = Mariadb::start()?;
         let models =
             ModelsApp::start_with_env(&pg, &mariadb, &redis, &[("APP_CONNECTIONS", "persistent")])?;
         load::pgbench_init(&pg, 1)?;
         redis.cli(&["SET", "key:__rand_int__", "value"])?;
+        redis_unix.run("redis-cli", &["SET", "key:__rand_int__", "value"])?;
         let created = curl(&[
             "-X",
             "POST",
@@ -172,14 +380,19 @@ impl Servers {
             nginx_https,
             _upstream: upstream,
             redis,
+            redis_unix,
+            pingpong,
             pg,
             _mariadb: mariadb,
             models,
             model_path: format!("/models/{id}"),
             redis_rate: 0.0,
+            redis_unix_rate: 0.0,
         };
         let warm = load::redis_benchmark(&servers.redis, 32, 20_000)?;
         servers.redis_rate = warm.rate();
+        let warm = servers.redis_unix.benchmark(32, 20_000)?;
+        servers.redis_unix_rate = warm.rate();
         Ok(servers)
     }
 
@@ -201,6 +414,11 @@ impl Servers {
                 let n = (self.redis_rate * seconds as f64).max(10_000.0) as u64;
                 load::redis_benchmark(&self.redis, 32, n)
             }
+            Workload::RedisUnix => {
+                let n = (self.redis_unix_rate * seconds as f64).max(10_000.0) as u64;
+                self.redis_unix.benchmark(32, n)
+            }
+            Workload::UnixUnknown => self.pingpong.load(PINGPONG_CONNECTIONS, d),
             Workload::Pgbench => load::pgbench(&self.pg, 8, d),
             Workload::Fastapi => load::wrk(&self.models.url(&self.model_path), 8, d, &[TENANT]),
         }
@@ -421,7 +639,9 @@ fn soak(minutes: u64, sample_seconds: u64) -> anyhow::Result<()> {
                         load::wrk(&servers.nginx.url("/a.txt"), 4, Duration::from_secs(3), &[])?
                     }
                     // Not part of the soak's mix.
-                    Workload::NginxHttps => continue,
+                    Workload::NginxHttps | Workload::RedisUnix | Workload::UnixUnknown => {
+                        continue;
+                    }
                     Workload::Redis => load::redis_benchmark(&servers.redis, 4, 5_000)?,
                     Workload::Pgbench => load::pgbench(&servers.pg, 2, Duration::from_secs(3))?,
                     Workload::Fastapi => load::wrk(

@@ -18,9 +18,10 @@ use serde_json::Value;
 use crate::say;
 use crate::util::{ChildFailed, Ctx, describe, output, run};
 
-/// Builds the release agent and the tests crate's `workloads` binary, runs
-/// `workloads ARGS` as root against that agent, and reads one JSON object
-/// per stdout line with `parse` (its progress goes to our stderr).
+/// Builds the release agent and the tests crate's `workloads` binary (with
+/// `unix_pingpong`, which it runs from beside itself), runs `workloads
+/// ARGS` as root against that agent, and reads one JSON object per stdout
+/// line with `parse` (its progress goes to our stderr).
 pub fn workloads(
     ctx: &Ctx,
     args: &[String],
@@ -37,6 +38,8 @@ pub fn workloads(
         "zerotrace-tests",
         "--bin",
         "workloads",
+        "--bin",
+        "unix_pingpong",
     ]))?;
     let bin = ctx.target_dir().join("release/workloads");
     let mut c = ctx.as_root(&bin, "the workload benchmarks")?;

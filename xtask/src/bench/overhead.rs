@@ -30,6 +30,14 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "redis-server 7 under `redis-benchmark -t get -c 32`",
     ),
     (
+        "redis-unix",
+        "the same load over a Unix socket: a second redis-server 7 listening only on `unixsocket /tmp/zt-ru-…/redis.sock` (`unixsocketperm 777`, `port 0`) under `redis-benchmark -s PATH -t get -c 32`",
+    ),
+    (
+        "unix-unknown",
+        "a busy Unix-socket workload of a protocol the agent does not know: the tests crate's `unix_pingpong` client does request/response ping-pong with its echo server over 8 connections, 64-byte binary frames (0xfe, a 3-byte length, 60 pseudo-random bytes) answered by the same frame, a request being one round trip; muted after detection: the kernel stops copying the data of a connection the agent has given up on, so this row shows an unrecognised busy connection's cost staying near the floor",
+    ),
+    (
         "pgbench",
         "PostgreSQL 15 under `pgbench -S` (select only), 8 connections",
     ),
@@ -697,6 +705,70 @@ mod tests {
         assert_eq!(names, ["nginx", "nginx-https"]);
         assert!((s[1].throughput_ratio - 0.8).abs() < 1e-9);
         assert!(summary_table(&s).contains("| nginx-https | 1 | 500 | 400 | -20.0 % "));
+    }
+
+    #[test]
+    fn unix_rows_follow_redis_and_say_what_they_run() {
+        let names: Vec<&str> = WORKLOADS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "nginx",
+                "nginx-https",
+                "redis",
+                "redis-unix",
+                "unix-unknown",
+                "pgbench",
+                "fastapi"
+            ]
+        );
+        let mut all = runs();
+        for w in ["unix-unknown", "redis-unix", "pgbench"] {
+            all.push(line(w, 1, "off", 2000.0, 1.0));
+            all.push(line(w, 1, "on", 1900.0, 1.0));
+        }
+        let s = summarize(&all);
+        let order: Vec<&str> = s.iter().map(|w| w.workload.as_str()).collect();
+        assert_eq!(order, ["nginx", "redis-unix", "unix-unknown", "pgbench"]);
+        let m = Machine {
+            kernel: "6.18.0".into(),
+            cpus: 2,
+            cpu_model: "Test".into(),
+            date: "2026-01-01 00:00 UTC".into(),
+            commit: "abc1234".into(),
+        };
+        let md = render(
+            &all,
+            &s,
+            &m,
+            &Options {
+                rounds: 1,
+                seconds: 2,
+                only: vec!["redis-unix".into(), "unix-unknown".into()],
+            },
+        );
+        assert!(md.contains("--only redis-unix,unix-unknown`"), "{md}");
+        assert!(
+            md.contains("- **redis-unix**: the same load over a Unix socket"),
+            "{md}"
+        );
+        assert!(
+            md.contains("`redis-benchmark -s PATH -t get -c 32`"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- **unix-unknown**: a busy Unix-socket workload")
+                && md.contains("muted after detection: the kernel stops copying"),
+            "{md}"
+        );
+        assert!(!md.contains("- **redis**:"), "{md}");
+        assert!(
+            summary_table(&s).contains("| unix-unknown | 1 | 2,000 | 1,900 | -5.0 % "),
+            "{}",
+            summary_table(&s)
+        );
+        let svg = chart(&s, &m);
+        assert!(svg.contains(">unix-unknown</text>"), "{svg}");
     }
 
     #[test]
