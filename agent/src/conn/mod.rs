@@ -4,6 +4,7 @@
 pub mod early;
 pub mod own;
 pub mod seed;
+pub mod unix_diag;
 
 use std::{collections::VecDeque, net::SocketAddr};
 
