@@ -54,6 +54,9 @@ pub enum EventKind {
     /// traced process at the other end (a collector, a TLS terminator in
     /// front of one) must not have the agent's exports traced.
     OwnConnect = 6,
+    /// A unix stream connection became known ([`UnixOpenEvent`]); `detail`
+    /// is the [`Role`], as for [`EventKind::ConnOpen`].
+    UnixOpen = 7,
 }
 
 impl EventKind {
@@ -65,6 +68,7 @@ impl EventKind {
             4 => Some(Self::Unit),
             5 => Some(Self::Mapped),
             6 => Some(Self::OwnConnect),
+            7 => Some(Self::UnixOpen),
             _ => None,
         }
     }
@@ -317,6 +321,53 @@ pub struct ConnOpenEvent {
     pub comm: [u8; 16],
 }
 
+/// Longest name of a unix socket (`sun_path`), abstract names included.
+pub const UNIX_PATH_MAX: usize = 108;
+/// [`UnixOpenEvent::path_owner`]: the name is this end's own…
+pub const UNIX_NAME_LOCAL: u8 = 1;
+/// …or its peer's (a client's view of the server it connected to).
+pub const UNIX_NAME_PEER: u8 = 2;
+
+/// A unix stream connection became known. Its two ends are told apart by
+/// the kernel's `struct sock` of each: one end's `sk` is the other's
+/// `peer_sk`, so the agent pairs the ends of one connection the way the
+/// kernel does. The name is the listener's (an accepted socket carries it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixOpenEvent {
+    pub header: EventHeader,
+    /// This end's `struct sock *`.
+    pub sk: u64,
+    /// The other end's `struct sock *`, 0 when it has none (yet).
+    pub peer_sk: u64,
+    /// Bytes of `path` that are the name; 0 when neither end is named
+    /// (socketpair). An abstract name starts with a NUL byte.
+    pub path_len: u16,
+    /// [`UNIX_NAME_LOCAL`] or [`UNIX_NAME_PEER`]; 0 without a name.
+    pub path_owner: u8,
+    pub _pad: [u8; 5],
+    pub path: [u8; UNIX_PATH_MAX],
+    /// Command name of the thread that opened it.
+    pub comm: [u8; 16],
+    pub _tail: [u8; 4],
+}
+
+impl Default for UnixOpenEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            sk: 0,
+            peer_sk: 0,
+            path_len: 0,
+            path_owner: 0,
+            _pad: [0; 5],
+            path: [0; UNIX_PATH_MAX],
+            comm: [0; 16],
+            _tail: [0; 4],
+        }
+    }
+}
+
 /// The process closed the connection's fd.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -345,6 +396,12 @@ pub struct KernelOffsets {
     pub sk_rcv_saddr: u32,
     pub sk_v6_daddr: u32,
     pub sk_v6_rcv_saddr: u32,
+    /// `unix_sock.addr` (its bound name) and `unix_sock.peer`.
+    pub unix_addr: u32,
+    pub unix_peer: u32,
+    /// `unix_address.len` (bytes of `name`, family included) and `.name`.
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
     /// Offset of `child_pid` in the sched_process_fork tracepoint record.
     pub fork_child_pid: u32,
     /// `task_struct.thread.fsbase`: a thread's TLS base (x86-64).
@@ -397,6 +454,9 @@ pub enum Counter {
     TlsSocketMismatch = 7,
     /// TLS library calls dropped because the TLS_CALLS map was full.
     TlsCallsFull = 8,
+    /// Socket syscalls not copied because the agent muted their connection
+    /// (it does not trace what the connection carries).
+    MutedCalls = 9,
 }
 
 /// Number of [`Counter`] slots.
@@ -404,8 +464,11 @@ pub const COUNTER_SLOTS: u32 = 12;
 
 /// Kind of value in the SOCKETS table.
 pub const SOCKET_TRACKED: u8 = 1;
-/// The fd is not an inet stream socket: remembered so it is not looked up again.
+/// The fd is not a traced kind of socket: remembered so it is not looked up again.
 pub const SOCKET_IGNORED: u8 = 2;
+/// A connection the agent muted (written by the agent): its data is no
+/// longer copied, its close is still reported.
+pub const SOCKET_MUTED: u8 = 3;
 
 /// SOCKETS value: what the kernel remembers about one (tgid, fd).
 #[repr(C)]
@@ -467,10 +530,11 @@ mod tests {
         assert_eq!(size_of::<TlsSessionKey>(), 16);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
+        assert_eq!(size_of::<UnixOpenEvent>(), 32 + 24 + 108 + 20);
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<SocketInfo>(), 24);
         assert_eq!(size_of::<SockConn>(), 16);
-        assert_eq!(size_of::<KernelConfig>(), 16 + 18 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 16 + 22 * 4);
     }
 
     #[test]
@@ -482,6 +546,7 @@ mod tests {
             EventKind::Unit,
             EventKind::Mapped,
             EventKind::OwnConnect,
+            EventKind::UnixOpen,
         ] {
             assert_eq!(EventKind::from_u8(k as u8), Some(k));
         }

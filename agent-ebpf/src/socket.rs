@@ -1,37 +1,43 @@
-//! fd → socket: which fds are inet stream sockets, their 4-tuple, and the
-//! SOCKETS table that remembers the answer until close().
+//! fd → socket: which fds are traced stream sockets (inet, unix), their
+//! addresses, and the SOCKETS table that remembers the answer until close().
 //!
 //! The walk follows `current->files->fdt->fd[fd]->{f_inode->i_mode,
 //! private_data (struct socket)->sk->__sk_common}` with offsets taken from the
-//! running kernel's BTF by the agent.
+//! running kernel's BTF by the agent. A unix socket's addresses are its own
+//! `struct sock *` and its peer's (`unix_sock.peer`), which the agent pairs
+//! as it pairs TCP 4-tuples, plus the listener's name.
 
 use agent_common::{
     ConnCloseEvent, ConnOpenEvent, Counter, EventHeader, EventKind, Role, SOCKET_IGNORED,
-    SOCKET_TRACKED, SockConn, SocketInfo, SocketKey,
+    SOCKET_MUTED, SOCKET_TRACKED, SockConn, SocketInfo, SocketKey, UNIX_NAME_LOCAL,
+    UNIX_NAME_PEER, UNIX_PATH_MAX, UnixOpenEvent,
 };
 use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_kernel_raw,
     },
 };
 
 use crate::{
     SOCK_CONNS, SOCKETS, config,
-    emit::{count, output_record},
+    emit::{ScratchGuard, count, output_record},
 };
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 const SOCK_STREAM: u16 = 1;
+const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 /// What the walk found for an fd.
 pub enum Walk {
     Inet(Tuple),
-    /// Not a socket, or not an inet stream socket.
+    /// A unix stream socket: its `struct sock *`.
+    Unix(u64),
+    /// Not a socket, or not a traced kind of stream socket.
     Other,
 }
 
@@ -84,6 +90,10 @@ pub fn walk(fd: i32) -> Result<Walk, i32> {
     let sk: u64 = read(socket, config!(offsets.socket_sk))?;
     if sk == 0 {
         return Ok(Walk::Other);
+    }
+    let family: u16 = read(sk, config!(offsets.sk_family))?;
+    if family == AF_UNIX {
+        return Ok(Walk::Unix(sk));
     }
     Ok(match tuple_of(sk)? {
         Some(tuple) => Walk::Inet(tuple),
@@ -151,8 +161,9 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
         tgid: (pid_tgid >> 32) as u32,
         fd,
     };
-    let tuple = match walk(fd) {
-        Ok(Walk::Inet(tuple)) => tuple,
+    let (sk, tuple) = match walk(fd) {
+        Ok(Walk::Inet(tuple)) => (tuple.sk, Some(tuple)),
+        Ok(Walk::Unix(sk)) => (sk, None),
         Ok(Walk::Other) => {
             let info = SocketInfo {
                 state: SOCKET_IGNORED,
@@ -170,7 +181,7 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     };
     let info = SocketInfo {
         conn_id: new_conn_id(),
-        sk: tuple.sk,
+        sk,
         state: SOCKET_TRACKED,
         role: role as u8,
         _pad: [0; 6],
@@ -178,8 +189,70 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     if SOCKETS.insert(&key, &info, 0).is_err() {
         count(Counter::SocketsFull, 1);
     }
-    announce(ctx, pid_tgid, fd, info.conn_id, role, &tuple);
+    match tuple {
+        Some(tuple) => announce(ctx, pid_tgid, fd, info.conn_id, role, &tuple),
+        None => announce_unix(ctx, pid_tgid, fd, info.conn_id, role, sk),
+    }
     Some(info)
+}
+
+/// Sends the open record of a unix connection: both ends' `struct sock *`
+/// and the name (this end's, else its peer's). Built in the CPU's staging
+/// slot: with its 108-byte name it does not fit beside the syscall exit
+/// hook's frame on the stack.
+#[inline(always)]
+fn announce_unix<C: EbpfContext>(
+    ctx: &C,
+    pid_tgid: u64,
+    fd: i32,
+    conn_id: u64,
+    role: Role,
+    sk: u64,
+) {
+    let Some(mut guard) = ScratchGuard::acquire() else {
+        return;
+    };
+    let slot = guard.get().payload.as_mut_ptr().cast::<UnixOpenEvent>();
+    // SAFETY: the staging slot's payload holds far more than one record and
+    // is 8-byte aligned (it follows a DataEvent); exclusive by the guard.
+    let record = unsafe { &mut *slot };
+    record.header = header(EventKind::UnixOpen, role as u8, pid_tgid, fd, conn_id);
+    record.sk = sk;
+    record.peer_sk = read(sk, config!(offsets.unix_peer)).unwrap_or(0);
+    record.path_len = 0;
+    record.path_owner = 0;
+    record._pad = [0; 5];
+    record._tail = [0; 4];
+    record.comm = bpf_get_current_comm().unwrap_or_default();
+    let mut owner = UNIX_NAME_LOCAL;
+    let mut addr: u64 = read(sk, config!(offsets.unix_addr)).unwrap_or(0);
+    if addr == 0 && record.peer_sk != 0 {
+        owner = UNIX_NAME_PEER;
+        addr = read(record.peer_sk, config!(offsets.unix_addr)).unwrap_or(0);
+    }
+    if addr != 0 {
+        // `len` counts the 2-byte family before the name.
+        let len: u32 = read(addr, config!(offsets.unix_address_len)).unwrap_or(0);
+        let n = u64::from(len).wrapping_sub(2);
+        if n > 0 && n <= UNIX_PATH_MAX as u64 {
+            // Masked again for the verifier, through a volatile read so the
+            // compiler cannot drop the mask it knows to be redundant.
+            // SAFETY: a read of a local.
+            let n = unsafe { core::ptr::read_volatile(&n) } & 0x7f;
+            let src = addr + u64::from(config!(offsets.unix_address_name)) + 2;
+            // SAFETY: kernel memory read with the faulting-safe helper into
+            // the record's name, n ≤ its size.
+            let ok = unsafe {
+                probe_read_kernel_raw(record.path.as_mut_ptr().cast(), n as u32, src as *const _)
+            } == 0;
+            if ok {
+                record.path_len = n as u16;
+                record.path_owner = owner;
+            }
+        }
+    }
+    let record: &UnixOpenEvent = record;
+    output_record(ctx, record);
 }
 
 /// Remembers the connection under its `struct sock *` (for the
@@ -294,15 +367,23 @@ pub fn known(pid_tgid: u64, fd: i32) -> Option<SocketInfo> {
     }
 }
 
-/// Whether (tgid, fd) is known not to be a traced socket.
+/// Whether (tgid, fd) is known to need no copying: not a traced socket,
+/// or a connection the agent muted (counted).
 #[inline(always)]
-pub fn known_ignored(pid_tgid: u64, fd: i32) -> bool {
+pub fn known_untraced(pid_tgid: u64, fd: i32) -> bool {
     let key = SocketKey {
         tgid: (pid_tgid >> 32) as u32,
         fd,
     };
     // SAFETY: the value is read at once.
-    matches!(unsafe { SOCKETS.get(&key) }, Some(info) if info.state == SOCKET_IGNORED)
+    match unsafe { SOCKETS.get(&key) } {
+        Some(info) if info.state == SOCKET_IGNORED => true,
+        Some(info) if info.state == SOCKET_MUTED => {
+            count(Counter::MutedCalls, 1);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// close(fd): forget the fd; tell userspace if it was a traced connection.
@@ -316,7 +397,7 @@ pub fn forget<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
         return;
     };
     let _ = SOCKETS.remove(&key);
-    if info.state == SOCKET_TRACKED {
+    if info.state == SOCKET_TRACKED || info.state == SOCKET_MUTED {
         let _ = SOCK_CONNS.remove(&info.sk);
         let event = ConnCloseEvent {
             header: header(EventKind::ConnClose, 0, pid_tgid, fd, info.conn_id),

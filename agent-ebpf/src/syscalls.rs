@@ -57,7 +57,7 @@ fn ret(ctx: &TracePointContext) -> i64 {
 #[inline(always)]
 fn remember(syscall: u8, fd: i32, ptr: u64, len: u64, vectored: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !selected((pid_tgid >> 32) as u32) || socket::known_ignored(pid_tgid, fd) {
+    if !selected((pid_tgid >> 32) as u32) || socket::known_untraced(pid_tgid, fd) {
         return;
     }
     let call = PendingCall {

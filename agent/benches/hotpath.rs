@@ -394,12 +394,7 @@ fn session_for(
     remote: &str,
     opening: &[(Direction, Vec<u8>)],
 ) -> (Session, Vec<Event>) {
-    let mut s = Session::new(
-        session_options(),
-        true,
-        addr("10.0.0.5:40000"),
-        addr(remote),
-    );
+    let mut s = Session::new(session_options(), true, (40000, addr(remote).port()));
     let mut out = Vec::new();
     for (dir, bytes) in opening {
         s.feed(*dir, Moment::default(), bytes, 0, &mut out);

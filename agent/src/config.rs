@@ -256,13 +256,62 @@ fn valid_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExcludeConfig {
     /// URL paths never traced: exact (`/health`) or prefix (`/metrics/*`).
     pub paths: Vec<String>,
     /// Executable names whose traffic is never traced.
     pub processes: Vec<String>,
+    /// Unix sockets never traced, by name: exact or prefix (`/run/dbus/*`);
+    /// abstract names start with `@`. Both ends of a connection to one are
+    /// left alone (a client's end carries its server's name).
+    pub unix_sockets: Vec<String>,
+}
+
+/// The system daemons' unix sockets: logging (a systemd service's stdout
+/// is a stream to journald), D-Bus, container runtimes, the kubelet's
+/// plugin sockets, per-user session sockets. Chatter, not requests.
+pub const DEFAULT_EXCLUDED_UNIX_SOCKETS: [&str; 14] = [
+    "/run/systemd/*",
+    "/run/dbus/*",
+    "/var/run/dbus/*",
+    "@/tmp/dbus-*",
+    "/run/user/*",
+    "/run/containerd/*",
+    "@/containerd-shim/*",
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/crio/*",
+    "/var/run/crio/*",
+    "/var/lib/kubelet/*",
+    "/run/snapd.socket",
+    "/run/snapd-snap.socket",
+];
+
+impl Default for ExcludeConfig {
+    fn default() -> Self {
+        Self {
+            paths: Vec::new(),
+            processes: Vec::new(),
+            unix_sockets: DEFAULT_EXCLUDED_UNIX_SOCKETS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+}
+
+impl ExcludeConfig {
+    /// Whether a unix socket of this name is excluded.
+    pub fn excludes_unix_socket(&self, name: &str) -> bool {
+        self.unix_sockets
+            .iter()
+            .any(|rule| match rule.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == rule,
+            })
+    }
 }
 
 /// Names the service of processes running `exe` and/or serving on `port`.
@@ -403,6 +452,13 @@ impl Config {
                 )));
             }
         }
+        for name in &self.exclude.unix_sockets {
+            if !(name.starts_with('/') || name.starts_with('@')) {
+                return Err(ConfigError::new(format!(
+                    "exclude.unix_sockets: {name:?} must be a path (/…) or an abstract name (@…)"
+                )));
+            }
+        }
         for rule in &self.services {
             if rule.name.trim().is_empty() || (rule.exe.is_none() && rule.port.is_none()) {
                 return Err(ConfigError::new(format!(
@@ -477,6 +533,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn system_daemon_sockets_are_excluded_by_default() {
+        let c = Config::default();
+        for name in [
+            "/run/systemd/journal/stdout",
+            "/run/dbus/system_bus_socket",
+            "@/tmp/dbus-Xy12",
+            "/run/containerd/containerd.sock",
+        ] {
+            assert!(c.exclude.excludes_unix_socket(name), "{name}");
+        }
+        assert!(!c.exclude.excludes_unix_socket("/run/app/uvicorn.sock"));
+        assert!(
+            !c.exclude
+                .excludes_unix_socket("/var/run/postgresql/.s.PGSQL.5432")
+        );
+        // A list given in the file replaces the defaults.
+        let c = Config::from_yaml("exclude:\n  unix_sockets: [/tmp/a.sock]\n").unwrap();
+        assert!(c.exclude.excludes_unix_socket("/tmp/a.sock"));
+        assert!(!c.exclude.excludes_unix_socket("/run/systemd/notify"));
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         let c = Config::from_yaml("").unwrap();
         assert_eq!(c, Config::default());
@@ -523,6 +601,7 @@ mod tests {
         assert!(ratio.0.contains("between"), "{ratio}");
         assert!(Config::from_yaml("services:\n  - name: x\n").is_err());
         assert!(Config::from_yaml("exclude:\n  paths: [health]\n").is_err());
+        assert!(Config::from_yaml("exclude:\n  unix_sockets: [run/x]\n").is_err());
     }
 
     #[test]

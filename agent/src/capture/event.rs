@@ -4,9 +4,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall, UnitEvent,
+    ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall, UNIX_NAME_LOCAL,
+    UNIX_NAME_PEER, UNIX_PATH_MAX, UnitEvent, UnixOpenEvent,
 };
 use thiserror::Error;
+
+use super::endpoint::{Endpoint, UnixEnd, unix_name};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -61,8 +64,8 @@ pub struct Data<'a> {
 pub struct Open {
     pub header: EventHeader,
     pub role: Role,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     pub comm: String,
 }
 
@@ -143,8 +146,27 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             Ok(Event::Open(Open {
                 header,
                 role: Role::from_u8(header.detail),
-                local: address(open.family, open.local_addr, open.local_port)?,
-                remote: address(open.family, open.remote_addr, open.remote_port)?,
+                local: address(open.family, open.local_addr, open.local_port)?.into(),
+                remote: address(open.family, open.remote_addr, open.remote_port)?.into(),
+                comm: comm_str(&open.comm),
+            }))
+        }
+        EventKind::UnixOpen => {
+            let open: UnixOpenEvent = read(bytes)?;
+            let len = usize::from(open.path_len).min(UNIX_PATH_MAX);
+            let name = unix_name(&open.path[..len]);
+            let named = |owner: u8| name.clone().filter(|_| open.path_owner == owner);
+            Ok(Event::Open(Open {
+                header,
+                role: Role::from_u8(header.detail),
+                local: Endpoint::Unix(UnixEnd {
+                    sk: open.sk,
+                    name: named(UNIX_NAME_LOCAL),
+                }),
+                remote: Endpoint::Unix(UnixEnd {
+                    sk: open.peer_sk,
+                    name: named(UNIX_NAME_PEER),
+                }),
                 comm: comm_str(&open.comm),
             }))
         }
@@ -217,8 +239,8 @@ pub(crate) mod tests {
         let Event::Open(o) = decode(&as_bytes(&open)).unwrap() else {
             panic!()
         };
-        assert_eq!(o.local, "127.0.0.1:5000".parse().unwrap());
-        assert_eq!(o.remote, "10.1.2.3:80".parse().unwrap());
+        assert_eq!(o.local.inet(), "127.0.0.1:5000".parse().ok());
+        assert_eq!(o.remote.inet(), "10.1.2.3:80".parse().ok());
         assert_eq!((o.role, o.comm.as_str()), (Role::Client, "curl"));
 
         open.family = 10;
@@ -227,8 +249,51 @@ pub(crate) mod tests {
         let Event::Open(o) = decode(&as_bytes(&open)).unwrap() else {
             panic!()
         };
-        assert_eq!(o.remote, "127.0.0.1:80".parse().unwrap());
-        assert_eq!(o.local, "[::1]:5000".parse().unwrap());
+        assert_eq!(o.remote.inet(), "127.0.0.1:80".parse().ok());
+        assert_eq!(o.local.inet(), "[::1]:5000".parse().ok());
+    }
+
+    #[test]
+    fn unix_open_names_the_end_it_belongs_to() {
+        let mut open = UnixOpenEvent {
+            header: header(EventKind::UnixOpen, Role::Client as u8),
+            sk: 0xa,
+            peer_sk: 0xb,
+            path_len: 9,
+            path_owner: UNIX_NAME_PEER,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            ..UnixOpenEvent::default()
+        };
+        open.path[..9].copy_from_slice(b"/tmp/a.sk");
+        let Event::Open(o) = decode(&as_bytes(&open)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.role, Role::Client);
+        assert_eq!(
+            o.local,
+            Endpoint::Unix(UnixEnd {
+                sk: 0xa,
+                name: None
+            })
+        );
+        assert_eq!(o.remote.unix_name(), Some("/tmp/a.sk"));
+        // A server's own name; a lying length is cut at the name's size.
+        open.path_owner = UNIX_NAME_LOCAL;
+        open.path_len = 4000;
+        let Event::Open(o) = decode(&as_bytes(&open)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (o.local.unix_name(), o.remote.unix_name()),
+            (Some("/tmp/a.sk"), None)
+        );
+        // socketpair: no name at all.
+        open.path_len = 0;
+        open.path_owner = 0;
+        let Event::Open(o) = decode(&as_bytes(&open)).unwrap() else {
+            panic!()
+        };
+        assert_eq!((o.local.unix_name(), o.remote.unix_name()), (None, None));
     }
 
     #[test]

@@ -138,6 +138,7 @@ fn conn_json(conn: &Connection) -> serde_json::Value {
         "fd": conn.fd,
         "comm": conn.comm,
         "role": role_name(conn.role),
+        "transport": if conn.local.is_unix() { "unix" } else { "tcp" },
         "local": conn.local.to_string(),
         "remote": conn.remote.to_string(),
     })

@@ -78,6 +78,16 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     exclude_processes: Vec<String>,
+    /// Unix socket never traced, by path or @abstract name, exact or a
+    /// prefix ending in `*` (repeatable; replaces the default list of
+    /// system daemons' sockets).
+    #[arg(
+        long = "exclude-unix-socket",
+        value_name = "NAME",
+        env = "ZEROTRACE_EXCLUDE_UNIX_SOCKETS",
+        value_delimiter = ','
+    )]
+    exclude_unix_sockets: Vec<String>,
     /// Seconds between statistics lines on stderr [default: 10].
     #[arg(long, env = "ZEROTRACE_STATS_INTERVAL")]
     stats_interval: Option<u64>,
@@ -138,6 +148,7 @@ impl RunArgs {
         replace(&self.routes, &mut config.http.routes);
         replace(&self.exclude_paths, &mut config.exclude.paths);
         replace(&self.exclude_processes, &mut config.exclude.processes);
+        replace(&self.exclude_unix_sockets, &mut config.exclude.unix_sockets);
         if self.exporter.is_some() {
             config.export.exporter = self.exporter;
         }

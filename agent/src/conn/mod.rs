@@ -6,13 +6,13 @@ pub mod own;
 pub mod seed;
 pub mod unix_diag;
 
-use std::{collections::VecDeque, net::SocketAddr};
+use std::collections::VecDeque;
 
 use agent_common::{Direction, Role};
 
 use crate::{
     IdMap,
-    capture::{Data, Open},
+    capture::{Data, Endpoint, Open},
 };
 
 /// One traced connection.
@@ -22,8 +22,8 @@ pub struct Connection {
     pub tgid: u32,
     pub fd: i32,
     pub role: Role,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     pub comm: String,
     /// The thread that connected or accepted it (or first used it) and when.
     pub opened_by: u32,
@@ -93,7 +93,7 @@ impl ConnTable {
     pub fn open(&mut self, open: &Open) -> &Connection {
         let h = &open.header;
         let role = match open.role {
-            Role::Unknown => self.seed.role_of(h.tgid, h.fd, open.local),
+            Role::Unknown => self.seed.role_of(h.tgid, h.fd, &open.local, &open.remote),
             known => known,
         };
         self.just_evicted.clear();
@@ -121,8 +121,8 @@ impl ConnTable {
                 opened_by: h.tid,
                 opened_ns: h.ts_ns,
                 role,
-                local: open.local,
-                remote: open.remote,
+                local: open.local.clone(),
+                remote: open.remote.clone(),
                 comm: open.comm.clone(),
                 seen_from_start: open.role != Role::Unknown,
                 bytes_in: 0,
@@ -214,8 +214,8 @@ mod tests {
                 ..Default::default()
             },
             role,
-            local: "127.0.0.1:8080".parse().unwrap(),
-            remote: "127.0.0.1:50000".parse().unwrap(),
+            local: Endpoint::Inet("127.0.0.1:8080".parse().unwrap()),
+            remote: Endpoint::Inet("127.0.0.1:50000".parse().unwrap()),
             comm: "x".into(),
         }
     }

@@ -1,6 +1,7 @@
-//! What /proc says about processes and sockets that existed before the agent:
-//! which processes a `--pid`/`--exe` selection means, and the role of
-//! connections the kernel first sees mid-stream.
+//! What /proc (and, for unix sockets, sock_diag) says about processes and
+//! sockets that existed before the agent: which processes a `--pid`/`--exe`
+//! selection means, and the role of connections the kernel first sees
+//! mid-stream.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -8,6 +9,9 @@ use std::{
 };
 
 use agent_common::Role;
+
+use super::unix_diag;
+use crate::capture::Endpoint;
 use procfs::{
     net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process, all_processes},
@@ -82,21 +86,16 @@ fn matches_exe(process: &Process, comm: &str, exes: &[String]) -> bool {
     })
 }
 
-/// A TCP connection of some process, as /proc shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeededConn {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub role: Role,
-}
-
-/// Snapshot of open TCP sockets, taken once after the probes are attached.
+/// Snapshot of open TCP and unix stream sockets, taken once after the
+/// probes are attached.
 #[derive(Debug, Default)]
 pub struct Seed {
-    /// (pid, fd) → connection.
-    pub conns: HashMap<(u32, i32), SeededConn>,
+    /// (pid, fd) → the role of its connection.
+    pub conns: HashMap<(u32, i32), Role>,
     /// Local addresses in LISTEN state, over all network namespaces seen.
     pub listeners: HashSet<SocketAddr>,
+    /// Names of listening unix sockets (the agent's network namespace).
+    pub unix_listeners: HashSet<String>,
 }
 
 impl Seed {
@@ -105,6 +104,23 @@ impl Seed {
     pub fn scan() -> Self {
         let mut seed = Seed::default();
         let mut tables: HashMap<u64, HashMap<u64, TcpNetEntry>> = HashMap::new();
+        // Unix sockets: which end of each connection was accepted (its
+        // name is its listener's), from the kernel's sock_diag, which
+        // knows peers where /proc does not.
+        let unix_roles = match unix_diag::stream_sockets() {
+            Ok(sockets) => {
+                seed.unix_listeners = sockets
+                    .iter()
+                    .filter(|s| s.listening)
+                    .filter_map(|s| s.name.clone())
+                    .collect();
+                unix_diag::roles(&sockets)
+            }
+            Err(e) => {
+                log::info!("unix sockets not seeded ({e}); roles come from their names");
+                HashMap::new()
+            }
+        };
         let Ok(procs) = all_processes() else {
             return seed;
         };
@@ -141,33 +157,43 @@ impl Seed {
                 }
             }
             for (fd, inode) in sockets {
-                if let Some(entry) = table.get(&inode)
-                    && entry.state != TcpState::Listen
-                {
-                    seed.conns.insert(
-                        (process.pid as u32, fd),
-                        SeededConn {
-                            local: entry.local_address,
-                            remote: entry.remote_address,
-                            role: Role::Unknown,
-                        },
-                    );
-                }
+                let role = match table.get(&inode) {
+                    Some(entry) if entry.state == TcpState::Listen => continue,
+                    Some(entry) => role_from_listeners(&seed.listeners, entry.local_address),
+                    None => match unix_roles.get(&inode) {
+                        Some(&role) => role,
+                        None => continue,
+                    },
+                };
+                seed.conns.insert((process.pid as u32, fd), role);
             }
-        }
-        let listeners = seed.listeners.clone();
-        for conn in seed.conns.values_mut() {
-            conn.role = role_from_listeners(&listeners, conn.local);
         }
         seed
     }
 
     /// Role of a connection first seen mid-stream.
-    pub fn role_of(&self, pid: u32, fd: i32, local: SocketAddr) -> Role {
-        match self.conns.get(&(pid, fd)) {
-            Some(conn) => conn.role,
-            None => role_from_listeners(&self.listeners, local),
+    pub fn role_of(&self, pid: u32, fd: i32, local: &Endpoint, remote: &Endpoint) -> Role {
+        if let Some(&role) = self.conns.get(&(pid, fd)) {
+            return role;
         }
+        match local {
+            Endpoint::Inet(local) => role_from_listeners(&self.listeners, *local),
+            Endpoint::Unix(_) => unix_role(&self.unix_listeners, local, remote),
+        }
+    }
+}
+
+/// The role of a unix connection from its names: an accepted socket
+/// carries its listener's name, a connecting one usually none. Unknown
+/// when both or neither are named (a socketpair, a bound client).
+pub fn unix_role(listeners: &HashSet<String>, local: &Endpoint, remote: &Endpoint) -> Role {
+    let listening = |name: Option<&str>| name.is_some_and(|n| listeners.contains(n));
+    match (local.unix_name(), remote.unix_name()) {
+        (Some(_), None) => Role::Server,
+        (None, Some(_)) => Role::Client,
+        (l, r) if listening(l) && !listening(r) => Role::Server,
+        (l, r) if listening(r) && !listening(l) => Role::Client,
+        _ => Role::Unknown,
     }
 }
 
@@ -203,6 +229,28 @@ mod tests {
     }
 
     #[test]
+    fn unix_roles_from_names() {
+        use crate::capture::UnixEnd;
+        let end = |name: Option<&str>| {
+            Endpoint::Unix(UnixEnd {
+                sk: 1,
+                name: name.map(std::sync::Arc::from),
+            })
+        };
+        let listeners: HashSet<String> = ["/run/a.sock".to_owned()].into();
+        let r = |l, p| unix_role(&listeners, &end(l), &end(p));
+        assert_eq!(r(Some("/run/a.sock"), None), Role::Server);
+        assert_eq!(r(None, Some("/run/a.sock")), Role::Client);
+        assert_eq!(r(None, None), Role::Unknown, "socketpair");
+        assert_eq!(
+            r(Some("@c"), Some("/run/a.sock")),
+            Role::Client,
+            "bound client"
+        );
+        assert_eq!(r(Some("@c"), Some("@d")), Role::Unknown);
+    }
+
+    #[test]
     fn scan_sees_this_tests_own_connection() {
         use std::{
             net::{TcpListener, TcpStream},
@@ -217,6 +265,7 @@ mod tests {
         assert!(seed.listeners.len() <= 10_000);
         let me = std::process::id();
         assert!(!seed.conns.keys().any(|(pid, _)| *pid == me));
+        assert!(seed.unix_listeners.iter().all(|n| !n.is_empty()));
         let _ = (client.as_raw_fd(), server.as_raw_fd());
     }
 

@@ -12,7 +12,8 @@ use std::{
 
 use agent_common::{
     CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
-    MAX_CAPTURE_BYTES, TRANSPORT_PERF, TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps,
+    MAX_CAPTURE_BYTES, SOCKET_MUTED, SOCKET_TRACKED, SocketInfo, SocketKey, TRANSPORT_PERF,
+    TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps,
 };
 use anyhow::{Context, bail};
 use aya::{
@@ -716,7 +717,31 @@ impl Probes {
             tls_no_socket: at(Counter::TlsNoSocket),
             tls_socket_mismatch: at(Counter::TlsSocketMismatch),
             tls_calls_full: at(Counter::TlsCallsFull),
+            muted_calls: at(Counter::MutedCalls),
         })
+    }
+
+    /// Stops the kernel copying the data of connection `conn_id` on
+    /// (`tgid`, `fd`); its close is still reported. Only that connection:
+    /// when the fd already holds another one, nothing changes. Returns
+    /// whether it was muted.
+    pub fn mute(&mut self, tgid: u32, fd: i32, conn_id: u64) -> bool {
+        let Some(map) = self.ebpf.map_mut(maps::SOCKETS) else {
+            return false;
+        };
+        let Ok(mut map) = BpfHashMap::<_, SocketKey, SocketInfo>::try_from(map) else {
+            return false;
+        };
+        let key = SocketKey { tgid, fd };
+        match map.get(&key, 0) {
+            Ok(mut info) if info.conn_id == conn_id && info.state == SOCKET_TRACKED => {
+                info.state = SOCKET_MUTED;
+                // BPF_EXIST (2): never re-creates an entry the kernel
+                // removed at close in the meantime.
+                map.insert(key, info, 2).is_ok()
+            }
+            _ => false,
+        }
     }
 
     /// Run count and total run time per loaded program (BPF_ENABLE_STATS).
@@ -782,6 +807,8 @@ pub struct KernelCounters {
     pub tls_socket_mismatch: u64,
     /// TLS library calls not followed: the TLS_CALLS map was full.
     pub tls_calls_full: u64,
+    /// Socket calls of muted connections, not copied.
+    pub muted_calls: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]

@@ -31,6 +31,10 @@ pub fn resolve(btf: &Btf, tracefs: &Path) -> anyhow::Result<KernelOffsets> {
         sk_rcv_saddr: m("sock_common", "skc_rcv_saddr")?,
         sk_v6_daddr: m("sock_common", "skc_v6_daddr")?,
         sk_v6_rcv_saddr: m("sock_common", "skc_v6_rcv_saddr")?,
+        unix_addr: m("unix_sock", "addr")?,
+        unix_peer: m("unix_sock", "peer")?,
+        unix_address_len: m("unix_address", "len")?,
+        unix_address_name: m("unix_address", "name")?,
         fork_child_pid: tracefs::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?,
         task_fsbase: m("task_struct", "thread")? + m("thread_struct", "fsbase")?,
     })

@@ -40,6 +40,8 @@ pub struct Tracing<'a> {
     metrics_every: Every,
     intervals_every: Every,
     stats_every: Every,
+    /// Connections muted in the kernel so far.
+    muted: u64,
 }
 
 impl<'a> Tracing<'a> {
@@ -61,6 +63,7 @@ impl<'a> Tracing<'a> {
             metrics_every: Every::new(METRICS_EVERY),
             intervals_every: Every::new(periods.telemetry),
             stats_every: Every::new(periods.stats),
+            muted: 0,
         };
         state.update(tracing.snapshot(pipeline));
         tracing
@@ -89,6 +92,8 @@ impl<'a> Tracing<'a> {
             ],
             tls_connections: self.tracer.stats.connections_tls,
             tls_connections_unread: self.tracer.stats.connections_tls_unread,
+            connections_muted: self.muted,
+            muted_calls: s.kernel.muted_calls,
             programs: pipeline
                 .probes
                 .program_stats()
@@ -129,6 +134,11 @@ impl Consumer for Tracing<'_> {
 
     fn tick(&mut self, pipeline: &mut Pipeline) {
         self.state.heartbeat();
+        for m in self.tracer.mutes.drain(..) {
+            if pipeline.probes.mute(m.tgid, m.fd, m.conn_id) {
+                self.muted += 1;
+            }
+        }
         if self.metrics_every.due() {
             self.state.update(self.snapshot(pipeline));
         }

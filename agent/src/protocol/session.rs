@@ -11,7 +11,7 @@
 //! switch. Plaintext also marks the session encrypted, so nothing is read
 //! twice.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use agent_common::Direction;
 
@@ -119,11 +119,12 @@ pub enum Tls {
 }
 
 impl Session {
-    pub fn new(opts: Options, from_start: bool, local: SocketAddr, remote: SocketAddr) -> Self {
+    /// `ports`: (local, remote), 0 where there is none (unix sockets).
+    pub fn new(opts: Options, from_start: bool, ports: (u16, u16)) -> Self {
         Self {
             opts,
             from_start,
-            ports: (local.port(), remote.port()),
+            ports,
             state: State::Detecting(Vec::new()),
             http_events: Vec::new(),
             db_events: Vec::new(),
@@ -388,12 +389,8 @@ mod tests {
     use crate::protocol::http::Exchange;
 
     fn session(from_start: bool, remote: &str) -> Session {
-        Session::new(
-            Options::default(),
-            from_start,
-            "127.0.0.1:40000".parse().unwrap(),
-            remote.parse().unwrap(),
-        )
+        let remote: std::net::SocketAddr = remote.parse().unwrap();
+        Session::new(Options::default(), from_start, (40000, remote.port()))
     }
 
     fn feed(s: &mut Session, dir: Direction, bytes: &[u8]) -> Vec<Event> {

@@ -90,6 +90,10 @@ pub struct MetricsSnapshot {
     /// Closed encrypted connections whose plaintext was read, and not.
     pub tls_connections: u64,
     pub tls_connections_unread: u64,
+    /// Connections the kernel stopped copying because the agent does not
+    /// trace what they carry, and the socket calls it skipped for them.
+    pub connections_muted: u64,
+    pub muted_calls: u64,
     /// Per loaded eBPF program.
     pub programs: Vec<ProgramRun>,
 }
@@ -422,7 +426,7 @@ impl Collector for SnapshotCollector {
         let s = &self.0;
         let transport = [("transport", s.transport)];
         #[rustfmt::skip]
-        let plain: [(&str, &str, MetricType, &Labels, u64); 9] = [
+        let plain: [(&str, &str, MetricType, &Labels, u64); 11] = [
             ("zerotrace_events_total", "Records read from the kernel-to-user transport.", Counter, &transport, s.events),
             ("zerotrace_event_bytes_total", "Bytes of records read from the kernel-to-user transport.", Counter, &transport, s.bytes),
             ("zerotrace_events_lost_total", "Events lost between kernel and agent: failed buffer reserves and perf-reported losses.", Counter, &transport, s.lost),
@@ -432,6 +436,8 @@ impl Collector for SnapshotCollector {
             ("zerotrace_export_errors_total", "Spans whose export failed.", Counter, &[], s.export_errors),
             ("zerotrace_export_queue_spans", "Spans waiting in the export queue.", Gauge, &[], s.queue_depth),
             ("zerotrace_connections_open", "Connections being traced.", Gauge, &[], s.connections_open),
+            ("zerotrace_connections_muted_total", "Connections the kernel stopped copying: their protocol is unknown, or their process is excluded.", Counter, &[], s.connections_muted),
+            ("zerotrace_muted_calls_total", "Socket calls of muted connections the kernel did not copy.", Counter, &[], s.muted_calls),
         ];
         for (name, help, kind, labels, value) in plain {
             let mut metric = describe(&mut encoder, name, help, kind)?;
@@ -694,6 +700,8 @@ mod tests {
             tls_dropped: [1010, 1011, 1012],
             tls_connections: 1013,
             tls_connections_unread: 1014,
+            connections_muted: 1015,
+            muted_calls: 1016,
             programs: vec![
                 ProgramRun {
                     program: "sys_exit_read".into(),
@@ -783,6 +791,9 @@ mod tests {
             1014.0
         );
 
+        assert_eq!(value("zerotrace_connections_muted_total", &[]), 1015.0);
+        assert_eq!(value("zerotrace_muted_calls_total", &[]), 1016.0);
+
         let read = [("program", "sys_exit_read"), ("kind", "tracepoint")];
         let odd = [("program", r#"odd "name" \ here"#), ("kind", "fentry")];
         assert_eq!(value("zerotrace_bpf_program_runs_total", &read), 2002.0);
@@ -799,7 +810,7 @@ mod tests {
         );
         assert!(!text.contains("nanoseconds"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("{}"), "{text}");
-        assert_eq!(samples.len(), 18, "{text}");
+        assert_eq!(samples.len(), 20, "{text}");
 
         // A new snapshot replaces the old one.
         state.update(MetricsSnapshot {
@@ -819,7 +830,7 @@ mod tests {
     fn every_snapshot_renders_a_valid_exposition() {
         let empty = render_metrics(MetricsSnapshot::default()).unwrap();
         let samples = check_exposition(&empty).unwrap_or_else(|e| panic!("{e}\n{empty}"));
-        assert_eq!(samples.len(), 14, "{empty}");
+        assert_eq!(samples.len(), 16, "{empty}");
         assert!(
             !empty.contains("bpf_program"),
             "no programs, no program families:\n{empty}"

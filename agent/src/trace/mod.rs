@@ -25,7 +25,6 @@ pub mod semconv;
 use std::{
     borrow::Cow,
     collections::VecDeque,
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -53,6 +52,7 @@ use self::{
 };
 use crate::{
     IdMap,
+    capture::EndId,
     config::{Config, HeaderRule},
     conn::{Connection, own::OwnSockets},
     export::{ExportSpan, SpanQueue},
@@ -122,6 +122,18 @@ pub struct TraceStats {
     pub connections_ignored: u64,
 }
 
+/// Most connections waiting to be muted between two rounds of the loop.
+const MAX_MUTES: usize = 4096;
+
+/// A connection whose bytes the tracer will never use (its protocol is
+/// unknown, or its process excluded): the kernel may stop copying them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mute {
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub fd: i32,
+}
+
 /// How a request begins, whatever its protocol.
 struct Start {
     seq: u64,
@@ -183,7 +195,7 @@ impl Begun {
 struct ConnTrace {
     session: Session,
     /// (local, remote), for the link keys of its requests.
-    addrs: (SocketAddr, SocketAddr),
+    ends: (EndId, EndId),
     ignored: bool,
     /// Ignored because it carries the agent's own exports (its peer is the
     /// agent, or a proxy's callback forwarding them opened it).
@@ -238,6 +250,8 @@ pub struct Tracer {
     clock_offset: Duration,
     events: Vec<Event>,
     pub stats: TraceStats,
+    /// Connections to mute in the kernel, taken by the loop after each round.
+    pub mutes: Vec<Mute>,
 }
 
 impl Tracer {
@@ -276,6 +290,7 @@ impl Tracer {
             clock_offset: clock_offset(),
             events: Vec::new(),
             stats: TraceStats::default(),
+            mutes: Vec::new(),
         }
     }
 
@@ -296,7 +311,9 @@ impl Tracer {
                 let mut state = self.new_conn(conn, from_start);
                 if forwards_exports && !state.ignored {
                     // Its far end (the collector) must not be traced either.
-                    self.own.insert(conn.local);
+                    if let Some(local) = conn.local.inet() {
+                        self.own.insert(local);
+                    }
                     state.ignored = true;
                     state.exports = true;
                     self.stats.connections_ignored += 1;
@@ -313,7 +330,7 @@ impl Tracer {
                 };
                 if state.fresh {
                     state.fresh = false;
-                    if !state.ignored && self.own.knows(conn.remote) {
+                    if !state.ignored && conn.remote.inet().is_some_and(|r| self.own.knows(r)) {
                         state.ignored = true;
                         state.exports = true;
                         self.stats.connections_ignored += 1;
@@ -405,25 +422,47 @@ impl Tracer {
 
     fn new_conn(&mut self, conn: &Connection, from_start: bool) -> ConnTrace {
         let exe = self.resources.exe_name(conn.tgid, &conn.comm, None);
-        let excluded = self.opts.exclude_processes.iter().any(|p| p == exe);
-        let exports = !excluded && self.own.is_own(conn.remote);
+        let excluded = self.opts.exclude_processes.iter().any(|p| p == exe)
+            || [&conn.local, &conn.remote]
+                .into_iter()
+                .filter_map(|end| end.unix_name())
+                .any(|name| self.opts.config.exclude.excludes_unix_socket(name));
+        let exports = !excluded && conn.remote.inet().is_some_and(|r| self.own.is_own(r));
         let ignored = excluded || exports;
         if ignored {
             self.stats.connections_ignored += 1;
+        }
+        // Exports stay: a proxy's forwarding of them is followed by their data.
+        if excluded {
+            self.mute(conn);
         }
         ConnTrace {
             session: Session::new(
                 self.session_opts.clone(),
                 from_start,
-                conn.local,
-                conn.remote,
+                (
+                    conn.local.port().unwrap_or(0),
+                    conn.remote.port().unwrap_or(0),
+                ),
             ),
-            addrs: (conn.local, conn.remote),
+            ends: (conn.local.id(), conn.remote.id()),
             ignored,
             exports,
             fresh: true,
             begun: VecDeque::new(),
             last: Moment::default(),
+        }
+    }
+
+    /// Asks for `conn` to be muted in the kernel (fd-less connections,
+    /// seen by kernel functions only, cannot be).
+    fn mute(&mut self, conn: &Connection) {
+        if conn.fd >= 0 && self.mutes.len() < MAX_MUTES {
+            self.mutes.push(Mute {
+                conn_id: conn.conn_id,
+                tgid: conn.tgid,
+                fd: conn.fd,
+            });
         }
     }
 
@@ -435,7 +474,7 @@ impl Tracer {
             Tls::Ciphertext => self.stats.connections_tls_unread += 1,
         }
         for begun in state.begun {
-            self.unregister(conn_id, state.addrs, &begun, state.last.ts_ns);
+            self.unregister(conn_id, state.ends, &begun, state.last.ts_ns);
         }
     }
 
@@ -446,6 +485,15 @@ impl Tracer {
                 Event::Http(HttpEvent::Exchange(exchange)) => self.finish_http(conn, exchange),
                 Event::Http(HttpEvent::NotHttp) | Event::Db(DbEvent::Skip) => {
                     self.stats.connections_not_traced += 1;
+                    // Encrypted ones stay: their plaintext comes through
+                    // the same kernel entry.
+                    let clear = self
+                        .conns
+                        .get(&conn.conn_id)
+                        .is_some_and(|c| c.session.tls() == Tls::None);
+                    if clear {
+                        self.mute(conn);
+                    }
                 }
                 Event::Db(DbEvent::Request { seq, start }) => {
                     let side = self.db_side(conn);
@@ -558,7 +606,7 @@ impl Tracer {
             excluded,
             thread,
         };
-        let key = link_key(conn.local, conn.remote, side);
+        let key = link_key(conn.local.id(), conn.remote.id(), side);
         match side {
             Side::Server if !excluded => {
                 let request = RequestRef {
@@ -636,7 +684,7 @@ impl Tracer {
         traceparent: Option<Parent>,
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         // The client end of this very connection, if it is on this host.
-        let key = link_key(conn.local, conn.remote, Side::Server);
+        let key = link_key(conn.local.id(), conn.remote.id(), Side::Server);
         if let Some((parent, tenant)) = self.links.claim_call(key, now) {
             return (Some(parent), Some(tenant));
         }
@@ -728,7 +776,7 @@ impl Tracer {
     fn unregister(
         &mut self,
         conn_id: u64,
-        (local, remote): (SocketAddr, SocketAddr),
+        (local, remote): (EndId, EndId),
         begun: &Begun,
         now: u64,
     ) {
@@ -752,8 +800,8 @@ impl Tracer {
         let end_ns = exchange.response.as_ref().map(|r| r.end.ts_ns);
         let routes = Arc::clone(&self.opts.routes);
         let at = Endpoints {
-            local: conn.local,
-            remote: conn.remote,
+            local: &conn.local,
+            remote: &conn.remote,
             tls: self
                 .conns
                 .get(&conn.conn_id)
@@ -774,8 +822,8 @@ impl Tracer {
             return;
         };
         let at = Endpoints {
-            local: conn.local,
-            remote: conn.remote,
+            local: &conn.local,
+            remote: &conn.remote,
             tls: self
                 .conns
                 .get(&conn.conn_id)
@@ -798,7 +846,7 @@ impl Tracer {
         end_ns: Option<u64>,
         describe: impl FnOnce(Side) -> Described,
     ) {
-        let addrs = (conn.local, conn.remote);
+        let addrs = (conn.local.id(), conn.remote.id());
         let Some(state) = self.conns.get_mut(&conn.conn_id) else {
             return;
         };
@@ -835,7 +883,7 @@ impl Tracer {
         let mut attributes = described.attributes;
         attributes.extend(begun.tenant.iter().cloned());
         let (kind, server_port) = match begun.side {
-            Side::Server => (SpanKind::Server, Some(conn.local.port())),
+            Side::Server => (SpanKind::Server, conn.local.port()),
             Side::Client => (SpanKind::Client, None),
         };
         let resource = self.resources.of(conn.tgid, &conn.comm, server_port);
@@ -900,7 +948,7 @@ fn serving_request(conns: &IdMap<u64, ConnTrace>, r: RequestRef) -> Option<&Begu
 }
 
 /// Links are keyed by the client end's (local, remote).
-fn link_key(local: SocketAddr, remote: SocketAddr, side: Side) -> LinkKey {
+fn link_key(local: EndId, remote: EndId, side: Side) -> LinkKey {
     match side {
         Side::Client => (local, remote),
         Side::Server => (remote, local),
@@ -941,8 +989,8 @@ mod tests {
             opened_by: 0,
             opened_ns: 0,
             role,
-            local: local.parse().unwrap(),
-            remote: remote.parse().unwrap(),
+            local: crate::capture::Endpoint::Inet(local.parse().unwrap()),
+            remote: crate::capture::Endpoint::Inet(remote.parse().unwrap()),
             comm: "app".into(),
             seen_from_start: true,
             bytes_in: 0,

@@ -6,16 +6,16 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
     sync::Arc,
 };
 
 use opentelemetry::{KeyValue, trace::TraceId};
 
 use super::context::Parent;
+use crate::capture::EndId;
 
-/// The client end's (local, remote) addresses.
-pub type LinkKey = (SocketAddr, SocketAddr);
+/// The client end's (local, remote): addresses, or unix sockets.
+pub type LinkKey = (EndId, EndId);
 
 /// How long one end waits for the other (kernel timestamps, ns).
 const GRACE_NS: u64 = 1_000_000_000;
@@ -209,8 +209,8 @@ mod tests {
 
     fn key() -> LinkKey {
         (
-            "127.0.0.1:40000".parse().unwrap(),
-            "127.0.0.1:80".parse().unwrap(),
+            EndId::Inet("127.0.0.1:40000".parse().unwrap()),
+            EndId::Inet("127.0.0.1:80".parse().unwrap()),
         )
     }
 

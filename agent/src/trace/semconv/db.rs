@@ -4,26 +4,31 @@
 use opentelemetry::{KeyValue, trace::Status};
 
 use super::{Described, Endpoints, Side};
-use crate::protocol::db::DbCall;
+use crate::{capture::Endpoint, protocol::db::DbCall};
 
 /// Name, attributes and status of one call; `system` is db.system.name.
-pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints) -> Described {
+pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints<'_>) -> Described {
     let mut attrs = Vec::with_capacity(12);
     attrs.push(KeyValue::new("db.system.name", system));
-    let server = match side {
-        Side::Client => at.remote,
-        Side::Server => at.local,
-    };
-    attrs.push(KeyValue::new("server.address", server.ip().to_string()));
-    attrs.push(KeyValue::new("server.port", i64::from(server.port())));
-    attrs.push(KeyValue::new(
-        "network.peer.address",
-        at.remote.ip().to_string(),
-    ));
-    attrs.push(KeyValue::new(
-        "network.peer.port",
-        i64::from(at.remote.port()),
-    ));
+    match at.server(side) {
+        Endpoint::Inet(server) => {
+            attrs.push(KeyValue::new("server.address", server.ip().to_string()));
+            attrs.push(KeyValue::new("server.port", i64::from(server.port())));
+        }
+        // A unix socket: its path (or @abstract name), without a port.
+        unix => {
+            if let Some(name) = unix.unix_name() {
+                attrs.push(KeyValue::new("server.address", name.to_owned()));
+            }
+        }
+    }
+    attrs.push(KeyValue::new("network.transport", at.transport()));
+    if let Some(peer) = at.peer_address() {
+        attrs.push(KeyValue::new("network.peer.address", peer));
+    }
+    if let Some(port) = at.remote.port() {
+        attrs.push(KeyValue::new("network.peer.port", i64::from(port)));
+    }
     for (key, value) in [
         ("db.operation.name", &call.operation),
         ("db.collection.name", &call.collection),
@@ -68,12 +73,43 @@ fn span_name(system: &str, call: &DbCall) -> String {
 mod tests {
     use super::*;
 
-    fn at() -> Endpoints {
+    fn at() -> Endpoints<'static> {
+        let end = |s: &str| &*Box::leak(Box::new(Endpoint::Inet(s.parse().unwrap())));
         Endpoints {
-            local: "127.0.0.1:40000".parse().unwrap(),
-            remote: "127.0.0.1:5432".parse().unwrap(),
+            local: end("127.0.0.1:40000"),
+            remote: end("127.0.0.1:5432"),
             tls: false,
         }
+    }
+
+    #[test]
+    fn unix_socket_calls_name_the_socket() {
+        use crate::capture::{UnixEnd, endpoint::unix_name};
+        let unix = |sk, name: &[u8]| {
+            &*Box::leak(Box::new(Endpoint::Unix(UnixEnd {
+                sk,
+                name: unix_name(name),
+            })))
+        };
+        let at = Endpoints {
+            local: unix(1, b""),
+            remote: unix(2, b"/run/postgresql/.s.PGSQL.5432"),
+            tls: false,
+        };
+        let d = describe("postgresql", Side::Client, &DbCall::default(), at);
+        let get = |k: &str| {
+            d.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(get("network.transport").as_deref(), Some("unix"));
+        assert_eq!(
+            get("server.address").as_deref(),
+            Some("/run/postgresql/.s.PGSQL.5432")
+        );
+        assert_eq!(get("network.peer.address"), get("server.address"));
+        assert_eq!((get("server.port"), get("network.peer.port")), (None, None));
     }
 
     fn attr(d: &Described, key: &str) -> Option<String> {

@@ -6,7 +6,10 @@ use std::{net::IpAddr, sync::Arc};
 use opentelemetry::{KeyValue, Value, trace::Status};
 
 use super::{Described, Endpoints, Side};
-use crate::protocol::http::{Exchange, Request};
+use crate::{
+    capture::Endpoint,
+    protocol::http::{Exchange, Request},
+};
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
 const KNOWN_METHODS: [&str; 9] = [
@@ -139,30 +142,45 @@ impl PathFilter {
     }
 }
 
-pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes) -> Described {
+pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Routes) -> Described {
     let request = &exchange.request;
     let (path, query) = path_and_query(&request.target);
     let mut attrs = Vec::with_capacity(16);
     let method = method(request, &mut attrs);
-    let (host, port) = authority(request, side, at);
-    // Formatted once: servers report it twice (peer and client address).
-    let peer = Value::from(ip_text(at.remote.ip()));
     let scheme = if at.tls { "https" } else { "http" };
+    let server = at.server(side);
+    let (host, port) = authority(request, server, scheme);
+    // Formatted once: servers report it twice (peer and client address).
+    let peer = match at.remote {
+        Endpoint::Inet(addr) => Some(Value::from(ip_text(addr.ip()))),
+        unix => unix.unix_name().map(|n| Value::from(n.to_owned())),
+    };
     attrs.push(KeyValue::new("url.scheme", scheme));
     attrs.push(KeyValue::new("network.protocol.version", request.version));
-    attrs.push(KeyValue::new("network.transport", "tcp"));
-    attrs.push(KeyValue::new("network.peer.address", peer.clone()));
-    attrs.push(KeyValue::new(
-        "network.peer.port",
-        i64::from(at.remote.port()),
-    ));
+    attrs.push(KeyValue::new("network.transport", at.transport()));
+    if let Some(peer) = &peer {
+        attrs.push(KeyValue::new("network.peer.address", peer.clone()));
+    }
+    if let Some(port) = at.remote.port() {
+        attrs.push(KeyValue::new("network.peer.port", i64::from(port)));
+    }
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
     let url_full = match side {
         Side::Server => None,
         Side::Client => Some(url_full(scheme, &host, port, path, query.as_deref())),
     };
-    attrs.push(KeyValue::new("server.address", host));
-    attrs.push(KeyValue::new("server.port", i64::from(port)));
+    match server {
+        Endpoint::Inet(_) => {
+            attrs.push(KeyValue::new("server.address", host));
+            attrs.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        // Over a unix socket the server is the socket, whatever the Host
+        // header says (it is usually `localhost`).
+        Endpoint::Unix(_) => {
+            let address = server.unix_name().map_or(host, str::to_owned);
+            attrs.push(KeyValue::new("server.address", address));
+        }
+    }
     let mut route = None;
     match side {
         Side::Server => {
@@ -170,7 +188,9 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints, routes: &Routes)
             if let Some(q) = query {
                 attrs.push(KeyValue::new("url.query", q));
             }
-            attrs.push(KeyValue::new("client.address", peer));
+            if let Some(peer) = peer {
+                attrs.push(KeyValue::new("client.address", peer));
+            }
             route = routes.matching(path);
             if let Some(route) = route {
                 attrs.push(KeyValue::new("http.route", route.to_owned()));
@@ -312,11 +332,15 @@ fn method<'a>(request: &'a Request, attrs: &mut Vec<KeyValue>) -> &'a str {
     }
 }
 
-/// server.address/port: the Host header, else the server end's address.
-fn authority(request: &Request, side: Side, at: Endpoints) -> (String, u16) {
-    let server = match side {
-        Side::Server => at.local,
-        Side::Client => at.remote,
+/// server.address/port: the Host header, else the server end's address
+/// (`localhost` and the scheme's port for a unix socket).
+fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16) {
+    let (server_host, server_port) = match server {
+        Endpoint::Inet(addr) => (addr.ip().to_string(), addr.port()),
+        Endpoint::Unix(_) => (
+            "localhost".to_owned(),
+            if scheme == "https" { 443 } else { 80 },
+        ),
     };
     let Some(host) = request
         .host
@@ -324,7 +348,7 @@ fn authority(request: &Request, side: Side, at: Endpoints) -> (String, u16) {
         .map(str::trim)
         .filter(|h| !h.is_empty())
     else {
-        return (server.ip().to_string(), server.port());
+        return (server_host, server_port);
     };
     // "[v6]:port", "[v6]", "name:port", "name"
     if let Some(rest) = host.strip_prefix('[')
@@ -333,15 +357,15 @@ fn authority(request: &Request, side: Side, at: Endpoints) -> (String, u16) {
         let port = after
             .strip_prefix(':')
             .and_then(|p| p.parse().ok())
-            .unwrap_or(server.port());
+            .unwrap_or(server_port);
         return (ip.to_owned(), port);
     }
     match host.rsplit_once(':') {
         Some((name, port)) if !name.contains(':') => match port.parse() {
             Ok(port) => (name.to_owned(), port),
-            Err(_) => (name.to_owned(), server.port()),
+            Err(_) => (name.to_owned(), server_port),
         },
-        _ => (host.to_owned(), server.port()),
+        _ => (host.to_owned(), server_port),
     }
 }
 
@@ -369,12 +393,57 @@ mod tests {
         }
     }
 
-    fn at() -> Endpoints {
+    fn at() -> Endpoints<'static> {
+        let end = |s: &str| &*Box::leak(Box::new(Endpoint::Inet(s.parse().unwrap())));
         Endpoints {
-            local: "127.0.0.1:8080".parse().unwrap(),
-            remote: "127.0.0.1:50123".parse().unwrap(),
+            local: end("127.0.0.1:8080"),
+            remote: end("127.0.0.1:50123"),
             tls: false,
         }
+    }
+
+    #[test]
+    fn unix_socket_exchanges_name_the_socket() {
+        use crate::capture::{UnixEnd, endpoint::unix_name};
+        let unix = |sk, name: &[u8]| {
+            &*Box::leak(Box::new(Endpoint::Unix(UnixEnd {
+                sk,
+                name: unix_name(name),
+            })))
+        };
+        let mut ex = exchange("GET", "/x?q=1", Some(200));
+        ex.request.host = Some("localhost".into());
+        let client = Endpoints {
+            local: unix(1, b""),
+            remote: unix(2, b"/tmp/app.sock"),
+            tls: false,
+        };
+        let d = describe(Side::Client, &ex, client, &Routes::default());
+        let get = |d: &Described, k: &str| attr(d, k).map(|v| v.to_string());
+        assert_eq!(get(&d, "network.transport").as_deref(), Some("unix"));
+        assert_eq!(get(&d, "server.address").as_deref(), Some("/tmp/app.sock"));
+        assert_eq!(
+            get(&d, "network.peer.address").as_deref(),
+            Some("/tmp/app.sock")
+        );
+        assert_eq!(
+            get(&d, "url.full").as_deref(),
+            Some("http://localhost:80/x?q=REDACTED")
+        );
+        assert_eq!(
+            (get(&d, "server.port"), get(&d, "network.peer.port")),
+            (None, None)
+        );
+        // The server's side: its own name; an unnamed client has no address.
+        let server = Endpoints {
+            local: unix(2, b"/tmp/app.sock"),
+            remote: unix(1, b""),
+            tls: false,
+        };
+        let d = describe(Side::Server, &ex, server, &Routes::default());
+        assert_eq!(get(&d, "server.address").as_deref(), Some("/tmp/app.sock"));
+        assert_eq!(get(&d, "network.peer.address"), None);
+        assert_eq!(get(&d, "client.address"), None);
     }
 
     fn attr<'a>(span: &'a Described, key: &str) -> Option<&'a Value> {
