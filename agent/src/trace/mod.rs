@@ -1321,4 +1321,149 @@ mod tests {
         let trace = cli.span_context.trace_id();
         assert!([up, srv].iter().all(|s| s.span_context.trace_id() == trace));
     }
+
+    fn unix_conn(
+        id: u64,
+        tgid: u32,
+        role: Role,
+        (local, remote): (u64, u64),
+        name: Option<&str>,
+    ) -> Connection {
+        use crate::capture::{Endpoint, UnixEnd};
+        let named = |yes: bool| name.filter(|_| yes).map(Arc::from);
+        Connection {
+            tgid,
+            local: Endpoint::Unix(UnixEnd {
+                sk: local,
+                name: named(role == Role::Server),
+            }),
+            remote: Endpoint::Unix(UnixEnd {
+                sk: remote,
+                name: named(role == Role::Client),
+            }),
+            ..conn(id, role, SERVER, "127.0.0.1:1")
+        }
+    }
+
+    #[test]
+    fn unix_ends_link_by_their_sockets_only() {
+        let (mut t, rx) = tracer();
+        let path = Some("/run/app.sock");
+        // Two connections to one socket: each client links to its own
+        // server end, whatever the order the records come in.
+        let c1 = unix_conn(1, 20, Role::Client, (0xa1, 0xb1), path);
+        let c2 = unix_conn(2, 21, Role::Client, (0xa2, 0xb2), path);
+        let s1 = unix_conn(3, 30, Role::Server, (0xb1, 0xa1), path);
+        let s2 = unix_conn(4, 30, Role::Server, (0xb2, 0xa2), path);
+        for c in [&c1, &c2, &s1, &s2] {
+            t.on_record(Record::Opened(c));
+        }
+        data(&mut t, &c2, 21, 1, Syscall::Write, REQ);
+        data(&mut t, &c1, 20, 2, Syscall::Write, CALL);
+        data(&mut t, &s1, 31, 3, Syscall::Read, CALL);
+        data(&mut t, &s2, 32, 4, Syscall::Read, REQ);
+        data(&mut t, &s2, 32, 5, Syscall::Write, RESP);
+        data(&mut t, &s1, 31, 6, Syscall::Write, RESP);
+        data(&mut t, &c1, 20, 7, Syscall::Read, RESP);
+        data(&mut t, &c2, 21, 8, Syscall::Read, RESP);
+        let spans: Vec<ExportSpan> = rx.try_iter().collect();
+        assert_eq!(spans.len(), 4);
+        let by_path = |p: &str| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.span.attributes.iter().any(|kv| {
+                        kv.key.as_str()
+                            == if s.span.span_kind == SpanKind::Server {
+                                "url.path"
+                            } else {
+                                "url.full"
+                            }
+                            && kv.value.as_str().ends_with(p)
+                    }) && s.span.span_kind == SpanKind::Server
+                })
+                .unwrap()
+        };
+        let client_of = |tgid_path: &str| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.span.span_kind == SpanKind::Client
+                        && s.span.attributes.iter().any(|kv| {
+                            kv.key.as_str() == "url.full" && kv.value.as_str().ends_with(tgid_path)
+                        })
+                })
+                .unwrap()
+        };
+        for p in ["/x", "/y"] {
+            let (server, client) = (by_path(p), client_of(p));
+            assert_eq!(
+                server.span.parent_span_id,
+                client.span.span_context.span_id(),
+                "{p}"
+            );
+            let get = |s: &ExportSpan, k: &str| {
+                s.span
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == k)
+                    .map(|kv| kv.value.to_string())
+            };
+            assert_eq!(get(server, "network.transport").as_deref(), Some("unix"));
+            assert_eq!(
+                get(server, "server.address").as_deref(),
+                Some("/run/app.sock")
+            );
+            assert_eq!(
+                get(client, "server.address").as_deref(),
+                Some("/run/app.sock")
+            );
+        }
+    }
+
+    #[test]
+    fn connections_not_traced_are_muted_once_and_tls_ones_never() {
+        let (mut t, _rx) = tracer();
+        let unknown = conn(1, Role::Client, "127.0.0.1:40000", SERVER);
+        t.on_record(Record::Opened(&unknown));
+        data(&mut t, &unknown, 5, 1, Syscall::Write, &[0xfe; 64]);
+        data(&mut t, &unknown, 5, 2, Syscall::Write, &[0xfe; 64]);
+        assert_eq!(
+            t.mutes,
+            [Mute {
+                conn_id: 1,
+                tgid: 10,
+                fd: 1
+            }]
+        );
+        // Encrypted: its plaintext would come through the same kernel
+        // entry, so it stays.
+        t.mutes.clear();
+        let tls = conn(2, Role::Client, "127.0.0.1:40001", SERVER);
+        t.on_record(Record::Opened(&tls));
+        data(
+            &mut t,
+            &tls,
+            5,
+            3,
+            Syscall::Write,
+            &[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5],
+        );
+        data(&mut t, &tls, 5, 4, Syscall::TlsWrite, &[0xfe; 64]);
+        assert!(t.mutes.is_empty(), "{:?}", t.mutes);
+        // An excluded system socket: muted at once, both ends.
+        let journal = unix_conn(
+            3,
+            10,
+            Role::Client,
+            (1, 2),
+            Some("/run/systemd/journal/stdout"),
+        );
+        t.on_record(Record::Opened(&journal));
+        assert_eq!(t.mutes.len(), 1);
+        let app = unix_conn(4, 10, Role::Client, (3, 4), Some("/tmp/app.sock"));
+        t.on_record(Record::Opened(&app));
+        data(&mut t, &app, 5, 5, Syscall::Write, REQ);
+        assert_eq!(t.mutes.len(), 1, "HTTP over a unix socket is traced");
+    }
 }
