@@ -190,22 +190,35 @@ impl Postgres {
     /// [`Postgres::psql`] with libpq environment variables (`PGSSLMODE`,
     /// `PGSSLCERT` …) over the defaults.
     pub fn psql_with_env(&self, sql: &str, envs: &[(&str, &str)]) -> anyhow::Result<SqlOutput> {
-        let mut cmd = Command::new(self.bin.join("psql"));
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "postgres", "-d", "zt", "-X", "-A", "-t"])
-            .args(["-v", "ON_ERROR_STOP=0", "-f", "-"]);
+        let mut cmd = self.psql_command("127.0.0.1".as_ref());
         self.ssl_env(&mut cmd);
         cmd.envs(envs.iter().copied());
-        let out = with_stdin(&mut cmd, sql)?;
-        let (stdout, stderr) = texts(&out);
-        match out.status.code() {
-            Some(0) => {
-                let ok = !stderr.contains("ERROR:");
-                Ok((stdout, stderr, ok))
-            }
-            Some(1) => Ok((stdout, stderr, false)),
-            _ => bail!("psql failed ({}): {stderr}", out.status),
-        }
+        psql_script(&mut cmd, sql)
+    }
+
+    /// [`Postgres::psql`] over the server's Unix socket instead of TCP:
+    /// `-h DIR` (the socket's directory, [`Postgres::socket_path`]), the
+    /// same options otherwise. Never TLS (libpq does not use it on Unix
+    /// sockets).
+    pub fn psql_unix(&self, sql: &str) -> anyhow::Result<SqlOutput> {
+        psql_script(&mut self.psql_command(self.dir.path().as_os_str()), sql)
+    }
+
+    /// The server's Unix socket, `DIR/.s.PGSQL.PORT`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// psql to `host` (an address, or a socket directory) as `postgres`,
+    /// database `zt`, reading a script from stdin.
+    fn psql_command(&self, host: &std::ffi::OsStr) -> Command {
+        let mut cmd = Command::new(self.bin.join("psql"));
+        cmd.arg("-h")
+            .arg(host)
+            .args(["-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "zt", "-X", "-A", "-t"])
+            .args(["-v", "ON_ERROR_STOP=0", "-f", "-"]);
+        cmd
     }
 
     /// The real pgbench over TCP: `pgbench -h 127.0.0.1 -p PORT -U postgres
@@ -803,6 +816,20 @@ fn check(cmd: &mut Command, what: &str) -> anyhow::Result<Output> {
         bail!("{what} failed ({}): {stderr}{stdout}", out.status);
     }
     Ok(out)
+}
+
+/// Runs a psql command with `sql` as its script: see [`Postgres::psql`].
+fn psql_script(cmd: &mut Command, sql: &str) -> anyhow::Result<SqlOutput> {
+    let out = with_stdin(cmd, sql)?;
+    let (stdout, stderr) = texts(&out);
+    match out.status.code() {
+        Some(0) => {
+            let ok = !stderr.contains("ERROR:");
+            Ok((stdout, stderr, ok))
+        }
+        Some(1) => Ok((stdout, stderr, false)),
+        _ => bail!("psql failed ({}): {stderr}", out.status),
+    }
 }
 
 /// Runs `cmd` with `input` on its stdin.

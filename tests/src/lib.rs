@@ -15,6 +15,7 @@ pub mod spans;
 pub mod stats;
 pub mod tls;
 pub mod tls_collector;
+pub mod unix;
 
 use std::{
     io::{BufRead, BufReader, Read},
