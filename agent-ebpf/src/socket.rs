@@ -161,9 +161,17 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
         tgid: (pid_tgid >> 32) as u32,
         fd,
     };
-    let (sk, tuple) = match walk(fd) {
-        Ok(Walk::Inet(tuple)) => (tuple.sk, Some(tuple)),
-        Ok(Walk::Unix(sk)) => (sk, None),
+    // A whole tuple either way (zeros for unix): 5.10's verifier refuses
+    // reading stack slots a branch left unwritten, which an Option<Tuple>
+    // compiles to.
+    let mut tuple = Tuple::default();
+    let mut unix = false;
+    match walk(fd) {
+        Ok(Walk::Inet(inet)) => tuple = inet,
+        Ok(Walk::Unix(sk)) => {
+            tuple.sk = sk;
+            unix = true;
+        }
         Ok(Walk::Other) => {
             let info = SocketInfo {
                 state: SOCKET_IGNORED,
@@ -178,10 +186,10 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
             count(Counter::WalkFailed, 1);
             return None;
         }
-    };
+    }
     let info = SocketInfo {
         conn_id: new_conn_id(),
-        sk,
+        sk: tuple.sk,
         state: SOCKET_TRACKED,
         role: role as u8,
         _pad: [0; 6],
@@ -189,9 +197,10 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     if SOCKETS.insert(&key, &info, 0).is_err() {
         count(Counter::SocketsFull, 1);
     }
-    match tuple {
-        Some(tuple) => announce(ctx, pid_tgid, fd, info.conn_id, role, &tuple),
-        None => announce_unix(ctx, pid_tgid, fd, info.conn_id, role, sk),
+    if unix {
+        announce_unix(ctx, pid_tgid, fd, info.conn_id, role, tuple.sk);
+    } else {
+        announce(ctx, pid_tgid, fd, info.conn_id, role, &tuple);
     }
     Some(info)
 }

@@ -15,7 +15,11 @@
 //!    to exactly the request (no duplicates from the kernel-function layer);
 //! 3. egress: kernel-function events (`tcp_sendmsg` / `tcp_sendpage`) that sum
 //!    to exactly the body, the head once from `write`, nothing else;
-//! 4. the summary reports `lost` == 0.
+//! 4. the summary reports `lost` == 0;
+//! 5. a second exchange over a unix stream socket (`/tmp/zt-vm.sock`): an
+//!    `open` of each end (transport unix, the server's local and the
+//!    client's remote named by the socket's path) and the request and
+//!    response bytes on them exactly once.
 //!
 //! Output, one line per cell, for the host to parse from the serial console:
 //! `ZT-VMTEST kernel=<uname -r> path=<p> transport=<t> result=PASS|FAIL detail=<…>`
@@ -28,6 +32,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
@@ -661,6 +666,8 @@ fn cell_checks(
     }
     step(path, transport, "traffic");
     let traffic = traffic(&format!("/vm-{path}-{transport}"))?;
+    step(path, transport, "unix traffic");
+    let unix = unix_traffic(&format!("/vm-{path}-{transport}-unix"))?;
     // Let the agent read what the kernel has queued before it is stopped.
     step(path, transport, "drain");
     thread::sleep(Duration::from_secs(2));
@@ -674,6 +681,7 @@ fn cell_checks(
         events.push(v);
     }
     let mut detail = verify(&events, &traffic)?;
+    detail.push_str(&verify_unix(&events, &unix)?);
     detail.push_str(&format!(" ready={ready_secs:.1}s"));
     Ok(detail)
 }
@@ -817,6 +825,118 @@ fn traffic(target: &str) -> Result<Traffic, String> {
         request,
         head,
     })
+}
+
+/// One request and response over a unix stream socket.
+struct UnixTraffic {
+    path: String,
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+const UNIX_PATH: &str = "/tmp/zt-vm.sock";
+
+fn unix_traffic(target: &str) -> Result<UnixTraffic, String> {
+    let _ = std::fs::remove_file(UNIX_PATH);
+    let listener = UnixListener::bind(UNIX_PATH).map_err(|e| format!("bind {UNIX_PATH}: {e}"))?;
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes();
+    let response = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+    let answer = response.clone();
+    let want = request.len();
+    let server = thread::spawn(move || -> Result<Vec<u8>, String> {
+        let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+        let fd = conn.as_raw_fd();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while seen.len() < want {
+            let n = sys_read(fd, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        sys_write_all(fd, &answer)?;
+        Ok(seen)
+    });
+    let client = (|| -> Result<Vec<u8>, String> {
+        let stream = UnixStream::connect(UNIX_PATH).map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let fd = stream.as_raw_fd();
+        sys_write_all(fd, &request)?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < response.len() {
+            let n = sys_read(fd, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(got)
+    })()?;
+    let seen = server
+        .join()
+        .map_err(|_| "unix server thread panicked".to_string())??;
+    let _ = std::fs::remove_file(UNIX_PATH);
+    if seen != request || client != response {
+        return Err("the unix exchange moved other bytes than it sent".into());
+    }
+    Ok(UnixTraffic {
+        path: UNIX_PATH.to_owned(),
+        request,
+        response,
+    })
+}
+
+/// Check 5: both ends of the unix exchange, each byte once.
+fn verify_unix(events: &[Value], t: &UnixTraffic) -> Result<String, String> {
+    let name = format!("unix:{}", t.path);
+    let kind = |v: &Value, k: &str| str_field(v, "type") == k;
+    let mut detail = String::new();
+    for (role, end, ingress, egress) in [
+        ("server", "local", &t.request, &t.response),
+        ("client", "remote", &t.response, &t.request),
+    ] {
+        let open = events
+            .iter()
+            .find(|v| {
+                kind(v, "open")
+                    && str_field(v, "transport") == "unix"
+                    && str_field(v, end) == name
+                    && str_field(v, "role") == role
+            })
+            .ok_or_else(|| format!("no unix open event of the {role} with {end}={name}"))?;
+        let conn_id = open.get("conn_id").cloned().unwrap_or(Value::Null);
+        let moved = |direction: &str| -> (u64, Vec<u8>) {
+            let on: Vec<&Value> = events
+                .iter()
+                .filter(|v| {
+                    kind(v, "data")
+                        && v.get("conn_id") == Some(&conn_id)
+                        && str_field(v, "direction") == direction
+                })
+                .collect();
+            (
+                on.iter().map(|v| u64_field(v, "bytes")).sum(),
+                on.iter()
+                    .flat_map(|v| unhex(str_field(v, "payload_hex")))
+                    .collect(),
+            )
+        };
+        for (direction, want) in [("ingress", ingress), ("egress", egress)] {
+            let (bytes, payload) = moved(direction);
+            if bytes != want.len() as u64 || &payload != want {
+                return Err(format!(
+                    "unix {role}: {direction} {bytes} bytes ({:?}), expected {} once",
+                    String::from_utf8_lossy(&payload[..payload.len().min(40)]),
+                    want.len()
+                ));
+            }
+        }
+        detail.push_str(&format!(" unix-{role}=ok"));
+    }
+    Ok(detail)
 }
 
 fn unhex(s: &str) -> Vec<u8> {
