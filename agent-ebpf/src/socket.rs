@@ -9,8 +9,8 @@
 
 use agent_common::{
     ConnCloseEvent, ConnOpenEvent, Counter, EventHeader, EventKind, Role, SOCKET_IGNORED,
-    SOCKET_MUTED, SOCKET_TRACKED, SockConn, SocketInfo, SocketKey, UNIX_NAME_LOCAL,
-    UNIX_NAME_PEER, UNIX_PATH_MAX, UnixOpenEvent,
+    SOCKET_MUTED, SOCKET_TRACKED, SockConn, SocketInfo, SocketKey, UNIX_NAME_LOCAL, UNIX_NAME_PEER,
+    UNIX_PATH_MAX, UnixOpenEvent,
 };
 use aya_ebpf::{
     EbpfContext,
