@@ -331,7 +331,9 @@ pub const UNIX_NAME_PEER: u8 = 2;
 /// A unix stream connection became known. Its two ends are told apart by
 /// the kernel's `struct sock` of each: one end's `sk` is the other's
 /// `peer_sk`, so the agent pairs the ends of one connection the way the
-/// kernel does. The name is the listener's (an accepted socket carries it).
+/// kernel does. Freed socks are soon reused, so each end's socket inode
+/// number (never reused soon) makes the pair one connection's only. The
+/// name is the listener's (an accepted socket carries it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnixOpenEvent {
@@ -340,6 +342,10 @@ pub struct UnixOpenEvent {
     pub sk: u64,
     /// The other end's `struct sock *`, 0 when it has none (yet).
     pub peer_sk: u64,
+    /// This end's socket inode number, and the other end's; 0 when the
+    /// end has no socket (not accepted yet, or closed).
+    pub ino: u64,
+    pub peer_ino: u64,
     /// Bytes of `path` that are the name; 0 when neither end is named
     /// (socketpair). An abstract name starts with a NUL byte.
     pub path_len: u16,
@@ -358,6 +364,8 @@ impl Default for UnixOpenEvent {
             header: EventHeader::default(),
             sk: 0,
             peer_sk: 0,
+            ino: 0,
+            peer_ino: 0,
             path_len: 0,
             path_owner: 0,
             _pad: [0; 5],
@@ -402,6 +410,11 @@ pub struct KernelOffsets {
     /// `unix_address.len` (bytes of `name`, family included) and `.name`.
     pub unix_address_len: u32,
     pub unix_address_name: u32,
+    /// `sock.sk_socket`, `socket_alloc.vfs_inode` (a socket's inode
+    /// follows it) and `inode.i_ino`: a unix end's inode number.
+    pub sk_socket: u32,
+    pub socket_alloc_inode: u32,
+    pub inode_ino: u32,
     /// Offset of `child_pid` in the sched_process_fork tracepoint record.
     pub fork_child_pid: u32,
     /// `task_struct.thread.fsbase`: a thread's TLS base (x86-64).
@@ -530,11 +543,11 @@ mod tests {
         assert_eq!(size_of::<TlsSessionKey>(), 16);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
-        assert_eq!(size_of::<UnixOpenEvent>(), 32 + 24 + 108 + 20);
+        assert_eq!(size_of::<UnixOpenEvent>(), 32 + 40 + 108 + 20);
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<SocketInfo>(), 24);
         assert_eq!(size_of::<SockConn>(), 16);
-        assert_eq!(size_of::<KernelConfig>(), 16 + 22 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 16 + 25 * 4);
     }
 
     #[test]

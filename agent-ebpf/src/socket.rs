@@ -205,6 +205,21 @@ pub fn register<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, role: Role) -> 
     Some(info)
 }
 
+/// The inode number of a sock's socket (`SOCK_INODE(sk->sk_socket)`), 0
+/// when it has none: an end not accepted yet, or closed.
+#[inline(always)]
+fn inode_number(sk: u64) -> u64 {
+    let socket: u64 = read(sk, config!(offsets.sk_socket)).unwrap_or(0);
+    if socket == 0 {
+        return 0;
+    }
+    read(
+        socket + u64::from(config!(offsets.socket_alloc_inode)),
+        config!(offsets.inode_ino),
+    )
+    .unwrap_or(0)
+}
+
 /// Sends the open record of a unix connection: both ends' `struct sock *`
 /// and the name (this end's, else its peer's). Built in the CPU's staging
 /// slot: with its 108-byte name it does not fit beside the syscall exit
@@ -228,6 +243,12 @@ fn announce_unix<C: EbpfContext>(
     record.header = header(EventKind::UnixOpen, role as u8, pid_tgid, fd, conn_id);
     record.sk = sk;
     record.peer_sk = read(sk, config!(offsets.unix_peer)).unwrap_or(0);
+    record.ino = inode_number(sk);
+    record.peer_ino = if record.peer_sk == 0 {
+        0
+    } else {
+        inode_number(record.peer_sk)
+    };
     record.path_len = 0;
     record.path_owner = 0;
     record._pad = [0; 5];

@@ -3,9 +3,12 @@
 //! A unix stream connection has no addresses of its own. What names its
 //! two ends is the kernel's `struct sock` of each (one end's peer is the
 //! other end), so that is what the agent pairs them by, as it pairs TCP
-//! ends by their 4-tuples. The name users know a unix socket by is the
-//! path (or abstract name) its listener was bound to; an accepted socket
-//! carries it, a connecting one usually has none.
+//! ends by their 4-tuples. A freed `struct sock` is soon reused by the next
+//! connection, so the client end's socket inode number, which is not,
+//! goes with it: two connections one after the other never share a pair.
+//! The name users know a unix socket by is the path (or abstract name) its
+//! listener was bound to; an accepted socket carries it, a connecting one
+//! usually has none.
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 
@@ -22,6 +25,9 @@ pub struct UnixEnd {
     /// The kernel's `struct sock *` of this end; 0 when unknown (a peer
     /// that is gone). Only ever compared, never shown.
     pub sk: u64,
+    /// Its socket's inode number; 0 when not told (a server end not yet
+    /// accepted, a client end already closed).
+    pub ino: u64,
     /// Its bound name as far as the record tells: a path, or an abstract
     /// name written `@name`. `None` when unnamed or not told.
     pub name: Option<Arc<str>>,
@@ -31,7 +37,20 @@ pub struct UnixEnd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EndId {
     Inet(SocketAddr),
-    Unix(u64),
+    /// `struct sock *` and inode number.
+    Unix(u64, u64),
+}
+
+impl EndId {
+    /// As a server end in a pairing: its sock alone. Its inode number is
+    /// unknown to a client that connected before the accept, and the
+    /// client end's inode already makes the pair unique.
+    pub fn as_server(self) -> Self {
+        match self {
+            EndId::Unix(sk, _) => EndId::Unix(sk, 0),
+            inet => inet,
+        }
+    }
 }
 
 impl Endpoint {
@@ -65,7 +84,7 @@ impl Endpoint {
     pub fn id(&self) -> EndId {
         match self {
             Endpoint::Inet(addr) => EndId::Inet(*addr),
-            Endpoint::Unix(end) => EndId::Unix(end.sk),
+            Endpoint::Unix(end) => EndId::Unix(end.sk, end.ino),
         }
     }
 }
@@ -124,16 +143,20 @@ mod tests {
 
     #[test]
     fn unix_ends_pair_by_socket_not_name() {
-        let named = Endpoint::Unix(UnixEnd {
-            sk: 7,
-            name: unix_name(b"/s"),
-        });
-        let unnamed = Endpoint::Unix(UnixEnd { sk: 7, name: None });
-        assert_eq!(named.id(), unnamed.id());
-        assert_ne!(
-            named.id(),
-            Endpoint::Unix(UnixEnd { sk: 8, name: None }).id()
-        );
+        let end = |sk, ino, name: Option<&[u8]>| {
+            Endpoint::Unix(UnixEnd {
+                sk,
+                ino,
+                name: name.and_then(unix_name),
+            })
+        };
+        let named = end(7, 70, Some(b"/s"));
+        assert_eq!(named.id(), end(7, 70, None).id());
+        assert_ne!(named.id(), end(8, 70, None).id());
+        // The same sock reused by a later connection is another end…
+        assert_ne!(named.id(), end(7, 71, None).id());
+        // …except as a server, which a client may know before its inode.
+        assert_eq!(named.id().as_server(), end(7, 0, None).id().as_server());
         assert_eq!(named.to_string(), "unix:/s");
         assert_eq!(named.port(), None);
         let inet: Endpoint = "127.0.0.1:80".parse::<SocketAddr>().unwrap().into();

@@ -161,10 +161,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 role: Role::from_u8(header.detail),
                 local: Endpoint::Unix(UnixEnd {
                     sk: open.sk,
+                    ino: open.ino,
                     name: named(UNIX_NAME_LOCAL),
                 }),
                 remote: Endpoint::Unix(UnixEnd {
                     sk: open.peer_sk,
+                    ino: open.peer_ino,
                     name: named(UNIX_NAME_PEER),
                 }),
                 comm: comm_str(&open.comm),
@@ -259,6 +261,7 @@ pub(crate) mod tests {
             header: header(EventKind::UnixOpen, Role::Client as u8),
             sk: 0xa,
             peer_sk: 0xb,
+            ino: 100,
             path_len: 9,
             path_owner: UNIX_NAME_PEER,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
@@ -273,6 +276,7 @@ pub(crate) mod tests {
             o.local,
             Endpoint::Unix(UnixEnd {
                 sk: 0xa,
+                ino: 100,
                 name: None
             })
         );

@@ -234,6 +234,7 @@ mod tests {
         let end = |name: Option<&str>| {
             Endpoint::Unix(UnixEnd {
                 sk: 1,
+                ino: 1,
                 name: name.map(std::sync::Arc::from),
             })
         };

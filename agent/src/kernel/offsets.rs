@@ -35,6 +35,9 @@ pub fn resolve(btf: &Btf, tracefs: &Path) -> anyhow::Result<KernelOffsets> {
         unix_peer: m("unix_sock", "peer")?,
         unix_address_len: m("unix_address", "len")?,
         unix_address_name: m("unix_address", "name")?,
+        sk_socket: m("sock", "sk_socket")?,
+        socket_alloc_inode: m("socket_alloc", "vfs_inode")?,
+        inode_ino: m("inode", "i_ino")?,
         fork_child_pid: tracefs::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?,
         task_fsbase: m("task_struct", "thread")? + m("thread_struct", "fsbase")?,
     })

@@ -950,8 +950,8 @@ fn serving_request(conns: &IdMap<u64, ConnTrace>, r: RequestRef) -> Option<&Begu
 /// Links are keyed by the client end's (local, remote).
 fn link_key(local: EndId, remote: EndId, side: Side) -> LinkKey {
     match side {
-        Side::Client => (local, remote),
-        Side::Server => (remote, local),
+        Side::Client => (local, remote.as_server()),
+        Side::Server => (remote, local.as_server()),
     }
 }
 
@@ -1331,14 +1331,19 @@ mod tests {
     ) -> Connection {
         use crate::capture::{Endpoint, UnixEnd};
         let named = |yes: bool| name.filter(|_| yes).map(Arc::from);
+        // Inode numbers: the sock's, times ten, unless given above 0xffff.
+        let ino = |sk: u64| if sk > 0xffff { sk & 0xffff } else { sk * 10 };
+        let sk = |sk: u64| if sk > 0xffff { sk >> 16 } else { sk };
         Connection {
             tgid,
             local: Endpoint::Unix(UnixEnd {
-                sk: local,
+                sk: sk(local),
+                ino: ino(local),
                 name: named(role == Role::Server),
             }),
             remote: Endpoint::Unix(UnixEnd {
-                sk: remote,
+                sk: sk(remote),
+                ino: ino(remote),
                 name: named(role == Role::Client),
             }),
             ..conn(id, role, SERVER, "127.0.0.1:1")
@@ -1465,5 +1470,37 @@ mod tests {
         t.on_record(Record::Opened(&app));
         data(&mut t, &app, 5, 5, Syscall::Write, REQ);
         assert_eq!(t.mutes.len(), 1, "HTTP over a unix socket is traced");
+    }
+
+    #[test]
+    fn a_reused_unix_sock_is_not_the_earlier_connection() {
+        let (mut t, rx) = tracer();
+        let path = Some("/run/app.sock");
+        // (sock << 16) | inode: the second connection gets both socks of
+        // the first back (the kernel reuses freed ones), with new inodes.
+        let (a, b) = ((1 << 16) | 11, (2 << 16) | 21);
+        let (a2, b2) = ((1 << 16) | 12, (2 << 16) | 22);
+        // The first: a call whose server end never reads it (not traced).
+        let first = unix_conn(1, 20, Role::Client, (a, b), path);
+        t.on_record(Record::Opened(&first));
+        data(&mut t, &first, 20, 1, Syscall::Write, CALL);
+        data(&mut t, &first, 20, 2, Syscall::Read, RESP);
+        t.on_record(Record::Closed(&first));
+        // The second: its server reads before its client's write arrives.
+        let client = unix_conn(2, 20, Role::Client, (a2, b2), path);
+        let server = unix_conn(3, 30, Role::Server, (b2, a2), path);
+        t.on_record(Record::Opened(&client));
+        t.on_record(Record::Opened(&server));
+        data(&mut t, &server, 31, 3, Syscall::Read, REQ);
+        data(&mut t, &client, 20, 4, Syscall::Write, REQ);
+        data(&mut t, &server, 31, 5, Syscall::Write, RESP);
+        data(&mut t, &client, 20, 6, Syscall::Read, RESP);
+        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let [old, srv, cli] = &spans[..] else {
+            panic!("{spans:?}")
+        };
+        assert_eq!(old.span_kind, SpanKind::Client);
+        assert_eq!(srv.parent_span_id, cli.span_context.span_id());
+        assert_ne!(srv.parent_span_id, old.span_context.span_id());
     }
 }

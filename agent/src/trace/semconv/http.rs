@@ -408,6 +408,7 @@ mod tests {
         let unix = |sk, name: &[u8]| {
             &*Box::leak(Box::new(Endpoint::Unix(UnixEnd {
                 sk,
+                ino: sk,
                 name: unix_name(name),
             })))
         };
