@@ -93,6 +93,10 @@ pub fn walk(fd: i32) -> Result<Walk, i32> {
     }
     let family: u16 = read(sk, config!(offsets.sk_family))?;
     if family == AF_UNIX {
+        // No unix layout from the kernel's BTF: not captured.
+        if config!(offsets.unix_peer) == 0 {
+            return Ok(Walk::Other);
+        }
         return Ok(Walk::Unix(sk));
     }
     Ok(match tuple_of(sk)? {

@@ -31,15 +31,32 @@ pub fn resolve(btf: &Btf, tracefs: &Path) -> anyhow::Result<KernelOffsets> {
         sk_rcv_saddr: m("sock_common", "skc_rcv_saddr")?,
         sk_v6_daddr: m("sock_common", "skc_v6_daddr")?,
         sk_v6_rcv_saddr: m("sock_common", "skc_v6_rcv_saddr")?,
-        unix_addr: m("unix_sock", "addr")?,
-        unix_peer: m("unix_sock", "peer")?,
-        unix_address_len: m("unix_address", "len")?,
-        unix_address_name: m("unix_address", "name")?,
-        sk_socket: m("sock", "sk_socket")?,
-        socket_alloc_inode: m("socket_alloc", "vfs_inode")?,
-        inode_ino: m("inode", "i_ino")?,
         fork_child_pid: tracefs::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?,
         task_fsbase: m("task_struct", "thread")? + m("thread_struct", "fsbase")?,
+        ..unix_offsets(btf)
+    })
+}
+
+/// Offsets of the unix socket structs, or zeros — which leave unix sockets
+/// uncaptured — where the kernel's BTF lacks them (unix sockets built as a
+/// module carry their types in the module's BTF).
+fn unix_offsets(btf: &Btf) -> KernelOffsets {
+    let m = |s: &str, f: &str| btf.member_offset(s, f);
+    let found = (|| {
+        Ok::<_, super::btf::BtfError>(KernelOffsets {
+            unix_addr: m("unix_sock", "addr")?,
+            unix_peer: m("unix_sock", "peer")?,
+            unix_address_len: m("unix_address", "len")?,
+            unix_address_name: m("unix_address", "name")?,
+            sk_socket: m("sock", "sk_socket")?,
+            socket_alloc_inode: m("socket_alloc", "vfs_inode")?,
+            inode_ino: m("inode", "i_ino")?,
+            ..KernelOffsets::default()
+        })
+    })();
+    found.unwrap_or_else(|e| {
+        log::warn!("unix sockets not captured: the kernel's BTF lacks their layout ({e})");
+        KernelOffsets::default()
     })
 }
 
@@ -60,5 +77,6 @@ mod tests {
         );
         assert!(o.sk_v6_daddr > o.sk_daddr);
         assert!(o.fork_child_pid > 8);
+        assert!(o.unix_peer > o.unix_addr && o.unix_address_name > o.unix_address_len);
     }
 }
