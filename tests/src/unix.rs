@@ -3,8 +3,10 @@
 //! http://unix:PATH:`), Redis on a `unixsocket`, the real database clients
 //! over the servers' sockets (`psql -h DIR`, psycopg with `host=DIR`,
 //! `mariadb --socket`, `redis-cli -s`, `redis-benchmark -s`), a client
-//! whose connection predates the agent, and two processes chattering a
-//! protocol nobody knows over a `socketpair()`.
+//! whose connection predates the agent (or is killed mid-request), one
+//! handed to another process with SCM_RIGHTS, many short connections in a
+//! row, and two processes chattering a protocol nobody knows over a
+//! `socketpair()`.
 //!
 //! Socket paths must fit `sun_path` (108 bytes with its NUL): every socket
 //! here lives in a directory made under `/tmp` (not `$TMPDIR`, which may be
@@ -26,7 +28,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::ExitStatusExt},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     thread,
@@ -58,16 +60,19 @@ pub fn socket_dir(prefix: &str) -> anyhow::Result<TempDir> {
 /// The ASGI app uvicorn serves: what [`crate::servers::PythonApp`] answers
 /// — JSON `{"path": PATH?QUERY}` for any GET, 500 under /api/fail, plain
 /// `ok` on /health — plus `"tenant": VALUE` in the JSON when the request
-/// carried `x-tenant-id` (so a test sees what nginx forwarded). Plain ASGI,
-/// no framework.
+/// carried `x-tenant-id` (so a test sees what nginx forwarded). Under
+/// /api/slow it answers the same JSON after [`SLOW`]. Plain ASGI, no
+/// framework.
 const UDS_APP: &str = r#"
-import json
+import asyncio, json
 
 async def app(scope, receive, send):
     assert scope["type"] == "http"
     while (await receive()).get("more_body"):
         pass
     path = scope["path"]
+    if path.startswith("/api/slow"):
+        await asyncio.sleep(1.0)
     query = scope["query_string"].decode()
     if query:
         path += "?" + query
@@ -91,6 +96,9 @@ async def app(scope, receive, send):
     })
     await send({"type": "http.response.body", "body": body})
 "#;
+
+/// How long [`UDS_APP`] takes to answer under /api/slow.
+pub const SLOW: Duration = Duration::from_secs(1);
 
 /// [`UDS_APP`] under uvicorn (the tests' venv) listening on
 /// `/tmp/zt-uds-XXXXXX/app.sock` only: one process (`--workers 1`),
@@ -552,6 +560,28 @@ impl HeldConnection {
             body: body.to_owned(),
         })
     }
+
+    /// Sends `GET target` on the held connection and kills the client
+    /// (SIGKILL) `after` later, before the answer: `target` must take
+    /// longer than that to answer (/api/slow, [`SLOW`]). Fails if the answer
+    /// came first or the client had died by itself.
+    pub fn kill_during(mut self, target: &str, after: Duration) -> anyhow::Result<()> {
+        writeln!(self.stdin, "{target}")?;
+        self.stdin.flush()?;
+        thread::sleep(after);
+        self.child.kill()?;
+        let status = self.child.wait()?;
+        ensure!(
+            status.signal() == Some(libc::SIGKILL),
+            "the held-connection client was not killed mid-request: {status}"
+        );
+        let line = self.line()?;
+        ensure!(
+            line.is_empty(),
+            "the held-connection client got its answer before it was killed: {line:?}"
+        );
+        Ok(())
+    }
 }
 
 impl Drop for HeldConnection {
@@ -559,6 +589,176 @@ impl Drop for HeldConnection {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ------------------------------- a connection passed to another process
+
+/// Connects to a Unix socket (argv 1) and makes one keep-alive GET per
+/// target of argv 2 (comma-separated) on that connection; then starts a
+/// receiver process, hands it the connection over a socketpair with
+/// SCM_RIGHTS (`socket.send_fds`), closes its own copy and waits for the
+/// receiver, which makes one GET per target of argv 3 on the connection it
+/// got. Each GET prints `PID STATUS BODY` (the process that made it); the
+/// last line is `done RECEIVER_PID EXIT_CODE`.
+const PASSED_CONNECTION: &str = r#"
+import http.client, os, socket, subprocess, sys
+path, first, second = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+
+RECEIVER = r'''
+import http.client, os, socket, sys
+control = socket.socket(fileno=int(sys.argv[1]))
+_, fds, _, _ = socket.recv_fds(control, 16, 1)
+assert len(fds) == 1, fds
+conn = http.client.HTTPConnection("localhost", timeout=10)
+conn.sock = socket.socket(fileno=fds[0])
+assert conn.sock.family == socket.AF_UNIX
+for target in sys.argv[2:]:
+    conn.request("GET", target)
+    response = conn.getresponse()
+    print(os.getpid(), response.status, response.read().decode(), flush=True)
+'''
+
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+conn = http.client.HTTPConnection("localhost", timeout=10)
+conn.sock = s
+for target in first:
+    conn.request("GET", target)
+    response = conn.getresponse()
+    print(os.getpid(), response.status, response.read().decode(), flush=True)
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(theirs.fileno()), *second],
+                            pass_fds=[theirs.fileno()])
+theirs.close()
+socket.send_fds(mine, [b"c"], [s.fileno()])
+conn.sock = None
+s.close()
+code = receiver.wait(timeout=60)
+print("done", receiver.pid, code, flush=True)
+"#;
+
+/// What [`pass_connection`] saw.
+#[derive(Debug, Clone)]
+pub struct PassedRun {
+    /// The process that opened the connection.
+    pub first_pid: u32,
+    /// The process it handed the connection to.
+    pub second_pid: u32,
+    /// Each GET as (the pid that made it, status, body), in order.
+    pub responses: Vec<(u32, u16, String)>,
+}
+
+/// One HTTP/1.1 connection to the Unix socket `socket`, used by two
+/// processes in turn (the tests' venv Python): the one that opened it
+/// GETs each of `first`, then passes it to another process with
+/// SCM_RIGHTS and closes its own descriptor; that one GETs each of
+/// `second` on the same connection ([`PASSED_CONNECTION`]). Returns once
+/// both are done.
+pub fn pass_connection(
+    socket: &Path,
+    first: &[&str],
+    second: &[&str],
+) -> anyhow::Result<PassedRun> {
+    let python = crate::otlp::otel_python()?;
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(PASSED_CONNECTION)
+        .arg(socket)
+        .arg(first.join(","))
+        .arg(second.join(","))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let first_pid = child.id();
+    let out = child.wait_with_output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    ensure!(
+        out.status.success(),
+        "the passed-connection client failed ({}): {stdout}{stderr}",
+        out.status
+    );
+    let mut responses = Vec::new();
+    let mut second_pid = None;
+    for line in stdout.lines() {
+        let mut parts = line.splitn(3, ' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("done"), Some(pid), Some("0")) => second_pid = pid.parse().ok(),
+            (Some(pid), Some(status), Some(body)) => responses.push((
+                pid.parse().with_context(|| format!("pid in {line:?}"))?,
+                status
+                    .parse()
+                    .with_context(|| format!("status in {line:?}"))?,
+                body.to_owned(),
+            )),
+            _ => bail!("the passed-connection client printed {line:?}: {stderr}"),
+        }
+    }
+    let second_pid =
+        second_pid.with_context(|| format!("the receiver did not finish: {stdout}{stderr}"))?;
+    Ok(PassedRun {
+        first_pid,
+        second_pid,
+        responses,
+    })
+}
+
+// ------------------------------------------------ many short connections
+
+/// For I in 0..N (argv 3): connects to the Unix socket of argv 1, sends
+/// `GET PREFIX{I}` (argv 2) with `Connection: close`, reads the reply to
+/// the end and closes. Prints the status line of each reply that is not a
+/// 200, then `done N BAD`.
+const SHORT_CONNECTIONS: &str = r#"
+import socket, sys
+path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bad = 0
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(f"GET {prefix}{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    reply = b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    s.close()
+    if not reply.startswith(b"HTTP/1.1 200 "):
+        bad += 1
+        print(i, reply.split(b"\r\n", 1)[0].decode(errors="replace"), flush=True)
+print("done", n, bad, flush=True)
+"#;
+
+/// GETs of `{prefix}0` … `{prefix}{n-1}` to the Unix socket `socket`, each
+/// on a connection of its own, one after the other, from one Python
+/// process (the tests' venv, [`SHORT_CONNECTIONS`]); returns that
+/// process's pid once every reply was a 200.
+pub fn short_connections(socket: &Path, prefix: &str, n: usize) -> anyhow::Result<u32> {
+    let python = crate::otlp::otel_python()?;
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(SHORT_CONNECTIONS)
+        .arg(socket)
+        .arg(prefix)
+        .arg(n.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let pid = child.id();
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.ends_with(&format!("done {n} 0\n")),
+        "the short-connection client ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(pid)
 }
 
 // --------------------------------------- a protocol nobody knows, paired

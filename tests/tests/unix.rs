@@ -9,8 +9,12 @@
 //! too, while a server span of an unnamed client has none. Two processes
 //! chattering a protocol nobody knows over a `socketpair()` are left alone:
 //! no spans, and the kernel stops copying their data once the agent gave
-//! up on them. The first test checks the fixtures themselves, without the
-//! agent. Needs root.
+//! up on them. Bad input: a connection handed to another process with
+//! SCM_RIGHTS keeps its links, a client killed mid-request leaves no
+//! wrong link, 1500 short connections in a row are 1500 linked pairs and
+//! leave no table behind, and a socket excluded by name is muted and
+//! untraced while TCP goes on being traced. The first test checks the
+//! fixtures themselves, without the agent. Needs root.
 
 use std::{
     os::unix::fs::FileTypeExt,
@@ -25,8 +29,8 @@ use zerotrace_tests::{
     servers::curl,
     spans::*,
     unix::{
-        HeldConnection, RedisUds, SocketpairChatter, UdsNginx, UvicornUds, mariadb_socket,
-        mariadb_unix, psycopg_unix,
+        HeldConnection, RedisUds, SLOW, SocketpairChatter, UdsNginx, UvicornUds, mariadb_socket,
+        mariadb_unix, pass_connection, psycopg_unix, short_connections,
     },
     *,
 };
@@ -96,6 +100,27 @@ fn unix_fixtures_work_without_agent() {
         "{later:?}"
     );
     drop(held);
+
+    // /api/slow answers after SLOW; a client killed while it waits.
+    let started = Instant::now();
+    assert_eq!(direct(&[], "/api/slow/1"), r#"{"path": "/api/slow/1"}"#);
+    assert!(started.elapsed() >= SLOW, "{:?}", started.elapsed());
+    HeldConnection::start(&app.socket, "", 0)
+        .unwrap()
+        .kill_during("/api/slow/2", Duration::from_millis(300))
+        .unwrap();
+    // One connection used by two processes in turn.
+    let run = pass_connection(&app.socket, &["/api/p/1"], &["/api/p/2", "/api/p/3"]).unwrap();
+    let pids: Vec<u32> = run.responses.iter().map(|r| r.0).collect();
+    assert_eq!(
+        pids,
+        [run.first_pid, run.second_pid, run.second_pid],
+        "{run:?}"
+    );
+    assert_ne!(run.first_pid, run.second_pid);
+    assert_eq!(run.responses[2].2, r#"{"path": "/api/p/3"}"#, "{run:?}");
+    // Short connections in a row.
+    short_connections(&app.socket, "/api/short/", 20).unwrap();
     drop(nginx);
     drop(app);
 
@@ -219,8 +244,19 @@ fn traced<T>(
     what: &str,
     done: impl Fn(&T, &[ReceivedSpan]) -> bool,
 ) -> (T, Vec<ReceivedSpan>) {
+    traced_with(transport, &[], work, what, done)
+}
+
+/// [`traced`] with more arguments for the agent.
+fn traced_with<T>(
+    transport: &str,
+    args: &[&str],
+    work: impl FnOnce() -> T,
+    what: &str,
+    done: impl Fn(&T, &[ReceivedSpan]) -> bool,
+) -> (T, Vec<ReceivedSpan>) {
     let rx = Receiver::start(Protocol::Grpc).unwrap();
-    let agent = agent_on(&rx, transport, &[]);
+    let agent = agent_on(&rx, transport, args);
     let out = work();
     rx.wait_for(WAIT, what, |s| done(&out, s)).unwrap();
     agent.stop().expect("zerotrace stops cleanly");
@@ -435,18 +471,59 @@ fn metric(port: u16, name: &str) -> Option<f64> {
 /// Waits (the snapshot behind /metrics is refreshed once a second) until
 /// `name` is at least `at_least`; returns its value.
 fn wait_for_metric(port: u16, name: &str, at_least: f64) -> f64 {
-    let deadline = Instant::now() + WAIT;
+    wait_for_metric_that(port, name, &format!("≥ {at_least}"), WAIT, |v| {
+        v >= at_least
+    })
+}
+
+/// Waits up to `timeout` until `name` is on /metrics with a value for
+/// which `ok` holds (`want` says which, for the failure); returns it.
+fn wait_for_metric_that(
+    port: u16,
+    name: &str,
+    want: &str,
+    timeout: Duration,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + timeout;
     loop {
         let value = metric(port, name);
-        if value.is_some_and(|v| v >= at_least) {
-            return value.unwrap_or_default();
+        if let Some(v) = value.filter(|&v| ok(v)) {
+            return v;
         }
         assert!(
             Instant::now() < deadline,
-            "{name} = {value:?}, want ≥ {at_least} within {WAIT:?}"
+            "{name} = {value:?}, want {want} within {timeout:?}"
         );
         thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// `--listen 127.0.0.1:PORT` on a free port: the agent's /health and
+/// /metrics there.
+fn listening() -> (u16, [String; 2]) {
+    let port = free_port();
+    (port, ["--listen".into(), format!("127.0.0.1:{port}")])
+}
+
+/// The HTTP status of the agent's /health.
+fn health(port: u16) -> String {
+    curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://127.0.0.1:{port}/health"),
+    ])
+    .unwrap_or_else(|e| format!("no answer: {e}"))
+}
+
+/// `curl --unix-socket SOCKET http://localhost{path}`, checking that the
+/// body is [`UvicornUds`]'s answer for `path`.
+fn curl_over(socket: &str, path: &str) {
+    let url = format!("http://localhost{path}");
+    let body = curl(&["--unix-socket", socket, &url]).unwrap();
+    assert_eq!(body, format!(r#"{{"path": "{path}"}}"#));
 }
 
 // ---------------------------------------------------------------- HTTP
@@ -942,5 +1019,496 @@ fn socketpair_over(transport: &str) {
     assert!(
         events * 10.0 < frames as f64,
         "{events} kernel events while the pair exchanged {frames} frames: not muted"
+    );
+}
+
+// ------------------------------------------------------------ bad input
+
+/// A client connection handed to another process with SCM_RIGHTS (its
+/// opener closes its own descriptor): the requests each process makes on
+/// it are CLIENT spans of that process, each the parent of the server span
+/// of the same request — the connection's ends are the same sockets
+/// whichever descriptor is used.
+#[test]
+fn passed_socket_keeps_its_links() {
+    on_both_transports(passed_over);
+}
+
+fn passed_over(transport: &str) {
+    let app = UvicornUds::start().unwrap();
+    let sock = app.socket_str();
+    let first = ["/api/passed/1", "/api/passed/2"];
+    let second = ["/api/passed/3", "/api/passed/4", "/api/passed/5"];
+
+    let (run, spans) = traced(
+        transport,
+        || pass_connection(&app.socket, &first, &second).unwrap(),
+        "both processes' spans over the passed connection",
+        |_, s| at_socket(s, "CLIENT", &sock).len() >= 5 && at_socket(s, "SERVER", &sock).len() >= 5,
+    );
+    // Five answers on one connection, two to the opener, three to the
+    // process it went to.
+    let answered = |pid: u32, paths: &[&str]| {
+        paths
+            .iter()
+            .map(|p| (pid, 200, format!(r#"{{"path": "{p}"}}"#)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        run.responses,
+        [
+            answered(run.first_pid, &first),
+            answered(run.second_pid, &second)
+        ]
+        .concat()
+    );
+    assert_ne!(run.first_pid, run.second_pid);
+    let spans = ours(spans, &[&sock], &[]);
+
+    let all: Vec<String> = first.iter().chain(&second).map(|p| p.to_string()).collect();
+    let servers = at_socket(&spans, "SERVER", &sock);
+    assert_eq!(sorted_paths(&servers), all, "{}", shown(&spans));
+    assert!(
+        servers.iter().all(|s| pid_of(s) == Some(app.pid)),
+        "{}",
+        shown(&spans)
+    );
+    let clients = at_socket(&spans, "CLIENT", &sock);
+    assert_eq!(sorted_paths(&clients), all, "{}", shown(&spans));
+    for (pid, paths) in [(run.first_pid, &first[..]), (run.second_pid, &second[..])] {
+        let theirs = of_pid(&spans, pid, "CLIENT");
+        assert_eq!(
+            sorted_paths(&theirs),
+            paths,
+            "CLIENT spans of pid {pid}:{}",
+            shown(&spans)
+        );
+        for client in theirs {
+            let server = served_over(&spans, client, &sock);
+            assert_eq!(path_of(server), path_of(client), "{}", shown(&spans));
+            for s in [client, server] {
+                assert_eq!(
+                    s.attr_i64("http.response.status_code"),
+                    Some(200),
+                    "{}",
+                    s.brief()
+                );
+            }
+        }
+    }
+    // Each server span's parent is the client span of its own request.
+    for server in &servers {
+        let parent = one(&spans, "the server span's parent", |s| {
+            s.span_id == server.parent_span_id
+        });
+        assert_eq!(
+            (parent.kind, path_of(parent)),
+            ("CLIENT", path_of(server)),
+            "{} under {}",
+            server.brief(),
+            parent.brief()
+        );
+    }
+}
+
+/// A client killed (SIGKILL) while the server still works on its request:
+/// the agent goes on, requests on later connections are linked to their
+/// own clients, and nothing but the dead request's own server span (if
+/// any) hangs under the dead client's spans — a later connection whose
+/// socket reuses the dead one's memory must not inherit its call.
+#[test]
+fn peer_exiting_mid_request_is_no_wrong_link() {
+    on_both_transports(killed_over);
+}
+
+fn killed_over(transport: &str) {
+    let app = UvicornUds::start().unwrap();
+    let sock = app.socket_str();
+    let (port, listen) = listening();
+    let slow = "/api/slow/killed";
+    let after = [
+        "/api/after/1",
+        "/api/after/2",
+        "/api/after/3",
+        "/api/after/4",
+        "/api/after/5",
+    ];
+
+    let (killed, all) = traced_with(
+        transport,
+        &[listen[0].as_str(), listen[1].as_str()],
+        || {
+            let held = HeldConnection::start(&app.socket, "", 0).unwrap();
+            let pid = held.pid;
+            held.kill_during(slow, Duration::from_millis(300)).unwrap();
+            // While uvicorn still works on the dead client's request …
+            for path in &after[..3] {
+                curl_over(&sock, path);
+            }
+            // … and once it gave up on it.
+            thread::sleep(SLOW);
+            for path in &after[3..] {
+                curl_over(&sock, path);
+            }
+            assert_eq!(health(port), "200", "the agent's run loop stalled");
+            pid
+        },
+        "the later requests' spans over the socket",
+        |_, s| {
+            after.iter().all(|p| {
+                at_socket(s, "SERVER", &sock).iter().any(|x| for_path(x, p))
+                    && at_socket(s, "CLIENT", &sock).iter().any(|x| for_path(x, p))
+            })
+        },
+    );
+    let spans = ours(all.clone(), &[&sock], &[]);
+    let dead: Vec<ReceivedSpan> = all
+        .iter()
+        .filter(|s| pid_of(s) == Some(killed))
+        .cloned()
+        .collect();
+    eprintln!("the killed client's spans:{}", briefs(&dead));
+
+    for path in after {
+        let client = one(&spans, "curl's span over the socket", |s| {
+            s.kind == "CLIENT" && is_service(s, "curl") && for_path(s, path)
+        });
+        assert_eq!(client.parent_span_id, "", "curl starts the trace");
+        let server = served_over(&spans, client, &sock);
+        assert_eq!(pid_of(server), Some(app.pid));
+        assert_eq!(server.attr_str("url.path"), Some(path));
+        assert_eq!(server.attr_i64("http.response.status_code"), Some(200));
+    }
+    // The dead client made one request: at most one span, of that request.
+    assert!(dead.len() <= 1, "{}", shown(&all));
+    for s in &dead {
+        assert_eq!(
+            (s.kind, path_of(s).as_deref()),
+            ("CLIENT", Some(slow)),
+            "{}",
+            s.brief()
+        );
+    }
+    // Under it: its own server span, if any, and nothing else, anywhere.
+    for s in all
+        .iter()
+        .filter(|s| dead.iter().any(|d| d.span_id == s.parent_span_id))
+    {
+        assert!(
+            s.kind == "SERVER" && pid_of(s) == Some(app.pid) && for_path(s, slow),
+            "under the dead client's request: {}:{}",
+            s.brief(),
+            shown(&all)
+        );
+    }
+    // The dead request's server span, if any: under the dead client or a
+    // root; one server span per request, no more.
+    let servers = at_socket(&spans, "SERVER", &sock);
+    let slow_servers: Vec<&&ReceivedSpan> = servers.iter().filter(|s| for_path(s, slow)).collect();
+    assert!(slow_servers.len() <= 1, "{}", shown(&spans));
+    for s in slow_servers {
+        eprintln!("the dead request's server span: {}", s.brief());
+        assert!(
+            s.parent_span_id.is_empty() || dead.iter().any(|d| d.span_id == s.parent_span_id),
+            "{}:{}",
+            s.brief(),
+            shown(&all)
+        );
+    }
+    assert!(
+        servers.len() <= after.len() + 1,
+        "uvicorn's spans:{}",
+        shown(&spans)
+    );
+}
+
+/// 1500 connections in a row, one request each: every request is a
+/// client and a server span, linked, and the agent's connection table
+/// shrinks back once they are closed. On the ring buffer; perf buffers in
+/// [`many_short_connections_are_bounded_on_perf_buffers`].
+#[test]
+fn many_short_connections_are_bounded() {
+    if can_trace() {
+        short_over("ringbuf");
+    }
+}
+
+/// [`many_short_connections_are_bounded`] on perf buffers, where a few
+/// server spans of the burst are left roots.
+#[test]
+#[ignore = "agent bug, perf buffers only: in 2 of ~60 runs 3 consecutive server spans \
+            of the 1500 (/api/short/282..284, /api/short/263..265) were left roots and \
+            their client spans childless; no event lost, never a wrong parent"]
+fn many_short_connections_are_bounded_on_perf_buffers() {
+    if can_trace() {
+        short_over("perf");
+    }
+}
+
+fn short_over(transport: &str) {
+    const N: usize = 1500;
+    /// Connections the agent may still hold after the burst.
+    const OPEN_AFTER: f64 = 50.0;
+    const SPANS: &str = "zerotrace_spans_total";
+    const LOST: &str = "zerotrace_events_lost_total";
+    let app = UvicornUds::start().unwrap();
+    let sock = app.socket_str();
+    let (port, listen) = listening();
+    // Only uvicorn and this test's children (the client): the count of
+    // open connections is theirs, whatever else runs on the host.
+    let (server, tests) = (app.pid.to_string(), std::process::id().to_string());
+
+    let ((pid, caught_up, lost), spans) = traced_with(
+        transport,
+        &[
+            listen[0].as_str(),
+            listen[1].as_str(),
+            "--pid",
+            &server,
+            "--pid",
+            &tests,
+        ],
+        || {
+            // /metrics is a snapshot refreshed once a second.
+            thread::sleep(Duration::from_millis(1200));
+            let spans_before = wait_for_metric(port, SPANS, 0.0);
+            let lost_before = metric(port, LOST).unwrap_or_default();
+            let started = Instant::now();
+            let pid = short_connections(&app.socket, "/api/short/", N).unwrap();
+            let took = started.elapsed();
+            // A snapshot taken once the agent made the burst's spans (if
+            // it ever does: the counts are checked below) …
+            let want = spans_before + 2.0 * N as f64;
+            let deadline = Instant::now() + WAIT;
+            let mut spans = metric(port, SPANS).unwrap_or_default();
+            while spans < want && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(300));
+                spans = metric(port, SPANS).unwrap_or_default();
+            }
+            let caught_up = spans >= want;
+            let made = started.elapsed();
+            // … and, a few seconds later at most, a small table.
+            let open = wait_for_metric_that(
+                port,
+                "zerotrace_connections_open",
+                &format!("< {OPEN_AFTER}"),
+                Duration::from_secs(5),
+                |v| v < OPEN_AFTER,
+            );
+            let lost = metric(port, LOST).unwrap_or_default() - lost_before;
+            eprintln!(
+                "{N} connections in {took:?}; the agent made {} spans by {made:?}, \
+                 lost {lost} events, and had {open} connections open {:?} after the start",
+                spans - spans_before,
+                started.elapsed()
+            );
+            (pid, caught_up, lost)
+        },
+        "every short connection's spans",
+        |&(pid, caught_up, _), s| {
+            !caught_up
+                || (of_pid(s, pid, "CLIENT").len() >= N && at_socket(s, "SERVER", &sock).len() >= N)
+        },
+    );
+    let spans = ours(spans, &[&sock], &[]);
+    let clients = of_pid(&spans, pid, "CLIENT");
+    let servers = at_socket(&spans, "SERVER", &sock);
+    let mut want: Vec<String> = (0..N).map(|i| format!("/api/short/{i}")).collect();
+    want.sort();
+    let missing = |got: &[&ReceivedSpan]| {
+        let paths = sorted_paths(got);
+        want.iter()
+            .filter(|p| paths.binary_search(p).is_err())
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (clients.len(), servers.len()),
+        (N, N),
+        "(client, server) spans over the socket; {lost} events lost meanwhile; \
+         the agent made them all: {caught_up}; \
+         requests without a client span: {:?}; without a server span: {:?}",
+        missing(&clients),
+        missing(&servers),
+    );
+    assert!(sorted_paths(&clients) == want, "the client spans' paths");
+    assert!(sorted_paths(&servers) == want, "the server spans' paths");
+    // No server span left a root: each one listed with its client's
+    // times (ns from the client span's start) to show which end was late.
+    let roots: Vec<String> = servers
+        .iter()
+        .filter(|s| s.parent_span_id.is_empty())
+        .map(|s| {
+            let path = path_of(s).unwrap_or_default();
+            let times = clients
+                .iter()
+                .find(|c| path_of(c).as_deref() == Some(path.as_str()))
+                .map(|c| {
+                    let at = |ns: u64| ns as i128 - c.start_ns as i128;
+                    format!(
+                        "client 0..{}, server {}..{}",
+                        at(c.end_ns),
+                        at(s.start_ns),
+                        at(s.end_ns)
+                    )
+                })
+                .unwrap_or_default();
+            format!("{path} ({times})")
+        })
+        .collect();
+    assert!(
+        roots.is_empty(),
+        "{} of {N} server spans left roots: {roots:?}",
+        roots.len()
+    );
+    // Each client span the parent of the server span of its own request
+    // (N distinct parents for N server spans: every server span linked).
+    for client in &clients {
+        let server = served_over(&spans, client, &sock);
+        assert_eq!(
+            path_of(server),
+            path_of(client),
+            "{} under {}",
+            server.brief(),
+            client.brief()
+        );
+        assert_eq!(pid_of(server), Some(app.pid), "{}", server.brief());
+    }
+}
+
+/// `--exclude-unix-socket '/tmp/zt-uds-*'`: requests over the fixture's
+/// socket are no spans on either end — the five curl makes on one connection
+/// (paced by `--rate`, so that it lives long enough for the agent to act:
+/// both its ends are muted in the kernel, which then stops copying their
+/// calls), and three on connections of their own, mostly closed before
+/// the agent's mute can reach them; in the same run, curl → nginx over TCP is traced as
+/// usual — though nginx passes the request on over the excluded socket,
+/// untraced. The exclusion is per socket, not per process.
+#[test]
+fn excluded_unix_socket_is_muted_and_untraced() {
+    on_both_transports(excluded_over);
+}
+
+fn excluded_over(transport: &str) {
+    const MUTED: &str = "zerotrace_connections_muted_total";
+    const MUTED_CALLS: &str = "zerotrace_muted_calls_total";
+    let excluded = "/tmp/zt-uds-*";
+    let app = UvicornUds::start().unwrap();
+    let nginx = UdsNginx::start(&app.socket).unwrap();
+    let sock = app.socket_str();
+    assert!(
+        sock.starts_with(excluded.trim_end_matches('*')),
+        "{sock}: not under {excluded}"
+    );
+    let kept = [
+        "/api/excluded/1",
+        "/api/excluded/2",
+        "/api/excluded/3",
+        "/api/excluded/4",
+        "/api/excluded/5",
+    ];
+    let short = [
+        "/api/excluded/once/1",
+        "/api/excluded/once/2",
+        "/api/excluded/once/3",
+    ];
+    let proxied = "/api/proxied/1";
+    let (port, listen) = listening();
+    // Only uvicorn and this test's children (nginx, curl): what is muted
+    // is theirs, whatever else runs on the host.
+    let (server, tests) = (app.pid.to_string(), std::process::id().to_string());
+
+    let ((muted, muted_calls), all) = traced_with(
+        transport,
+        &[
+            listen[0].as_str(),
+            listen[1].as_str(),
+            "--pid",
+            &server,
+            "--pid",
+            &tests,
+            "--exclude-unix-socket",
+            excluded,
+        ],
+        || {
+            // /metrics is a snapshot refreshed once a second.
+            thread::sleep(Duration::from_millis(1200));
+            let before = wait_for_metric(port, MUTED, 0.0);
+            let calls_before = wait_for_metric(port, MUTED_CALLS, 0.0);
+            // One connection, five requests in about a second.
+            let urls: Vec<String> = kept
+                .iter()
+                .map(|p| format!("http://localhost{p}"))
+                .collect();
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            let body =
+                curl(&[&["--unix-socket", &sock, "--rate", "4/s"], &urls[..]].concat()).unwrap();
+            let want: String = kept
+                .iter()
+                .map(|p| format!(r#"{{"path": "{p}"}}"#))
+                .collect();
+            assert_eq!(body, want);
+            // Both of its ends.
+            let muted = wait_for_metric(port, MUTED, before + 2.0) - before;
+            let muted_calls = wait_for_metric(port, MUTED_CALLS, calls_before + 1.0) - calls_before;
+            for path in short {
+                curl_over(&sock, path);
+            }
+            let body = curl(&[&nginx.url(proxied)]).unwrap();
+            assert_eq!(body, format!(r#"{{"path": "{proxied}"}}"#));
+            (muted, muted_calls)
+        },
+        "curl's and nginx's spans over TCP",
+        |_, s| {
+            !on_port(s, "CLIENT", nginx.port).is_empty()
+                && !on_port(s, "SERVER", nginx.port).is_empty()
+        },
+    );
+    eprintln!(
+        "{muted} connection ends muted, {muted_calls} of their calls not copied, \
+         after {} requests on one connection over the excluded socket",
+        kept.len()
+    );
+
+    // Nothing over the excluded socket, from either end or anyone.
+    let over = ours(all.clone(), &[&sock], &[]);
+    assert!(over.is_empty(), "over {sock}:{}", briefs(&over));
+    let leaked: Vec<ReceivedSpan> = all
+        .iter()
+        .filter(|s| {
+            pid_of(s) == Some(app.pid)
+                || (is_service(s, "nginx") && s.kind == "CLIENT")
+                || path_of(s).is_some_and(|p| p.starts_with("/api/excluded/"))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "spans of the excluded socket's traffic:{}",
+        briefs(&leaked)
+    );
+
+    // TCP still traced: curl → nginx, linked.
+    let spans = ours(all, &[], &[nginx.port]);
+    let curl_span = one(&spans, "curl's span to nginx", |s| {
+        s.kind == "CLIENT" && is_service(s, "curl") && for_path(s, proxied)
+    });
+    let nginx_server = served(&spans, curl_span);
+    assert_eq!(nginx_server.attr_str("url.path"), Some(proxied));
+    assert_eq!(
+        nginx_server.attr_str("network.transport"),
+        Some("tcp"),
+        "{}",
+        nginx_server.brief()
+    );
+    assert_eq!(
+        nginx_server.attr_i64("http.response.status_code"),
+        Some(200)
+    );
+    assert_eq!(
+        on_port(&spans, "SERVER", nginx.port).len(),
+        1,
+        "{}",
+        shown(&spans)
     );
 }
