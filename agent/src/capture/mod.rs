@@ -7,3 +7,11 @@ pub mod reader;
 pub use endpoint::{EndId, Endpoint, UnixEnd};
 pub use event::{Data, DecodeError, Event, Open, decode};
 pub use reader::{Reader, ReaderStats};
+
+/// Now on the clock the kernel stamps records with (CLOCK_MONOTONIC, what
+/// `bpf_ktime_get_ns` reads).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}

@@ -119,6 +119,14 @@ impl Consumer for Tracer {
     fn record(&mut self, record: Record<'_>) {
         self.on_record(record);
     }
+
+    fn tick(&mut self, _pipeline: &mut Pipeline) {
+        self.release_held(crate::capture::monotonic_ns());
+    }
+
+    fn finish(&mut self, _pipeline: &mut Pipeline) {
+        self.release_held(u64::MAX);
+    }
 }
 
 /// Drops every record: measures the path up to attribution.

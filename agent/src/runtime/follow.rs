@@ -180,7 +180,7 @@ impl Follower {
         }
         followed.then(|| Change::Followed {
             tgid,
-            since_ns: monotonic_ns(),
+            since_ns: crate::capture::monotonic_ns(),
         })
     }
 
@@ -304,13 +304,6 @@ impl Follower {
         }
         gone.into_iter().map(Change::Unfollowed).collect()
     }
-}
-
-/// The clock the kernel stamps records with.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-    })
 }
 
 fn looks_like_python(pid: u32) -> bool {

@@ -41,6 +41,7 @@ use self::{
     parents::{
         context::{Ids, Parent, Sampler, flags, parse_traceparent},
         event_loop::{Adjacency, Content},
+        held::{self, Held, HeldSpan},
         link::{LinkKey, Links},
         runtime::{Ownership, RequestRef, UnitAt},
     },
@@ -236,6 +237,8 @@ pub struct Tracer {
     serving: IdMap<(u32, u32), Vec<Serving>>,
     /// The two ends of local connections.
     links: Links,
+    /// Root server spans waiting a moment for their client end.
+    held: Held,
     /// Which request each unit of work of a followed runtime serves.
     pub ownership: Ownership,
     /// What event loops without a followed runtime do on each thread.
@@ -280,6 +283,7 @@ impl Tracer {
             conns: IdMap::default(),
             serving: IdMap::default(),
             links: Links::default(),
+            held: Held::default(),
             ownership: Ownership::default(),
             adjacency: Adjacency::default(),
             abandoned: IdMap::default(),
@@ -474,7 +478,7 @@ impl Tracer {
             Tls::Ciphertext => self.stats.connections_tls_unread += 1,
         }
         for begun in state.begun {
-            self.unregister(conn_id, state.ends, &begun, state.last.ts_ns);
+            self.unregister(conn_id, state.ends, &begun, state.last.ts_ns, false);
         }
     }
 
@@ -665,7 +669,20 @@ impl Tracer {
             .get_mut(&conn_id)
             .and_then(|c| c.begun.iter_mut().find(|b| b.seq == seq))
         else {
-            return false;
+            // The server's request is over already: its span is held.
+            let Some(mut span) = self.held.take(conn_id, seq) else {
+                return false;
+            };
+            let server_trace = span.span.span_context.trace_id();
+            if client.parent.is_none() {
+                client.trace_id = server_trace;
+                client.sampled = true;
+            } else {
+                self.links.alias(server_trace, client.trace_id);
+            }
+            held::reparent(&mut span, client.trace_id, client.span_id);
+            self.queue.push(span);
+            return true;
         };
         if client.parent.is_none() {
             client.trace_id = server.trace_id;
@@ -779,6 +796,7 @@ impl Tracer {
         (local, remote): (EndId, EndId),
         begun: &Begun,
         now: u64,
+        held: bool,
     ) {
         let key = link_key(local, remote, begun.side);
         match begun.side {
@@ -789,7 +807,10 @@ impl Tracer {
                         self.serving.remove(&begun.thread);
                     }
                 }
-                self.links.server_done(key, conn_id, begun.seq);
+                // A held span still waits for its client end.
+                if !held {
+                    self.links.server_done(key, conn_id, begun.seq);
+                }
             }
             Side::Client => self.links.call_done(key, conn_id, begun.seq, now),
         }
@@ -860,14 +881,22 @@ impl Tracer {
         let end_ns = end_ns.unwrap_or(state.last.ts_ns).max(start_ns);
         let Some(begun) = state.begun.front().filter(|b| b.seq == seq).cloned() else {
             for b in &stale {
-                self.unregister(conn.conn_id, addrs, b, end_ns);
+                self.unregister(conn.conn_id, addrs, b, end_ns, false);
             }
             return;
         };
         state.begun.pop_front();
-        for b in stale.iter().chain([&begun]) {
-            self.unregister(conn.conn_id, addrs, b, end_ns);
+        // A root server span of a connection whose client end may still
+        // be delivered: held a moment for it (see [`held`]).
+        let hold = begun.side == Side::Server
+            && begun.parent.is_none()
+            && !begun.excluded
+            && begun.sampled;
+        for b in &stale {
+            self.unregister(conn.conn_id, addrs, b, end_ns, false);
         }
+        self.unregister(conn.conn_id, addrs, &begun, end_ns, hold);
+        self.release_held(end_ns);
         if unanswered && begun.side == Side::Server && self.ownership.is_followed(conn.tgid) {
             self.abandon(conn.conn_id, &begun, end_ns);
         }
@@ -909,7 +938,28 @@ impl Tracer {
             instrumentation_scope: self.scope.clone(),
         };
         self.stats.spans += 1;
-        self.queue.push(ExportSpan { resource, span });
+        let span = ExportSpan { resource, span };
+        if hold {
+            let key = link_key(addrs.0, addrs.1, Side::Server);
+            if let Some(oldest) = self.held.hold(key, conn.conn_id, begun.seq, end_ns, span) {
+                self.leave(oldest);
+            }
+        } else {
+            self.queue.push(span);
+        }
+    }
+
+    /// Held server spans whose client end did not show up by `now_ns`
+    /// (kernel time) leave as roots; `u64::MAX` releases them all.
+    pub fn release_held(&mut self, now_ns: u64) {
+        while let Some(h) = self.held.expired(now_ns) {
+            self.leave(h);
+        }
+    }
+
+    fn leave(&mut self, h: HeldSpan) {
+        self.links.server_done(h.key, h.conn_id, h.seq);
+        self.queue.push(h.span);
     }
 
     /// The client went away before the answer: the request keeps owning
@@ -932,9 +982,10 @@ impl Tracer {
         SystemTime::UNIX_EPOCH + self.clock_offset + Duration::from_nanos(monotonic_ns)
     }
 
-    /// Requests waiting for a response, over all connections.
+    /// Requests waiting for a response, over all connections, and server
+    /// spans held for their client end.
     pub fn in_flight(&self) -> usize {
-        self.conns.values().map(|c| c.begun.len()).sum()
+        self.conns.values().map(|c| c.begun.len()).sum::<usize>() + self.held.len()
     }
 }
 
@@ -979,6 +1030,12 @@ mod tests {
         let (queue, rx) = SpanQueue::for_test(100);
         let opts = TraceOptions::new(&Config::default(), Sampler::default());
         (Tracer::new(opts, queue), rx)
+    }
+
+    /// Every span so far, held ones released (as at the agent's exit).
+    fn exported(t: &mut Tracer, rx: &Receiver<ExportSpan>) -> Vec<ExportSpan> {
+        t.release_held(u64::MAX);
+        rx.try_iter().collect()
     }
 
     fn conn(id: u64, role: Role, local: &str, remote: &str) -> Connection {
@@ -1059,7 +1116,7 @@ mod tests {
         for s in &servers {
             data(&mut t, s, 11, 400, Syscall::Write, RESP);
         }
-        (rx.try_iter().collect(), call)
+        (exported(&mut t, &rx), call)
     }
 
     #[test]
@@ -1171,8 +1228,9 @@ mod tests {
         // After A ended, its task's calls are roots.
         unit_data(&mut t, &db, loop_tid, 160, at(0xa1, 17), CALL);
         unit_data(&mut t, &db, loop_tid, 170, at(0xa1, 17), RESP);
-        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
-        let [call_a, call_b, background, server_a, server_b, late] = &spans[..] else {
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        // The servers' spans, roots, were held for their client end.
+        let [call_a, call_b, background, late, server_a, server_b] = &spans[..] else {
             panic!("{spans:#?}")
         };
         assert_eq!(call_a.parent_span_id, server_a.span_context.span_id());
@@ -1200,8 +1258,10 @@ mod tests {
         let late = 101 + ABANDONED_GRACE_NS + 1000;
         unit_data(&mut t, &db, 10, late, at(0xa1, 5), CALL);
         unit_data(&mut t, &db, 10, late + 10, at(0xa1, 5), RESP);
-        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
-        let [server, call, late] = &spans[..] else {
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        // The server's span, a root, was held for its client end until
+        // the late call's time.
+        let [call, server, late] = &spans[..] else {
             panic!("{spans:#?}")
         };
         assert_eq!(call.parent_span_id, server.span_context.span_id());
@@ -1246,7 +1306,7 @@ mod tests {
         }
         data(&mut t, &d1, worker, 140, Syscall::Write, RESP);
         data(&mut t, &d2, worker, 141, Syscall::Write, RESP);
-        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [c1, c2, c3, s1, s2] = &spans[..] else {
             panic!("{spans:#?}")
         };
@@ -1272,7 +1332,7 @@ mod tests {
             data(&mut t, &server, 6, ts + 3, Syscall::Write, RESP);
             data(&mut t, &client, 5, ts + 4, Syscall::Read, RESP);
         }
-        let spans: Vec<ExportSpan> = rx.try_iter().collect();
+        let spans: Vec<ExportSpan> = exported(&mut t, &rx);
         assert_eq!(spans.len(), 4);
         for pair in spans.chunks(2) {
             let (server, client) = (&pair[0].span, &pair[1].span);
@@ -1311,7 +1371,7 @@ mod tests {
         data(&mut t, &upstream, 6, 4, Syscall::Read, RESP);
         data(&mut t, &server, 6, 5, Syscall::Write, RESP);
         data(&mut t, &client, 5, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [up, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };
@@ -1320,6 +1380,76 @@ mod tests {
         assert_eq!(up.parent_span_id, srv.span_context.span_id());
         let trace = cli.span_context.trace_id();
         assert!([up, srv].iter().all(|s| s.span_context.trace_id() == trace));
+    }
+
+    #[test]
+    fn a_client_end_delivered_after_its_server_finished_still_becomes_the_parent() {
+        let (mut t, rx) = tracer();
+        let client = Connection {
+            tgid: 20,
+            ..conn(1, Role::Client, "127.0.0.1:40000", SERVER)
+        };
+        let server = conn(2, Role::Server, SERVER, "127.0.0.1:40000");
+        let other = conn(3, Role::Server, SERVER, "10.9.9.9:40000");
+        for c in [&client, &server, &other] {
+            t.on_record(Record::Opened(c));
+        }
+        // The client was preempted between waking the server and its
+        // write's return: the server's whole exchange comes first.
+        data(&mut t, &server, 6, 2, Syscall::Read, CALL);
+        data(&mut t, &server, 6, 3, Syscall::Write, RESP);
+        data(&mut t, &other, 6, 4, Syscall::Read, CALL);
+        data(&mut t, &other, 6, 5, Syscall::Write, RESP);
+        assert!(rx.try_recv().is_err(), "root server spans are held");
+        data(&mut t, &client, 5, 1, Syscall::Write, CALL);
+        let srv = rx.try_recv().expect("adopted: released at once").span;
+        data(&mut t, &client, 5, 6, Syscall::Read, RESP);
+        let cli = rx.try_recv().expect("client span").span;
+        assert_eq!(cli.parent_span_id, SpanId::INVALID);
+        assert_eq!(srv.parent_span_id, cli.span_context.span_id());
+        assert_eq!(srv.span_context.trace_id(), cli.span_context.trace_id());
+        // A server span whose client never shows up leaves as a root once
+        // its wait is over, and nothing is left behind.
+        assert!(rx.try_recv().is_err());
+        t.release_held(5 + held::HOLD_NS);
+        let lone = rx.try_recv().expect("released").span;
+        assert_eq!(lone.parent_span_id, SpanId::INVALID);
+        assert_eq!(t.in_flight(), 0);
+        assert!(t.links.is_empty());
+    }
+
+    #[test]
+    fn a_late_client_end_with_its_own_parent_moves_the_held_span_into_its_trace() {
+        let (mut t, rx) = tracer();
+        // A proxy: its server request from outside, its upstream call to a
+        // local server whose exchange is delivered before the call's write.
+        let front = conn(1, Role::Server, "127.0.0.1:8080", "10.9.9.9:40000");
+        let upstream = conn(2, Role::Client, "127.0.0.1:41000", SERVER);
+        let backend = Connection {
+            tgid: 30,
+            ..conn(3, Role::Server, SERVER, "127.0.0.1:41000")
+        };
+        for c in [&front, &upstream, &backend] {
+            t.on_record(Record::Opened(c));
+        }
+        data(&mut t, &front, 6, 1, Syscall::Read, CALL);
+        data(&mut t, &backend, 9, 3, Syscall::Read, CALL);
+        data(&mut t, &backend, 9, 4, Syscall::Write, RESP);
+        data(&mut t, &upstream, 6, 2, Syscall::Write, CALL);
+        data(&mut t, &upstream, 6, 5, Syscall::Read, RESP);
+        data(&mut t, &front, 6, 6, Syscall::Write, RESP);
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let [back, up, fr] = &spans[..] else {
+            panic!("{spans:#?}")
+        };
+        assert_eq!(up.parent_span_id, fr.span_context.span_id());
+        assert_eq!(back.parent_span_id, up.span_context.span_id());
+        let trace = fr.span_context.trace_id();
+        assert!(
+            [back, up]
+                .iter()
+                .all(|s| s.span_context.trace_id() == trace)
+        );
     }
 
     fn unix_conn(
@@ -1371,7 +1501,7 @@ mod tests {
         data(&mut t, &s1, 31, 6, Syscall::Write, RESP);
         data(&mut t, &c1, 20, 7, Syscall::Read, RESP);
         data(&mut t, &c2, 21, 8, Syscall::Read, RESP);
-        let spans: Vec<ExportSpan> = rx.try_iter().collect();
+        let spans: Vec<ExportSpan> = exported(&mut t, &rx);
         assert_eq!(spans.len(), 4);
         let by_path = |p: &str| {
             spans
@@ -1495,7 +1625,7 @@ mod tests {
         data(&mut t, &client, 20, 4, Syscall::Write, REQ);
         data(&mut t, &server, 31, 5, Syscall::Write, RESP);
         data(&mut t, &client, 20, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanData> = rx.try_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [old, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };

@@ -2,7 +2,8 @@
 //! span becomes the child of the client span, whichever end the agent sees
 //! first. Events of two processes can arrive out of order — perf buffers
 //! are per CPU, and a write is stamped when it returns, possibly after the
-//! reader already woke — so each end waits a grace period for the other.
+//! reader already woke — so each end waits a grace period for the other
+//! (and a server span that ended meanwhile is held, [`super::held`]).
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -4,6 +4,8 @@
 //!   the agent makes, and the sampler;
 //! - [`link`]: the two ends of one local TCP connection (client span →
 //!   server span);
+//! - [`held`]: server spans that ended before their client end was seen,
+//!   held a moment for it;
 //! - [`runtime`]: which server request a client call was made for, from
 //!   what the process's runtime ran at that moment;
 //! - [`event_loop`]: the same for event loops without a runtime to follow
@@ -11,5 +13,6 @@
 
 pub mod context;
 pub mod event_loop;
+pub mod held;
 pub mod link;
 pub mod runtime;
