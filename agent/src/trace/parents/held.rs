@@ -89,6 +89,10 @@ impl Held {
     pub fn len(&self) -> usize {
         self.spans.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
 }
 
 /// Makes `span` the child of `parent` in trace `trace_id`.
