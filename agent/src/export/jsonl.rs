@@ -38,7 +38,7 @@ impl Jsonl {
 
 /// The OTLP/JSON line for one span.
 pub fn encode(span: &ExportSpan) -> anyhow::Result<String> {
-    let resource = ResourceAttributesWithSchema::from(&span.resource);
+    let resource = ResourceAttributesWithSchema::from(&**span.resource);
     let request = ExportTraceServiceRequest {
         resource_spans: group_spans_by_resource_and_scope(vec![span.span.clone()], &resource),
     };

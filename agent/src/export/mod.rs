@@ -6,6 +6,7 @@
 mod console;
 mod jsonl;
 mod otlp;
+mod proto;
 mod tls;
 
 use std::{
@@ -20,18 +21,19 @@ use std::{
 };
 
 use anyhow::Context;
-use opentelemetry_sdk::{Resource, trace::SpanData};
+use opentelemetry_sdk::trace::SpanData;
 
 use crate::config::{BatchConfig, OtlpProtocol};
 
 pub use console::render_trees;
 pub use otlp::{OtlpSettings, TlsSources, request as otlp_request};
+pub use proto::{Encoder as OtlpEncoder, ProcessResource};
 pub use tls::{PemFile, TlsFiles};
 
 /// A finished span with the resource of the process it describes.
 #[derive(Debug, Clone)]
 pub struct ExportSpan {
-    pub resource: Resource,
+    pub resource: Arc<ProcessResource>,
     pub span: SpanData,
 }
 
@@ -301,11 +303,12 @@ fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, st
     sink.shutdown();
 }
 
-/// Groups spans by resource, keeping their order within each group.
-fn by_resource(spans: Vec<ExportSpan>) -> Vec<(Resource, Vec<SpanData>)> {
-    let mut groups: Vec<(Resource, Vec<SpanData>)> = Vec::new();
+/// Groups spans by resource (one per process), keeping their order within
+/// each group.
+fn by_resource(spans: Vec<ExportSpan>) -> Vec<(Arc<ProcessResource>, Vec<SpanData>)> {
+    let mut groups: Vec<(Arc<ProcessResource>, Vec<SpanData>)> = Vec::new();
     for ExportSpan { resource, span } in spans {
-        match groups.iter_mut().find(|(r, _)| *r == resource) {
+        match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &resource)) {
             Some((_, group)) => group.push(span),
             None => groups.push((resource, vec![span])),
         }

@@ -1,7 +1,7 @@
 //! OTLP over gRPC (tonic) or HTTP/protobuf (reqwest), plaintext or TLS. A
 //! batch becomes one ExportTraceServiceRequest holding a ResourceSpans per
-//! process, converted from the spans the batch owns, and goes out in one
-//! call. Settings follow the OTLP exporter specification:
+//! process, written straight from the spans ([`super::proto`]), and goes
+//! out in one call. Settings follow the OTLP exporter specification:
 //! OTEL_EXPORTER_OTLP_{,TRACES_}{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION,
 //! CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY,INSECURE}, the signal-specific
 //! variable first.
@@ -11,10 +11,7 @@ use std::{io::Write, path::PathBuf, time::Duration};
 use anyhow::{Context, anyhow};
 use http_body_util::BodyExt;
 use opentelemetry_proto::{
-    tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_client::TraceServiceClient,
-    },
+    tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
     transform::{
         common::tonic::ResourceAttributesWithSchema,
         trace::tonic::group_spans_by_resource_and_scope,
@@ -28,6 +25,7 @@ use tonic::codegen::{
 
 use super::{
     ExportSpan, Sink, by_resource,
+    proto::{Encoded, Encoder},
     tls::{ClientTls, PemFile, TlsFiles, client_refused, explain, find, plaintext_config},
 };
 use crate::config::{OtlpProtocol, OtlpTlsConfig};
@@ -239,7 +237,7 @@ fn parse_headers(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
 }
 
 enum Transport {
-    Grpc(TraceServiceClient<GrpcAnswers>),
+    Grpc(tonic::client::Grpc<GrpcAnswers>),
     Http(reqwest::Client),
 }
 
@@ -360,6 +358,7 @@ pub struct Otlp {
     runtime: tokio::runtime::Runtime,
     settings: OtlpSettings,
     transport: Transport,
+    encoder: Encoder,
     /// The bound on one whole export (OTEL_BSP_EXPORT_TIMEOUT).
     export_timeout: Duration,
 }
@@ -391,7 +390,7 @@ impl Otlp {
                     let _guard = runtime.enter();
                     channel.connect_lazy()
                 };
-                let client = TraceServiceClient::new(GrpcAnswers(channel));
+                let client = tonic::client::Grpc::new(GrpcAnswers(channel));
                 Transport::Grpc(if settings.gzip {
                     client.send_compressed(tonic::codec::CompressionEncoding::Gzip)
                 } else {
@@ -419,18 +418,22 @@ impl Otlp {
             runtime,
             settings,
             transport,
+            encoder: Encoder::default(),
             export_timeout,
         })
     }
 }
 
-/// One request for the whole batch: a ResourceSpans per process. The spans
-/// are moved into their protobuf form, not copied.
+/// The batch as opentelemetry-proto's request, converted from the spans it
+/// owns: what [`Encoder`] writes, for tests and benchmarks to compare.
 pub fn request(spans: Vec<ExportSpan>) -> ExportTraceServiceRequest {
     let resource_spans = by_resource(spans)
         .into_iter()
         .flat_map(|(resource, group)| {
-            group_spans_by_resource_and_scope(group, &ResourceAttributesWithSchema::from(&resource))
+            group_spans_by_resource_and_scope(
+                group,
+                &ResourceAttributesWithSchema::from(&**resource),
+            )
         })
         .collect();
     ExportTraceServiceRequest { resource_spans }
@@ -440,15 +443,22 @@ pub fn request(spans: Vec<ExportSpan>) -> ExportTraceServiceRequest {
 async fn send(
     transport: &mut Transport,
     settings: &OtlpSettings,
-    request: ExportTraceServiceRequest,
+    request: Vec<u8>,
 ) -> anyhow::Result<i64> {
     let response = match transport {
         Transport::Grpc(client) => {
-            let mut req = tonic::Request::new(request);
+            let mut req = tonic::Request::new(Encoded(request));
             *req.metadata_mut() =
                 tonic::metadata::MetadataMap::from_headers(settings.headers.clone());
+            client.ready().await.map_err(|e| {
+                failure(&*e, settings).unwrap_or_else(|| anyhow!("gRPC channel not ready: {e}"))
+            })?;
+            let codec = tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            );
             client
-                .export(req)
+                .unary(req, path, codec)
                 .await
                 .map_err(|s| {
                     failure(&s, settings)
@@ -457,7 +467,7 @@ async fn send(
                 .into_inner()
         }
         Transport::Http(client) => {
-            let mut body = request.encode_to_vec();
+            let mut body = request;
             let mut req = client
                 .post(&settings.endpoint)
                 .headers(settings.headers.clone())
@@ -524,12 +534,16 @@ fn failure(
 impl Sink for Otlp {
     fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize> {
         let n = spans.len();
-        let request = request(spans);
+        // Sized for the batch, to go with it into the request body.
+        let mut request = Vec::with_capacity(n * 400);
+        self.encoder.request(&spans, &mut request);
+        drop(spans);
         let Self {
             runtime,
             settings,
             transport,
             export_timeout,
+            ..
         } = self;
         let result = runtime.block_on(async {
             tokio::time::timeout(*export_timeout, send(transport, settings, request)).await

@@ -1,18 +1,15 @@
 //! Building the agent's own spans and queueing them for export.
 
-use std::{borrow::Cow, time::SystemTime};
+use std::{borrow::Cow, sync::Arc, time::SystemTime};
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
     trace::{SpanContext, SpanId, SpanKind, Status, TraceId, TraceState},
 };
-use opentelemetry_sdk::{
-    Resource,
-    trace::{SpanData, SpanEvents, SpanLinks},
-};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::{
-    export::{ExportSpan, SpanQueue},
+    export::{ExportSpan, ProcessResource, SpanQueue},
     trace::{
         parents::context::{Ids, flags},
         resources::Resources,
@@ -58,7 +55,7 @@ impl Draft {
 /// Where the agent's spans go: the same queue as traced services' spans,
 /// under the agent's own resource. Never sampled away.
 pub struct SelfSpans {
-    resource: Resource,
+    resource: Arc<ProcessResource>,
     scope: InstrumentationScope,
     ids: Ids,
     queue: SpanQueue,
@@ -69,7 +66,7 @@ pub struct SelfSpans {
 impl SelfSpans {
     pub fn new(queue: SpanQueue) -> Self {
         Self {
-            resource: Resources::new(Vec::new()).agent(),
+            resource: ProcessResource::new(Resources::new(Vec::new()).agent()),
             scope: InstrumentationScope::builder("zerotrace.selftrace")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -107,7 +104,7 @@ impl SelfSpans {
         };
         self.produced += 1;
         self.queue.push(ExportSpan {
-            resource: self.resource.clone(),
+            resource: Arc::clone(&self.resource),
             span,
         });
     }

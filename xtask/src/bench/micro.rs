@@ -240,9 +240,12 @@ fn render(results: &[Value], m: &Machine) -> String {
          table, the protocol session and the tracer to a finished span in the export \
          queue (`http_keepalive`: two data records; `http_connection`: open, two data \
          records and close; `redis_set_get`: two commands, four data records). Rows \
-         marked \"per span\" count spans of a 512-span batch turned into one OTLP \
-         request and encoded to protobuf bytes, the exporter's work before the \
-         network.\n\n\
+         marked \"per span\" count spans of a 512-span batch made into one OTLP \
+         request's protobuf bytes, the exporter's work before the network: \
+         `otlp_encode` writes them straight from the spans (what the exporter \
+         does), `otlp_convert_then_encode` converts them to opentelemetry-proto's \
+         messages first and has prost encode those (what it did before; the two \
+         give the same bytes).\n\n\
          The raw results add criterion's 95 % confidence interval of each median \
          (`ns_per_iter_ci95`). It says how steady one run was, not how much runs \
          differ: on a shared or virtual machine, compare runs before trusting a \

@@ -120,7 +120,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::capture::EndId;
+    use crate::{capture::EndId, export::ProcessResource};
 
     fn key() -> LinkKey {
         (
@@ -131,7 +131,7 @@ mod tests {
 
     fn span(n: u8) -> ExportSpan {
         ExportSpan {
-            resource: Resource::builder_empty().build(),
+            resource: ProcessResource::new(Resource::builder_empty().build()),
             span: SpanData {
                 span_context: SpanContext::new(
                     TraceId::from_bytes([n; 16]),

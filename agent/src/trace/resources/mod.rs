@@ -7,7 +7,9 @@
 pub mod container;
 pub mod kubernetes;
 
-use crate::IdMap;
+use std::sync::Arc;
+
+use crate::{IdMap, export::ProcessResource};
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
@@ -25,7 +27,7 @@ const MAX_PROCESSES: usize = 4096;
 #[derive(Debug, Clone)]
 struct Process {
     exe_name: String,
-    resource: Resource,
+    resource: Arc<ProcessResource>,
     /// Index of the port rule that named it, if one did.
     by_port: bool,
     /// Read once from /proc/PID/cgroup.
@@ -103,8 +105,8 @@ impl Resources {
 
     /// The resource of process `tgid`; `server_port` is the local port when
     /// the span is a server span, so port rules can name the service.
-    pub fn of(&mut self, tgid: u32, comm: &str, server_port: Option<u16>) -> Resource {
-        self.process(tgid, comm, server_port).resource.clone()
+    pub fn of(&mut self, tgid: u32, comm: &str, server_port: Option<u16>) -> Arc<ProcessResource> {
+        Arc::clone(&self.process(tgid, comm, server_port).resource)
     }
 
     /// Forgets a process (it exited, or its pid may be reused).
@@ -150,7 +152,13 @@ impl Resources {
                 _ => None,
             };
             let (name, by_port) = self.service_name(&exe_name, server_port, pod.as_ref());
-            let resource = self.build(tgid, &exe_name, name, container.as_ref(), pod.as_ref());
+            let resource = ProcessResource::new(self.build(
+                tgid,
+                &exe_name,
+                name,
+                container.as_ref(),
+                pod.as_ref(),
+            ));
             self.processes.insert(
                 tgid,
                 Process {
@@ -391,7 +399,7 @@ mod tests {
             me,
             Process {
                 exe_name: "python3".into(),
-                resource: Resource::builder_empty().build(),
+                resource: ProcessResource::new(Resource::builder_empty().build()),
                 by_port: false,
                 container: Some(ContainerRef {
                     id: id.into(),
@@ -405,7 +413,7 @@ mod tests {
         assert_eq!(attr(&before, "k8s.pod.name"), None);
         assert_eq!(attr(&before, "service.name").as_deref(), Some("python3"));
         // Cached while the index does not change.
-        assert_eq!(r.of(me, "python3", None), before);
+        assert!(Arc::ptr_eq(&r.of(me, "python3", None), &before));
         let p = pod(Some("storefront"), Some("web"));
         metadata.update(|i| {
             i.upsert(PodEntry {
