@@ -85,13 +85,12 @@ impl Deref for ProcessResource {
     }
 }
 
-/// Reused buffers: a batch's encoding allocates little once they have grown.
+/// Reused between batches: a batch's encoding allocates little once it
+/// has grown.
 #[derive(Default)]
 pub struct Encoder {
-    /// The spans of one resource, each framed as ScopeSpans.spans.
-    spans: Vec<u8>,
-    /// One span's fields.
-    span: Vec<u8>,
+    /// Each span's encoded length, in the order they are written.
+    lens: Vec<usize>,
 }
 
 /// The spans of one resource, by scope, in order of first appearance.
@@ -128,40 +127,107 @@ impl Encoder {
                 None => group.scopes.push((scope, vec![&s.span])),
             }
         }
-        let mut parts = Vec::new();
+        // Lengths first, so every message is written once, in place.
+        self.lens.clear();
         for g in &groups {
-            self.spans.clear();
-            parts.clear();
+            for (_, spans) in &g.scopes {
+                self.lens.extend(spans.iter().map(|s| span_len(s)));
+            }
+        }
+        let mut lens = self.lens.iter().copied();
+        let mut scopes = Vec::new();
+        let mut at = 0;
+        for g in &groups {
+            scopes.clear();
             for (scope, spans) in &g.scopes {
-                let start = self.spans.len();
-                for span in spans {
-                    self.span.clear();
-                    span_fields(span, &mut self.span);
-                    message(2, &self.span, &mut self.spans);
-                }
                 let proto = ProtoScope::from((*scope, None)).encode_to_vec();
                 let schema = scope.schema_url().unwrap_or_default();
-                let len =
-                    field_len(proto.len()) + (self.spans.len() - start) + string_field_len(schema);
-                parts.push((proto, schema, start..self.spans.len(), len));
+                let spans_len: usize = self.lens[at..at + spans.len()]
+                    .iter()
+                    .map(|&l| field_len(l))
+                    .sum();
+                at += spans.len();
+                let len = field_len(proto.len()) + spans_len + string_field_len(schema);
+                scopes.push((proto, schema, len));
             }
             let resource = g.resource.proto();
             let schema = g.resource.schema_url().unwrap_or_default();
             let len = field_len(resource.len())
-                + parts.iter().map(|p| field_len(p.3)).sum::<usize>()
+                + scopes.iter().map(|p| field_len(p.2)).sum::<usize>()
                 + string_field_len(schema);
+            out.reserve(field_len(len));
             // ExportTraceServiceRequest.resource_spans
             length_delimited(1, len, out);
             message(1, resource, out);
-            for (proto, scope_schema, range, len) in &parts {
+            for ((proto, scope_schema, len), (_, spans)) in scopes.iter().zip(&g.scopes) {
                 length_delimited(2, *len, out);
                 message(1, proto, out);
-                out.put_slice(&self.spans[range.clone()]);
+                for span in spans {
+                    let len = lens.next().expect("a length per span");
+                    length_delimited(2, len, out);
+                    let start = out.len();
+                    span_fields(span, out);
+                    debug_assert_eq!(out.len() - start, len, "span length");
+                }
                 string(3, scope_schema, out);
             }
             string(3, schema, out);
         }
     }
+}
+
+/// The length of a Span message's fields, as [`span_fields`] writes them.
+fn span_len(s: &SpanData) -> usize {
+    if !s.events.is_empty() || !s.links.is_empty() {
+        let mut scratch = Vec::new();
+        span_fields(s, &mut scratch);
+        return scratch.len();
+    }
+    let ctx = &s.span_context;
+    let mut len = field_len(16) + field_len(8);
+    len += string_field_len(&ctx.trace_state().header());
+    if s.parent_span_id != SpanId::INVALID {
+        len += field_len(8);
+    }
+    len += string_field_len(&s.name);
+    len += varint_field_len(kind(&s.span_kind) as u64);
+    for t in [s.start_time, s.end_time] {
+        if nanos(t) != 0 {
+            len += 9;
+        }
+    }
+    for kv in &s.attributes {
+        len += field_len(key_value_len(kv.key.as_str(), &kv.value));
+    }
+    len += varint_field_len(u64::from(s.dropped_attributes_count));
+    len += varint_field_len(u64::from(s.events.dropped_count));
+    len += varint_field_len(u64::from(s.links.dropped_count));
+    len += field_len(status_len(&s.status));
+    // flags: a two-byte key and a fixed32
+    len + 6
+}
+
+fn kind(kind: &SpanKind) -> span::SpanKind {
+    match kind {
+        SpanKind::Internal => span::SpanKind::Internal,
+        SpanKind::Server => span::SpanKind::Server,
+        SpanKind::Client => span::SpanKind::Client,
+        SpanKind::Producer => span::SpanKind::Producer,
+        SpanKind::Consumer => span::SpanKind::Consumer,
+    }
+}
+
+fn status(status: &Status) -> (u64, &str) {
+    match status {
+        Status::Unset => (0, ""),
+        Status::Ok => (1, ""),
+        Status::Error { description } => (2, description.as_ref()),
+    }
+}
+
+fn status_len(s: &Status) -> usize {
+    let (code, text) = status(s);
+    string_field_len(text) + varint_field_len(code)
 }
 
 /// A Span message's fields.
@@ -174,14 +240,7 @@ fn span_fields(s: &SpanData, out: &mut Vec<u8>) {
         bytes(4, &s.parent_span_id.to_bytes(), out);
     }
     string(5, &s.name, out);
-    let kind = match s.span_kind {
-        SpanKind::Internal => span::SpanKind::Internal,
-        SpanKind::Server => span::SpanKind::Server,
-        SpanKind::Client => span::SpanKind::Client,
-        SpanKind::Producer => span::SpanKind::Producer,
-        SpanKind::Consumer => span::SpanKind::Consumer,
-    };
-    varint(6, kind as u64, out);
+    varint(6, kind(&s.span_kind) as u64, out);
     fixed64(7, nanos(s.start_time), out);
     fixed64(8, nanos(s.end_time), out);
     for kv in &s.attributes {
@@ -205,13 +264,8 @@ fn span_fields(s: &SpanData, out: &mut Vec<u8>) {
         varint(14, u64::from(s.links.dropped_count), out);
     }
     // Status, always present.
-    let (code, text) = match &s.status {
-        Status::Unset => (0, ""),
-        Status::Ok => (1, ""),
-        Status::Error { description } => (2, description.as_ref()),
-    };
-    let status_len = string_field_len(text) + if code == 0 { 0 } else { 2 };
-    length_delimited(15, status_len, out);
+    let (code, text) = status(&s.status);
+    length_delimited(15, status_len(&s.status), out);
     string(2, text, out);
     varint(3, code, out);
     // flags: the sampled bit, and "has is-remote" with "is remote".
@@ -223,25 +277,32 @@ fn span_fields(s: &SpanData, out: &mut Vec<u8>) {
     out.put_u32_le(flags);
 }
 
-/// An attribute: a KeyValue message as field `tag`, its length worked out
-/// first so it is written in one pass.
-fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
-    // AnyValue's oneof is written even when empty or zero.
-    let any_len = match value {
+/// AnyValue's length for the values written by hand (its oneof is
+/// written even when empty or zero); `None` for arrays.
+fn any_len(value: &Value) -> Option<usize> {
+    Some(match value {
         Value::String(s) => field_len(s.as_str().len()),
         Value::Bool(_) => 2,
         Value::I64(n) => 1 + encoded_len_varint(*n as u64),
         Value::F64(_) => 9,
-        other => {
-            let any = AnyValue::from(other.clone()).encode_to_vec();
-            length_delimited(tag, string_field_len(key) + field_len(any.len()), out);
-            string(1, key, out);
-            message(2, &any, out);
-            return;
-        }
-    };
-    length_delimited(tag, string_field_len(key) + field_len(any_len), out);
+        _ => return None,
+    })
+}
+
+/// A KeyValue message's length.
+fn key_value_len(key: &str, value: &Value) -> usize {
+    let any = any_len(value).unwrap_or_else(|| AnyValue::from(value.clone()).encoded_len());
+    string_field_len(key) + field_len(any)
+}
+
+/// An attribute: a KeyValue message as field `tag`.
+fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
+    length_delimited(tag, key_value_len(key, value), out);
     string(1, key, out);
+    let Some(any_len) = any_len(value) else {
+        message(2, &AnyValue::from(value.clone()).encode_to_vec(), out);
+        return;
+    };
     length_delimited(2, any_len, out);
     match value {
         Value::String(s) => message(1, s.as_str().as_bytes(), out),
@@ -257,7 +318,7 @@ fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
             encode_key(4, WireType::SixtyFourBit, out);
             out.put_f64_le(*x);
         }
-        _ => unreachable!("handled above"),
+        _ => unreachable!("any_len is None for every other value"),
     }
 }
 
@@ -270,6 +331,11 @@ fn nanos(t: SystemTime) -> u64 {
 /// is under 16 (one key byte).
 fn field_len(len: usize) -> usize {
     1 + encoded_len_varint(len as u64) + len
+}
+
+/// A varint field's length (tag under 16), none when zero.
+fn varint_field_len(v: u64) -> usize {
+    if v == 0 { 0 } else { 1 + encoded_len_varint(v) }
 }
 
 /// A string field's length, none when empty (proto3 leaves it out).
