@@ -10,6 +10,7 @@ mod util;
 mod vm;
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
@@ -82,6 +83,10 @@ enum Cmd {
             )
         )]
         only: Vec<String>,
+        /// Overhead and flame: run this agent binary instead of building this
+        /// tree's (another commit's release build, for a before/after pair).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
     },
     /// Mixed traffic (nginx, Redis, PostgreSQL, the FastAPI app, short
     /// connections) for N minutes under one agent; writes bench/soak.md with
@@ -126,6 +131,9 @@ enum Bench {
     /// Client spans of a FastAPI app and of nginx under concurrency, scored
     /// against the parents their request ids name.
     Nesting,
+    /// The agent's CPU profile at a workload's saturation (nginx unless
+    /// --only names others), as a flame graph SVG per workload.
+    Flame,
 }
 
 impl Bench {
@@ -135,7 +143,14 @@ impl Bench {
             .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
     }
 
-    fn run(self, ctx: &Ctx, seconds: Option<u32>, rounds: u32, only: &[String]) -> Result<()> {
+    fn run(
+        self,
+        ctx: &Ctx,
+        seconds: Option<u32>,
+        rounds: u32,
+        only: &[String],
+        agent: Option<&Path>,
+    ) -> Result<()> {
         match self {
             Bench::Overhead => bench::overhead::overhead(
                 ctx,
@@ -143,6 +158,15 @@ impl Bench {
                     rounds,
                     seconds: seconds.unwrap_or(10).max(2),
                     only: only.to_vec(),
+                    agent: agent.map(Path::to_path_buf),
+                },
+            ),
+            Bench::Flame => bench::flame::flame(
+                ctx,
+                &bench::flame::Options {
+                    seconds: u64::from(seconds.unwrap_or(10).max(2)),
+                    only: only.to_vec(),
+                    agent: agent.map(Path::to_path_buf),
                 },
             ),
             Bench::Capture => bench::capture::capture(ctx, seconds.unwrap_or(5)),
@@ -160,14 +184,21 @@ fn run_benches(
     seconds: Option<u32>,
     rounds: u32,
     only: &[String],
+    agent: Option<&Path>,
 ) -> Result<()> {
-    if !only.is_empty() && which != Some(Bench::Overhead) {
-        bail!("--only selects overhead workloads: name the benchmark, `bench overhead --only …`");
+    let workloads = [Some(Bench::Overhead), Some(Bench::Flame)];
+    if !only.is_empty() && !workloads.contains(&which) {
+        bail!(
+            "--only selects overhead workloads: name the benchmark, `bench overhead --only …` or `bench flame --only …`"
+        );
+    }
+    if agent.is_some() && !workloads.contains(&which) {
+        bail!("--agent is for `bench overhead` and `bench flame`");
     }
     let Some(which) = which else {
         let mut failed = Vec::new();
         for b in Bench::value_variants() {
-            if let Err(e) = b.run(ctx, seconds, rounds, only) {
+            if let Err(e) = b.run(ctx, seconds, rounds, only, agent) {
                 eprintln!("error: bench {}: {e:#}", b.name());
                 failed.push(b.name());
             }
@@ -177,7 +208,7 @@ fn run_benches(
         }
         return Ok(());
     };
-    which.run(ctx, seconds, rounds, only)
+    which.run(ctx, seconds, rounds, only, agent)
 }
 
 fn main() -> ExitCode {
@@ -218,7 +249,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             seconds,
             rounds,
             only,
-        } => run_benches(&ctx, which, seconds, rounds, &only),
+            agent,
+        } => run_benches(&ctx, which, seconds, rounds, &only, agent.as_deref()),
         Cmd::Soak { minutes } => bench::soak::soak(&ctx, minutes),
         Cmd::Lint => lint(&ctx),
         Cmd::Dist => dist::dist(&ctx).map(drop),
@@ -497,8 +529,16 @@ mod tests {
                 seconds: None,
                 rounds: 3,
                 ref only,
+                agent: None,
             } if only.is_empty()
         ));
+        let Cmd::Bench { which, agent, .. } =
+            parse(&["bench", "flame", "--agent", "/tmp/old/zerotrace"])
+        else {
+            panic!()
+        };
+        assert_eq!(which, Some(Bench::Flame));
+        assert_eq!(agent.as_deref(), Some(Path::new("/tmp/old/zerotrace")));
         let Cmd::Bench { which, only, .. } = parse(&[
             "bench",
             "overhead",
@@ -535,7 +575,8 @@ mod tests {
                 Bench::Overhead,
                 Bench::Capture,
                 Bench::Micro,
-                Bench::Nesting
+                Bench::Nesting,
+                Bench::Flame
             ]
         );
         assert!(Cli::try_parse_from(["xtask", "bench", "--seconds", "0"]).is_err());

@@ -55,6 +55,11 @@ enum Cmd {
         /// Workloads to run [default: all].
         #[arg(long = "workload", value_enum)]
         workloads: Vec<Workload>,
+        /// Records the agent's CPU profile during each traced run with
+        /// `perf record -e cpu-clock` (DWARF call graphs) into
+        /// DIR/WORKLOAD-ROUND.perf.data.
+        #[arg(long, value_name = "DIR")]
+        profile: Option<std::path::PathBuf>,
     },
     /// The nesting app under wrk on each interpreter, loop, handler kind and
     /// connection count, and nginx in front of it; one JSON line per cell
@@ -526,6 +531,7 @@ fn traced_run(
     rx: &Receiver,
     workload: Workload,
     seconds: u64,
+    profile: Option<&std::path::Path>,
 ) -> anyhow::Result<Value> {
     let received_before = rx.span_count();
     let (agent, port) = start_agent(rx)?;
@@ -533,7 +539,14 @@ fn traced_run(
     let m0 = fresh_metrics(port);
     let k0 = program_seconds(port);
     let p0 = proc_stats(pid).context("agent gone")?;
+    let recording = profile
+        .map(|file| record_profile(pid, file, seconds))
+        .transpose()?;
     let measured = servers.measured_load(workload, seconds)?;
+    if let Some(mut perf) = recording {
+        let status = perf.wait()?;
+        anyhow::ensure!(status.success(), "perf record failed: {status}");
+    }
     let result = &measured.0;
     let m1 = fresh_metrics(port);
     let k1 = program_seconds(port);
@@ -574,7 +587,30 @@ fn traced_run(
     ))
 }
 
-fn overhead(rounds: u32, seconds: u64, workloads: &[Workload]) -> anyhow::Result<()> {
+/// `perf record` of process `pid` for `seconds` into `file`: the
+/// software clock (hardware counters are not always there), DWARF call
+/// graphs (release builds keep no frame pointers).
+fn record_profile(
+    pid: u32,
+    file: &std::path::Path,
+    seconds: u64,
+) -> anyhow::Result<std::process::Child> {
+    Command::new("perf")
+        .args(["record", "--quiet", "-e", "cpu-clock", "-F", "499"])
+        .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+        .arg(file)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("cannot run perf (is it installed? `cargo xtask setup`)")
+}
+
+fn overhead(
+    rounds: u32,
+    seconds: u64,
+    workloads: &[Workload],
+    profile: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let servers = Servers::start()?;
     let rx = Receiver::start_counting(Protocol::Grpc)?;
     eprintln!("[workloads] warm-up: every workload for 2 s without the agent");
@@ -596,7 +632,9 @@ fn overhead(rounds: u32, seconds: u64, workloads: &[Workload]) -> anyhow::Result
                     w.name()
                 );
                 let fields = if mode == "on" {
-                    traced_run(&servers, &rx, w, seconds)?
+                    let file =
+                        profile.map(|dir| dir.join(format!("{}-{round}.perf.data", w.name())));
+                    traced_run(&servers, &rx, w, seconds, file.as_deref())?
                 } else {
                     load_fields(&servers.measured_load(w, seconds)?)
                 };
@@ -715,13 +753,14 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             workloads,
+            profile,
         } => {
             let workloads = if workloads.is_empty() {
                 Workload::ALL.to_vec()
             } else {
                 workloads
             };
-            overhead(rounds, seconds, &workloads)
+            overhead(rounds, seconds, &workloads, profile.as_deref())
         }
         Cmd::Soak {
             minutes,

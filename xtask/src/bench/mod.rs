@@ -2,6 +2,7 @@
 //! `bench/`, and what their reports share (machine facts, number formatting).
 
 pub mod capture;
+pub mod flame;
 pub mod micro;
 pub mod nesting;
 pub mod overhead;
@@ -20,11 +21,13 @@ use crate::util::{ChildFailed, Ctx, describe, output, run};
 
 /// Builds the release agent and the tests crate's `workloads` binary (with
 /// `unix_pingpong`, which it runs from beside itself), runs `workloads
-/// ARGS` as root against that agent, and reads one JSON object per stdout
-/// line with `parse` (its progress goes to our stderr).
+/// ARGS` as root against that agent (or against `agent`, another build),
+/// and reads one JSON object per stdout line with `parse` (its progress
+/// goes to our stderr).
 pub fn workloads(
     ctx: &Ctx,
     args: &[String],
+    agent: Option<&std::path::Path>,
     parse: fn(&str) -> Result<Value>,
 ) -> Result<Vec<Value>> {
     crate::setup::toolchain(ctx, false)?;
@@ -44,7 +47,10 @@ pub fn workloads(
     let bin = ctx.target_dir().join("release/workloads");
     let mut c = ctx.as_root(&bin, "the workload benchmarks")?;
     c.args(args)
-        .env("ZEROTRACE_BIN", ctx.zerotrace_bin(true))
+        .env(
+            "ZEROTRACE_BIN",
+            agent.map_or_else(|| ctx.zerotrace_bin(true), std::path::Path::to_path_buf),
+        )
         .env("ZEROTRACE_VENV", crate::setup::otel_venv_dir()?)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -14,6 +14,7 @@ pub fn nesting(ctx: &Ctx, seconds: u32) -> Result<()> {
     let cells = super::workloads(
         ctx,
         &["nesting".into(), "--seconds".into(), seconds.to_string()],
+        None,
         parse_cell,
     )?;
     let facts = Machine::gather(ctx);

@@ -52,6 +52,8 @@ pub struct Options {
     pub seconds: u32,
     /// Run only these workloads (names of [`WORKLOADS`]); all when empty.
     pub only: Vec<String>,
+    /// Measure this agent binary instead of this tree's release build.
+    pub agent: Option<std::path::PathBuf>,
 }
 
 pub fn overhead(ctx: &Ctx, opts: &Options) -> Result<()> {
@@ -72,7 +74,7 @@ pub fn overhead(ctx: &Ctx, opts: &Options) -> Result<()> {
     for w in &opts.only {
         args.extend(["--workload".to_string(), w.clone()]);
     }
-    let runs = super::workloads(ctx, &args, parse_run)?;
+    let runs = super::workloads(ctx, &args, opts.agent.as_deref(), parse_run)?;
     let summaries = summarize(&runs);
     let facts = Machine::gather(ctx);
     // A partial run leaves the committed report alone.
@@ -668,6 +670,7 @@ mod tests {
                 rounds: 3,
                 seconds: 10,
                 only: Vec::new(),
+                agent: None,
             },
         );
         assert!(md.contains("![throughput and latency"));
@@ -685,6 +688,7 @@ mod tests {
                 rounds: 1,
                 seconds: 2,
                 only: vec!["nginx-https".into()],
+                agent: None,
             },
         );
         assert!(
@@ -745,6 +749,7 @@ mod tests {
                 rounds: 1,
                 seconds: 2,
                 only: vec!["redis-unix".into(), "unix-unknown".into()],
+                agent: None,
             },
         );
         assert!(md.contains("--only redis-unix,unix-unknown`"), "{md}");

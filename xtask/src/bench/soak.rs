@@ -24,6 +24,7 @@ pub fn soak(ctx: &Ctx, minutes: u64) -> Result<()> {
             "--sample-seconds".into(),
             SAMPLE_SECONDS.to_string(),
         ],
+        None,
         parse_sample,
     )?;
     if samples.len() < 2 {
