@@ -335,12 +335,10 @@ fn method<'a>(request: &'a Request, attrs: &mut Vec<KeyValue>) -> &'a str {
 /// server.address/port: the Host header, else the server end's address
 /// (`localhost` and the scheme's port for a unix socket).
 fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16) {
-    let (server_host, server_port) = match server {
-        Endpoint::Inet(addr) => (addr.ip().to_string(), addr.port()),
-        Endpoint::Unix(_) => (
-            "localhost".to_owned(),
-            if scheme == "https" { 443 } else { 80 },
-        ),
+    let server_port = match server {
+        Endpoint::Inet(addr) => addr.port(),
+        Endpoint::Unix(_) if scheme == "https" => 443,
+        Endpoint::Unix(_) => 80,
     };
     let Some(host) = request
         .host
@@ -348,6 +346,11 @@ fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16
         .map(str::trim)
         .filter(|h| !h.is_empty())
     else {
+        // Formatted only without a Host header: most requests have one.
+        let server_host = match server {
+            Endpoint::Inet(addr) => addr.ip().to_string(),
+            Endpoint::Unix(_) => "localhost".to_owned(),
+        };
         return (server_host, server_port);
     };
     // "[v6]:port", "[v6]", "name:port", "name"
