@@ -14,7 +14,7 @@ use inferno::{
     flamegraph,
 };
 
-use super::Machine;
+use super::{Machine, num};
 use crate::{say, util::Ctx, util::output};
 
 pub struct Options {
@@ -52,7 +52,7 @@ pub fn flame(ctx: &Ctx, opts: &Options) -> Result<()> {
     for w in &workloads {
         args.extend(["--workload".to_string(), w.clone()]);
     }
-    super::workloads(ctx, &args, opts.agent.as_deref(), |line| {
+    let runs = super::workloads(ctx, &args, opts.agent.as_deref(), |line| {
         serde_json::from_str(line).map_err(Into::into)
     })?;
     let facts = Machine::gather(ctx);
@@ -73,12 +73,25 @@ pub fn flame(ctx: &Ctx, opts: &Options) -> Result<()> {
             Some(path) => path.display().to_string(),
             None => format!("commit {}", facts.commit),
         };
+        // What the profiled run measured, so two graphs compare per request.
+        let run = runs
+            .iter()
+            .find(|r| r["workload"] == w.as_str() && r["mode"] == "on");
+        let measured = run.map_or_else(String::new, |r| {
+            format!(
+                "; {} requests/s, agent CPU {:.1} µs per request",
+                super::grouped(num(r, "rps")),
+                num(r, "agent_cpu_us_per_request")
+            )
+        });
         let mut options = flamegraph::Options::default();
         options.title = format!("zerotrace agent CPU, {w} at saturation");
         options.subtitle = Some(format!(
-            "{} s of perf record -e cpu-clock, {which}, Linux {}, {} CPUs, {}",
+            "{} s of perf record -e cpu-clock (which adds its own cost), {which}, Linux {}, \
+             {} CPUs, {}{measured}",
             opts.seconds, facts.kernel, facts.cpus, facts.date
         ));
+        say!("bench", "{w}{measured}");
         options.count_name = "ns".into();
         let svg = out_dir.join(format!("flame-{w}.svg"));
         let file =
