@@ -144,7 +144,9 @@ pub struct Response {
 /// parser lost track) before one came.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exchange {
-    pub request: Request,
+    /// Shared with the [`HttpEvent::Request`] emitted for it: no copy of the
+    /// head per request.
+    pub request: Arc<Request>,
     pub response: Option<Response>,
 }
 
@@ -152,7 +154,7 @@ pub struct Exchange {
 pub enum HttpEvent {
     /// A request head was parsed (emitted as soon as the head is complete, before its
     /// body and long before the response).
-    Request(Request),
+    Request(Arc<Request>),
     /// A request's final response is complete (or the request ended without one).
     Exchange(Exchange),
     /// The connection is not HTTP/1.x; emitted once, after which everything is ignored.
@@ -291,7 +293,7 @@ struct Head {
 /// (kept as a count so that FIFO pairing stays aligned).
 #[derive(Debug)]
 enum Slot {
-    Req(Box<Request>),
+    Req(Arc<Request>),
     Dropped(u64),
 }
 
@@ -316,7 +318,7 @@ struct Side {
     /// Requests: seq of the request whose body is being read.
     body_of: Option<u64>,
     /// Responses: the final response being read and the request it answers.
-    cur: Option<Box<(Request, Response)>>,
+    cur: Option<Box<(Arc<Request>, Response)>>,
 }
 
 impl Side {
@@ -740,7 +742,9 @@ impl HttpConn {
             }
             self.sides[i].body_of = None;
         } else {
-            out.push(HttpEvent::Request((*req).clone()));
+            // Moved out of its box once; the event and the queue share it.
+            let req = Arc::new(*req);
+            out.push(HttpEvent::Request(Arc::clone(&req)));
             self.pending.push_back(Slot::Req(req));
             self.queued += 1;
             self.sides[i].body_of = Some(seq);
@@ -806,7 +810,7 @@ impl HttpConn {
         let method = request.as_ref().map_or("", |r| r.method.as_str());
         let upgrade = status == 101 || (method == "CONNECT" && (200..300).contains(&status));
         let no_body = method == "HEAD" || status == 204 || status == 304;
-        self.sides[i].cur = request.map(|req| Box::new((*req, response)));
+        self.sides[i].cur = request.map(|req| Box::new((req, response)));
         if upgrade {
             self.end_message(i, at, out);
             self.upgrade(out);
@@ -860,6 +864,9 @@ impl HttpConn {
             if let Slot::Req(req) = slot
                 && req.seq == seq
             {
+                // Copies the head only while its HttpEvent::Request is
+                // still unread, i.e. when head and body came in one call.
+                let req = Arc::make_mut(req);
                 req.body_bytes = req.body_bytes.saturating_add(k);
                 return;
             }
@@ -867,7 +874,8 @@ impl HttpConn {
         if let Some(cur) = self.sides[1 - i].cur.as_mut()
             && cur.0.seq == seq
         {
-            cur.0.body_bytes = cur.0.body_bytes.saturating_add(k);
+            let req = Arc::make_mut(&mut cur.0);
+            req.body_bytes = req.body_bytes.saturating_add(k);
         }
     }
 
@@ -1102,7 +1110,7 @@ impl HttpConn {
                         self.queued -= 1;
                         self.counters.unanswered += 1;
                         out.push(HttpEvent::Exchange(Exchange {
-                            request: *request,
+                            request,
                             response: None,
                         }));
                     }
@@ -1119,7 +1127,7 @@ impl HttpConn {
             if let Slot::Req(request) = slot {
                 self.counters.unanswered += 1;
                 out.push(HttpEvent::Exchange(Exchange {
-                    request: *request,
+                    request,
                     response: None,
                 }));
             }
@@ -1602,7 +1610,7 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                HttpEvent::Request(r) => Some(r),
+                HttpEvent::Request(r) => Some(&**r),
                 _ => None,
             })
             .collect()

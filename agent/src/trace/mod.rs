@@ -23,7 +23,6 @@ pub mod resources;
 pub mod semconv;
 
 use std::{
-    borrow::Cow,
     collections::VecDeque,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -32,7 +31,7 @@ use std::{
 use agent_common::Direction;
 use nix::time::{ClockId, clock_gettime};
 use opentelemetry::{
-    InstrumentationScope, KeyValue,
+    InstrumentationScope, Key, KeyValue, Value,
     trace::{SpanContext, SpanId, SpanKind, TraceState},
 };
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
@@ -80,7 +79,9 @@ const MAX_SERVING: usize = 1024;
 
 /// What the tracer is configured with.
 pub struct TraceOptions {
-    pub header_rules: Vec<HeaderRule>,
+    /// Each header rule with its attribute's key, made once so that spans
+    /// share it (a reference count, not a copy, per span).
+    pub header_rules: Vec<(HeaderRule, Key)>,
     pub max_header_value: usize,
     /// Shared with each span's description, which outlives a borrow of self.
     pub routes: Arc<Routes>,
@@ -95,7 +96,15 @@ pub struct TraceOptions {
 impl TraceOptions {
     pub fn new(config: &Config, sampler: Sampler) -> Self {
         Self {
-            header_rules: config.http.headers.clone(),
+            header_rules: config
+                .http
+                .headers
+                .iter()
+                .map(|rule| {
+                    let key = Key::from(Arc::<str>::from(rule.attribute.as_str()));
+                    (rule.clone(), key)
+                })
+                .collect(),
             max_header_value: config.http.max_header_value,
             routes: Arc::new(Routes::new(&config.http.routes)),
             exclude_paths: PathFilter::new(&config.exclude.paths),
@@ -207,6 +216,8 @@ struct ConnTrace {
     fresh: bool,
     begun: VecDeque<Begun>,
     last: Moment,
+    /// `network.peer.address`, once known (None inside: the peer has none).
+    peer: Option<Option<Value>>,
 }
 
 /// A request whose client left before the answer, still owning its units.
@@ -261,7 +272,7 @@ impl Tracer {
     pub fn new(opts: TraceOptions, queue: SpanQueue) -> Self {
         let session_opts = session::Options {
             http: Arc::new(HttpOptions {
-                extra_headers: opts.header_rules.iter().map(|r| r.header.clone()).collect(),
+                extra_headers: opts.header_rules.iter().map(|(r, _)| r.header.clone()).collect(),
                 max_value_bytes: opts.max_header_value,
                 ..HttpOptions::default()
             }),
@@ -455,6 +466,7 @@ impl Tracer {
             fresh: true,
             begun: VecDeque::new(),
             last: Moment::default(),
+            peer: None,
         }
     }
 
@@ -485,7 +497,7 @@ impl Tracer {
     fn handle(&mut self, conn: &Connection, dir: Direction, events: &mut Vec<Event>) {
         for event in events.drain(..) {
             match event {
-                Event::Http(HttpEvent::Request(request)) => self.begin_http(conn, dir, &request),
+                Event::Http(HttpEvent::Request(request)) => self.begin_http(conn, dir, request),
                 Event::Http(HttpEvent::Exchange(exchange)) => self.finish_http(conn, exchange),
                 Event::Http(HttpEvent::NotHttp) | Event::Db(DbEvent::Skip) => {
                     self.stats.connections_not_traced += 1;
@@ -521,7 +533,7 @@ impl Tracer {
         }
     }
 
-    fn begin_http(&mut self, conn: &Connection, dir: Direction, request: &Request) {
+    fn begin_http(&mut self, conn: &Connection, dir: Direction, request: Arc<Request>) {
         // Requests are read by servers and written by clients.
         let side = match dir {
             Direction::Ingress => Side::Server,
@@ -531,12 +543,15 @@ impl Tracer {
             .opts
             .header_rules
             .iter()
-            .filter_map(|rule| {
+            .filter_map(|(rule, key)| {
+                // Shared by every span of the request's trace on this host.
                 request
                     .extra
                     .iter()
                     .find(|(name, _)| *name == rule.header)
-                    .map(|(_, value)| KeyValue::new(rule.attribute.clone(), value.clone()))
+                    .map(|(_, value)| {
+                        KeyValue::new(key.clone(), Value::from(Arc::<str>::from(value.as_str())))
+                    })
             })
             .collect();
         self.begin(
@@ -551,10 +566,7 @@ impl Tracer {
                     .and_then(|tp| parse_traceparent(tp, request.tracestate.as_deref())),
                 own_tenant,
                 excluded: self.opts.exclude_paths.excludes(&request.target),
-                content: Some(Content::new(
-                    &request.method,
-                    http::path_and_query(&request.target).0,
-                )),
+                content: Some(Content::of(request)),
             },
         );
     }
@@ -820,14 +832,7 @@ impl Tracer {
         let start_ns = exchange.request.start.ts_ns;
         let end_ns = exchange.response.as_ref().map(|r| r.end.ts_ns);
         let routes = Arc::clone(&self.opts.routes);
-        let at = Endpoints {
-            local: &conn.local,
-            remote: &conn.remote,
-            tls: self
-                .conns
-                .get(&conn.conn_id)
-                .is_some_and(|c| c.session.tls() == Tls::Plaintext),
-        };
+        let at = self.endpoints(conn);
         self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| {
             http::describe(side, &exchange, at, &routes)
         });
@@ -842,20 +847,30 @@ impl Tracer {
         else {
             return;
         };
-        let at = Endpoints {
-            local: &conn.local,
-            remote: &conn.remote,
-            tls: self
-                .conns
-                .get(&conn.conn_id)
-                .is_some_and(|c| c.session.tls() == Tls::Plaintext),
-        };
+        let at = self.endpoints(conn);
         let end_ns = (!call.unanswered).then_some(call.end.ts_ns);
         let seq = call.seq;
         let start_ns = call.start.ts_ns;
         self.finish(conn, seq, start_ns, end_ns, |side| {
-            db::describe(system, side, &call, at)
+            db::describe(system, side, call, at)
         });
+    }
+
+    /// The connection's ends for its spans' attributes, with the peer's
+    /// address formatted once per connection.
+    fn endpoints<'c>(&mut self, conn: &'c Connection) -> Endpoints<'c> {
+        let Some(state) = self.conns.get_mut(&conn.conn_id) else {
+            return Endpoints::new(&conn.local, &conn.remote, false);
+        };
+        Endpoints {
+            local: &conn.local,
+            remote: &conn.remote,
+            tls: state.session.tls() == Tls::Plaintext,
+            peer: state
+                .peer
+                .get_or_insert_with(|| semconv::peer_address(&conn.remote))
+                .clone(),
+        }
     }
 
     /// A request's span is complete: `describe` names it for its side.
@@ -879,13 +894,15 @@ impl Tracer {
         }
         let unanswered = end_ns.is_none();
         let end_ns = end_ns.unwrap_or(state.last.ts_ns).max(start_ns);
-        let Some(begun) = state.begun.front().filter(|b| b.seq == seq).cloned() else {
+        let Some(begun) = state
+            .begun
+            .pop_front_if(|b| b.seq == seq)
+        else {
             for b in &stale {
                 self.unregister(conn.conn_id, addrs, b, end_ns, false);
             }
             return;
         };
-        state.begun.pop_front();
         // A root server span of a connection whose client end may still
         // be delivered: held a moment for it (see [`held`]).
         let hold = begun.side == Side::Server
@@ -927,7 +944,7 @@ impl Tracer {
             parent_span_id: begun.parent.as_ref().map_or(SpanId::INVALID, |p| p.span_id),
             parent_span_is_remote: begun.parent.as_ref().is_some_and(|p| p.remote),
             span_kind: kind,
-            name: Cow::Owned(described.name),
+            name: described.name,
             start_time: self.wall_time(start_ns),
             end_time: self.wall_time(end_ns),
             attributes,

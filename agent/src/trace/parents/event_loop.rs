@@ -19,7 +19,11 @@
 //! the callback that read from a connection carrying exports carries them
 //! on, and is not traced either — or every export would make new spans.
 
+use std::sync::Arc;
+
 use super::runtime::RequestRef;
+use crate::protocol::http::Request;
+use crate::trace::semconv::http::path_and_query;
 use crate::IdMap;
 
 /// The last socket record of a thread.
@@ -124,29 +128,37 @@ impl Adjacency {
     }
 }
 
-/// What a downstream request forwarded upstream keeps: its method and path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Content {
-    pub method: Box<str>,
-    pub path: Box<str>,
-}
+/// What a downstream request forwarded upstream keeps: its method and path,
+/// read from the request head it shares with the parser (nothing copied).
+#[derive(Debug, Clone)]
+pub struct Content(Arc<Request>);
 
 impl Content {
-    pub fn new(method: &str, path: &str) -> Self {
-        Self {
+    pub fn of(request: Arc<Request>) -> Self {
+        Self(request)
+    }
+
+    #[cfg(test)]
+    pub fn new(method: &str, target: &str) -> Self {
+        Self(Arc::new(Request {
             method: method.into(),
-            path: path.into(),
-        }
+            target: target.into(),
+            ..Default::default()
+        }))
+    }
+
+    fn path(&self) -> &str {
+        path_and_query(&self.0.target).0
     }
 
     /// Whether `upstream` can be this request forwarded: the same method and
     /// the same path, or one a suffix of the other at a segment boundary
     /// (a location prefix added or stripped).
     pub fn forwarded_as(&self, upstream: &Content) -> bool {
-        if self.method != upstream.method {
+        if self.0.method != upstream.0.method {
             return false;
         }
-        let (a, b) = (&*self.path, &*upstream.path);
+        let (a, b) = (self.path(), upstream.path());
         if a == b {
             return true;
         }

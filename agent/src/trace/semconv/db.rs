@@ -1,18 +1,26 @@
 //! Database calls as spans, per the OpenTelemetry database semantic
 //! conventions (PostgreSQL, MySQL/MariaDB, Redis).
 
-use opentelemetry::{KeyValue, trace::Status};
+use std::borrow::Cow;
 
-use super::{Described, Endpoints, Side};
+use opentelemetry::{KeyValue, Value, trace::Status};
+
+use super::{Described, Endpoints, Side, ip_text};
 use crate::{capture::Endpoint, protocol::db::DbCall};
 
 /// Name, attributes and status of one call; `system` is db.system.name.
-pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints<'_>) -> Described {
+pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_>) -> Described {
+    let name = span_name(system, &call);
     let mut attrs = Vec::with_capacity(12);
     attrs.push(KeyValue::new("db.system.name", system));
     match at.server(side) {
+        // A client's server is its peer, whose address is formatted already.
         Endpoint::Inet(server) => {
-            attrs.push(KeyValue::new("server.address", server.ip().to_string()));
+            let address = match (side, &at.peer) {
+                (Side::Client, Some(peer)) => peer.clone(),
+                _ => Value::from(ip_text(server.ip())),
+            };
+            attrs.push(KeyValue::new("server.address", address));
             attrs.push(KeyValue::new("server.port", i64::from(server.port())));
         }
         // A unix socket: its path (or @abstract name), without a port.
@@ -23,35 +31,38 @@ pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints<'
         }
     }
     attrs.push(KeyValue::new("network.transport", at.transport()));
-    if let Some(peer) = at.peer_address() {
+    if let Some(peer) = at.peer {
         attrs.push(KeyValue::new("network.peer.address", peer));
     }
     if let Some(port) = at.remote.port() {
         attrs.push(KeyValue::new("network.peer.port", i64::from(port)));
     }
+    let error_type = call
+        .error
+        .then(|| call.status_code.clone().unwrap_or_else(|| "_OTHER".into()));
+    // The call is the span's now: its strings move into the attributes.
     for (key, value) in [
-        ("db.operation.name", &call.operation),
-        ("db.collection.name", &call.collection),
-        ("db.namespace", &call.namespace),
-        ("db.query.text", &call.query_text),
-        ("db.response.status_code", &call.status_code),
+        ("db.operation.name", call.operation),
+        ("db.collection.name", call.collection),
+        ("db.namespace", call.namespace),
+        ("db.query.text", call.query_text),
+        ("db.response.status_code", call.status_code),
     ] {
         if let Some(v) = value {
-            attrs.push(KeyValue::new(key, v.clone()));
+            attrs.push(KeyValue::new(key, v));
         }
     }
     let status = if call.unanswered {
         attrs.push(KeyValue::new("error.type", "no_response"));
         Status::error("no response before the connection closed")
-    } else if call.error {
-        let kind = call.status_code.clone().unwrap_or_else(|| "_OTHER".into());
+    } else if let Some(kind) = error_type {
         attrs.push(KeyValue::new("error.type", kind));
         Status::error("")
     } else {
         Status::Unset
     };
     Described {
-        name: span_name(system, call),
+        name,
         attributes: attrs,
         status,
     }
@@ -59,13 +70,13 @@ pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints<'
 
 /// `{operation} {collection}`, else `{operation}`, else `{namespace}`,
 /// else the system, as the conventions fall back.
-fn span_name(system: &str, call: &DbCall) -> String {
+fn span_name(system: &'static str, call: &DbCall) -> Cow<'static, str> {
     match (&call.operation, &call.collection, &call.namespace) {
-        (Some(op), Some(coll), _) => format!("{op} {coll}"),
-        (Some(op), None, _) => op.clone(),
-        (None, Some(coll), _) => coll.clone(),
-        (None, None, Some(ns)) => ns.clone(),
-        (None, None, None) => system.to_owned(),
+        (Some(op), Some(coll), _) => Cow::Owned(format!("{op} {coll}")),
+        (Some(op), None, _) => Cow::Owned(op.clone()),
+        (None, Some(coll), _) => Cow::Owned(coll.clone()),
+        (None, None, Some(ns)) => Cow::Owned(ns.clone()),
+        (None, None, None) => Cow::Borrowed(system),
     }
 }
 
@@ -75,11 +86,7 @@ mod tests {
 
     fn at() -> Endpoints<'static> {
         let end = |s: &str| &*Box::leak(Box::new(Endpoint::Inet(s.parse().unwrap())));
-        Endpoints {
-            local: end("127.0.0.1:40000"),
-            remote: end("127.0.0.1:5432"),
-            tls: false,
-        }
+        Endpoints::new(end("127.0.0.1:40000"), end("127.0.0.1:5432"), false)
     }
 
     #[test]
@@ -92,12 +99,8 @@ mod tests {
                 name: unix_name(name),
             })))
         };
-        let at = Endpoints {
-            local: unix(1, b""),
-            remote: unix(2, b"/run/postgresql/.s.PGSQL.5432"),
-            tls: false,
-        };
-        let d = describe("postgresql", Side::Client, &DbCall::default(), at);
+        let at = Endpoints::new(unix(1, b""), unix(2, b"/run/postgresql/.s.PGSQL.5432"), false);
+        let d = describe("postgresql", Side::Client, DbCall::default(), at);
         let get = |k: &str| {
             d.attributes
                 .iter()
@@ -129,7 +132,7 @@ mod tests {
             query_text: Some("SELECT * FROM models WHERE id = ?".into()),
             ..Default::default()
         };
-        let d = describe("postgresql", Side::Client, &call, at());
+        let d = describe("postgresql", Side::Client, call.clone(), at());
         assert_eq!(d.name, "SELECT models");
         assert_eq!(attr(&d, "db.system.name").as_deref(), Some("postgresql"));
         assert_eq!(attr(&d, "server.port").as_deref(), Some("5432"));
@@ -141,11 +144,11 @@ mod tests {
             error: true,
             ..Default::default()
         };
-        let d = describe("postgresql", Side::Client, &failed, at());
+        let d = describe("postgresql", Side::Client, failed.clone(), at());
         assert_eq!(d.name, "SELECT");
         assert_eq!(attr(&d, "error.type").as_deref(), Some("42P01"));
         assert!(matches!(d.status, Status::Error { .. }));
-        let bare = describe("redis", Side::Server, &DbCall::default(), at());
+        let bare = describe("redis", Side::Server, DbCall::default(), at());
         assert_eq!(bare.name, "redis");
         assert_eq!(attr(&bare, "server.port").as_deref(), Some("40000"));
     }

@@ -1,9 +1,9 @@
 //! HTTP exchanges as spans: names, attributes and statuses per the
 //! OpenTelemetry HTTP semantic conventions.
 
-use std::{net::IpAddr, sync::Arc};
+use std::borrow::Cow;
 
-use opentelemetry::{KeyValue, Value, trace::Status};
+use opentelemetry::{KeyValue, trace::Status};
 
 use super::{Described, Endpoints, Side};
 use crate::{
@@ -150,11 +150,7 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
     let scheme = if at.tls { "https" } else { "http" };
     let server = at.server(side);
     let (host, port) = authority(request, server, scheme);
-    // Formatted once: servers report it twice (peer and client address).
-    let peer = match at.remote {
-        Endpoint::Inet(addr) => Some(Value::from(ip_text(addr.ip()))),
-        unix => unix.unix_name().map(|n| Value::from(n.to_owned())),
-    };
+    let peer = at.peer.clone();
     attrs.push(KeyValue::new("url.scheme", scheme));
     attrs.push(KeyValue::new("network.protocol.version", request.version));
     attrs.push(KeyValue::new("network.transport", at.transport()));
@@ -245,9 +241,9 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
             name.push_str(method);
             name.push(' ');
             name.push_str(route);
-            name
+            Cow::Owned(name)
         }
-        _ => method.to_owned(),
+        _ => Cow::Borrowed(method),
     };
     Described {
         name,
@@ -301,27 +297,11 @@ fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>
     url
 }
 
-/// The text form of an address, formatted on the stack and stored once.
-fn ip_text(ip: IpAddr) -> Arc<str> {
-    use std::io::Write;
-    // The longest form, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", has 45 bytes.
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
-    if write!(rest, "{ip}").is_err() {
-        return Arc::from(ip.to_string());
-    }
-    let len = 64 - rest.len();
-    match std::str::from_utf8(&buf[..len]) {
-        Ok(text) => Arc::from(text),
-        Err(_) => Arc::from(ip.to_string()),
-    }
-}
-
 /// Adds the method attributes; returns the name to use in the span name.
-fn method<'a>(request: &'a Request, attrs: &mut Vec<KeyValue>) -> &'a str {
-    if KNOWN_METHODS.contains(&request.method.as_str()) {
-        attrs.push(KeyValue::new("http.request.method", request.method.clone()));
-        &request.method
+fn method(request: &Request, attrs: &mut Vec<KeyValue>) -> &'static str {
+    if let Some(known) = KNOWN_METHODS.iter().find(|m| **m == request.method) {
+        attrs.push(KeyValue::new("http.request.method", *known));
+        known
     } else {
         attrs.push(KeyValue::new("http.request.method", "_OTHER"));
         attrs.push(KeyValue::new(
@@ -376,18 +356,19 @@ fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16
 mod tests {
     use super::*;
     use crate::protocol::http::Response;
+    use std::sync::Arc;
     use opentelemetry::Value;
 
     fn exchange(method: &str, target: &str, status: Option<u16>) -> Exchange {
         Exchange {
-            request: Request {
+            request: Arc::new(Request {
                 method: method.into(),
                 target: target.into(),
                 version: "1.1",
                 host: Some("shop.example:8080".into()),
                 user_agent: Some("curl/7.88.1".into()),
                 ..Default::default()
-            },
+            }),
             response: status.map(|status| Response {
                 status,
                 version: "1.1",
@@ -398,11 +379,7 @@ mod tests {
 
     fn at() -> Endpoints<'static> {
         let end = |s: &str| &*Box::leak(Box::new(Endpoint::Inet(s.parse().unwrap())));
-        Endpoints {
-            local: end("127.0.0.1:8080"),
-            remote: end("127.0.0.1:50123"),
-            tls: false,
-        }
+        Endpoints::new(end("127.0.0.1:8080"), end("127.0.0.1:50123"), false)
     }
 
     #[test]
@@ -416,12 +393,8 @@ mod tests {
             })))
         };
         let mut ex = exchange("GET", "/x?q=1", Some(200));
-        ex.request.host = Some("localhost".into());
-        let client = Endpoints {
-            local: unix(1, b""),
-            remote: unix(2, b"/tmp/app.sock"),
-            tls: false,
-        };
+        Arc::make_mut(&mut ex.request).host = Some("localhost".into());
+        let client = Endpoints::new(unix(1, b""), unix(2, b"/tmp/app.sock"), false);
         let d = describe(Side::Client, &ex, client, &Routes::default());
         let get = |d: &Described, k: &str| attr(d, k).map(|v| v.to_string());
         assert_eq!(get(&d, "network.transport").as_deref(), Some("unix"));
@@ -439,11 +412,7 @@ mod tests {
             (None, None)
         );
         // The server's side: its own name; an unnamed client has no address.
-        let server = Endpoints {
-            local: unix(2, b"/tmp/app.sock"),
-            remote: unix(1, b""),
-            tls: false,
-        };
+        let server = Endpoints::new(unix(2, b"/tmp/app.sock"), unix(1, b""), false);
         let d = describe(Side::Server, &ex, server, &Routes::default());
         assert_eq!(get(&d, "server.address").as_deref(), Some("/tmp/app.sock"));
         assert_eq!(get(&d, "network.peer.address"), None);
@@ -570,8 +539,8 @@ mod tests {
             "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
             "::ffff:255.255.255.255",
         ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(&*ip_text(ip), ip.to_string());
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(&*super::super::ip_text(ip), ip.to_string());
         }
     }
 

@@ -3,7 +3,9 @@
 //! conventions. Each protocol family describes its own spans; the tracer
 //! adds ids, parents, times and resources.
 
-use opentelemetry::KeyValue;
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use opentelemetry::{KeyValue, Value};
 
 use crate::capture::Endpoint;
 
@@ -17,16 +19,29 @@ pub enum Side {
     Client,
 }
 
-/// The ends of the connection, from the traced process's view, and
-/// whether it is encrypted (its bytes came from a TLS library).
-#[derive(Debug, Clone, Copy)]
+/// The ends of the connection, from the traced process's view, whether it
+/// is encrypted (its bytes came from a TLS library), and the peer's address
+/// as an attribute value (formatted once per connection by the tracer).
+#[derive(Debug, Clone)]
 pub struct Endpoints<'a> {
     pub local: &'a Endpoint,
     pub remote: &'a Endpoint,
     pub tls: bool,
+    /// `network.peer.address`: see [`peer_address`].
+    pub peer: Option<Value>,
 }
 
 impl<'a> Endpoints<'a> {
+    /// Formats the peer's address; the tracer passes its cached one instead.
+    pub fn new(local: &'a Endpoint, remote: &'a Endpoint, tls: bool) -> Self {
+        Self {
+            local,
+            remote,
+            tls,
+            peer: peer_address(remote),
+        }
+    }
+
     /// The server's end: the local one on the server side.
     pub fn server(&self, side: Side) -> &'a Endpoint {
         match side {
@@ -39,20 +54,38 @@ impl<'a> Endpoints<'a> {
     pub fn transport(&self) -> &'static str {
         if self.local.is_unix() { "unix" } else { "tcp" }
     }
+}
 
-    /// `network.peer.address`: the peer's IP, or its unix socket's name
-    /// when it has one (a client end usually has none).
-    pub fn peer_address(&self) -> Option<String> {
-        match self.remote {
-            Endpoint::Inet(addr) => Some(addr.ip().to_string()),
-            unix => unix.unix_name().map(str::to_owned),
-        }
+/// `network.peer.address`: the peer's IP, or its unix socket's name when it
+/// has one (a client end usually has none). Reference-counted, so the
+/// spans of a connection share one copy.
+pub fn peer_address(remote: &Endpoint) -> Option<Value> {
+    match remote {
+        Endpoint::Inet(addr) => Some(Value::from(ip_text(addr.ip()))),
+        unix => unix.unix_name().map(|n| Value::from(Arc::<str>::from(n))),
+    }
+}
+
+/// The text form of an address, formatted on the stack and stored once.
+pub fn ip_text(ip: IpAddr) -> Arc<str> {
+    use std::io::Write;
+    // The longest form, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", has 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    if write!(rest, "{ip}").is_err() {
+        return Arc::from(ip.to_string());
+    }
+    let len = 64 - rest.len();
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(text) => Arc::from(text),
+        Err(_) => Arc::from(ip.to_string()),
     }
 }
 
 /// A span's name, attributes and status, as a protocol describes it.
 pub struct Described {
-    pub name: String,
+    /// Borrowed when it is a constant (an HTTP method, a DB system).
+    pub name: Cow<'static, str>,
     pub attributes: Vec<KeyValue>,
     pub status: opentelemetry::trace::Status,
 }
