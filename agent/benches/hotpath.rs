@@ -35,7 +35,7 @@ use zerotrace::{
         db::{DbEvent, DbOptions},
         http::{HttpEvent, HttpOptions, Moment},
         session::{self, Event, Protocol, Session},
-        sql::summarize,
+        sql::{Summaries, summarize},
     },
     trace::{TraceOptions, Tracer, parents::context::Sampler},
 };
@@ -533,6 +533,13 @@ fn bench_sql(c: &mut Criterion) {
         );
         g.bench_function(name, |b| b.iter(|| summarize(black_box(sql), max)));
     }
+    // A repeated text (a prepared or parameterized statement): summarized
+    // once, then read from the shared summaries.
+    let summaries = Summaries::default();
+    let (_, select) = statements[0];
+    g.bench_function("select_repeated", |b| {
+        b.iter(|| summaries.summarize(black_box(select), max))
+    });
     g.finish();
 }
 

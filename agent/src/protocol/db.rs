@@ -2,7 +2,11 @@
 //! have in common: their options, their output and how they recognise a
 //! connection from its first bytes.
 
+use std::sync::Arc;
+
 use agent_common::Direction;
+
+use super::sql::Summaries;
 
 pub use super::http::Moment;
 
@@ -19,6 +23,8 @@ pub struct DbOptions {
     pub max_pending: usize,
     /// Most prepared statements remembered per connection.
     pub max_statements: usize,
+    /// Summaries of SQL texts seen before, shared by all connections.
+    pub summaries: Arc<Summaries>,
 }
 
 impl Default for DbOptions {
@@ -28,6 +34,7 @@ impl Default for DbOptions {
             sanitize: true,
             max_pending: 256,
             max_statements: 256,
+            summaries: Arc::default(),
         }
     }
 }

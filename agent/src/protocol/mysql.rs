@@ -1845,9 +1845,9 @@ impl MysqlConn {
         if sql.trim().is_empty() {
             return (Stmt::default(), None);
         }
-        let summary = sql::summarize(&sql, self.opts.max_query_bytes);
+        let summary = self.opts.summaries.summarize(&sql, self.opts.max_query_bytes);
         let query_text = if self.opts.sanitize {
-            summary.sanitized
+            summary.sanitized.clone()
         } else {
             cap_str(&sql, self.opts.max_query_bytes)
         };
@@ -1857,8 +1857,8 @@ impl MysqlConn {
             None
         };
         let stmt = Stmt {
-            operation: summary.operation,
-            collection: summary.collection,
+            operation: summary.operation.clone(),
+            collection: summary.collection.clone(),
             text: (!query_text.is_empty()).then_some(query_text),
         };
         (stmt, target)
@@ -3491,6 +3491,7 @@ mod tests {
             sanitize: false,
             max_pending: 2,
             max_statements: 1,
+            ..DbOptions::default()
         })
     }
 

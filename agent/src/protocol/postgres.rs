@@ -78,7 +78,6 @@ use std::sync::Arc;
 use agent_common::Direction;
 
 use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment};
-use super::sql;
 
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
@@ -1094,15 +1093,15 @@ impl PostgresConn {
             return Arc::new(Stmt::default());
         }
         let max = self.opts.max_query_bytes;
-        let summary = sql::summarize(&text, max);
+        let summary = self.opts.summaries.summarize(&text, max);
         let query_text = if self.opts.sanitize {
-            summary.sanitized
+            summary.sanitized.clone()
         } else {
             capped(&text, max)
         };
         Arc::new(Stmt {
-            operation: summary.operation,
-            collection: summary.collection,
+            operation: summary.operation.clone(),
+            collection: summary.collection.clone(),
             text: (!query_text.is_empty()).then_some(query_text),
         })
     }
@@ -2739,6 +2738,7 @@ mod tests {
             sanitize: true,
             max_pending: 2,
             max_statements: 1,
+            ..DbOptions::default()
         })
     }
 

@@ -28,6 +28,10 @@
 //! for the operation and table. Memory: a verdict byte per input byte
 //! (per reading when there are backslashes) and the kept tokens.
 
+mod summaries;
+
+pub use summaries::Summaries;
+
 /// What a statement tells about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SqlSummary {

@@ -6,14 +6,14 @@
 //! (and a server span that ended meanwhile is held, [`super::held`]).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::Arc,
 };
 
 use opentelemetry::{KeyValue, trace::TraceId};
 
 use super::context::Parent;
-use crate::capture::EndId;
+use crate::{IdMap, capture::EndId};
 
 /// The client end's (local, remote): addresses, or unix sockets.
 pub type LinkKey = (EndId, EndId);
@@ -47,11 +47,11 @@ struct Waiting {
 
 #[derive(Default)]
 pub struct Links {
-    calls: HashMap<LinkKey, VecDeque<Call>>,
-    waiting: HashMap<LinkKey, VecDeque<Waiting>>,
+    calls: IdMap<LinkKey, VecDeque<Call>>,
+    waiting: IdMap<LinkKey, VecDeque<Waiting>>,
     /// Trace ids replaced after a late link: a server span's trace joined
     /// its client's trace after the span had begun.
-    aliases: HashMap<TraceId, TraceId>,
+    aliases: IdMap<TraceId, TraceId>,
     alias_order: VecDeque<TraceId>,
     now_ns: u64,
     calls_since_sweep: u32,
