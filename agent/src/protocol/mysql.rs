@@ -88,7 +88,6 @@ use std::sync::Arc;
 use agent_common::Direction;
 
 use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment};
-use super::sql;
 
 /// A payload of this length continues in the next packet.
 const MAX_PACKET: u32 = 0x00ff_ffff;
@@ -2582,7 +2581,7 @@ mod tests {
             .iter()
             .map(|w| {
                 let summary = want_sql(&case.f, w)
-                    .map(|s| sql::summarize(&s, DbOptions::default().max_query_bytes));
+                    .map(|s| crate::protocol::sql::summarize(&s, DbOptions::default().max_query_bytes));
                 Expected {
                     op: match w.op {
                         Some(op) => Some(op.to_owned()),

@@ -113,7 +113,8 @@ impl Summaries {
     }
 
     /// Texts kept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.cache.len()
     }
 }
