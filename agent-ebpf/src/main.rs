@@ -10,6 +10,7 @@
 #![no_main]
 
 mod emit;
+mod floor;
 mod kfunc;
 mod process;
 mod runtime;

@@ -30,7 +30,7 @@ fn num(v: &Value, key: &str) -> f64 {
 }
 
 #[test]
-fn overhead_runs_measure_both_modes_and_the_agent() {
+fn overhead_runs_measure_off_floor_and_on_and_the_agent() {
     if !can_trace() {
         return;
     }
@@ -45,9 +45,9 @@ fn overhead_runs_measure_both_modes_and_the_agent() {
         "--workload",
         "redis",
     ]);
-    assert_eq!(runs.len(), 4, "{runs:?}");
+    assert_eq!(runs.len(), 6, "{runs:?}");
     for w in ["nginx", "redis"] {
-        for mode in ["off", "on"] {
+        for mode in ["off", "floor", "on"] {
             let r = runs
                 .iter()
                 .find(|r| r["workload"] == w && r["mode"] == mode)
@@ -59,6 +59,20 @@ fn overhead_runs_measure_both_modes_and_the_agent() {
             assert_eq!(num(r, "errors"), 0.0, "{r}");
             if mode == "off" {
                 assert!(r.get("agent_cpu_seconds").is_none(), "{r}");
+                continue;
+            }
+            if mode == "floor" {
+                // The empty program ran on the load's syscalls and cost less
+                // than the agent's programs on the same load.
+                assert!(r.get("agent_cpu_seconds").is_none(), "{r}");
+                assert!(num(r, "bpf_runs") >= num(r, "requests"), "{r}");
+                let on = runs
+                    .iter()
+                    .find(|o| o["workload"] == w && o["mode"] == "on")
+                    .unwrap();
+                let floor_ns = num(r, "kernel_ns_per_request");
+                assert!(floor_ns > 0.0, "{r}");
+                assert!(floor_ns < num(on, "kernel_ns_per_request"), "{r} vs {on}");
                 continue;
             }
             // The agent traced the load and the receiver got its spans.

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::{
     kernel::{
         kfunc::KfuncChoice,
-        loader::{LoadOptions, Transport, TransportChoice},
+        loader::{Floor, LoadOptions, Transport, TransportChoice},
     },
     pipeline::{Discard, Pipeline, default_buffer_bytes},
 };
@@ -82,6 +82,27 @@ pub fn loadgen(args: &LoadgenArgs) -> anyhow::Result<ExitCode> {
         "{}",
         json!({ "writes": writes, "reads": reads, "syscalls": writes + reads })
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `zerotrace bench-floor`: attaches the floor (see [`Floor`]), prints
+/// `{"runs":…,"run_ns":…}` at start and for every line read on stdin, and
+/// detaches at end of input.
+pub fn floor() -> anyhow::Result<ExitCode> {
+    let floor = Floor::attach()?;
+    let report = || -> anyhow::Result<()> {
+        let stats = floor.stats()?;
+        println!(
+            "{}",
+            json!({ "runs": stats.run_count, "run_ns": stats.run_time_ns })
+        );
+        Ok(())
+    };
+    report()?;
+    for line in std::io::stdin().lines() {
+        line?;
+        report()?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -44,6 +44,10 @@ enum Command {
     /// Loopback traffic for bench-capture (waits for a line on stdin).
     #[command(hide = true)]
     Loadgen(bench::LoadgenArgs),
+    /// The overhead benchmark's floor: an empty program on the agent's
+    /// tracepoints; prints its run count and time per line read on stdin.
+    #[command(hide = true)]
+    BenchFloor,
 }
 
 /// What to capture and how; shared by `run` and `events`.
@@ -132,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::BenchCapture(args) => bench::bench(&args),
         Command::Loadgen(args) => bench::loadgen(&args),
+        Command::BenchFloor => bench::floor(),
     };
     match result {
         Ok(code) => code,

@@ -761,6 +761,68 @@ impl Probes {
     }
 }
 
+/// The attach floor for the overhead benchmark: the object's empty `floor`
+/// program on every registry tracepoint this kernel has (those the agent
+/// attaches when no kernel-function layer runs), with run-time statistics
+/// on. Detached when dropped.
+pub struct Floor {
+    ebpf: Ebpf,
+    _stats: Option<OwnedFd>,
+}
+
+/// The empty program in the object.
+const FLOOR: &str = "floor";
+
+impl Floor {
+    pub fn attach() -> anyhow::Result<Self> {
+        raise_memlock();
+        let (tracefs, _) = tracefs::ensure_mounted()?;
+        anyhow::ensure!(
+            !OBJECT.is_empty(),
+            "this build has no eBPF object (built with AYA_BUILD_SKIP or for fuzzing)"
+        );
+        let stats = enable_stats(Stats::RunTime)
+            .context("BPF run-time statistics (they need CAP_SYS_ADMIN)")?;
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        let program: &mut TracePoint = ebpf
+            .program_mut(FLOOR)
+            .context("program floor missing from the object")?
+            .try_into()?;
+        program.load().context("loading the floor program")?;
+        let mut attached = 0;
+        for hook in HOOKS {
+            if tracefs::has_tracepoint(&tracefs, hook.category, hook.tracepoint) {
+                program
+                    .attach(hook.category, hook.tracepoint)
+                    .with_context(|| format!("attaching floor to {}", hook.tracepoint))?;
+                attached += 1;
+            }
+        }
+        log::info!("floor program attached to {attached} tracepoints");
+        Ok(Self {
+            ebpf,
+            _stats: Some(stats),
+        })
+    }
+
+    /// Runs and run time of the floor program so far.
+    pub fn stats(&self) -> anyhow::Result<ProgramStats> {
+        let program = self
+            .ebpf
+            .program(FLOOR)
+            .context("program floor missing from the object")?;
+        let info = program.info()?;
+        Ok(ProgramStats {
+            program: FLOOR.to_owned(),
+            kind: "tracepoint",
+            run_count: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+        })
+    }
+}
+
 /// Why a probe on user-space code could not be attached, with what to do
 /// when the kernel refused it for want of a capability: kernels since 6.16
 /// (and the stable updates of older lines) take `CAP_SYS_ADMIN` for

@@ -1844,7 +1844,10 @@ impl MysqlConn {
         if sql.trim().is_empty() {
             return (Stmt::default(), None);
         }
-        let summary = self.opts.summaries.summarize(&sql, self.opts.max_query_bytes);
+        let summary = self
+            .opts
+            .summaries
+            .summarize(&sql, self.opts.max_query_bytes);
         let query_text = if self.opts.sanitize {
             summary.sanitized.clone()
         } else {
@@ -2580,8 +2583,9 @@ mod tests {
         case.wants
             .iter()
             .map(|w| {
-                let summary = want_sql(&case.f, w)
-                    .map(|s| crate::protocol::sql::summarize(&s, DbOptions::default().max_query_bytes));
+                let summary = want_sql(&case.f, w).map(|s| {
+                    crate::protocol::sql::summarize(&s, DbOptions::default().max_query_bytes)
+                });
                 Expected {
                     op: match w.op {
                         Some(op) => Some(op.to_owned()),

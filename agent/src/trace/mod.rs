@@ -272,7 +272,11 @@ impl Tracer {
     pub fn new(opts: TraceOptions, queue: SpanQueue) -> Self {
         let session_opts = session::Options {
             http: Arc::new(HttpOptions {
-                extra_headers: opts.header_rules.iter().map(|(r, _)| r.header.clone()).collect(),
+                extra_headers: opts
+                    .header_rules
+                    .iter()
+                    .map(|(r, _)| r.header.clone())
+                    .collect(),
                 max_value_bytes: opts.max_header_value,
                 ..HttpOptions::default()
             }),
@@ -894,10 +898,7 @@ impl Tracer {
         }
         let unanswered = end_ns.is_none();
         let end_ns = end_ns.unwrap_or(state.last.ts_ns).max(start_ns);
-        let Some(begun) = state
-            .begun
-            .pop_front_if(|b| b.seq == seq)
-        else {
+        let Some(begun) = state.begun.pop_front_if(|b| b.seq == seq) else {
             for b in &stale {
                 self.unregister(conn.conn_id, addrs, b, end_ns, false);
             }

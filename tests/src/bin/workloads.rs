@@ -587,6 +587,47 @@ fn traced_run(
     ))
 }
 
+/// One run with the floor (`zerotrace bench-floor`: an empty program on
+/// the agent's tracepoints) instead of the agent: the bare cost of being
+/// called on every traced syscall, per request.
+fn floor_run(servers: &Servers, workload: Workload, seconds: u64) -> anyhow::Result<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(agent_bin())
+        .arg("bench-floor")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting zerotrace bench-floor")?;
+    let mut input = child.stdin.take().context("bench-floor stdin")?;
+    let mut output = BufReader::new(child.stdout.take().context("bench-floor stdout")?);
+    let mut read = || -> anyhow::Result<(f64, f64)> {
+        let mut line = String::new();
+        output.read_line(&mut line)?;
+        let v: Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("bench-floor said {line:?}"))?;
+        Ok((
+            v["runs"].as_f64().unwrap_or(0.0),
+            v["run_ns"].as_f64().unwrap_or(0.0),
+        ))
+    };
+    // The first line comes once every tracepoint is attached.
+    let (runs0, ns0) = read()?;
+    let measured = servers.measured_load(workload, seconds)?;
+    writeln!(input)?;
+    let (runs1, ns1) = read()?;
+    drop(input);
+    child.wait()?;
+    let requests = measured.0.requests.max(1) as f64;
+    Ok(merge(
+        load_fields(&measured),
+        json!({
+            "kernel_ns_per_request": (ns1 - ns0) / requests,
+            "bpf_runs": runs1 - runs0,
+            "bpf_run_seconds": (ns1 - ns0) / 1e9,
+        }),
+    ))
+}
+
 /// `perf record` of process `pid` for `seconds` into `file`: the
 /// software clock (hardware counters are not always there), DWARF call
 /// graphs (release builds keep no frame pointers).
@@ -621,22 +662,28 @@ fn overhead(
         for &w in workloads {
             // Alternate which mode goes first so drift over the run (CPU
             // frequency, caches, other tenants) does not favour one.
-            let modes = if round % 2 == 1 {
-                ["off", "on"]
+            let mut modes = if round % 2 == 1 {
+                vec!["off", "floor", "on"]
             } else {
-                ["on", "off"]
+                vec!["on", "floor", "off"]
             };
+            // A profile is of the agent; the floor run would only add time.
+            if profile.is_some() {
+                modes.retain(|m| *m != "floor");
+            }
             for mode in modes {
                 eprintln!(
                     "[workloads] round {round}/{rounds}: {} with the agent {mode}, {seconds} s…",
                     w.name()
                 );
-                let fields = if mode == "on" {
-                    let file =
-                        profile.map(|dir| dir.join(format!("{}-{round}.perf.data", w.name())));
-                    traced_run(&servers, &rx, w, seconds, file.as_deref())?
-                } else {
-                    load_fields(&servers.measured_load(w, seconds)?)
+                let fields = match mode {
+                    "on" => {
+                        let file =
+                            profile.map(|dir| dir.join(format!("{}-{round}.perf.data", w.name())));
+                        traced_run(&servers, &rx, w, seconds, file.as_deref())?
+                    }
+                    "floor" => floor_run(&servers, w, seconds)?,
+                    _ => load_fields(&servers.measured_load(w, seconds)?),
                 };
                 let line = merge(
                     json!({"workload": w.name(), "round": round, "mode": mode}),

@@ -152,7 +152,10 @@ mod tests {
         let s = Summaries::default();
         for i in 0..20_000 {
             let sql = format!("UPDATE a SET b = b + {i} WHERE id = {i}");
-            assert_eq!(s.summarize(&sql, 2048).sanitized, "UPDATE a SET b = b + ? WHERE id = ?");
+            assert_eq!(
+                s.summarize(&sql, 2048).sanitized,
+                "UPDATE a SET b = b + ? WHERE id = ?"
+            );
         }
         assert_eq!(s.len(), 0, "texts seen once are never kept");
         // Repeated texts, more than fit: the weight stays under the capacity.
@@ -161,10 +164,18 @@ mod tests {
             for i in 0..2_000 {
                 let sql = format!("SELECT '{long}' FROM t{i}");
                 let summary = s.summarize(&sql, 2048);
-                assert_eq!(summary.collection.as_deref(), Some(&*format!("t{i}")), "round {round}");
+                assert_eq!(
+                    summary.collection.as_deref(),
+                    Some(&*format!("t{i}")),
+                    "round {round}"
+                );
             }
         }
-        assert!(s.cache.weight() <= CAPACITY_BYTES, "{} bytes kept", s.cache.weight());
+        assert!(
+            s.cache.weight() <= CAPACITY_BYTES,
+            "{} bytes kept",
+            s.cache.weight()
+        );
         assert!(s.len() > 0);
         // Texts above the kept length are summarized, never kept.
         let huge = format!("SELECT '{}' FROM big", "y".repeat(MAX_KEPT_TEXT));

@@ -22,9 +22,9 @@
 use std::sync::Arc;
 
 use super::runtime::RequestRef;
+use crate::IdMap;
 use crate::protocol::http::Request;
 use crate::trace::semconv::http::path_and_query;
-use crate::IdMap;
 
 /// The last socket record of a thread.
 #[derive(Debug, Clone, Copy, Default)]

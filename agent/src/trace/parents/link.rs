@@ -5,10 +5,7 @@
 //! reader already woke — so each end waits a grace period for the other
 //! (and a server span that ended meanwhile is held, [`super::held`]).
 
-use std::{
-    collections::VecDeque,
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use opentelemetry::{KeyValue, trace::TraceId};
 

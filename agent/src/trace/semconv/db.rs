@@ -99,7 +99,11 @@ mod tests {
                 name: unix_name(name),
             })))
         };
-        let at = Endpoints::new(unix(1, b""), unix(2, b"/run/postgresql/.s.PGSQL.5432"), false);
+        let at = Endpoints::new(
+            unix(1, b""),
+            unix(2, b"/run/postgresql/.s.PGSQL.5432"),
+            false,
+        );
         let d = describe("postgresql", Side::Client, DbCall::default(), at);
         let get = |k: &str| {
             d.attributes

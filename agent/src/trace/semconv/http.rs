@@ -356,8 +356,8 @@ fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16
 mod tests {
     use super::*;
     use crate::protocol::http::Response;
-    use std::sync::Arc;
     use opentelemetry::Value;
+    use std::sync::Arc;
 
     fn exchange(method: &str, target: &str, status: Option<u16>) -> Exchange {
         Exchange {
