@@ -97,9 +97,13 @@ static SOCK_CONNS: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(6553
 #[map(name = "KFUNC_ARGS")]
 static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// pid_tgid → arguments of a data syscall in flight on that thread.
+/// pid_tgid → arguments of a data syscall in flight on that thread. A plain
+/// (preallocated) hash, not an LRU one: every traced syscall inserts and
+/// removes an entry, and the LRU's list upkeep cost more than the rest of the
+/// entry program. The exit hook removes the entry; a thread that dies in
+/// between is forgotten by `sched_process_exit`, so nothing leaks.
 #[map(name = "PENDING")]
-static PENDING: LruHashMap<u64, syscalls::PendingCall> = LruHashMap::with_max_entries(32768, 0);
+static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(32768, 0);
 
 /// tgid → how to read the running unit of its threads (followed runtimes).
 #[map(name = "RUNTIMES")]

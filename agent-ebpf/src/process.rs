@@ -10,7 +10,7 @@ use aya_ebpf::{
 
 use agent_common::{EventHeader, EventKind};
 
-use crate::{TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket};
+use crate::{PENDING, TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket};
 
 const PROT_EXEC: u64 = 4;
 
@@ -69,11 +69,13 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched/sched_process_exit` (every exiting thread): forget a TLS call the
-/// thread left unfinished, and a process when its last thread leaves.
+/// `sched/sched_process_exit` (every exiting thread): forget a syscall or a
+/// TLS call the thread left unfinished, and a process when its last thread
+/// leaves.
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = PENDING.remove(&pid_tgid);
     // A thread that dies inside SSL_read never returns from it: its entry
     // must not make a later thread with the same id look inside a call.
     let _ = TLS_CALLS.remove(&pid_tgid);

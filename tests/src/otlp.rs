@@ -44,6 +44,10 @@ use prost::Message;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+mod counting;
+
+use counting::{CountingTraceService, SpanCount};
+
 /// The OTLP transport a [`Receiver`] speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -175,18 +179,22 @@ impl Shared {
                 resources: request.resource_spans.len(),
             });
         }
-        if state.count_only {
-            state.span_count += request
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum::<usize>();
-            return;
-        }
         let spans = flatten(request);
         state.span_count += spans.len();
         state.spans.extend(spans);
+    }
+
+    /// A request of a count-only receiver.
+    fn count(&self, headers: hyper::HeaderMap, request: &SpanCount) {
+        let mut state = self.lock();
+        state.requests += 1;
+        if state.request_log.len() < REQUEST_LOG {
+            state.request_log.push(RequestSeen {
+                headers,
+                resources: request.resource_spans.len(),
+            });
+        }
+        state.span_count += request.spans();
     }
 
     fn error(&self, what: String) {
@@ -213,18 +221,21 @@ impl Receiver {
     /// Like [`Receiver::start`], counting spans without keeping them, for
     /// runs that export millions ([`Receiver::span_count`]).
     pub fn start_counting(protocol: Protocol) -> anyhow::Result<Receiver> {
-        let rx = Self::start_on(protocol, 0)?;
-        rx.state.lock().count_only = true;
-        Ok(rx)
+        Self::start_with(protocol, 0, true)
     }
 
     /// Like [`Receiver::start`] on a chosen port (a collector coming back).
     pub fn start_on(protocol: Protocol, port: u16) -> anyhow::Result<Receiver> {
+        Self::start_with(protocol, port, false)
+    }
+
+    fn start_with(protocol: Protocol, port: u16, count_only: bool) -> anyhow::Result<Receiver> {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("binding the OTLP receiver to 127.0.0.1:{port}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Shared::default();
+        state.lock().count_only = count_only;
         let (shutdown, stop) = oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = state.clone();
@@ -251,7 +262,16 @@ impl Receiver {
                     };
                     let _ = ready_tx.send(Ok(()));
                     match protocol {
-                        Protocol::Grpc => serve_grpc(listener, sink, stop).await,
+                        Protocol::Grpc if count_only => {
+                            let service = CountingTraceService(sink.clone());
+                            serve_grpc(listener, service, sink, stop).await
+                        }
+                        Protocol::Grpc => {
+                            let service = TraceServiceServer::new(GrpcSink(sink.clone()))
+                                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                                .max_decoding_message_size(64 << 20);
+                            serve_grpc(listener, service, sink, stop).await
+                        }
                         Protocol::HttpProtobuf => serve_http(listener, sink, stop).await,
                     }
                 });
@@ -378,11 +398,23 @@ impl TraceService for GrpcSink {
     }
 }
 
-async fn serve_grpc(listener: tokio::net::TcpListener, sink: Shared, stop: oneshot::Receiver<()>) {
-    use tonic::codec::CompressionEncoding;
-    let service = TraceServiceServer::new(GrpcSink(sink.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(64 << 20);
+async fn serve_grpc<S>(
+    listener: tokio::net::TcpListener,
+    service: S,
+    sink: Shared,
+    stop: oneshot::Receiver<()>,
+) where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     // TCP_NODELAY as collectors set it: with Nagle, the small frames the
     // server writes back (window updates, the response) wait for the
     // client's delayed ACK, and large requests crawl.
@@ -498,9 +530,13 @@ async fn handle_http(req: Request<Incoming>, sink: &Shared) -> Response<Full<Byt
             );
         }
     };
-    match ExportTraceServiceRequest::decode(&body[..]) {
-        Ok(request) => {
-            sink.record(headers, request);
+    let decoded = if sink.lock().count_only {
+        SpanCount::decode(&body[..]).map(|count| sink.count(headers, &count))
+    } else {
+        ExportTraceServiceRequest::decode(&body[..]).map(|request| sink.record(headers, request))
+    };
+    match decoded {
+        Ok(()) => {
             Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/x-protobuf")
