@@ -10,7 +10,9 @@ use aya_ebpf::{
 
 use agent_common::{EventHeader, EventKind};
 
-use crate::{PENDING, TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket};
+use crate::{
+    PENDING, TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket,
+};
 
 const PROT_EXEC: u64 = 4;
 
