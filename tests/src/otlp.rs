@@ -536,15 +536,13 @@ async fn handle_http(req: Request<Incoming>, sink: &Shared) -> Response<Full<Byt
         ExportTraceServiceRequest::decode(&body[..]).map(|request| sink.record(headers, request))
     };
     match decoded {
-        Ok(()) => {
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/x-protobuf")
-                .body(Full::new(Bytes::from(
-                    ExportTraceServiceResponse::default().encode_to_vec(),
-                )))
-                .expect("static response parts")
-        }
+        Ok(()) => Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .body(Full::new(Bytes::from(
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )))
+            .expect("static response parts"),
         Err(e) => reply(
             StatusCode::BAD_REQUEST,
             format!(
