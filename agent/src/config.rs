@@ -497,6 +497,14 @@ pub fn env_number<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigE
         .transpose()
 }
 
+/// Spans queued for export by default: four times an SDK's 2048. An SDK
+/// queues one process's spans; the agent queues a whole host's, and at
+/// 100 k spans/s 2048 spans last 20 ms — less than the exporter thread can
+/// be kept off a busy host's CPUs, so bursts were dropped with the collector
+/// keeping up. Still bounded: with a dead collector the queue fills and
+/// further spans are dropped and counted.
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 8192;
+
 /// OTEL_BSP_*: the span queue and batching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
@@ -511,7 +519,8 @@ impl BatchConfig {
         let ms = |name: &str, default: u64| -> Result<Duration, ConfigError> {
             Ok(Duration::from_millis(env_number(name)?.unwrap_or(default)))
         };
-        let max_queue_size = env_number("OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(2048usize);
+        let max_queue_size =
+            env_number("OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(DEFAULT_MAX_QUEUE_SIZE);
         let max_export_batch_size =
             env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?.unwrap_or(512usize);
         if max_queue_size == 0 || max_export_batch_size == 0 {

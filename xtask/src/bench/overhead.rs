@@ -505,7 +505,7 @@ fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String 
          process on the host is traced (the load generator's client side too, so a request is \
          seen twice), spans go over OTLP/gRPC to a receiver in the benchmark process that counts \
          them (decoding the request only down to its spans, skipping their contents: it shares \
-         the CPUs with the workload), with the SDK's batch defaults (queue 2048, batches of 512, 5 s). Agent CPU is its \
+         the CPUs with the workload), with the agent's batch defaults (queue 8192, batches of 512, 5 s). Agent CPU is its \
          user+system time from just before the load until it has exported what the load made; \
          kernel time is the growth of the kernel's BPF run-time statistics of its programs over \
          the load; host CPU is the busy time of all CPUs (/proc/stat) over the load, per \
