@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
             sanitize: false,
             max_pending: 2,
             max_statements: 1,
+            ..DbOptions::default()
         }
     };
     let mut conn = MysqlConn::new(Arc::new(opts), flags & 2 == 0);
