@@ -170,15 +170,18 @@ impl Shared {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record(&self, headers: hyper::HeaderMap, request: ExportTraceServiceRequest) {
+    /// Counts a request and logs its headers and resources (the first ones).
+    fn seen(&self, headers: hyper::HeaderMap, resources: usize) -> MutexGuard<'_, State> {
         let mut state = self.lock();
         state.requests += 1;
         if state.request_log.len() < REQUEST_LOG {
-            state.request_log.push(RequestSeen {
-                headers,
-                resources: request.resource_spans.len(),
-            });
+            state.request_log.push(RequestSeen { headers, resources });
         }
+        state
+    }
+
+    fn record(&self, headers: hyper::HeaderMap, request: ExportTraceServiceRequest) {
+        let mut state = self.seen(headers, request.resource_spans.len());
         let spans = flatten(request);
         state.span_count += spans.len();
         state.spans.extend(spans);
@@ -186,14 +189,7 @@ impl Shared {
 
     /// A request of a count-only receiver.
     fn count(&self, headers: hyper::HeaderMap, request: &SpanCount) {
-        let mut state = self.lock();
-        state.requests += 1;
-        if state.request_log.len() < REQUEST_LOG {
-            state.request_log.push(RequestSeen {
-                headers,
-                resources: request.resource_spans.len(),
-            });
-        }
+        let mut state = self.seen(headers, request.resource_spans.len());
         state.span_count += request.spans();
     }
 
