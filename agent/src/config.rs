@@ -173,6 +173,10 @@ pub struct CaptureConfig {
     pub runtimes: Option<crate::runtime::follow::RuntimeChoice>,
     /// auto | off: read the plaintext of TLS connections from their library.
     pub tls: Option<crate::tls::TlsChoice>,
+    /// Count each eBPF program's runs and run time (kernel BPF statistics)
+    /// [default: off: while on, every BPF program on the host pays two
+    /// clock reads per run].
+    pub program_stats: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

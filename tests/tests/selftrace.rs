@@ -181,7 +181,17 @@ fn interval_spans_report_program_costs_and_buffer_reads_after_traffic() {
     }
     let rx = Receiver::start(Protocol::HttpProtobuf).unwrap();
     let app = PythonApp::start().unwrap();
-    let agent = agent_for(&rx, &["--telemetry-interval", "1", "--listen", "off"]);
+    let agent = agent_for(
+        &rx,
+        &[
+            "--telemetry-interval",
+            "1",
+            "--listen",
+            "off",
+            "--program-stats",
+            "on",
+        ],
+    );
     const REQUESTS: usize = 20;
     for i in 0..REQUESTS {
         curl(&[&format!("http://127.0.0.1:{}/api/users/{i}", app.port)]).unwrap();
@@ -339,7 +349,15 @@ fn metrics_endpoint_serves_valid_prometheus_text_and_health() {
     }
     let rx = Receiver::start(Protocol::Grpc).unwrap();
     let port = free_port();
-    let agent = agent_for(&rx, &["--listen", &format!("127.0.0.1:{port}")]);
+    let agent = agent_for(
+        &rx,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--program-stats",
+            "on",
+        ],
+    );
     // The agent says "tracing" once it is ready.
     assert_eq!(get(port, "/ready"), (200, "ready".into()));
     assert_eq!(get(port, "/health").0, 200);
@@ -395,6 +413,62 @@ fn metrics_endpoint_serves_valid_prometheus_text_and_health() {
         "{seconds} s over {runs} runs"
     );
     drop(agent);
+}
+
+/// Run-time statistics cost every BPF program on the host two clock reads
+/// per run, so they are counted only when asked: by default the interval
+/// spans and /metrics carry no program figures rather than zeros.
+#[test]
+fn program_stats_are_off_unless_asked() {
+    if !can_trace() {
+        return;
+    }
+    let host_counts = || {
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+    };
+    if host_counts() {
+        eprintln!("skipped: this host counts BPF run time for every program (sysctl)");
+        return;
+    }
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let port = free_port();
+    let agent = agent_for(
+        &rx,
+        &[
+            "--telemetry-interval",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    assert!(
+        !host_counts(),
+        "the agent turned the kernel's statistics on"
+    );
+    flood(20, 1000);
+    let spans = rx
+        .wait_for(WAIT, "an interval span after traffic", |s| {
+            named(s, "ebpf.buffer.read")
+                .iter()
+                .any(|b| b.attr_i64("ebpf.buffer.events").unwrap_or(0) >= 20)
+        })
+        .unwrap();
+    let metrics = parse_prometheus(&get(port, "/metrics").1);
+    drop(agent);
+    assert!(
+        named(&spans, "ebpf.execute").is_empty(),
+        "{}",
+        briefs(&spans)
+    );
+    for interval in named(&spans, "zerotrace.interval") {
+        assert_eq!(interval.attr_i64("ebpf.runs"), None, "{}", interval.brief());
+    }
+    assert!(sample(&metrics, "zerotrace_events_total", None) >= 20.0);
+    assert!(
+        !metrics.contains_key("zerotrace_bpf_program_runs_total"),
+        "{:?}",
+        metrics.keys()
+    );
 }
 
 #[test]

@@ -126,6 +126,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         kernel_functions: KfuncChoice::Auto,
         runtimes: Default::default(),
         tls: Default::default(),
+        // The capture benchmark reports the programs' run time.
+        program_stats: true,
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

@@ -35,6 +35,7 @@ fn trial_load(report: &mut Report) {
         kernel_functions: KfuncChoice::Auto,
         runtimes: Default::default(),
         tls: Default::default(),
+        program_stats: false,
     };
     // The runtime and TLS probes are loaded on every kernel check runs on,
     // whether or not an interpreter or a TLS library is in use.

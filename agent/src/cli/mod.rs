@@ -82,6 +82,12 @@ pub struct CaptureArgs {
     /// auto or off [default: auto].
     #[arg(long, value_name = "auto|off", env = "ZEROTRACE_TLS")]
     pub tls: Option<crate::tls::TlsChoice>,
+    /// Count each eBPF program's runs and run time (kernel BPF statistics,
+    /// for /metrics and the ebpf.execute spans): on or off [default: off;
+    /// while on, every BPF program on the host pays two clock reads per run].
+    #[arg(long, value_name = "on|off", env = "ZEROTRACE_PROGRAM_STATS",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub program_stats: Option<bool>,
 }
 
 impl CaptureArgs {
@@ -111,6 +117,7 @@ impl CaptureArgs {
                 .or_else(|| file.runtimes.clone())
                 .unwrap_or_default(),
             tls: self.tls.or(file.tls).unwrap_or_default(),
+            program_stats: self.program_stats.or(file.program_stats).unwrap_or(false),
         }
     }
 

@@ -113,7 +113,8 @@ pub const CAPABILITIES: [Capability; 5] = [
         name: "CAP_SYS_ADMIN",
         bit: CAP_SYS_ADMIN,
         required: false,
-        purpose: "BPF run-time statistics (or sysctl kernel.bpf_stats_enabled=1) \
+        purpose: "BPF run-time statistics with --program-stats on (or sysctl \
+                  kernel.bpf_stats_enabled=1) \
                   and mounting tracefs where it is not mounted",
     },
 ];

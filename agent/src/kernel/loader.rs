@@ -190,6 +190,8 @@ pub struct LoadOptions {
     pub runtimes: crate::runtime::follow::RuntimeChoice,
     /// Whether TLS libraries are probed for plaintext.
     pub tls: crate::tls::TlsChoice,
+    /// Whether the kernel counts each program's runs and run time.
+    pub program_stats: bool,
 }
 
 /// How one program load (verification) went, for logs and the startup trace.
@@ -289,6 +291,36 @@ pub struct Probes {
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     /// Keeps BPF run-time statistics on while held.
     _stats: Option<OwnedFd>,
+    /// Whether the kernel counts runs and run time (ours, or the host's sysctl).
+    counting: bool,
+}
+
+/// Turns the kernel's run-time statistics on when asked. They are off by
+/// default: while on, every BPF program on the host pays two clock reads
+/// per run (about an eighth of ours at nginx saturation, where a VM's
+/// clock is slow to read). Returns the holder and whether runs are counted.
+fn program_stats(wanted: bool) -> (Option<OwnedFd>, bool) {
+    // The host may count for everyone (sysctl) whatever we ask.
+    let host = || {
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+    };
+    if !wanted {
+        return (None, host());
+    }
+    match enable_stats(Stats::RunTime) {
+        Ok(fd) => (Some(fd), true),
+        Err(_) if host() => {
+            log::info!("BPF run-time stats from sysctl kernel.bpf_stats_enabled");
+            (None, true)
+        }
+        Err(e) => {
+            log::warn!(
+                "BPF run-time stats unavailable ({e}): they need CAP_SYS_ADMIN \
+                 or sysctl kernel.bpf_stats_enabled=1"
+            );
+            (None, false)
+        }
+    }
 }
 
 impl Drop for Probes {
@@ -361,21 +393,7 @@ impl Probes {
             // Unused but still created: keep it one page.
             Transport::Perf => ringbuf_size(0),
         };
-        let stats = enable_stats(Stats::RunTime)
-            .map_err(|e| {
-                // The host may count for everyone (sysctl) even when we may not ask.
-                let sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled");
-                if sysctl.is_ok_and(|v| v.trim() == "1") {
-                    log::info!("BPF run-time stats from sysctl kernel.bpf_stats_enabled");
-                } else {
-                    log::info!(
-                        "BPF run-time stats unavailable ({e}): they need CAP_SYS_ADMIN \
-                         or sysctl kernel.bpf_stats_enabled=1"
-                    );
-                }
-            })
-            .ok();
-
+        let (stats, counting) = program_stats(opts.program_stats);
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this build has no eBPF object (built with AYA_BUILD_SKIP or for fuzzing)"
@@ -397,6 +415,7 @@ impl Probes {
             links: Vec::new(),
             uprobe_links: Vec::new(),
             _stats: stats,
+            counting,
         };
         probes.select_processes(opts)?;
         probes.attach_hooks(|hook| !hook.covered_by_kernel_functions())?;
@@ -744,8 +763,12 @@ impl Probes {
         }
     }
 
-    /// Run count and total run time per loaded program (BPF_ENABLE_STATS).
+    /// Run count and total run time per loaded program (BPF_ENABLE_STATS);
+    /// none while the kernel does not count them (`--program-stats off`).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
+        if !self.counting {
+            return Vec::new();
+        }
         self.ebpf
             .programs()
             .filter_map(|(name, program)| {

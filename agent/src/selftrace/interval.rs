@@ -119,11 +119,16 @@ impl IntervalReporter {
         }
         spans.emit(trace, root_id, buffer);
 
-        let root = Draft::new("zerotrace.interval", self.since, now)
+        let mut root = Draft::new("zerotrace.interval", self.since, now)
             .attr("zerotrace.interval.seconds", seconds)
-            .attr("ebpf.runs", total_runs as i64)
-            .attr("ebpf.run_time_ns", total_ns as i64)
             .attr("zerotrace.connections.open", stats.connections_open as i64);
+        // Without the kernel's statistics (the default) there is nothing to
+        // sum: no figures rather than zeros.
+        if !programs.is_empty() {
+            root = root
+                .attr("ebpf.runs", total_runs as i64)
+                .attr("ebpf.run_time_ns", total_ns as i64);
+        }
         spans.emit_with_id(trace, root_id, SpanId::INVALID, root);
 
         self.since = now;

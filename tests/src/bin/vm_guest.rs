@@ -222,7 +222,8 @@ impl Agent {
             c.args(["run", "--kernel-functions", path])
                 .args(["--exporter", "jsonl", "--output", SPANS_FILE])
                 .args(["--telemetry-interval", "1", "--listen", "off"])
-                .args(["--self-spans", "true", "--duration", "60"]);
+                .args(["--self-spans", "true", "--duration", "60"])
+                .args(["--program-stats", "on"]);
         } else {
             c.args(["events", "--kernel-functions", path]).args([
                 "--transport",

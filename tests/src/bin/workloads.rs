@@ -431,13 +431,15 @@ impl Servers {
 }
 
 /// `zerotrace run` exporting over OTLP/gRPC to `rx` with its /metrics on a
-/// free port; otherwise the defaults a user gets.
+/// free port and the kernel's run-time statistics on (the kernel column);
+/// otherwise the defaults a user gets.
 fn start_agent(rx: &Receiver) -> anyhow::Result<(Agent, u16)> {
     let listen = free_port();
     let mut cmd = Command::new(agent_bin());
     cmd.args(["run", "--listen", &format!("127.0.0.1:{listen}")])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name());
+    program_stats(&mut cmd);
     let agent = Agent::spawn(cmd, "tracing")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while metrics(listen).is_empty() {
@@ -585,6 +587,15 @@ fn traced_run(
             "spans_received": received,
         }),
     ))
+}
+
+/// Run-time statistics for the kernel columns (off by default in the
+/// agent), unless ZEROTRACE_PROGRAM_STATS says otherwise: an environment
+/// variable, not the flag, so an older agent (`--agent`) runs unchanged.
+fn program_stats(cmd: &mut Command) {
+    if std::env::var_os("ZEROTRACE_PROGRAM_STATS").is_none() {
+        cmd.env("ZEROTRACE_PROGRAM_STATS", "on");
+    }
 }
 
 /// One run with the floor (`zerotrace bench-floor`: an empty program on
@@ -1020,6 +1031,7 @@ fn nesting_cost(
                 .args(["--runtimes", runtimes])
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name());
+            program_stats(&mut cmd);
             let agent = Agent::spawn(cmd, "tracing")?;
             // A first request makes the agent look at the app.
             nesting::wrk_with_ids(&app.url(""), "async", 2, Duration::from_secs(1))?;
