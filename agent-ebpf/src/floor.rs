@@ -3,9 +3,19 @@
 //! the kernel cost of tracing as a multiple of the bare cost of being called.
 //! The agent never attaches it.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 
 #[tracepoint]
 pub fn floor(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// The same on the raw `sys_enter`/`sys_exit` tracepoints (every syscall,
+/// no trace record built per hit): what that dispatch costs by comparison.
+#[raw_tracepoint]
+pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }

@@ -1,5 +1,6 @@
 #!/bin/bash
-BIN=/work/main/target/release/zerotrace
+# Run from the repository root after `cargo build --release -p agent`.
+BIN=${BIN:-target/release/zerotrace}
 N=500000
 one() { local s=$(date +%s%N); dd if=/dev/zero of=/dev/null bs=1 count=$N status=none; local e=$(date +%s%N); echo $(( (e - s) / (2 * N) )); }
 start() {

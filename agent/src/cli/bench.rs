@@ -85,11 +85,18 @@ pub fn loadgen(args: &LoadgenArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Args, Debug)]
+pub struct FloorArgs {
+    /// On the raw sys_enter and sys_exit tracepoints instead of the agent's.
+    #[arg(long)]
+    raw: bool,
+}
+
 /// `zerotrace bench-floor`: attaches the floor (see [`Floor`]), prints
 /// `{"runs":…,"run_ns":…}` at start and for every line read on stdin, and
 /// detaches at end of input.
-pub fn floor() -> anyhow::Result<ExitCode> {
-    let floor = Floor::attach()?;
+pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
+    let floor = Floor::attach_to(args.raw)?;
     let report = || -> anyhow::Result<()> {
         let stats = floor.stats()?;
         println!(

@@ -47,7 +47,7 @@ enum Command {
     /// The overhead benchmark's floor: an empty program on the agent's
     /// tracepoints; prints its run count and time per line read on stdin.
     #[command(hide = true)]
-    BenchFloor,
+    BenchFloor(bench::FloorArgs),
 }
 
 /// What to capture and how; shared by `run` and `events`.
@@ -143,7 +143,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::BenchCapture(args) => bench::bench(&args),
         Command::Loadgen(args) => bench::loadgen(&args),
-        Command::BenchFloor => bench::floor(),
+        Command::BenchFloor(args) => bench::floor(&args),
     };
     match result {
         Ok(code) => code,

@@ -20,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     programs::{
-        ProgramError, ProgramInfo, TracePoint, UProbe,
+        ProgramError, ProgramInfo, RawTracePoint, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
         uprobe::{UProbeLink, UProbeLinkId, UProbeScope},
     },
@@ -790,14 +790,22 @@ impl Probes {
 /// on. Detached when dropped.
 pub struct Floor {
     ebpf: Ebpf,
+    name: &'static str,
     _stats: Option<OwnedFd>,
 }
 
-/// The empty program in the object.
+/// The empty programs in the object.
 const FLOOR: &str = "floor";
+const FLOOR_RAW: &str = "floor_raw";
 
 impl Floor {
     pub fn attach() -> anyhow::Result<Self> {
+        Self::attach_to(false)
+    }
+
+    /// `raw`: the empty program on the raw `sys_enter` and `sys_exit`
+    /// tracepoints instead (every syscall of every process).
+    pub fn attach_to(raw: bool) -> anyhow::Result<Self> {
         raise_memlock();
         let (tracefs, _) = tracefs::ensure_mounted()?;
         anyhow::ensure!(
@@ -809,6 +817,24 @@ impl Floor {
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .context("loading the eBPF object")?;
+        if raw {
+            let program: &mut RawTracePoint = ebpf
+                .program_mut(FLOOR_RAW)
+                .context("program floor_raw missing from the object")?
+                .try_into()?;
+            program.load().context("loading the floor_raw program")?;
+            for tracepoint in ["sys_enter", "sys_exit"] {
+                program
+                    .attach(tracepoint)
+                    .with_context(|| format!("attaching floor_raw to {tracepoint}"))?;
+            }
+            log::info!("floor program attached to the raw sys_enter and sys_exit");
+            return Ok(Self {
+                ebpf,
+                name: FLOOR_RAW,
+                _stats: Some(stats),
+            });
+        }
         let program: &mut TracePoint = ebpf
             .program_mut(FLOOR)
             .context("program floor missing from the object")?
@@ -826,6 +852,7 @@ impl Floor {
         log::info!("floor program attached to {attached} tracepoints");
         Ok(Self {
             ebpf,
+            name: FLOOR,
             _stats: Some(stats),
         })
     }
@@ -834,12 +861,12 @@ impl Floor {
     pub fn stats(&self) -> anyhow::Result<ProgramStats> {
         let program = self
             .ebpf
-            .program(FLOOR)
-            .context("program floor missing from the object")?;
+            .program(self.name)
+            .with_context(|| format!("program {} missing from the object", self.name))?;
         let info = program.info()?;
         Ok(ProgramStats {
-            program: FLOOR.to_owned(),
-            kind: "tracepoint",
+            program: self.name.to_owned(),
+            kind: program_kind(program),
             run_count: info.run_count(),
             run_time_ns: info.run_time().as_nanos() as u64,
         })
@@ -867,6 +894,7 @@ fn program_kind(program: &aya::programs::Program) -> &'static str {
     use aya::programs::{ProbeKind, Program};
     match program {
         Program::TracePoint(_) => "tracepoint",
+        Program::RawTracePoint(_) => "raw_tracepoint",
         Program::KProbe(p) if matches!(p.kind(), ProbeKind::Return) => "kretprobe",
         Program::KProbe(_) => "kprobe",
         Program::FEntry(_) => "fentry",
