@@ -453,7 +453,7 @@ pub enum Counter {
     EventsLost = 1,
     /// Payload bytes handed to the transport.
     BytesSent = 2,
-    /// Syscall entries dropped because the PENDING map was full.
+    /// Syscalls not traced because the PENDING map (one entry per thread) was full.
     PendingFull = 3,
     /// Socket-table insertions that failed.
     SocketsFull = 4,

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 
-use crate::{KFUNC_ARGS, PENDING, emit::output_record, process::selected, socket};
+use crate::{KFUNC_ARGS, emit::output_record, process::selected, socket, syscalls};
 
 /// Reports `sent` bytes that `sk` sent outside a traced syscall.
 #[inline(always)]
@@ -27,8 +27,7 @@ fn on_send<C: EbpfContext>(ctx: &C, function: Syscall, sk: u64, sent: i64) {
     if !selected((pid_tgid >> 32) as u32) {
         return;
     }
-    // SAFETY: presence check only.
-    if unsafe { PENDING.get(&pid_tgid) }.is_some() {
+    if syscalls::in_flight(pid_tgid) {
         // A traced data syscall is in flight on this thread: its exit
         // hook reports these bytes (with payload).
         return;

@@ -97,13 +97,14 @@ static SOCK_CONNS: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(6553
 #[map(name = "KFUNC_ARGS")]
 static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// pid_tgid → arguments of a data syscall in flight on that thread. A plain
-/// (preallocated) hash, not an LRU one: every traced syscall inserts and
-/// removes an entry, and the LRU's list upkeep cost more than the rest of the
-/// entry program. The exit hook removes the entry; a thread that dies in
-/// between is forgotten by `sched_process_exit`, so nothing leaks.
+/// pid_tgid → arguments of the data syscall in flight on that thread. One
+/// entry per thread that made a traced syscall, rewritten in place by each
+/// (`syscalls::save`), removed by `sched_process_exit` when the thread ends:
+/// bounded by the host's live threads. A plain preallocated hash, not an
+/// LRU one, whose list upkeep cost more than the rest of the enter hook; a
+/// thread that finds it full is not traced, and counted (PendingFull).
 #[map(name = "PENDING")]
-static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(32768, 0);
+static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(65536, 0);
 
 /// tgid → how to read the running unit of its threads (followed runtimes).
 #[map(name = "RUNTIMES")]

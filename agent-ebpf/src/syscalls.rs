@@ -36,9 +36,65 @@ pub struct PendingCall {
     syscall: u8,
     /// Non-zero when `ptr` is an iovec array of `len` entries.
     vectored: u8,
-    _pad: [u8; 2],
+    /// Non-zero from enter to exit (the entry outlives the call, see [`save`]).
+    live: u8,
+    _pad: u8,
     ptr: u64,
     len: u64,
+}
+
+impl PendingCall {
+    #[inline(always)]
+    fn new(syscall: u8, fd: i32, ptr: u64, len: u64, vectored: bool) -> Self {
+        Self {
+            fd,
+            syscall,
+            vectored: vectored as u8,
+            live: 1,
+            _pad: 0,
+            ptr,
+            len,
+        }
+    }
+}
+
+/// Saves the call in this thread's PENDING entry. The entry stays after
+/// the call (its exit only clears `live`) and is rewritten in place by the
+/// next one: a lookup and a store, where inserting and deleting an entry
+/// per syscall took the bucket lock and the free list twice and was the
+/// costliest part of the enter hooks. `sched_process_exit` removes it with
+/// its thread.
+#[inline(always)]
+fn save(pid_tgid: u64, call: &PendingCall) {
+    if let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) {
+        // SAFETY: map value pointer, valid for the program's run; only this
+        // thread (its enter, exit and exit-of-thread hooks, which never
+        // overlap) uses its entry.
+        unsafe { *entry = *call };
+    } else if PENDING.insert(&pid_tgid, call, 0).is_err() {
+        count(Counter::PendingFull, 1);
+    }
+}
+
+/// This thread's syscall in flight, taken (its entry marked done).
+#[inline(always)]
+fn take(pid_tgid: u64) -> Option<PendingCall> {
+    let entry = PENDING.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: as in `save`.
+    let call = unsafe { *entry };
+    if call.live == 0 {
+        return None;
+    }
+    // SAFETY: as in `save`.
+    unsafe { (*entry).live = 0 };
+    Some(call)
+}
+
+/// Whether a data syscall saved by an enter hook is in flight on this thread.
+#[inline(always)]
+pub(crate) fn in_flight(pid_tgid: u64) -> bool {
+    // SAFETY: read at once.
+    unsafe { PENDING.get(&pid_tgid) }.is_some_and(|call| call.live != 0)
 }
 
 /// Argument `n` of a syscall: a direct load from the tracepoint record,
@@ -47,7 +103,13 @@ pub struct PendingCall {
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: sys_enter records hold six 8-byte arguments from offset 16.
-    unsafe { ctx.as_ptr().cast::<u8>().add(16 + 8 * n).cast::<u64>().read() }
+    unsafe {
+        ctx.as_ptr()
+            .cast::<u8>()
+            .add(16 + 8 * n)
+            .cast::<u64>()
+            .read()
+    }
 }
 
 #[inline(always)]
@@ -64,17 +126,7 @@ fn remember(syscall: u8, fd: i32, ptr: u64, len: u64, vectored: bool) {
     if !selected((pid_tgid >> 32) as u32) || socket::known_untraced(pid_tgid, fd) {
         return;
     }
-    let call = PendingCall {
-        fd,
-        syscall,
-        vectored: vectored as u8,
-        _pad: [0; 2],
-        ptr,
-        len,
-    };
-    if PENDING.insert(&pid_tgid, &call, 0).is_err() {
-        count(Counter::PendingFull, 1);
-    }
+    save(pid_tgid, &PendingCall::new(syscall, fd, ptr, len, vectored));
 }
 
 /// For sendmsg/recvmsg: the iovec array and its length from `struct user_msghdr`.
@@ -194,9 +246,7 @@ pub fn sys_exit_data(ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out at once.
-    let call = unsafe { PENDING.get(&pid_tgid) }.copied().ok_or(())?;
-    let _ = PENDING.remove(&pid_tgid);
+    let call = take(pid_tgid).ok_or(())?;
     let moved = ret(ctx);
     if moved <= 0 || call.syscall == CONNECT || call.syscall == OWN_CONNECT {
         return Ok(());
@@ -286,15 +336,10 @@ fn copy_iovecs(payload: &mut [u8], iov: u64, iov_len: u64, want: u64) -> u64 {
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 == config!(agent_tgid) {
-        let call = PendingCall {
-            fd: arg(&ctx, 0) as i32,
-            syscall: OWN_CONNECT,
-            vectored: 0,
-            _pad: [0; 2],
-            ptr: 0,
-            len: 0,
-        };
-        let _ = PENDING.insert(&pid_tgid, &call, 0);
+        save(
+            pid_tgid,
+            &PendingCall::new(OWN_CONNECT, arg(&ctx, 0) as i32, 0, 0, false),
+        );
         return 0;
     }
     remember(CONNECT, arg(&ctx, 0) as i32, 0, 0, false);
@@ -305,11 +350,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out at once.
-    let Some(call) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
+    let Some(call) = take(pid_tgid) else {
         return 0;
     };
-    let _ = PENDING.remove(&pid_tgid);
     let r = ret(&ctx);
     if r != 0 && r != EINPROGRESS {
         return 0;

@@ -511,3 +511,89 @@ fn forced_kernel_function_methods_fail_clearly_where_unsupported() {
     assert!(ready.contains("kernel functions: "), "{ready}");
     agent.stop().unwrap();
 }
+
+/// The thread ids found in the agent's PENDING maps (bpftool; every map of
+/// that name, so agents of tests running beside this one count too).
+fn pending_threads() -> Vec<u32> {
+    let out = run(Command::new("bpftool").args(["map", "dump", "name", "PENDING", "--json"]))
+        .expect("bpftool (apt-get install bpftool)");
+    let entries: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
+    entries
+        .iter()
+        .filter_map(|e| {
+            let key = &e["key"];
+            // pid_tgid: the thread id is the low half. With BTF the key is a
+            // number, without it little-endian hex bytes.
+            let pid_tgid = match key.as_u64() {
+                Some(k) => k,
+                None => key.as_array()?.iter().rev().try_fold(0u64, |acc, b| {
+                    let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+                    Some(acc << 8 | b)
+                })?,
+            };
+            Some(pid_tgid as u32)
+        })
+        .collect()
+}
+
+/// Each thread keeps one PENDING entry for its syscalls in flight, rewritten
+/// in place; a thread that ends takes its entry with it, so threads that
+/// come and go (a thread pool's churn) never fill the map.
+#[test]
+fn threads_that_end_leave_no_pending_call_behind() {
+    if !can_trace() {
+        return;
+    }
+    let agent = Agent::start(&["--pid", &std::process::id().to_string()]).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        for conn in listener.incoming().take(THREADS + 1) {
+            let mut conn = conn.unwrap();
+            let mut buf = [0u8; 5];
+            std::io::Read::read_exact(&mut conn, &mut buf).unwrap();
+            conn.write_all(&buf).unwrap();
+        }
+    });
+    const THREADS: usize = 200;
+    let exchange = move || {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(&mut conn, &mut buf).unwrap();
+        // SAFETY: no preconditions.
+        unsafe { libc::gettid() as u32 }
+    };
+    // One thread stays alive after its exchange: its entry must be there
+    // (so the dump below sees the map at all).
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+    let keeper = thread::spawn(move || {
+        tid_tx.send(exchange()).unwrap();
+        let _ = end_rx.recv();
+    });
+    let live = tid_rx.recv().unwrap();
+    let workers: Vec<_> = (0..THREADS).map(|_| thread::spawn(exchange)).collect();
+    let tids: Vec<u32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    server.join().unwrap();
+    // The exit hook runs as each thread ends, before join returns.
+    let pending = pending_threads();
+    let left: Vec<u32> = pending
+        .iter()
+        .copied()
+        .filter(|t| tids.contains(t))
+        .collect();
+    end_tx.send(()).unwrap();
+    keeper.join().unwrap();
+    assert!(
+        pending.contains(&live),
+        "the live thread {live} has no PENDING entry ({} entries)",
+        pending.len()
+    );
+    drop(agent);
+    assert!(
+        left.is_empty(),
+        "{} of {THREADS} ended threads still hold a PENDING entry: {left:?}",
+        left.len()
+    );
+}
