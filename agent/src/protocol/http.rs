@@ -1576,7 +1576,12 @@ fn capped(value: &[u8], limit: usize) -> String {
     // Lossy decoding only grows the text, so `limit + 3` input bytes always cover
     // `limit` output bytes, and a char cut at that end lies beyond the limit.
     let value = &value[..value.len().min(limit.saturating_add(3))];
-    let mut s = String::from_utf8_lossy(value).into_owned();
+    // Valid UTF-8 (nearly every header) is checked by the fast validator;
+    // only the rest goes through the lossy decoder's chunk iterator.
+    let mut s = match std::str::from_utf8(value) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(value).into_owned(),
+    };
     let mut end = limit.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;
