@@ -96,7 +96,7 @@ pub struct FloorArgs {
 /// `{"runs":…,"run_ns":…}` at start and for every line read on stdin, and
 /// detaches at end of input.
 pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
-    let floor = Floor::attach_to(args.raw)?;
+    let floor = Floor::attach(args.raw)?;
     let report = || -> anyhow::Result<()> {
         let stats = floor.stats()?;
         println!(

@@ -799,13 +799,9 @@ const FLOOR: &str = "floor";
 const FLOOR_RAW: &str = "floor_raw";
 
 impl Floor {
-    pub fn attach() -> anyhow::Result<Self> {
-        Self::attach_to(false)
-    }
-
     /// `raw`: the empty program on the raw `sys_enter` and `sys_exit`
     /// tracepoints instead (every syscall of every process).
-    pub fn attach_to(raw: bool) -> anyhow::Result<Self> {
+    pub fn attach(raw: bool) -> anyhow::Result<Self> {
         raise_memlock();
         let (tracefs, _) = tracefs::ensure_mounted()?;
         anyhow::ensure!(
