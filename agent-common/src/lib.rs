@@ -218,7 +218,9 @@ pub struct EventHeader {
     pub tid: u32,
     /// File descriptor in the process.
     pub fd: i32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the syscall returned.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC): when the syscall returned,
+    /// or for data sent, when it began (so a send precedes the receive it
+    /// feeds).
     pub ts_ns: u64,
     /// Unique per connection for the life of the agent.
     pub conn_id: u64,

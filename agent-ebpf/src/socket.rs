@@ -141,7 +141,23 @@ fn new_conn_id() -> u64 {
     (now << 10) | u64::from(cpu & 0x3ff)
 }
 
+/// A record header stamped now.
+#[inline(always)]
 pub fn header(kind: EventKind, detail: u8, pid_tgid: u64, fd: i32, conn_id: u64) -> EventHeader {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    header_at(kind, detail, pid_tgid, fd, conn_id, now)
+}
+
+#[inline(always)]
+pub fn header_at(
+    kind: EventKind,
+    detail: u8,
+    pid_tgid: u64,
+    fd: i32,
+    conn_id: u64,
+    ts_ns: u64,
+) -> EventHeader {
     EventHeader {
         kind: kind as u8,
         detail,
@@ -149,8 +165,7 @@ pub fn header(kind: EventKind, detail: u8, pid_tgid: u64, fd: i32, conn_id: u64)
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         fd,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns,
         conn_id,
     }
 }
@@ -401,22 +416,32 @@ pub fn known(pid_tgid: u64, fd: i32) -> Option<SocketInfo> {
     }
 }
 
-/// Whether (tgid, fd) is known to need no copying: not a traced socket,
-/// or a connection the agent muted (counted).
+/// What SOCKETS already says of an fd.
+pub enum Known {
+    /// A traced connection.
+    Tracked(u64),
+    /// Needs no copying: not a traced socket, or a connection the agent
+    /// muted (counted).
+    Untraced,
+    /// Not seen yet.
+    Unknown,
+}
+
 #[inline(always)]
-pub fn known_untraced(pid_tgid: u64, fd: i32) -> bool {
+pub fn known_state(pid_tgid: u64, fd: i32) -> Known {
     let key = SocketKey {
         tgid: (pid_tgid >> 32) as u32,
         fd,
     };
     // SAFETY: the value is read at once.
     match unsafe { SOCKETS.get(&key) } {
-        Some(info) if info.state == SOCKET_IGNORED => true,
+        Some(info) if info.state == SOCKET_TRACKED => Known::Tracked(info.conn_id),
         Some(info) if info.state == SOCKET_MUTED => {
             count(Counter::MutedCalls, 1);
-            true
+            Known::Untraced
         }
-        _ => false,
+        Some(_) => Known::Untraced,
+        None => Known::Unknown,
     }
 }
 

@@ -1,13 +1,21 @@
 //! Syscall tracepoints: socket data, connect, accept, close.
 //!
+//! A data record carries one time. Bytes sent are stamped when the syscall
+//! began, bytes received when it returned: the send that feeds a receive
+//! then always precedes it, even when the receiver wakes, reads and
+//! returns before the sender's exit hook runs, so a server's span lies
+//! within its caller's.
+//!
 //! Record layout of `syscalls/sys_enter_*`: 8 bytes of common fields, the
 //! syscall number, then each argument as 8 bytes from offset 16.
 //! `syscalls/sys_exit_*`: the return value (`long ret`) at offset 16.
 
-use agent_common::{Counter, DataEvent, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, Syscall};
+use agent_common::{
+    Counter, DataEvent, Direction, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, Syscall,
+};
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -41,6 +49,12 @@ pub struct PendingCall {
     _pad: u8,
     ptr: u64,
     len: u64,
+    /// When a send began (0 for a receive, stamped at exit).
+    ts_ns: u64,
+    /// The connection the enter hook found for `fd` (0: unknown yet). The
+    /// syscall moves bytes of the file it resolved at entry, so this is
+    /// the right one even if another thread reuses the fd meanwhile.
+    conn_id: u64,
 }
 
 impl PendingCall {
@@ -54,6 +68,8 @@ impl PendingCall {
             _pad: 0,
             ptr,
             len,
+            ts_ns: 0,
+            conn_id: 0,
         }
     }
 }
@@ -119,14 +135,26 @@ fn ret(ctx: &TracePointContext) -> i64 {
 }
 
 /// Saves the call for the exit hook if the process is selected and the fd
-/// is not known to be something other than a socket.
+/// is not known to be something other than a traced socket; a send is
+/// stamped now (see the module docs).
 #[inline(always)]
-fn remember(syscall: u8, fd: i32, ptr: u64, len: u64, vectored: bool) {
+fn remember(syscall: Syscall, fd: i32, ptr: u64, len: u64, vectored: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !selected((pid_tgid >> 32) as u32) || socket::known_untraced(pid_tgid, fd) {
+    if !selected((pid_tgid >> 32) as u32) {
         return;
     }
-    save(pid_tgid, &PendingCall::new(syscall, fd, ptr, len, vectored));
+    let conn_id = match socket::known_state(pid_tgid, fd) {
+        socket::Known::Untraced => return,
+        socket::Known::Tracked(conn_id) => conn_id,
+        socket::Known::Unknown => 0,
+    };
+    let mut call = PendingCall::new(syscall as u8, fd, ptr, len, vectored);
+    call.conn_id = conn_id;
+    if syscall.direction() == Direction::Egress {
+        // SAFETY: helper without preconditions.
+        call.ts_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    save(pid_tgid, &call);
 }
 
 /// For sendmsg/recvmsg: the iovec array and its length from `struct user_msghdr`.
@@ -146,7 +174,7 @@ macro_rules! enter_plain {
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
             remember(
-                $syscall as u8,
+                $syscall,
                 arg(&ctx, 0) as i32,
                 arg(&ctx, 1),
                 arg(&ctx, 2),
@@ -163,7 +191,7 @@ macro_rules! enter_iovec {
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
             remember(
-                $syscall as u8,
+                $syscall,
                 arg(&ctx, 0) as i32,
                 arg(&ctx, 1),
                 arg(&ctx, 2),
@@ -180,7 +208,7 @@ macro_rules! enter_msg {
         #[tracepoint]
         pub fn $name(ctx: TracePointContext) -> u32 {
             let (iov, len) = msghdr_iov(arg(&ctx, 1));
-            remember($syscall as u8, arg(&ctx, 0) as i32, iov, len, true);
+            remember($syscall, arg(&ctx, 0) as i32, iov, len, true);
             0
         }
     };
@@ -199,7 +227,7 @@ const MSG_PEEK: u64 = 2;
 pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
     if arg(&ctx, 3) & MSG_PEEK == 0 {
         remember(
-            Syscall::Recvfrom as u8,
+            Syscall::Recvfrom,
             arg(&ctx, 0) as i32,
             arg(&ctx, 1),
             arg(&ctx, 2),
@@ -217,7 +245,7 @@ enter_msg!(sys_enter_sendmsg, Syscall::Sendmsg);
 pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
     if arg(&ctx, 2) & MSG_PEEK == 0 {
         let (iov, len) = msghdr_iov(arg(&ctx, 1));
-        remember(Syscall::Recvmsg as u8, arg(&ctx, 0) as i32, iov, len, true);
+        remember(Syscall::Recvmsg, arg(&ctx, 0) as i32, iov, len, true);
     }
     0
 }
@@ -228,7 +256,7 @@ pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
     remember(
-        Syscall::Sendfile as u8,
+        Syscall::Sendfile,
         arg(&ctx, 0) as i32,
         0,
         arg(&ctx, 3),
@@ -251,13 +279,18 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     if moved <= 0 || call.syscall == CONNECT || call.syscall == OWN_CONNECT {
         return Ok(());
     }
-    let conn = socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?;
+    let conn_id = if call.conn_id != 0 {
+        call.conn_id
+    } else {
+        socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?.conn_id
+    };
     // Inside a TLS library call these bytes are ciphertext: a read's
     // plaintext is sent when the call returns, a write's now, in place of
     // the ciphertext, so it is not stamped after the peer's answer.
     let (syscall, moved, ptr, vectored) = match tls::inside_call(pid_tgid, call.fd) {
         tls::Inside::No => (call.syscall, moved as u64, call.ptr, call.vectored),
         tls::Inside::Ciphertext => return Ok(()),
+        // Stamped as the socket send that carries it.
         tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),
     };
     let mut guard = ScratchGuard::acquire().ok_or(())?;
@@ -274,8 +307,14 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     };
     let captured = captured & SIZE_MASK;
     let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
+    // SAFETY: helper without preconditions.
+    let ts_ns = if call.ts_ns != 0 {
+        call.ts_ns
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
     scratch.event = DataEvent {
-        header: socket::header(EventKind::Data, syscall, pid_tgid, call.fd, conn.conn_id),
+        header: socket::header_at(EventKind::Data, syscall, pid_tgid, call.fd, conn_id, ts_ns),
         total_bytes: moved,
         captured: captured as u32,
         unit_seq,
@@ -342,7 +381,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         );
         return 0;
     }
-    remember(CONNECT, arg(&ctx, 0) as i32, 0, 0, false);
+    if selected((pid_tgid >> 32) as u32) {
+        save(
+            pid_tgid,
+            &PendingCall::new(CONNECT, arg(&ctx, 0) as i32, 0, 0, false),
+        );
+    }
     0
 }
 

@@ -236,6 +236,51 @@ pub fn score(spans: &[ReceivedSpan], pids: &[u32], handler: &str) -> Score {
     score
 }
 
+/// SERVER spans whose parent is an answered CLIENT span of another process
+/// (a link made across processes), and how many of them do not lie within
+/// their parent. Their times come from two processes' syscalls: a send
+/// must be stamped before the receive it feeds for the child to fit. A
+/// client that gave up (no response before it closed) may well end before
+/// the server does.
+#[derive(Debug, Default)]
+pub struct Containment {
+    pub linked: u64,
+    pub outside: u64,
+    /// Up to five that stick out, for the report.
+    pub examples: Vec<String>,
+}
+
+pub fn containment(spans: &[ReceivedSpan]) -> Containment {
+    let by_id: HashMap<&str, &ReceivedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let mut found = Containment::default();
+    for span in spans.iter().filter(|s| s.kind == "SERVER") {
+        let Some(parent) = by_id.get(span.parent_span_id.as_str()) else {
+            continue;
+        };
+        if parent.kind != "CLIENT"
+            || pid_of(parent) == pid_of(span)
+            || parent.attr_str("error.type") == Some("no_response")
+        {
+            continue;
+        }
+        found.linked += 1;
+        if span.start_ns < parent.start_ns || span.end_ns > parent.end_ns {
+            found.outside += 1;
+            if found.examples.len() < 5 {
+                found.examples.push(format!(
+                    "{}\n    starts {} ns after, ends {} ns before its parent {}",
+                    span.brief(),
+                    span.start_ns as i64 - parent.start_ns as i64,
+                    parent.end_ns as i64 - span.end_ns as i64,
+                    parent.brief()
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// The nesting app's interpreters: a venv per interpreter under
 /// `~/.cache/zerotrace/venv-nesting-NAME`, made with `python -m venv` and
 /// the app's packages (the tests' OTel venv serves Debian's python3).

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use zerotrace_tests::{
     db::{Postgres, Redis},
-    nesting::{EventLoop, NestingApp, Proxy, Score, score, wrk_with_ids},
-    otlp::{Protocol, Receiver, otel_python},
+    nesting::{EventLoop, NestingApp, Proxy, Score, containment, score, wrk_with_ids},
+    otlp::{Protocol, ReceivedSpan, Receiver, otel_python},
     spans::*,
     *,
 };
@@ -42,6 +42,22 @@ fn check(score: &Score, what: &str) {
         100.0 * score.right_share(),
         score.root,
         score.root_examples.join("\n")
+    );
+}
+
+/// Every span linked under another process's client span lies within it.
+fn check_containment(spans: &[ReceivedSpan], what: &str) {
+    let found = containment(spans);
+    eprintln!(
+        "{what}: {} cross-process links, {} outside their parent",
+        found.linked, found.outside
+    );
+    assert!(found.linked >= 200, "{what}: only {} links", found.linked);
+    assert!(
+        found.outside == 0,
+        "{what}: {} children outside their parent:\n{}",
+        found.outside,
+        found.examples.join("\n")
     );
 }
 
@@ -90,6 +106,7 @@ fn fastapi_calls_nest_under_their_requests_under_concurrency() {
             let what = format!("{} /{handler}", event_loop.name());
             check(&score(&spans, &[app.pid], handler), &what);
         }
+        check_containment(&spans, event_loop.name());
     }
 }
 
@@ -121,5 +138,6 @@ fn nginx_upstream_calls_nest_under_their_downstream_requests_under_concurrency()
         drop(agent);
         let what = format!("nginx keepalive {keepalive}");
         check(&score(&spans, &proxy.workers(), "backend"), &what);
+        check_containment(&spans, &what);
     }
 }
