@@ -239,9 +239,10 @@ pub fn score(spans: &[ReceivedSpan], pids: &[u32], handler: &str) -> Score {
 /// SERVER spans whose parent is an answered CLIENT span of another process
 /// (a link made across processes), and how many of them do not lie within
 /// their parent. Their times come from two processes' syscalls: a send
-/// must be stamped before the receive it feeds for the child to fit. A
-/// client that gave up (no response before it closed) may well end before
-/// the server does.
+/// must be stamped before the receive it feeds for the child to fit. Pairs
+/// where either side saw no response are left out: a client that gave up
+/// may well end before the server does, and a span without a response
+/// ends at its connection's last record.
 #[derive(Debug, Default)]
 pub struct Containment {
     pub linked: u64,
@@ -261,6 +262,7 @@ pub fn containment(spans: &[ReceivedSpan]) -> Containment {
         if parent.kind != "CLIENT"
             || pid_of(parent) == pid_of(span)
             || parent.attr_str("error.type") == Some("no_response")
+            || span.attr_str("error.type") == Some("no_response")
         {
             continue;
         }

@@ -45,18 +45,27 @@ fn check(score: &Score, what: &str) {
     );
 }
 
-/// Every span linked under another process's client span lies within it.
+/// Spans linked under another process's client span lie within it. Before
+/// sends were stamped at syscall enter, 1.5–2 % of them stuck out (a
+/// reader returning before its writer's exit hook ran). About one in
+/// 10,000 still does, for another reason: the one case examined was an
+/// nginx client span that ended with a 200 head and no body before the app
+/// had sent its answer (noted in the issue). Allowed: 1 in 1,000.
 fn check_containment(spans: &[ReceivedSpan], what: &str) {
     let found = containment(spans);
     eprintln!(
         "{what}: {} cross-process links, {} outside their parent",
         found.linked, found.outside
     );
+    for example in &found.examples {
+        eprintln!("  outside: {example}");
+    }
     assert!(found.linked >= 200, "{what}: only {} links", found.linked);
     assert!(
-        found.outside == 0,
-        "{what}: {} children outside their parent:\n{}",
+        found.outside * 1_000 <= found.linked,
+        "{what}: {} of {} children outside their parent:\n{}",
         found.outside,
+        found.linked,
         found.examples.join("\n")
     );
 }
