@@ -374,19 +374,18 @@ fn copy_iovecs(payload: &mut [u8], iov: u64, iov_len: u64, want: u64) -> u64 {
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == config!(agent_tgid) {
-        save(
-            pid_tgid,
-            &PendingCall::new(OWN_CONNECT, arg(&ctx, 0) as i32, 0, 0, false),
-        );
+    let tgid = (pid_tgid >> 32) as u32;
+    let kind = if tgid == config!(agent_tgid) {
+        OWN_CONNECT
+    } else if selected(tgid) {
+        CONNECT
+    } else {
         return 0;
-    }
-    if selected((pid_tgid >> 32) as u32) {
-        save(
-            pid_tgid,
-            &PendingCall::new(CONNECT, arg(&ctx, 0) as i32, 0, 0, false),
-        );
-    }
+    };
+    save(
+        pid_tgid,
+        &PendingCall::new(kind, arg(&ctx, 0) as i32, 0, 0, false),
+    );
     0
 }
 
