@@ -18,8 +18,8 @@
 //! Nothing here panics on any input, and memory per connection is bounded:
 //! one head buffer per direction and at most `max_pending` queued requests.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
+use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
 use agent_common::Direction;
 
@@ -115,7 +115,8 @@ pub struct Request {
     /// "1.0" or "1.1".
     pub version: &'static str,
     pub host: Option<String>,
-    pub user_agent: Option<String>,
+    /// Shared with the span's `user_agent.original`: no copy per span.
+    pub user_agent: Option<Arc<str>>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     /// The configured extra headers that were present: (lower-case name, value), capped.
@@ -1347,10 +1348,12 @@ fn parse_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
 }
 
 fn httparse_request(b: &[u8], opts: &HttpOptions) -> Option<Head> {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    // Uninitialised slots: filling 64 empty headers cost 2 KiB of stores per head.
+    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     match try_request(b, &mut headers, opts) {
         Err(httparse::Error::TooManyHeaders) => {
-            let mut headers = vec![httparse::EMPTY_HEADER; line_count(b)];
+            let mut headers = Vec::new();
+            headers.resize_with(line_count(b), MaybeUninit::uninit);
             try_request(b, &mut headers, opts).ok().flatten()
         }
         r => r.ok().flatten(),
@@ -1359,15 +1362,18 @@ fn httparse_request(b: &[u8], opts: &HttpOptions) -> Option<Head> {
 
 fn try_request<'b>(
     b: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
     opts: &HttpOptions,
 ) -> Result<Option<Head>, httparse::Error> {
     let mut config = httparse::ParserConfig::default();
     config
         .ignore_invalid_headers_in_requests(true)
         .allow_multiple_spaces_in_request_line_delimiters(true);
-    let mut req = httparse::Request::new(headers);
-    if config.parse_request(&mut req, b)?.is_partial() {
+    let mut req = httparse::Request::new(&mut []);
+    if config
+        .parse_request_with_uninit_headers(&mut req, b, headers)?
+        .is_partial()
+    {
         return Ok(None);
     }
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
@@ -1384,10 +1390,11 @@ fn try_request<'b>(
 }
 
 fn httparse_response(b: &[u8]) -> Option<Head> {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     match try_response(b, &mut headers) {
         Err(httparse::Error::TooManyHeaders) => {
-            let mut headers = vec![httparse::EMPTY_HEADER; line_count(b)];
+            let mut headers = Vec::new();
+            headers.resize_with(line_count(b), MaybeUninit::uninit);
             try_response(b, &mut headers).ok().flatten()
         }
         r => r.ok().flatten(),
@@ -1396,7 +1403,7 @@ fn httparse_response(b: &[u8]) -> Option<Head> {
 
 fn try_response<'b>(
     b: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<Head>, httparse::Error> {
     let mut config = httparse::ParserConfig::default();
     config
@@ -1404,8 +1411,11 @@ fn try_response<'b>(
         .allow_obsolete_multiline_headers_in_responses(true)
         .allow_multiple_spaces_in_response_status_delimiters(true)
         .ignore_invalid_headers_in_responses(true);
-    let mut resp = httparse::Response::new(headers);
-    if config.parse_response(&mut resp, b)?.is_partial() {
+    let mut resp = httparse::Response::new(&mut []);
+    if config
+        .parse_response_with_uninit_headers(&mut resp, b, headers)?
+        .is_partial()
+    {
         return Ok(None);
     }
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
@@ -1466,10 +1476,11 @@ fn build_request<'a>(
     let mut te = TransferCoding::None;
     let mut cl = ContentLength::None;
     for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"user-agent") && req.user_agent.is_none() {
+            req.user_agent = Some(Arc::from(capped_text(value, cap).as_ref()));
+        }
         let slot = if name.eq_ignore_ascii_case(b"host") {
             Some(&mut req.host)
-        } else if name.eq_ignore_ascii_case(b"user-agent") {
-            Some(&mut req.user_agent)
         } else if name.eq_ignore_ascii_case(b"traceparent") {
             Some(&mut req.traceparent)
         } else if name.eq_ignore_ascii_case(b"tracestate") {
@@ -1572,22 +1583,33 @@ fn trim(b: &[u8]) -> &[u8] {
 
 /// Trimmed, lossily decoded, cut to at most `limit` bytes on a char boundary.
 fn capped(value: &[u8], limit: usize) -> String {
+    capped_text(value, limit).into_owned()
+}
+
+/// [`capped`], borrowed from `value` when it is valid UTF-8 (nearly every
+/// header), so that the caller makes the one copy it keeps.
+fn capped_text(value: &[u8], limit: usize) -> Cow<'_, str> {
     let value = trim(value);
     // Lossy decoding only grows the text, so `limit + 3` input bytes always cover
     // `limit` output bytes, and a char cut at that end lies beyond the limit.
     let value = &value[..value.len().min(limit.saturating_add(3))];
-    // Valid UTF-8 (nearly every header) is checked by the fast validator;
-    // only the rest goes through the lossy decoder's chunk iterator.
-    let mut s = match std::str::from_utf8(value) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(value).into_owned(),
+    // Valid UTF-8 is checked by the fast validator; only the rest goes
+    // through the lossy decoder's chunk iterator.
+    let text = match std::str::from_utf8(value) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(value),
     };
-    let mut end = limit.min(s.len());
-    while !s.is_char_boundary(end) {
+    let mut end = limit.min(text.len());
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    s.truncate(end);
-    s
+    match text {
+        Cow::Borrowed(text) => Cow::Borrowed(&text[..end]),
+        Cow::Owned(mut text) => {
+            text.truncate(end);
+            Cow::Owned(text)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -263,6 +263,9 @@ pub struct Tracer {
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
     events: Vec<Event>,
+    /// The tenant of spans without one, shared: an empty `Arc<[_]>` made
+    /// per span would still allocate its counts.
+    no_tenant: Arc<[KeyValue]>,
     pub stats: TraceStats,
     /// Connections to mute in the kernel, taken by the loop after each round.
     pub mutes: Vec<Mute>,
@@ -308,6 +311,7 @@ impl Tracer {
                 .build(),
             clock_offset: clock_offset(),
             events: Vec::new(),
+            no_tenant: Arc::from(Vec::new()),
             stats: TraceStats::default(),
             mutes: Vec::new(),
         }
@@ -603,7 +607,7 @@ impl Tracer {
             }
         };
         let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
-            inherited.unwrap_or_else(|| Arc::from(Vec::new()))
+            inherited.unwrap_or_else(|| Arc::clone(&self.no_tenant))
         } else {
             Arc::from(own_tenant)
         };

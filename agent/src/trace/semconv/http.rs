@@ -1,9 +1,9 @@
 //! HTTP exchanges as spans: names, attributes and statuses per the
 //! OpenTelemetry HTTP semantic conventions.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
-use opentelemetry::{KeyValue, trace::Status};
+use opentelemetry::{KeyValue, Value, trace::Status};
 
 use super::{Described, Endpoints, Side};
 use crate::{
@@ -22,17 +22,19 @@ pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
         // absolute-form (proxies): skip scheme and authority.
         Some(i) => {
             let after = &target[i + 3..];
-            after.find('/').map_or("/", |j| &after[j..])
+            memchr::memchr(b'/', after.as_bytes()).map_or("/", |j| &after[j..])
         }
         None => target,
     };
-    let bytes = rest.as_bytes();
-    let rest = match bytes.iter().position(|&b| b == b'#') {
-        Some(i) => &rest[..i],
-        None => rest,
-    };
-    match rest.as_bytes().iter().position(|&b| b == b'?') {
-        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+    // The fragment goes, then the query is what follows the first '?'. One
+    // pass finds whichever comes first: a '?' after a '#' is the fragment's.
+    match memchr::memchr2(b'?', b'#', rest.as_bytes()) {
+        Some(i) if rest.as_bytes()[i] == b'?' => {
+            let query = &rest[i + 1..];
+            let query = memchr::memchr(b'#', query.as_bytes()).map_or(query, |j| &query[..j]);
+            (&rest[..i], Some(query))
+        }
+        Some(i) => (&rest[..i], None),
         None => (rest, None),
     }
 }
@@ -42,13 +44,15 @@ pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
 /// when its query holds a URL.
 fn find_scheme_end(target: &str) -> Option<usize> {
     let b = target.as_bytes();
-    let i = b.iter().position(|&c| c == b':')?;
-    let scheme = &b[..i];
-    let valid = scheme.first().is_some_and(u8::is_ascii_alphabetic)
-        && scheme
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'));
-    (valid && b[i + 1..].starts_with(b"//")).then_some(i)
+    // A scheme is a letter, then letters, digits, '+', '-', '.'; the first
+    // byte outside them must be the ':' of "://". Origin-form ends at '/'.
+    if !b.first().is_some_and(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    let i = b
+        .iter()
+        .position(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.')))?;
+    (b[i] == b':' && b[i + 1..].starts_with(b"//")).then_some(i)
 }
 
 /// Keeps query keys, replaces every value with `REDACTED`: values often
@@ -199,7 +203,10 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
         }
     }
     if let Some(agent) = &request.user_agent {
-        attrs.push(KeyValue::new("user_agent.original", agent.clone()));
+        attrs.push(KeyValue::new(
+            "user_agent.original",
+            Value::from(Arc::clone(agent)),
+        ));
     }
     if request.body_bytes > 0 {
         attrs.push(KeyValue::new(
