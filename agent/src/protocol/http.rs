@@ -39,23 +39,23 @@ const EAGER_CHECK: usize = 64;
 const STACK_HEADERS: usize = 64;
 
 /// Methods accepted in a request line (RFC 9110, RFC 5789, RFC 4918).
-const METHODS: &[&[u8]] = &[
-    b"GET",
-    b"HEAD",
-    b"POST",
-    b"PUT",
-    b"DELETE",
-    b"CONNECT",
-    b"OPTIONS",
-    b"TRACE",
-    b"PATCH",
-    b"PROPFIND",
-    b"PROPPATCH",
-    b"MKCOL",
-    b"COPY",
-    b"MOVE",
-    b"LOCK",
-    b"UNLOCK",
+const METHODS: &[&str] = &[
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
 ];
 const MAX_METHOD_LEN: usize = 9;
 
@@ -108,8 +108,8 @@ pub struct Moment {
 pub struct Request {
     /// 0, 1, 2 … in the order requests appear on the connection.
     pub seq: u64,
-    /// As sent, e.g. "GET".
-    pub method: String,
+    /// As sent, e.g. "GET" (a constant for the common methods).
+    pub method: Cow<'static, str>,
     /// Raw request target, e.g. "/a/b?x=1" or absolute-form, capped.
     pub target: String,
     /// "1.0" or "1.1".
@@ -808,7 +808,7 @@ impl HttpConn {
             body_bytes: 0,
             head_truncated: truncated,
         };
-        let method = request.as_ref().map_or("", |r| r.method.as_str());
+        let method = request.as_ref().map_or("", |r| &*r.method);
         let upgrade = status == 101 || (method == "CONNECT" && (200..300).contains(&status));
         let no_body = method == "HEAD" || status == 204 || status == 304;
         self.sides[i].cur = request.map(|req| Box::new((req, response)));
@@ -1237,7 +1237,8 @@ fn classify(b: &[u8], role: Role) -> StartLine<'_> {
 /// `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3).
 fn request_line(b: &[u8]) -> StartLine<'_> {
     let Some(sp) = b.iter().take(MAX_METHOD_LEN + 1).position(|&c| c == b' ') else {
-        let prefix = b.len() <= MAX_METHOD_LEN && METHODS.iter().any(|m| m.starts_with(b));
+        let prefix =
+            b.len() <= MAX_METHOD_LEN && METHODS.iter().any(|m| m.as_bytes().starts_with(b));
         return if prefix {
             StartLine::Partial
         } else {
@@ -1245,7 +1246,7 @@ fn request_line(b: &[u8]) -> StartLine<'_> {
         };
     };
     let method = &b[..sp];
-    if !METHODS.contains(&method) {
+    if !METHODS.iter().any(|m| m.as_bytes() == method) {
         return StartLine::No;
     }
     let rest = &b[sp + 1..];
@@ -1468,7 +1469,10 @@ fn build_request<'a>(
 ) -> Head {
     let cap = opts.max_value_bytes;
     let mut req = Request {
-        method: String::from_utf8_lossy(method).into_owned(),
+        method: match METHODS.iter().find(|m| m.as_bytes() == method) {
+            Some(known) => Cow::Borrowed(*known),
+            None => Cow::Owned(String::from_utf8_lossy(method).into_owned()),
+        },
         target: capped(target, cap.saturating_mul(4)),
         version: version_str(minor),
         ..Request::default()
@@ -2696,7 +2700,7 @@ mod tests {
             .iter()
             .map(|x| {
                 (
-                    x.request.method.as_str(),
+                    &*x.request.method,
                     x.request.body_bytes,
                     x.response.as_ref().map(|r| r.status),
                 )

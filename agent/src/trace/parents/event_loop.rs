@@ -141,7 +141,7 @@ impl Content {
     #[cfg(test)]
     pub fn new(method: &str, target: &str) -> Self {
         Self(Arc::new(Request {
-            method: method.into(),
+            method: method.to_owned().into(),
             target: target.into(),
             ..Default::default()
         }))
