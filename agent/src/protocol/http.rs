@@ -72,7 +72,8 @@ const NEVER_KEEP: &[&str] = &[
 pub struct HttpOptions {
     /// Lower-case names of extra request headers to keep (e.g. tenant headers "x-tenant-id").
     /// `cookie`, `set-cookie`, `authorization` and `proxy-authorization` are never kept.
-    pub extra_headers: Vec<String>,
+    /// Shared with the requests that carry them.
+    pub extra_headers: Vec<Arc<str>>,
     /// A message head (start line + headers) longer than this is cut: what fits is parsed,
     /// the rest skipped. Default 16 KiB (values below 64 count as 64).
     pub max_head_bytes: usize,
@@ -87,7 +88,7 @@ pub struct HttpOptions {
 impl Default for HttpOptions {
     fn default() -> Self {
         Self {
-            extra_headers: vec!["x-tenant-id".to_owned(), "x-user-id".to_owned()],
+            extra_headers: vec!["x-tenant-id".into(), "x-user-id".into()],
             max_head_bytes: 16 * 1024,
             max_value_bytes: 256,
             max_pending: 32,
@@ -120,7 +121,9 @@ pub struct Request {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     /// The configured extra headers that were present: (lower-case name, value), capped.
-    pub extra: Vec<(String, String)>,
+    /// Both shared: the name with the options, the value with the tenant
+    /// attributes of the request's spans.
+    pub extra: Vec<(Arc<str>, Arc<str>)>,
     /// Moment of the syscall that carried the first byte of the request.
     pub start: Moment,
     /// Payload bytes of the message body: the content-length, or the sum of chunk sizes.
@@ -278,8 +281,13 @@ enum ContentLength {
 
 #[derive(Debug)]
 enum HeadKind {
-    Request(Box<Request>),
-    Response { status: u16, version: &'static str },
+    /// Made shared from the start: the event and the pending queue share it
+    /// without a move out of a box.
+    Request(Arc<Request>),
+    Response {
+        status: u16,
+        version: &'static str,
+    },
 }
 
 /// A parsed head with what it says about framing.
@@ -319,7 +327,8 @@ struct Side {
     /// Requests: seq of the request whose body is being read.
     body_of: Option<u64>,
     /// Responses: the final response being read and the request it answers.
-    cur: Option<Box<(Arc<Request>, Response)>>,
+    /// Inline, not boxed: a box per response was an allocation per exchange.
+    cur: Option<(Arc<Request>, Response)>,
 }
 
 impl Side {
@@ -477,7 +486,7 @@ impl HttpConn {
             }
             let last = self.sides[i].last;
             if let Some(cur) = self.sides[i].cur.take() {
-                let (request, mut response) = *cur;
+                let (request, mut response) = cur;
                 response.end = last;
                 out.push(HttpEvent::Exchange(Exchange {
                     request,
@@ -724,7 +733,7 @@ impl HttpConn {
         &mut self,
         i: usize,
         at: Moment,
-        mut req: Box<Request>,
+        mut req: Arc<Request>,
         te: TransferCoding,
         cl: ContentLength,
         truncated: bool,
@@ -732,9 +741,12 @@ impl HttpConn {
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        req.seq = seq;
-        req.start = self.sides[i].first;
-        req.head_truncated = truncated;
+        {
+            let req = Arc::get_mut(&mut req).expect("a new head is not shared yet");
+            req.seq = seq;
+            req.start = self.sides[i].first;
+            req.head_truncated = truncated;
+        }
         if self.queued >= self.opts.max_pending {
             self.counters.dropped_requests += 1;
             match self.pending.back_mut() {
@@ -743,8 +755,6 @@ impl HttpConn {
             }
             self.sides[i].body_of = None;
         } else {
-            // Moved out of its box once; the event and the queue share it.
-            let req = Arc::new(*req);
             out.push(HttpEvent::Request(Arc::clone(&req)));
             self.pending.push_back(Slot::Req(req));
             self.queued += 1;
@@ -811,7 +821,7 @@ impl HttpConn {
         let method = request.as_ref().map_or("", |r| &*r.method);
         let upgrade = status == 101 || (method == "CONNECT" && (200..300).contains(&status));
         let no_body = method == "HEAD" || status == 204 || status == 304;
-        self.sides[i].cur = request.map(|req| Box::new((req, response)));
+        self.sides[i].cur = request.map(|req| (req, response));
         if upgrade {
             self.end_message(i, at, out);
             self.upgrade(out);
@@ -839,7 +849,7 @@ impl HttpConn {
         side.phase = Phase::Start;
         side.body_of = None;
         if let Some(cur) = side.cur.take() {
-            let (request, mut response) = *cur;
+            let (request, mut response) = cur;
             response.end = at;
             out.push(HttpEvent::Exchange(Exchange {
                 request,
@@ -1053,7 +1063,7 @@ impl HttpConn {
     fn lose_sync(&mut self, i: usize, at: Moment, out: &mut Vec<HttpEvent>) {
         let side = &mut self.sides[i];
         if let Some(cur) = side.cur.take() {
-            let (request, mut response) = *cur;
+            let (request, mut response) = cur;
             response.end = at;
             out.push(HttpEvent::Exchange(Exchange {
                 request,
@@ -1509,12 +1519,17 @@ fn build_request<'a>(
             && !NEVER_KEEP.iter().any(|n| extra.eq_ignore_ascii_case(n))
             && !req.extra.iter().any(|(n, _)| n.eq_ignore_ascii_case(extra))
         {
+            let name = if extra.bytes().any(|b| b.is_ascii_uppercase()) {
+                Arc::from(extra.to_ascii_lowercase())
+            } else {
+                Arc::clone(extra)
+            };
             req.extra
-                .push((extra.to_ascii_lowercase(), capped(value, cap)));
+                .push((name, Arc::from(capped_text(value, cap).as_ref())));
         }
     }
     Head {
-        kind: HeadKind::Request(Box::new(req)),
+        kind: HeadKind::Request(Arc::new(req)),
         te,
         cl,
     }
@@ -1622,6 +1637,14 @@ mod tests {
     use super::*;
 
     // --- helpers ------------------------------------------------------------
+
+    /// A request's kept extra headers, as owned text.
+    fn extra(req: &Request) -> Vec<(String, String)> {
+        req.extra
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
 
     fn opts() -> Arc<HttpOptions> {
         Arc::new(HttpOptions::default())
@@ -1912,7 +1935,7 @@ mod tests {
         );
         let req = &exchanges(&events)[0].request;
         assert_eq!(
-            req.extra,
+            extra(req),
             vec![
                 ("x-tenant-id".to_owned(), "acme".to_owned()),
                 ("x-user-id".to_owned(), "u1".to_owned())
@@ -2308,7 +2331,7 @@ mod tests {
         );
         // What was seen of the cut head is kept.
         assert_eq!(
-            xs[1].request.extra,
+            extra(&xs[1].request),
             vec![("x-tenant-id".to_owned(), "t2".to_owned())]
         );
         assert_eq!(conn.counters().resyncs, 1);
@@ -2532,7 +2555,7 @@ mod tests {
             let req = &xs[0].request;
             assert!(req.head_truncated);
             assert_eq!(
-                req.extra,
+                extra(req),
                 vec![("x-tenant-id".to_owned(), "acme".to_owned())]
             );
             assert_eq!(req.body_bytes, 4);
@@ -2552,7 +2575,7 @@ mod tests {
         let out = run(&mut conn, &[(E, head.as_bytes(), 0)]);
         let req = requests(&out)[0];
         assert_eq!(
-            req.extra,
+            extra(req),
             vec![("x-tenant-id".to_owned(), "acme".to_owned())]
         );
         assert!(!req.head_truncated);
@@ -2586,7 +2609,7 @@ mod tests {
         assert_eq!(req.user_agent.as_deref(), Some("h\u{e9}h")); // 4 of 5 bytes: char boundary
         assert_eq!(req.host.as_deref(), Some("examp"));
         assert_eq!(
-            req.extra,
+            extra(req),
             vec![
                 ("x-tenant-id".to_owned(), "t".to_owned()),
                 ("x-bin".to_owned(), "\u{fffd}".to_owned())

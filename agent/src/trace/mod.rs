@@ -73,6 +73,9 @@ const MAX_ABANDONED: usize = 4096;
 
 /// Most requests remembered as in flight per thread or per connection.
 const MAX_IN_FLIGHT: usize = 64;
+/// Most threads whose server requests are remembered: an idle thread's
+/// empty list is kept for its next request until there are this many.
+const MAX_SERVING_THREADS: usize = 4096;
 /// Most requests remembered as being served per thread (an event loop may
 /// serve hundreds at once; a proxy's upstream call is matched among them).
 const MAX_SERVING: usize = 1024;
@@ -152,7 +155,7 @@ struct Start {
     /// The context the request carries itself (HTTP traceparent).
     traceparent: Option<Parent>,
     /// Tenant attributes from the request itself.
-    own_tenant: Vec<KeyValue>,
+    own_tenant: Option<Arc<[KeyValue]>>,
     excluded: bool,
     /// HTTP method and path, for matching a proxy's upstream call.
     content: Option<Content>,
@@ -165,7 +168,7 @@ impl Start {
             at,
             side,
             traceparent: None,
-            own_tenant: Vec::new(),
+            own_tenant: None,
             excluded: false,
             content: None,
         }
@@ -278,7 +281,7 @@ impl Tracer {
                 extra_headers: opts
                     .header_rules
                     .iter()
-                    .map(|(r, _)| r.header.clone())
+                    .map(|(r, _)| Arc::from(r.header.as_str()))
                     .collect(),
                 max_value_bytes: opts.max_header_value,
                 ..HttpOptions::default()
@@ -547,21 +550,20 @@ impl Tracer {
             Direction::Ingress => Side::Server,
             Direction::Egress => Side::Client,
         };
-        let own_tenant: Vec<KeyValue> = self
-            .opts
-            .header_rules
-            .iter()
-            .filter_map(|(rule, key)| {
-                // Shared by every span of the request's trace on this host.
-                request
-                    .extra
-                    .iter()
-                    .find(|(name, _)| *name == rule.header)
-                    .map(|(_, value)| {
-                        KeyValue::new(key.clone(), Value::from(Arc::<str>::from(value.as_str())))
-                    })
-            })
-            .collect();
+        // Shared by every span of the request's trace on this host.
+        let mut found = self.opts.header_rules.iter().filter_map(|(rule, key)| {
+            request
+                .extra
+                .iter()
+                .find(|(name, _)| **name == *rule.header)
+                .map(|(_, value)| KeyValue::new(key.clone(), Value::from(Arc::clone(value))))
+        });
+        // One allocation for the usual single tenant header.
+        let own_tenant: Option<Arc<[KeyValue]>> = match (found.next(), found.next()) {
+            (None, _) => None,
+            (Some(only), None) => Some(Arc::from([only])),
+            (Some(a), Some(b)) => Some([a, b].into_iter().chain(found).collect()),
+        };
         self.begin(
             conn,
             Start {
@@ -606,11 +608,9 @@ impl Tracer {
                 self.client_parent(thread, traceparent, adjacent, content.as_ref())
             }
         };
-        let tenant: Arc<[KeyValue]> = if own_tenant.is_empty() {
-            inherited.unwrap_or_else(|| Arc::clone(&self.no_tenant))
-        } else {
-            Arc::from(own_tenant)
-        };
+        let tenant: Arc<[KeyValue]> = own_tenant
+            .or(inherited)
+            .unwrap_or_else(|| Arc::clone(&self.no_tenant));
         let trace_id = parent
             .as_ref()
             .map_or_else(|| self.ids.trace_id(), |p| p.trace_id);
@@ -644,6 +644,10 @@ impl Tracer {
                 }
                 if begun.parent.is_none() {
                     self.links.wait_for_call(key, conn.conn_id, begun.seq, now);
+                }
+                if self.serving.len() >= MAX_SERVING_THREADS && !self.serving.contains_key(&thread)
+                {
+                    self.serving.retain(|_, s| !s.is_empty());
                 }
                 let serving = self.serving.entry(thread).or_default();
                 if serving.len() < MAX_SERVING {
@@ -822,10 +826,8 @@ impl Tracer {
         match begun.side {
             Side::Server => {
                 if let Some(serving) = self.serving.get_mut(&begun.thread) {
+                    // Kept when empty: the thread's next request reuses it.
                     serving.retain(|s| !(s.conn_id == conn_id && s.seq == begun.seq));
-                    if serving.is_empty() {
-                        self.serving.remove(&begun.thread);
-                    }
                 }
                 // A held span still waits for its client end.
                 if !held {
