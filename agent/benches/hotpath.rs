@@ -8,7 +8,8 @@
 //! groups, one SQL statement in `sql_sanitize`, and one request (all of its
 //! records, to its span) in `span_build`, and one span in `export` (a batch
 //! of 512 becoming one encoded OTLP request). Criterion runs on one thread, so
-//! elements/s is per core.
+//! elements/s is per core. `span_build` and `otlp_encode` also count their
+//! heap allocations per iteration ([`bench_counted`]).
 //!
 //! The inputs are realistic messages built here byte by byte (the layouts
 //! follow the recorded fixtures under `src/protocol/fixtures` and the fuzz
@@ -16,7 +17,10 @@
 //! batch, whole.
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    cell::Cell,
     hint::black_box,
+    io::Write,
     net::SocketAddr,
     sync::{Arc, mpsc::Receiver},
     time::Duration,
@@ -39,6 +43,77 @@ use zerotrace::{
     },
     trace::{TraceOptions, Tracer, parents::context::Sampler},
 };
+
+// --- allocations ------------------------------------------------------------
+
+/// The system allocator, counting allocations per thread. How many times the
+/// hot path allocates is a figure a shared machine's noise does not blur, so
+/// `span_build` and `export` report it next to their times (a thread-local
+/// count: no atomic on the measured path).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    ALLOCATIONS.with(|n| n.set(n.get() + 1));
+}
+
+// SAFETY: every call is passed on unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_one();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Benchmarks `routine` in `g` (named `group`), after counting the heap
+/// allocations (and reallocations) of one call, averaged over 1,000 calls.
+/// With `HOTPATH_ALLOCATIONS` set, the count is appended there as a JSON
+/// line for `cargo xtask bench micro`.
+fn bench_counted<O>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    group: &str,
+    bench: &str,
+    mut routine: impl FnMut() -> O,
+) {
+    const CALLS: u64 = 1000;
+    let before = ALLOCATIONS.with(Cell::get);
+    for _ in 0..CALLS {
+        black_box(routine());
+    }
+    let per_call = (ALLOCATIONS.with(Cell::get) - before) as f64 / CALLS as f64;
+    if let Some(path) = std::env::var_os("HOTPATH_ALLOCATIONS") {
+        let line = format!(
+            "{{\"group\":\"{group}\",\"bench\":\"{bench}\",\"allocations_per_iter\":{per_call}}}\n"
+        );
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("cannot append to {}: {e}", path.to_string_lossy()));
+    }
+    g.bench_function(bench, |b| b.iter(&mut routine));
+}
 
 // --- messages ---------------------------------------------------------------
 
@@ -603,13 +678,15 @@ fn bench_span_build(c: &mut Criterion) {
     assert_eq!(path.run(std::slice::from_ref(&open)), 0);
     let exchange = [request.clone(), response.clone()];
     path.check(&exchange, 1, "tenant.id");
-    g.bench_function("http_keepalive", |b| b.iter(|| path.run(&exchange)));
+    bench_counted(&mut g, "span_build", "http_keepalive", || {
+        path.run(&exchange)
+    });
 
     // A connection per request: open, request, response, close.
     let mut path = Stages::new();
     let whole = [open, request, response, close];
     path.check(&whole, 1, "http.response.status_code");
-    g.bench_function("http_connection", |b| b.iter(|| path.run(&whole)));
+    bench_counted(&mut g, "span_build", "http_connection", || path.run(&whole));
 
     // A Redis client on a kept connection: SET and GET, two client spans.
     let client = Records::of_this_process(1, 13);
@@ -629,7 +706,7 @@ fn bench_span_build(c: &mut Criterion) {
         .collect();
     path.check(&records, 2, "db.query.text");
     g.throughput(Throughput::Elements(2));
-    g.bench_function("redis_set_get", |b| b.iter(|| path.run(&records)));
+    bench_counted(&mut g, "span_build", "redis_set_get", || path.run(&records));
     g.finish();
 }
 
@@ -654,12 +731,10 @@ fn bench_export(c: &mut Criterion) {
     // What the exporter does: the request written straight from the
     // batch, into a buffer sized for it.
     let mut encoder = OtlpEncoder::default();
-    g.bench_function("otlp_encode", |b| {
-        b.iter(|| {
-            let mut out = Vec::with_capacity(BATCH * 400);
-            encoder.request(&batch, &mut out);
-            out
-        })
+    bench_counted(&mut g, "export", "otlp_encode", || {
+        let mut out = Vec::with_capacity(BATCH * 400);
+        encoder.request(&batch, &mut out);
+        out
     });
     // Before: converted to opentelemetry-proto's messages, then encoded.
     // The batch moves into the request, so each iteration gets its own copy

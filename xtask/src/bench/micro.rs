@@ -33,10 +33,18 @@ pub fn micro(ctx: &Ctx) -> Result<Value> {
     // Earlier runs' results stay next to this one's: only files written
     // from now on count (a little slack for coarse file system clocks).
     let started = SystemTime::now() - std::time::Duration::from_secs(2);
+    // The bench appends its allocation counts here (see `bench_counted`).
+    let allocations_file = ctx
+        .target_dir()
+        .join("bench")
+        .join("micro-allocations.jsonl");
+    fs::create_dir_all(ctx.target_dir().join("bench")).context("cannot create target/bench")?;
+    let _ = fs::remove_file(&allocations_file);
     say!("bench", "micro: cargo bench -p agent --bench {BENCH}…");
     run(ctx
         .cargo()
         .args(["bench", "-p", "agent", "--bench", BENCH])
+        .env("HOTPATH_ALLOCATIONS", &allocations_file)
         // With the real eBPF object, like every other release build: bench
         // artifacts share target/release with the agent binary, and a
         // different AYA_BUILD_SKIP would rebuild (and empty) it.
@@ -62,6 +70,9 @@ pub fn micro(ctx: &Ctx) -> Result<Value> {
     if results.is_empty() {
         bail!("criterion wrote no results under {}", criterion.display());
     }
+    let counts = fs::read_to_string(&allocations_file)
+        .with_context(|| format!("cannot read {}", allocations_file.display()))?;
+    add_allocations(&mut results, &counts)?;
     results.sort_by_key(order_key);
 
     let facts = Machine::gather(ctx);
@@ -161,6 +172,26 @@ fn parse_bench(benchmark: &str, estimates: &str) -> Result<Value> {
     }))
 }
 
+/// Adds each `{group, bench, allocations_per_iter}` line of `counts` to the
+/// result of the same benchmark.
+fn add_allocations(results: &mut [Value], counts: &str) -> Result<()> {
+    for line in counts.lines().filter(|l| !l.trim().is_empty()) {
+        let count: Value =
+            serde_json::from_str(line).with_context(|| format!("allocation count {line:?}"))?;
+        let Some(n) = count.get("allocations_per_iter").and_then(Value::as_f64) else {
+            bail!("allocation count {line:?}: no allocations_per_iter");
+        };
+        let same = |r: &&mut Value| {
+            text(r, "group") == text(&count, "group") && text(r, "bench") == text(&count, "bench")
+        };
+        match results.iter_mut().find(same) {
+            Some(r) => r["allocations_per_iter"] = json!(n),
+            None => bail!("allocation count {line:?}: no such benchmark"),
+        }
+    }
+    Ok(())
+}
+
 fn text<'a>(r: &'a Value, key: &str) -> &'a str {
     r.get(key).and_then(Value::as_str).unwrap_or("?")
 }
@@ -193,7 +224,10 @@ fn unit(group: &str) -> Option<&'static str> {
 }
 
 fn table(results: &[Value]) -> String {
-    let mut t = String::from("| benchmark | ns per event | events/s (one core) |\n|---|--:|--:|\n");
+    let mut t = String::from(
+        "| benchmark | ns per event | events/s (one core) | heap allocations per event |\n\
+         |---|--:|--:|--:|\n",
+    );
     for r in results {
         let group = text(r, "group");
         let per = r.get("elements_per_iter").and_then(Value::as_f64);
@@ -208,7 +242,11 @@ fn table(results: &[Value]) -> String {
             Some(u) => format!("`{group}/{}` (per {u})", text(r, "bench")),
             None => format!("`{group}/{}`", text(r, "bench")),
         };
-        let _ = writeln!(t, "| {name} | {ns_per} | {per_sec} |");
+        let allocations = match (r.get("allocations_per_iter").and_then(Value::as_f64), per) {
+            (Some(n), Some(per)) if per > 0.0 => format!("{:.1}", n / per),
+            _ => "–".into(),
+        };
+        let _ = writeln!(t, "| {name} | {ns_per} | {per_sec} | {allocations} |");
     }
     t
 }
@@ -246,6 +284,9 @@ fn render(results: &[Value], m: &Machine) -> String {
          does), `otlp_convert_then_encode` converts them to opentelemetry-proto's \
          messages first and has prost encode those (what it did before; the two \
          give the same bytes).\n\n\
+         Heap allocations per event are counted, not timed (a counting global \
+         allocator in the bench, over 1,000 iterations), for `span_build` and \
+         `otlp_encode`: unlike the times, they do not move with the machine's load.\n\n\
          The raw results add criterion's 95 % confidence interval of each median \
          (`ns_per_iter_ci95`). It says how steady one run was, not how much runs \
          differ: on a shared or virtual machine, compare runs before trusting a \
@@ -323,15 +364,27 @@ mod tests {
             parse_bench(BENCHMARK, ESTIMATES).unwrap(),
         ];
         results.sort_by_key(order_key);
+        add_allocations(
+            &mut results,
+            "{\"group\":\"span_build\",\"bench\":\"http_keepalive\",\"allocations_per_iter\":12.0}\n",
+        )
+        .unwrap();
+        for bad in [
+            "{\"group\":\"span_build\",\"bench\":\"nope\",\"allocations_per_iter\":1}",
+            "{\"group\":\"span_build\",\"bench\":\"http_keepalive\"}",
+            "not json",
+        ] {
+            assert!(add_allocations(&mut results, bad).is_err(), "{bad}");
+        }
         let t = table(&results);
         let rows: Vec<&str> = t.lines().collect();
         assert_eq!(
             rows,
             [
-                "| benchmark | ns per event | events/s (one core) |",
-                "|---|--:|--:|",
-                "| `decode/data` | 20.0 | 50,000,000 |",
-                "| `span_build/http_keepalive` (per request) | 2500.0 | 400,000 |",
+                "| benchmark | ns per event | events/s (one core) | heap allocations per event |",
+                "|---|--:|--:|--:|",
+                "| `decode/data` | 20.0 | 50,000,000 | – |",
+                "| `span_build/http_keepalive` (per request) | 2500.0 | 400,000 | 12.0 |",
             ],
             "{t}"
         );
