@@ -477,14 +477,38 @@ impl Small {
     }
 
     /// Upper-case text when it is whole and a word of graphic ASCII.
-    fn word(&self) -> Option<String> {
+    fn word(&self) -> Option<Word> {
         let b = self.whole()?;
-        (!b.is_empty() && b.iter().all(u8::is_ascii_graphic))
-            .then(|| String::from_utf8_lossy(b).to_ascii_uppercase())
+        if b.is_empty() || !b.iter().all(u8::is_ascii_graphic) {
+            return None;
+        }
+        let mut word = Word {
+            buf: self.buf,
+            len: self.len,
+        };
+        word.buf[..b.len()].make_ascii_uppercase();
+        Some(word)
     }
 
     fn int(&self) -> Option<i64> {
         std::str::from_utf8(self.whole()?).ok()?.parse().ok()
+    }
+}
+
+/// A command or subcommand name, upper-cased on the stack: it is looked
+/// at for every command, and kept only as part of the operation's name.
+#[derive(Clone, Copy)]
+struct Word {
+    buf: [u8; SMALL],
+    len: u8,
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Graphic ASCII only (see `Small::word`).
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
     }
 }
 
@@ -737,7 +761,7 @@ impl Cmd {
         match self.idx {
             0 => {
                 if let Some(name) = self.args[0].word() {
-                    self.container = CONTAINERS.contains(&name.as_str());
+                    self.container = CONTAINERS.contains(&&*name);
                     self.spec = spec_of(&name);
                 }
             }
@@ -1843,8 +1867,8 @@ impl RedisConn {
             None
         };
         let operation = match (&name, &sub) {
-            (Some(n), Some(s)) => Some(format!("{n} {s}")),
-            (Some(n), None) => Some(n.clone()),
+            (Some(n), Some(s)) => Some(format!("{} {}", &**n, &**s)),
+            (Some(n), None) => Some(n.to_string()),
             _ => None,
         };
         let op = operation.as_deref().unwrap_or("");
