@@ -85,6 +85,8 @@ pub const MAX_DEPTH: usize = 64;
 /// Bytes kept of a command name, of the first arguments and of the reply
 /// parts that are looked at.
 const SMALL: usize = 32;
+/// Most bytes of query text buffer a connection keeps between commands.
+const SPARE_TEXT: usize = 256;
 /// Longest command name accepted while looking for a first command.
 const MAX_NAME_LEN: i64 = 32;
 /// Most arguments of a plausible first command.
@@ -663,7 +665,19 @@ struct Cmd {
 
 impl Cmd {
     fn new(start: Moment) -> Box<Self> {
-        Box::new(Self {
+        Box::new(Self::blank(start, Vec::new()))
+    }
+
+    /// Ready for the next command, in place: its box and its text's buffer
+    /// are reused (two allocations or more per command otherwise).
+    fn reset(&mut self, start: Moment) {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        *self = Self::blank(start, text);
+    }
+
+    fn blank(start: Moment, text: Vec<u8>) -> Self {
+        Self {
             start,
             argc: 0,
             idx: 0,
@@ -675,8 +689,8 @@ impl Cmd {
             show: Show::Upper,
             secret: 0,
             numkeys: 0,
-            text: Vec::new(),
-        })
+            text,
+        }
     }
 
     fn push_text(&mut self, b: &[u8], upper: bool, opts: &DbOptions) {
@@ -834,6 +848,8 @@ struct ReqParser {
     /// The command being parsed must prove to be Redis (strict checks).
     tentative: bool,
     cmd: Option<Box<Cmd>>,
+    /// The last command queued, kept to parse the next one into.
+    spare: Option<Box<Cmd>>,
     inline: Vec<u8>,
 }
 
@@ -843,7 +859,28 @@ impl ReqParser {
             state: Rq::Start,
             tentative,
             cmd: None,
+            spare: None,
             inline: Vec::new(),
+        }
+    }
+
+    /// Keeps a queued command to parse the next one into; not a long
+    /// command's text buffer, which an idle connection would hold on to.
+    fn recycle(&mut self, mut cmd: Box<Cmd>) {
+        if cmd.text.capacity() > SPARE_TEXT {
+            cmd.text = Vec::new();
+        }
+        self.spare = Some(cmd);
+    }
+
+    /// A command to parse into: the spare one when there is one.
+    fn new_cmd(&mut self, at: Moment) -> Box<Cmd> {
+        match self.spare.take() {
+            Some(mut cmd) => {
+                cmd.reset(at);
+                cmd
+            }
+            None => Cmd::new(at),
         }
     }
 
@@ -926,13 +963,13 @@ impl ReqParser {
         match self.state {
             Rq::Start => match b {
                 b'*' => {
-                    self.cmd = Some(Cmd::new(at));
+                    self.cmd = Some(self.new_cmd(at));
                     self.state = Rq::Count(Num::default());
                 }
                 // Empty inline lines are ignored.
                 b'\r' | b'\n' if !self.tentative => {}
                 _ => {
-                    self.cmd = Some(Cmd::new(at));
+                    self.cmd = Some(self.new_cmd(at));
                     self.inline.clear();
                     self.inline.push(b);
                     self.state = Rq::Inline { len: 1 };
@@ -1814,11 +1851,13 @@ impl RedisConn {
                 if validated {
                     self.validated(i, out);
                 }
-                self.queue(cmd, at, out);
+                self.queue(&cmd, at, out);
+                self.req[i].recycle(cmd);
             }
             ReqEvent::Lost(cut) => {
                 if let Some(cmd) = cut {
-                    self.queue(cmd, at, out);
+                    self.queue(&cmd, at, out);
+                    self.req[i].recycle(cmd);
                 }
                 self.counters.resyncs += 1;
                 if !matches!(self.pending.back(), Some(Slot::Barrier)) {
@@ -1853,7 +1892,7 @@ impl RedisConn {
         }
     }
 
-    fn queue(&mut self, cmd: Box<Cmd>, at: Moment, out: &mut Vec<DbEvent>) {
+    fn queue(&mut self, cmd: &Cmd, at: Moment, out: &mut Vec<DbEvent>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let name = cmd.args[0].word();
@@ -3121,6 +3160,41 @@ mod tests {
             .collect();
         assert_eq!(texts, ["PING", "SET k ?", "GET k"]);
         assert_eq!(summary(&out)[2], s(2, "GET", None, false, 4));
+    }
+
+    #[test]
+    fn a_reused_command_starts_clean_and_keeps_no_long_buffer() {
+        let raw = Arc::new(DbOptions {
+            sanitize: false,
+            ..DbOptions::default()
+        });
+        let mut conn = RedisConn::new(raw, true);
+        let long = "v".repeat(1000);
+        let mut out = Vec::new();
+        let mut feed = |conn: &mut RedisConn, k: u64, dir, bytes: &[u8]| {
+            conn.feed(dir, at(k), bytes, 0, &mut out);
+        };
+        let spare_capacity =
+            |conn: &RedisConn| conn.req[0].spare.as_ref().map(|c| c.text.capacity());
+        feed(&mut conn, 1, E, &cmd(&["SET", "a", &long]));
+        // A long command's buffer is not kept between commands.
+        assert!(spare_capacity(&conn).is_some_and(|c| c <= SPARE_TEXT));
+        feed(&mut conn, 2, I, b"+OK\r\n");
+        feed(&mut conn, 3, E, &cmd(&["GET", "b"]));
+        feed(&mut conn, 4, I, b"$-1\r\n");
+        assert!(spare_capacity(&conn).is_some_and(|c| c > 0 && c <= SPARE_TEXT));
+        // The reused command starts clean: nothing of the one before.
+        feed(&mut conn, 5, E, &cmd(&["PING"]));
+        feed(&mut conn, 6, I, b"+PONG\r\n");
+        let texts: Vec<_> = calls(&out)
+            .iter()
+            .map(|c| c.query_text.clone().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            [format!("SET a {long}"), "GET b".into(), "PING".into()]
+        );
+        assert_eq!(summary(&out)[2], s(2, "PING", None, false, 6));
     }
 
     #[test]
