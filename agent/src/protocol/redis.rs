@@ -1944,7 +1944,7 @@ impl RedisConn {
                 self.skip_next = !self.reply_off;
             }
         }
-        self.queue_call(seq, &cmd, at, operation, effect, no_reply, out);
+        self.queue_call(seq, cmd, at, operation, effect, no_reply, out);
     }
 
     #[allow(clippy::too_many_arguments)]
