@@ -1144,6 +1144,36 @@ mod tests {
     }
 
     #[test]
+    fn idle_threads_lists_are_bounded_and_busy_ones_survive() {
+        let (mut t, rx) = tracer();
+        let busy = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
+        t.on_record(Record::Opened(&busy));
+        data(&mut t, &busy, 11, 100, Syscall::Read, REQ);
+        // Requests served and answered, each on a thread of its own: their
+        // emptied lists stay until there are too many.
+        let other = conn(2, Role::Server, SERVER, "127.0.0.1:40001");
+        t.on_record(Record::Opened(&other));
+        for k in 0..MAX_SERVING_THREADS as u64 + 10 {
+            let tid = 1000 + k as u32;
+            data(&mut t, &other, tid, 200 + 2 * k, Syscall::Read, REQ);
+            data(&mut t, &other, tid, 201 + 2 * k, Syscall::Write, RESP);
+            while rx.try_recv().is_ok() {}
+        }
+        assert!(
+            t.serving.len() <= MAX_SERVING_THREADS,
+            "{}",
+            t.serving.len()
+        );
+        // The busy thread's request is still its calls' parent.
+        let client = conn(99, Role::Client, "127.0.0.1:50000", "10.0.0.9:5432");
+        t.on_record(Record::Opened(&client));
+        data(&mut t, &client, 11, 100_000, Syscall::Write, CALL);
+        data(&mut t, &client, 11, 100_001, Syscall::Read, RESP);
+        let call = rx.try_recv().expect("client span");
+        assert_ne!(call.span.parent_span_id, SpanId::INVALID);
+    }
+
+    #[test]
     fn a_call_during_one_request_on_the_thread_is_its_child() {
         let (servers, call) = call_while_serving(1, 11);
         let server = &servers[0].span;
