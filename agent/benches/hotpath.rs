@@ -85,10 +85,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Benchmarks `routine` in `g` (named `group`), after counting the heap
-/// allocations (and reallocations) of one call, averaged over 1,000 calls.
-/// With `HOTPATH_ALLOCATIONS` set, the count is appended there as a JSON
-/// line for `cargo xtask bench micro`.
+/// Benchmarks `routine` in `g` (named `group`). With `HOTPATH_ALLOCATIONS`
+/// set (by `cargo xtask bench micro`), first counts the heap allocations (and
+/// reallocations) of one call, averaged over 1,000 calls, and appends the
+/// count there as a JSON line.
 fn bench_counted<O>(
     g: &mut BenchmarkGroup<'_, WallTime>,
     group: &str,
@@ -96,12 +96,12 @@ fn bench_counted<O>(
     mut routine: impl FnMut() -> O,
 ) {
     const CALLS: u64 = 1000;
-    let before = ALLOCATIONS.with(Cell::get);
-    for _ in 0..CALLS {
-        black_box(routine());
-    }
-    let per_call = (ALLOCATIONS.with(Cell::get) - before) as f64 / CALLS as f64;
     if let Some(path) = std::env::var_os("HOTPATH_ALLOCATIONS") {
+        let before = ALLOCATIONS.with(Cell::get);
+        for _ in 0..CALLS {
+            black_box(routine());
+        }
+        let per_call = (ALLOCATIONS.with(Cell::get) - before) as f64 / CALLS as f64;
         let line = format!(
             "{{\"group\":\"{group}\",\"bench\":\"{bench}\",\"allocations_per_iter\":{per_call}}}\n"
         );

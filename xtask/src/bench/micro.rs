@@ -34,11 +34,10 @@ pub fn micro(ctx: &Ctx) -> Result<Value> {
     // from now on count (a little slack for coarse file system clocks).
     let started = SystemTime::now() - std::time::Duration::from_secs(2);
     // The bench appends its allocation counts here (see `bench_counted`).
-    let allocations_file = ctx
-        .target_dir()
-        .join("bench")
-        .join("micro-allocations.jsonl");
-    fs::create_dir_all(ctx.target_dir().join("bench")).context("cannot create target/bench")?;
+    let bench_dir = ctx.target_dir().join("bench");
+    fs::create_dir_all(&bench_dir)
+        .with_context(|| format!("cannot create {}", bench_dir.display()))?;
+    let allocations_file = bench_dir.join("micro-allocations.jsonl");
     let _ = fs::remove_file(&allocations_file);
     say!("bench", "micro: cargo bench -p agent --bench {BENCH}…");
     run(ctx
