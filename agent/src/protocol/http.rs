@@ -111,11 +111,13 @@ pub struct Request {
     pub seq: u64,
     /// As sent, e.g. "GET" (a constant for the common methods).
     pub method: Cow<'static, str>,
-    /// Raw request target, e.g. "/a/b?x=1" or absolute-form, capped.
-    pub target: String,
+    /// Raw request target, e.g. "/a/b?x=1" or absolute-form, capped. Shared
+    /// with `url.path` when it is a bare path.
+    pub target: Arc<str>,
     /// "1.0" or "1.1".
     pub version: &'static str,
-    pub host: Option<String>,
+    /// The Host header, capped and split.
+    pub host: Option<Authority>,
     /// Shared with the span's `user_agent.original`: no copy per span.
     pub user_agent: Option<Arc<str>>,
     pub traceparent: Option<String>,
@@ -130,6 +132,116 @@ pub struct Request {
     pub body_bytes: u64,
     /// The head was longer than max_head_bytes or was cut by a capture gap.
     pub head_truncated: bool,
+}
+
+/// A Host header (`uri-host [":" port]`, RFC 9110 §7.2) split into the name
+/// and port that spans report as `server.address` and `server.port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    /// The name or address, an IPv6 address without its brackets. Shared
+    /// with the spans' `server.address`.
+    pub name: Arc<str>,
+    /// None when the header names no port (or not a number): the server's
+    /// port applies.
+    pub port: Option<u16>,
+}
+
+impl Authority {
+    /// `"[v6]:port"`, `"[v6]"`, `"name:port"`, `"name"`; None when empty.
+    pub fn parse(host: &str) -> Option<Self> {
+        let host = host.trim();
+        if host.is_empty() {
+            return None;
+        }
+        let (name, port) = if let Some(rest) = host.strip_prefix('[')
+            && let Some((ip, after)) = rest.split_once(']')
+        {
+            (ip, after.strip_prefix(':').and_then(|p| p.parse().ok()))
+        } else {
+            match host.rsplit_once(':') {
+                Some((name, port)) if !name.contains(':') => (name, port.parse().ok()),
+                _ => (host, None),
+            }
+        };
+        Some(Self {
+            name: Arc::from(name),
+            port,
+        })
+    }
+}
+
+/// What the last request head on a connection carried. On a keep-alive
+/// connection the Host, the User-Agent and the kept (tenant) headers rarely
+/// change, so a head that repeats them shares the last one's values instead
+/// of copying them again. Remembering costs no allocation: the Host text is
+/// kept inline (when short) and the rest are shared values.
+#[derive(Debug, Default)]
+struct Repeats {
+    host: Option<(RawHost, Authority)>,
+    user_agent: Option<Arc<str>>,
+    /// Filled from a connection's second request on: a first request is
+    /// often its connection's only one, and this list is the one copy made.
+    extra: Vec<(Arc<str>, Arc<str>)>,
+    /// A request head was parsed on this connection before.
+    not_first: bool,
+}
+
+/// A Host header's text, inline. Longer ones are not remembered.
+#[derive(Debug)]
+struct RawHost {
+    len: u8,
+    bytes: [u8; RawHost::MAX],
+}
+
+impl RawHost {
+    const MAX: usize = 64;
+
+    fn new(text: &str) -> Option<Self> {
+        let mut bytes = [0; Self::MAX];
+        bytes
+            .get_mut(..text.len())?
+            .copy_from_slice(text.as_bytes());
+        Some(Self {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    fn is(&self, text: &str) -> bool {
+        self.bytes[..usize::from(self.len)] == *text.as_bytes()
+    }
+}
+
+impl Repeats {
+    fn host(&mut self, raw: &str) -> Option<Authority> {
+        if let Some((last, authority)) = &self.host
+            && last.is(raw)
+        {
+            return Some(authority.clone());
+        }
+        let authority = Authority::parse(raw);
+        self.host = RawHost::new(raw).zip(authority.clone());
+        authority
+    }
+
+    fn user_agent(&mut self, value: &str) -> Arc<str> {
+        match &self.user_agent {
+            Some(last) if **last == *value => Arc::clone(last),
+            _ => Arc::clone(self.user_agent.insert(Arc::from(value))),
+        }
+    }
+
+    /// The value of kept header `name` (as the options spell it).
+    fn extra(&self, name: &str, value: &str) -> Arc<str> {
+        match self
+            .extra
+            .iter()
+            .find(|(n, v)| **n == *name && **v == *value)
+        {
+            Some((_, last)) => Arc::clone(last),
+            None => Arc::from(value),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -383,6 +495,7 @@ pub struct HttpConn {
     counters: HttpCounters,
     undecided_bytes: u64,
     closed: bool,
+    repeats: Repeats,
 }
 
 impl std::fmt::Debug for HttpConn {
@@ -426,6 +539,7 @@ impl HttpConn {
             counters: HttpCounters::default(),
             undecided_bytes: 0,
             closed: false,
+            repeats: Repeats::default(),
         }
     }
 
@@ -596,7 +710,12 @@ impl HttpConn {
             }
             self.decided(i, line.is_request());
             self.resynced(i, out);
-            match parse_head(head_bytes, self.sides[i].role, &self.opts) {
+            match parse_head(
+                head_bytes,
+                self.sides[i].role,
+                &self.opts,
+                &mut self.repeats,
+            ) {
                 Some(head) => self.finish_head(i, at, head, false, out),
                 None => self.lose_sync(i, at, out),
             }
@@ -658,7 +777,7 @@ impl HttpConn {
             side.buf.truncate(keep);
             side.buf.extend_from_slice(b"\r\n");
         }
-        let head = parse_head(&side.buf, side.role, &opts);
+        let head = parse_head(&side.buf, side.role, &opts, &mut self.repeats);
         side.reset_buf();
         head
     }
@@ -1349,23 +1468,23 @@ fn version_str(minor: u8) -> &'static str {
 }
 
 /// Parses a complete head (ending with its empty line) for a side with `role`.
-fn parse_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
+fn parse_head(b: &[u8], role: Role, opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
     let strict = match role {
-        Role::Requests => httparse_request(b, opts),
+        Role::Requests => httparse_request(b, opts, repeats),
         Role::Responses => httparse_response(b),
         Role::Unknown => return None,
     };
-    strict.or_else(|| lenient_head(b, role, opts))
+    strict.or_else(|| lenient_head(b, role, opts, repeats))
 }
 
-fn httparse_request(b: &[u8], opts: &HttpOptions) -> Option<Head> {
+fn httparse_request(b: &[u8], opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
     // Uninitialised slots: filling 64 empty headers cost 2 KiB of stores per head.
     let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-    match try_request(b, &mut headers, opts) {
+    match try_request(b, &mut headers, opts, repeats) {
         Err(httparse::Error::TooManyHeaders) => {
             let mut headers = Vec::new();
             headers.resize_with(line_count(b), MaybeUninit::uninit);
-            try_request(b, &mut headers, opts).ok().flatten()
+            try_request(b, &mut headers, opts, repeats).ok().flatten()
         }
         r => r.ok().flatten(),
     }
@@ -1375,6 +1494,7 @@ fn try_request<'b>(
     b: &'b [u8],
     headers: &mut [MaybeUninit<httparse::Header<'b>>],
     opts: &HttpOptions,
+    repeats: &mut Repeats,
 ) -> Result<Option<Head>, httparse::Error> {
     let mut config = httparse::ParserConfig::default();
     config
@@ -1397,6 +1517,7 @@ fn try_request<'b>(
         minor,
         fields,
         opts,
+        repeats,
     )))
 }
 
@@ -1442,7 +1563,7 @@ fn line_count(b: &[u8]) -> usize {
 
 /// Fallback for heads httparse rejects (non-UTF-8 targets, stray CR, NUL …): the
 /// start line as recognised by [`classify`], headers split at the first colon.
-fn lenient_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
+fn lenient_head(b: &[u8], role: Role, opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
     let mut lines = b
         .split(|&c| c == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
@@ -1462,7 +1583,7 @@ fn lenient_head(b: &[u8], role: Role, opts: &HttpOptions) -> Option<Head> {
                 target,
                 minor,
             },
-        ) => Some(build_request(method, target, minor, fields, opts)),
+        ) => Some(build_request(method, target, minor, fields, opts, repeats)),
         (Role::Responses, StartLine::Response { status, minor }) => {
             Some(build_response(status, minor, fields))
         }
@@ -1476,6 +1597,7 @@ fn build_request<'a>(
     minor: u8,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     opts: &HttpOptions,
+    repeats: &mut Repeats,
 ) -> Head {
     let cap = opts.max_value_bytes;
     let mut req = Request {
@@ -1483,31 +1605,33 @@ fn build_request<'a>(
             Some(known) => Cow::Borrowed(*known),
             None => Cow::Owned(String::from_utf8_lossy(method).into_owned()),
         },
-        target: capped(target, cap.saturating_mul(4)),
+        target: Arc::from(capped_text(target, cap.saturating_mul(4)).as_ref()),
         version: version_str(minor),
         ..Request::default()
     };
     let mut te = TransferCoding::None;
     let mut cl = ContentLength::None;
+    let mut seen_host = false;
     for (name, value) in fields {
-        if name.eq_ignore_ascii_case(b"user-agent") && req.user_agent.is_none() {
-            req.user_agent = Some(Arc::from(capped_text(value, cap).as_ref()));
-        }
-        let slot = if name.eq_ignore_ascii_case(b"host") {
-            Some(&mut req.host)
+        if name.eq_ignore_ascii_case(b"user-agent") {
+            if req.user_agent.is_none() {
+                req.user_agent = Some(repeats.user_agent(&capped_text(value, cap)));
+            }
+        } else if name.eq_ignore_ascii_case(b"host") {
+            // The first Host header counts, even an empty one.
+            if !seen_host {
+                seen_host = true;
+                req.host = repeats.host(&capped_text(value, cap));
+            }
         } else if name.eq_ignore_ascii_case(b"traceparent") {
-            Some(&mut req.traceparent)
+            if req.traceparent.is_none() {
+                req.traceparent = Some(capped(value, cap));
+            }
         } else if name.eq_ignore_ascii_case(b"tracestate") {
-            Some(&mut req.tracestate)
-        } else {
-            None
-        };
-        if let Some(slot) = slot
-            && slot.is_none()
-        {
-            *slot = Some(capped(value, cap));
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
+            if req.tracestate.is_none() {
+                req.tracestate = Some(capped(value, cap));
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             cl = merge_content_length(cl, value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = transfer_coding(te, value);
@@ -1524,10 +1648,14 @@ fn build_request<'a>(
             } else {
                 Arc::clone(extra)
             };
-            req.extra
-                .push((name, Arc::from(capped_text(value, cap).as_ref())));
+            let value = repeats.extra(&name, &capped_text(value, cap));
+            req.extra.push((name, value));
         }
     }
+    if repeats.not_first {
+        repeats.extra.clone_from(&req.extra);
+    }
+    repeats.not_first = true;
     Head {
         kind: HeadKind::Request(Arc::new(req)),
         te,
@@ -1839,12 +1967,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("{ctx}: #{k} unanswered"));
             assert_eq!(req.seq, k as u64, "{ctx}");
             assert_eq!(req.method, w.method, "{ctx}");
-            assert_eq!(req.target, w.target, "{ctx}");
+            assert_eq!(&*req.target, w.target, "{ctx}");
             assert_eq!(req.version, "1.1", "{ctx}");
             assert!(
-                req.host
-                    .as_deref()
-                    .is_some_and(|h| h.starts_with("127.0.0.1")),
+                req.host.as_ref().is_some_and(|h| &*h.name == "127.0.0.1"),
                 "{ctx}"
             );
             assert!(req.user_agent.is_some(), "{ctx}");
@@ -2073,7 +2199,7 @@ mod tests {
         );
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 1, "{out:#?}");
-        assert_eq!(xs[0].request.target, "/next");
+        assert_eq!(&*xs[0].request.target, "/next");
         assert_eq!(xs[0].request.seq, 0);
         assert_eq!(
             xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)),
@@ -2284,7 +2410,7 @@ mod tests {
             (r0.status, r0.body_bytes, r0.start, r0.end),
             (200, 100_000, at(2), at(3))
         );
-        assert_eq!(xs[1].request.target, "/b");
+        assert_eq!(&*xs[1].request.target, "/b");
         assert_eq!(xs[1].response.as_ref().map(|r| r.body_bytes), Some(2));
         assert_eq!(conn.counters(), HttpCounters::default());
     }
@@ -2315,7 +2441,7 @@ mod tests {
             .map(|x| {
                 (
                     x.request.seq,
-                    x.request.target.as_str(),
+                    &*x.request.target,
                     x.request.head_truncated,
                     x.response.as_ref().map(|r| r.status),
                 )
@@ -2350,7 +2476,7 @@ mod tests {
         );
         let got: Vec<_> = exchanges(&out)
             .iter()
-            .map(|x| (x.request.seq, x.request.target.clone()))
+            .map(|x| (x.request.seq, x.request.target.to_string()))
             .collect();
         assert_eq!(got, vec![(0, "/a".to_owned()), (1, "/three".to_owned())]);
     }
@@ -2433,7 +2559,7 @@ mod tests {
         );
         let got: Vec<_> = exchanges(&out)
             .iter()
-            .map(|x| (x.request.target.clone(), x.response.is_some()))
+            .map(|x| (x.request.target.to_string(), x.response.is_some()))
             .collect();
         assert_eq!(got, vec![("/a".to_owned(), false), ("/b".to_owned(), true)]);
         assert_eq!(conn.counters().unanswered, 1);
@@ -2457,7 +2583,7 @@ mod tests {
             .iter()
             .map(|x| {
                 (
-                    x.request.target.clone(),
+                    x.request.target.to_string(),
                     x.response.as_ref().map(|r| r.status),
                 )
             })
@@ -2484,7 +2610,7 @@ mod tests {
             .iter()
             .map(|x| {
                 (
-                    x.request.target.clone(),
+                    x.request.target.to_string(),
                     x.response.as_ref().map(|r| r.status),
                 )
             })
@@ -2605,9 +2731,9 @@ mod tests {
             )],
         );
         let req = requests(&out)[0];
-        assert_eq!(req.target, "/0123456789abcdefghi"); // 4 * 5 bytes
+        assert_eq!(&*req.target, "/0123456789abcdefghi"); // 4 * 5 bytes
         assert_eq!(req.user_agent.as_deref(), Some("h\u{e9}h")); // 4 of 5 bytes: char boundary
-        assert_eq!(req.host.as_deref(), Some("examp"));
+        assert_eq!(req.host.as_ref().map(|h| &*h.name), Some("examp"));
         assert_eq!(
             extra(req),
             vec![
@@ -2616,6 +2742,62 @@ mod tests {
             ]
         );
         assert!(!format!("{out:?}").contains("secret"));
+    }
+
+    #[test]
+    fn host_headers_split_into_name_and_port() {
+        let split = |h: &str| Authority::parse(h).map(|a| (a.name.to_string(), a.port));
+        let some = |n: &str, p: Option<u16>| Some((n.to_owned(), p));
+        assert_eq!(split("shop.example:8080"), some("shop.example", Some(8080)));
+        assert_eq!(split(" shop.example "), some("shop.example", None));
+        assert_eq!(split("[::1]:8443"), some("::1", Some(8443)));
+        assert_eq!(split("[::1]"), some("::1", None));
+        // A bare IPv6 address has no port; a port that is not a number is none.
+        assert_eq!(split("::1"), some("::1", None));
+        assert_eq!(split("h:http"), some("h", None));
+        assert_eq!(split("h:99999"), some("h", None));
+        assert_eq!(split(""), None);
+        assert_eq!(split(" \t"), None);
+    }
+
+    /// On a keep-alive connection a head that repeats the last one's Host,
+    /// User-Agent and kept headers shares their values; one that changes
+    /// them gets its own, never the last one's.
+    #[test]
+    fn repeated_header_values_are_shared_and_changed_ones_are_not() {
+        let mut conn = HttpConn::new(opts(), true);
+        let head = |host: &str, ua: &str, tenant: &str| {
+            format!(
+                "GET /r HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {ua}\r\nx-tenant-id: {tenant}\r\n\r\n"
+            )
+        };
+        let ok: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let same = head("h:1", "ua/1", "acme");
+        let changed = head("h:2", "ua/2", "globex");
+        let bare = "GET /r HTTP/1.1\r\n\r\n";
+        let mut pieces = Vec::new();
+        for h in [&same, &same, &same, &changed] {
+            pieces.extend([(E, h.as_bytes(), 0), (I, ok, 0)]);
+        }
+        pieces.extend([(E, bare.as_bytes(), 0), (I, ok, 0)]);
+        let out = run(&mut conn, &pieces);
+        let reqs = requests(&out);
+        assert_eq!(reqs.len(), 5);
+        let host = |r: &Request| r.host.clone().expect("a Host header");
+        let ua = |r: &Request| r.user_agent.clone().expect("a User-Agent");
+        let tenant = |r: &Request| Arc::clone(&r.extra[0].1);
+        assert!(Arc::ptr_eq(&host(reqs[0]).name, &host(reqs[1]).name));
+        assert!(Arc::ptr_eq(&ua(reqs[0]), &ua(reqs[1])));
+        // Kept headers are remembered from a connection's second request on.
+        assert!(Arc::ptr_eq(&tenant(reqs[1]), &tenant(reqs[2])));
+        assert_eq!((&*host(reqs[2]).name, host(reqs[2]).port), ("h", Some(1)));
+        assert_eq!((&*host(reqs[3]).name, host(reqs[3]).port), ("h", Some(2)));
+        assert_eq!(&*ua(reqs[3]), "ua/2");
+        assert_eq!(&*tenant(reqs[3]), "globex");
+        // A head without them has none, whatever came before.
+        assert_eq!(reqs[4].host, None);
+        assert_eq!(reqs[4].user_agent, None);
+        assert!(reqs[4].extra.is_empty());
     }
 
     // --- framing and pairing ------------------------------------------------------
@@ -2668,7 +2850,7 @@ mod tests {
         assert_eq!(xs.len(), 2);
         let r = xs[0].response.as_ref().expect("response");
         assert_eq!((r.body_bytes, r.start, r.end), (16 + 1000, at(2), at(3)));
-        assert_eq!(xs[1].request.target, "/b");
+        assert_eq!(&*xs[1].request.target, "/b");
         assert_eq!(xs[1].response, None);
         assert_eq!(conn.counters().unanswered, 1);
         // Nothing after close.
@@ -2692,7 +2874,7 @@ mod tests {
         let xs = exchanges(&out);
         assert_eq!(xs.len(), 1);
         assert_eq!(xs[0].request.version, "1.0");
-        assert_eq!(xs[0].request.host.as_deref(), Some("h"));
+        assert_eq!(xs[0].request.host.as_ref().map(|h| &*h.name), Some("h"));
         assert_eq!(
             xs[0].response.as_ref().map(|r| (r.status, r.body_bytes)),
             Some((200, 2))
@@ -2768,8 +2950,8 @@ mod tests {
             )],
         );
         let req = &exchanges(&out)[0].request;
-        assert_eq!(req.target, "/caf\u{fffd}");
-        assert_eq!(req.host.as_deref(), Some("h"));
+        assert_eq!(&*req.target, "/caf\u{fffd}");
+        assert_eq!(req.host.as_ref().map(|h| &*h.name), Some("h"));
         assert_eq!(req.body_bytes, 1);
     }
 }

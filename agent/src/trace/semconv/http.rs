@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use opentelemetry::{KeyValue, Value, trace::Status};
+use opentelemetry::{KeyValue, StringValue, Value, trace::Status};
 
 use super::{Described, Endpoints, Side};
 use crate::{
@@ -170,7 +170,13 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
     let url_full = match side {
         Side::Server => None,
-        Side::Client => Some(url_full(scheme, &host, port, path, query.as_deref())),
+        Side::Client => Some(url_full(
+            scheme,
+            host.as_str(),
+            port,
+            path,
+            query.as_deref(),
+        )),
     };
     match server {
         Endpoint::Inet(_) => {
@@ -180,14 +186,22 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
         // Over a unix socket the server is the socket, whatever the Host
         // header says (it is usually `localhost`).
         Endpoint::Unix(_) => {
-            let address = server.unix_name().map_or(host, str::to_owned);
+            let address = server
+                .unix_name()
+                .map_or(host, |name| StringValue::from(name.to_owned()));
             attrs.push(KeyValue::new("server.address", address));
         }
     }
     let mut route = None;
     match side {
         Side::Server => {
-            attrs.push(KeyValue::new("url.path", path.to_owned()));
+            // A bare path (the usual origin-form target) is the target itself.
+            let url_path = if std::ptr::eq(path, &*request.target) {
+                Value::from(Arc::clone(&request.target))
+            } else {
+                Value::from(path.to_owned())
+            };
+            attrs.push(KeyValue::new("url.path", url_path));
             if let Some(q) = query {
                 attrs.push(KeyValue::new("url.query", q));
             }
@@ -322,50 +336,35 @@ fn method(request: &Request, attrs: &mut Vec<KeyValue>) -> &'static str {
     }
 }
 
-/// server.address/port: the Host header, else the server end's address
+/// `server.address` and `server.port`: from the Host header when there is
+/// one (its name shared, not copied), else the server end's address
 /// (`localhost` and the scheme's port for a unix socket).
-fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (String, u16) {
+fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (StringValue, u16) {
     let server_port = match server {
         Endpoint::Inet(addr) => addr.port(),
         Endpoint::Unix(_) if scheme == "https" => 443,
         Endpoint::Unix(_) => 80,
     };
-    let Some(host) = request
-        .host
-        .as_deref()
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-    else {
+    match &request.host {
+        Some(host) => (
+            StringValue::from(Arc::clone(&host.name)),
+            host.port.unwrap_or(server_port),
+        ),
         // Formatted only without a Host header: most requests have one.
-        let server_host = match server {
-            Endpoint::Inet(addr) => addr.ip().to_string(),
-            Endpoint::Unix(_) => "localhost".to_owned(),
-        };
-        return (server_host, server_port);
-    };
-    // "[v6]:port", "[v6]", "name:port", "name"
-    if let Some(rest) = host.strip_prefix('[')
-        && let Some((ip, after)) = rest.split_once(']')
-    {
-        let port = after
-            .strip_prefix(':')
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(server_port);
-        return (ip.to_owned(), port);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') => match port.parse() {
-            Ok(port) => (name.to_owned(), port),
-            Err(_) => (name.to_owned(), server_port),
-        },
-        _ => (host.to_owned(), server_port),
+        None => {
+            let server_host = match server {
+                Endpoint::Inet(addr) => StringValue::from(addr.ip().to_string()),
+                Endpoint::Unix(_) => StringValue::from("localhost"),
+            };
+            (server_host, server_port)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::http::Response;
+    use crate::protocol::http::{Authority, Response};
     use opentelemetry::Value;
     use std::sync::Arc;
 
@@ -375,7 +374,7 @@ mod tests {
                 method: method.to_owned().into(),
                 target: target.into(),
                 version: "1.1",
-                host: Some("shop.example:8080".into()),
+                host: Authority::parse("shop.example:8080"),
                 user_agent: Some("curl/7.88.1".into()),
                 ..Default::default()
             }),
@@ -403,7 +402,7 @@ mod tests {
             })))
         };
         let mut ex = exchange("GET", "/x?q=1", Some(200));
-        Arc::make_mut(&mut ex.request).host = Some("localhost".into());
+        Arc::make_mut(&mut ex.request).host = Authority::parse("localhost");
         let client = Endpoints::new(unix(1, b""), unix(2, b"/tmp/app.sock"), false);
         let d = describe(Side::Client, &ex, client, &Routes::default());
         let get = |d: &Described, k: &str| attr(d, k).map(|v| v.to_string());
@@ -434,6 +433,29 @@ mod tests {
             .iter()
             .find(|kv| kv.key.as_str() == key)
             .map(|kv| &kv.value)
+    }
+
+    /// `url.path` of a bare path and `server.address` from a Host header
+    /// are the request's own text, not copies; a path cut from a longer
+    /// target is its own, and right.
+    #[test]
+    fn bare_paths_and_host_names_are_shared_not_copied() {
+        let shared = |v: Option<&Value>, text: &Arc<str>| match v {
+            Some(Value::String(s)) => std::ptr::eq(s.as_str(), &**text),
+            _ => false,
+        };
+        let ex = exchange("GET", "/users/7", Some(200));
+        let d = describe(Side::Server, &ex, at(), &Routes::default());
+        assert!(shared(attr(&d, "url.path"), &ex.request.target));
+        let host = &ex.request.host.as_ref().unwrap().name;
+        assert!(shared(attr(&d, "server.address"), host));
+        assert_eq!(attr(&d, "server.address").unwrap().as_str(), "shop.example");
+        assert_eq!(attr(&d, "server.port"), Some(&Value::I64(8080)));
+
+        let ex = exchange("GET", "/users/7?x=1", Some(200));
+        let d = describe(Side::Server, &ex, at(), &Routes::default());
+        assert!(!shared(attr(&d, "url.path"), &ex.request.target));
+        assert_eq!(attr(&d, "url.path").unwrap().as_str(), "/users/7");
     }
 
     #[test]
