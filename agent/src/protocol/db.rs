@@ -2,7 +2,15 @@
 //! have in common: their options, their output and how they recognise a
 //! connection from its first bytes.
 
-use std::sync::Arc;
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use agent_common::Direction;
 
@@ -49,8 +57,10 @@ pub struct DbCall {
     /// Moment of the syscall carrying the response's last byte (for a call
     /// without a response: the last moment seen).
     pub end: Moment,
-    /// db.operation.name: SELECT, INSERT, GET, HSET, EXECUTE …
-    pub operation: Option<String>,
+    /// db.operation.name: SELECT, INSERT, GET, HSET, EXECUTE … A constant
+    /// (see [`operation_name`]), so that the span's name and this attribute
+    /// share it rather than copy it per call.
+    pub operation: Option<Cow<'static, str>>,
     /// db.collection.name: the table of a simple statement.
     pub collection: Option<String>,
     /// db.query.text, sanitized unless configured otherwise, capped.
@@ -97,4 +107,68 @@ pub struct DbCounters {
     pub resyncs: u64,
     pub dropped_calls: u64,
     pub unanswered: u64,
+}
+
+/// Distinct operation names kept as constants, over all threads.
+const MAX_OPERATION_NAMES: usize = 1024;
+/// Longer names are not kept.
+const MAX_OPERATION_NAME_BYTES: usize = 64;
+static OPERATION_NAMES: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static KNOWN_OPERATIONS: RefCell<HashSet<&'static str, foldhash::fast::RandomState>> =
+        RefCell::default();
+}
+
+/// An operation name the protocol does not list (a Redis command, `CLIENT
+/// SETNAME` …) as a constant: each call of it then names its span and sets
+/// `db.operation.name` without a copy. The first [`MAX_OPERATION_NAMES`]
+/// distinct names are kept for the agent's lifetime (at most 64 KiB; real
+/// workloads use tens); past that, or for a name longer than
+/// [`MAX_OPERATION_NAME_BYTES`], the name is copied per call.
+pub fn operation_name(name: &str) -> Cow<'static, str> {
+    KNOWN_OPERATIONS.with_borrow_mut(|known| {
+        if let Some(&kept) = known.get(name) {
+            return Cow::Borrowed(kept);
+        }
+        if name.len() > MAX_OPERATION_NAME_BYTES || !take_one(&OPERATION_NAMES, MAX_OPERATION_NAMES)
+        {
+            return Cow::Owned(name.to_owned());
+        }
+        let kept: &'static str = Box::leak(name.into());
+        known.insert(kept);
+        Cow::Borrowed(kept)
+    })
+}
+
+/// Counts one more in `count` unless it reached `max`.
+fn take_one(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_names_are_kept_once_and_bounded() {
+        let first = operation_name("XAUTOCLAIM");
+        let again = operation_name("XAUTOCLAIM");
+        let (Cow::Borrowed(a), Cow::Borrowed(b)) = (&first, &again) else {
+            panic!("a short name is kept: {first:?} {again:?}");
+        };
+        assert!(std::ptr::eq(*a, *b), "one copy for every call");
+        let long = "X".repeat(MAX_OPERATION_NAME_BYTES + 1);
+        assert_eq!(operation_name(&long), Cow::<str>::Owned(long.clone()));
+        assert!(matches!(operation_name(&long), Cow::Owned(_)));
+        // Past the bound, names are copied per call instead of kept.
+        let count = AtomicUsize::new(0);
+        assert!((0..3).all(|_| take_one(&count, 3)));
+        assert!(!take_one(&count, 3));
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+    }
 }

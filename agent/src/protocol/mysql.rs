@@ -939,7 +939,7 @@ fn use_target(sql: &str) -> Option<String> {
 /// A prepared statement, as later calls report it.
 #[derive(Debug, Clone, Default)]
 struct Stmt {
-    operation: Option<String>,
+    operation: Option<Cow<'static, str>>,
     collection: Option<String>,
     text: Option<String>,
 }
@@ -997,7 +997,7 @@ enum OnOk {
 struct Call {
     seq: u64,
     start: Moment,
-    operation: Option<String>,
+    operation: Option<Cow<'static, str>>,
     collection: Option<String>,
     query_text: Option<String>,
     /// The call's own namespace (USE / COM_INIT_DB / COM_CHANGE_USER).
@@ -1727,7 +1727,7 @@ impl MysqlConn {
                 let (stmt, _) = self.statement(body);
                 self.last_prepared = Some(stmt.clone());
                 let call = Call {
-                    operation: Some("PREPARE".to_owned()),
+                    operation: Some(Cow::Borrowed("PREPARE")),
                     collection: stmt.collection.clone(),
                     query_text: stmt.text.clone(),
                     on_ok: OnOk::Prepared(stmt),
@@ -1738,7 +1738,7 @@ impl MysqlConn {
             COM_STMT_EXECUTE | COM_STMT_BULK_EXECUTE => {
                 let stmt = self.statement_of(body);
                 let call = Call {
-                    operation: Some(stmt.operation.unwrap_or_else(|| "EXECUTE".to_owned())),
+                    operation: Some(stmt.operation.unwrap_or(Cow::Borrowed("EXECUTE"))),
                     collection: stmt.collection,
                     query_text: stmt.text,
                     ..new_call(pkt)
@@ -1748,7 +1748,7 @@ impl MysqlConn {
             COM_STMT_RESET | COM_STMT_FETCH => {
                 let stmt = self.statement_of(body);
                 let call = Call {
-                    operation: command_name(cmd).map(str::to_owned),
+                    operation: command_name(cmd).map(Cow::Borrowed),
                     collection: stmt.collection,
                     query_text: stmt.text,
                     ..new_call(pkt)
@@ -1763,7 +1763,7 @@ impl MysqlConn {
             COM_INIT_DB => {
                 let db = if pkt.cut { None } else { db_name(body) };
                 let call = Call {
-                    operation: Some("USE".to_owned()),
+                    operation: Some(Cow::Borrowed("USE")),
                     namespace: Some(db.clone()),
                     on_ok: OnOk::Namespace(db),
                     ..new_call(pkt)
@@ -1774,7 +1774,7 @@ impl MysqlConn {
                 let mut p = 0;
                 let table = nul_str(body, &mut p);
                 let call = Call {
-                    operation: command_name(cmd).map(str::to_owned),
+                    operation: command_name(cmd).map(Cow::Borrowed),
                     collection: db_name(table),
                     ..new_call(pkt)
                 };
@@ -1782,7 +1782,7 @@ impl MysqlConn {
             }
             COM_PROCESS_INFO => {
                 let call = Call {
-                    operation: command_name(cmd).map(str::to_owned),
+                    operation: command_name(cmd).map(Cow::Borrowed),
                     ..new_call(pkt)
                 };
                 (Expect::Results, call)
@@ -1791,7 +1791,7 @@ impl MysqlConn {
                 let db =
                     change_user_db(body, self.caps.has(CLIENT_SECURE_CONNECTION) != Some(false));
                 let call = Call {
-                    operation: command_name(cmd).map(str::to_owned),
+                    operation: command_name(cmd).map(Cow::Borrowed),
                     namespace: Some(db.clone()),
                     on_ok: OnOk::Namespace(db),
                     ..new_call(pkt)
@@ -1800,7 +1800,7 @@ impl MysqlConn {
             }
             0x00..=0x1f => {
                 let call = Call {
-                    operation: command_name(cmd).map(str::to_owned),
+                    operation: command_name(cmd).map(Cow::Borrowed),
                     ..new_call(pkt)
                 };
                 (Expect::Simple, call)
@@ -1853,13 +1853,13 @@ impl MysqlConn {
         } else {
             cap_str(&sql, self.opts.max_query_bytes)
         };
-        let target = if summary.operation.as_deref() == Some("USE") {
+        let target = if summary.operation == Some("USE") {
             use_target(&sql)
         } else {
             None
         };
         let stmt = Stmt {
-            operation: summary.operation.clone(),
+            operation: summary.operation.map(Cow::Borrowed),
             collection: summary.collection.clone(),
             text: (!query_text.is_empty()).then_some(query_text),
         };
@@ -2589,7 +2589,9 @@ mod tests {
                 Expected {
                     op: match w.op {
                         Some(op) => Some(op.to_owned()),
-                        None => summary.as_ref().and_then(|s| s.operation.clone()),
+                        None => summary
+                            .as_ref()
+                            .and_then(|s| s.operation.map(str::to_owned)),
                     },
                     collection: match w.collection {
                         Some(coll) => Some(coll.to_owned()),
@@ -2627,7 +2629,11 @@ mod tests {
         let mut found = Vec::new();
         for (k, ((c, w), x)) in cs.iter().zip(&case.wants).zip(expected).enumerate() {
             assert_eq!(c.seq, k as u64, "{ctx}");
-            assert_eq!(c.operation, x.op, "{ctx}: #{k} operation");
+            assert_eq!(
+                c.operation.as_deref(),
+                x.op.as_deref(),
+                "{ctx}: #{k} operation"
+            );
             assert_eq!(c.collection, x.collection, "{ctx}: #{k} collection");
             assert_eq!(c.query_text, x.text, "{ctx}: #{k} text");
             assert_eq!(c.namespace.as_deref(), w.ns, "{ctx}: #{k} namespace");
@@ -2759,7 +2765,7 @@ mod tests {
     ) {
         (
             c.seq,
-            c.operation.clone(),
+            c.operation.as_deref().map(str::to_owned),
             c.namespace.clone(),
             c.status_code.clone(),
             c.error,
@@ -3194,7 +3200,10 @@ mod tests {
             &mut out,
         );
         conn.feed(I, at(13), &packet(1, OK), 0, &mut out);
-        let ops: Vec<_> = calls(&out).iter().map(|c| c.operation.clone()).collect();
+        let ops: Vec<_> = calls(&out)
+            .iter()
+            .map(|c| c.operation.as_deref().map(str::to_owned))
+            .collect();
         assert_eq!(
             ops,
             vec![Some("SELECT".to_owned()), Some("DELETE".to_owned())]
@@ -3278,7 +3287,7 @@ mod tests {
         let ops: Vec<_> = calls(&out)
             .iter()
             .skip(3)
-            .map(|c| c.operation.clone().unwrap_or_default())
+            .map(|c| c.operation.as_deref().unwrap_or_default().to_owned())
             .collect();
         assert_eq!(ops, vec!["EXECUTE", "UPDATE", "DELETE", "EXECUTE"]);
         assert!(calls(&out).iter().all(|c| c.status_code.is_none()));

@@ -72,12 +72,13 @@
 //! queue itself is capped too), at most `max_statements` statements and as
 //! many portals (oldest evicted). Nothing here panics on any input.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use agent_common::Direction;
 
-use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment};
+use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment, operation_name};
 
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
@@ -440,7 +441,7 @@ impl Side {
 /// What a statement tells about itself, computed once per Parse/Query.
 #[derive(Debug, Default)]
 struct Stmt {
-    operation: Option<String>,
+    operation: Option<Cow<'static, str>>,
     collection: Option<String>,
     text: Option<String>,
 }
@@ -1100,7 +1101,7 @@ impl PostgresConn {
             capped(&text, max)
         };
         Arc::new(Stmt {
-            operation: summary.operation.clone(),
+            operation: summary.operation.map(Cow::Borrowed),
             collection: summary.collection.clone(),
             text: (!query_text.is_empty()).then_some(query_text),
         })
@@ -1227,12 +1228,17 @@ impl PostgresConn {
     ) {
         let stmt = p.stmt.as_deref();
         let operation = match kind {
-            Kind::Prepare => Some("PREPARE".to_owned()),
+            Kind::Prepare => Some(Cow::Borrowed("PREPARE")),
             _ => match stmt {
-                Some(s) => s.operation.clone().or(head.tag),
+                Some(s) => s
+                    .operation
+                    .clone()
+                    .or_else(|| head.tag.as_deref().map(operation_name)),
                 None => head
                     .tag
-                    .or_else(|| (kind == Kind::Execute).then(|| "EXECUTE".to_owned())),
+                    .as_deref()
+                    .map(operation_name)
+                    .or_else(|| (kind == Kind::Execute).then_some(Cow::Borrowed("EXECUTE"))),
             },
         };
         let (status_code, error) = match outcome {
@@ -2220,7 +2226,14 @@ mod tests {
         check_invariants(&out, true);
         let got: Vec<_> = calls(&out)
             .iter()
-            .map(|c| (c.operation.clone(), c.status_code.clone(), c.error, c.end))
+            .map(|c| {
+                (
+                    c.operation.as_deref().map(str::to_owned),
+                    c.status_code.clone(),
+                    c.error,
+                    c.end,
+                )
+            })
             .collect();
         let s = |x: &str| Some(x.to_owned());
         assert_eq!(
@@ -2278,7 +2291,7 @@ mod tests {
         check_invariants(&out, true);
         let ops: Vec<_> = calls(&out)
             .iter()
-            .map(|c| c.operation.clone().unwrap())
+            .map(|c| c.operation.as_deref().map(str::to_owned).unwrap())
             .collect();
         assert_eq!(ops, ["SELECT", "INSERT", "FETCH"]);
         assert_eq!(conn.counters().dropped_calls, 3);
@@ -2343,7 +2356,10 @@ mod tests {
         ]);
         conn.feed(E, at(2), &batch, 0, &mut out);
         conn.close(at(3), &mut out);
-        let ops: Vec<_> = calls(&out).iter().map(|c| c.operation.clone()).collect();
+        let ops: Vec<_> = calls(&out)
+            .iter()
+            .map(|c| c.operation.as_deref().map(str::to_owned))
+            .collect();
         let s = |x: &str| Some(x.to_owned());
         assert_eq!(ops, [s("SELECT"), s("EXECUTE"), s("EXECUTE")]);
     }

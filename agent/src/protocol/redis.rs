@@ -73,12 +73,13 @@
 //!
 //! Nothing here panics on any input, and memory per connection is bounded.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use agent_common::Direction;
 
-use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment};
+use super::db::{DbCall, DbCounters, DbEvent, DbOptions, Detect, Moment, operation_name};
 
 /// Deepest nesting of reply aggregates followed; deeper is a resync.
 pub const MAX_DEPTH: usize = 64;
@@ -1633,7 +1634,7 @@ struct Pending {
     start: Moment,
     /// Moment of the syscall carrying the command's last byte.
     req_end: Moment,
-    operation: Option<String>,
+    operation: Option<Cow<'static, str>>,
     query_text: Option<String>,
     effect: Effect,
     /// Sent while CLIENT REPLY OFF/SKIP: no reply comes.
@@ -1906,8 +1907,8 @@ impl RedisConn {
             None
         };
         let operation = match (&name, &sub) {
-            (Some(n), Some(s)) => Some(format!("{} {}", &**n, &**s)),
-            (Some(n), None) => Some(n.to_string()),
+            (Some(n), Some(s)) => Some(operation_name(&format!("{} {}", &**n, &**s))),
+            (Some(n), None) => Some(operation_name(n)),
             _ => None,
         };
         let op = operation.as_deref().unwrap_or("");
@@ -1953,7 +1954,7 @@ impl RedisConn {
         seq: u64,
         cmd: &Cmd,
         at: Moment,
-        operation: Option<String>,
+        operation: Option<Cow<'static, str>>,
         effect: Effect,
         no_reply: bool,
         out: &mut Vec<DbEvent>,
@@ -2419,7 +2420,7 @@ mod tests {
 
     fn got(c: &DbCall) -> Want {
         Want {
-            op: c.operation.clone().unwrap_or_default(),
+            op: c.operation.as_deref().unwrap_or_default().to_owned(),
             text: c.query_text.clone().unwrap_or_default(),
             ns: c.namespace.clone(),
             status: c.status_code.clone(),
@@ -3016,7 +3017,7 @@ mod tests {
             .map(|c| {
                 (
                     c.seq,
-                    c.operation.clone().unwrap_or_default(),
+                    c.operation.as_deref().unwrap_or_default().to_owned(),
                     c.status_code.clone(),
                     c.unanswered,
                     c.end.ts_ns,

@@ -56,7 +56,6 @@ impl Weighter<Key, Arc<SqlSummary>> for ByBytes {
     fn weight(&self, key: &Key, summary: &Arc<SqlSummary>) -> u64 {
         let held = key.text.len()
             + summary.sanitized.len()
-            + summary.operation.as_ref().map_or(0, String::len)
             + summary.collection.as_ref().map_or(0, String::len);
         // The entry's own overhead, so that empty texts weigh something.
         held as u64 + 64

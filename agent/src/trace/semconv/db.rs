@@ -41,8 +41,10 @@ pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_
         .error
         .then(|| call.status_code.clone().unwrap_or_else(|| "_OTHER".into()));
     // The call is the span's now: its strings move into the attributes.
+    if let Some(operation) = call.operation {
+        attrs.push(KeyValue::new("db.operation.name", operation));
+    }
     for (key, value) in [
-        ("db.operation.name", call.operation),
         ("db.collection.name", call.collection),
         ("db.namespace", call.namespace),
         ("db.query.text", call.query_text),
@@ -73,7 +75,7 @@ pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_
 fn span_name(system: &'static str, call: &DbCall) -> Cow<'static, str> {
     match (&call.operation, &call.collection, &call.namespace) {
         (Some(op), Some(coll), _) => Cow::Owned(format!("{op} {coll}")),
-        (Some(op), None, _) => Cow::Owned(op.clone()),
+        (Some(op), None, _) => op.clone(),
         (None, Some(coll), _) => Cow::Owned(coll.clone()),
         (None, None, Some(ns)) => Cow::Owned(ns.clone()),
         (None, None, None) => Cow::Borrowed(system),
