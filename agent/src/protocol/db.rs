@@ -65,8 +65,9 @@ pub struct DbCall {
     pub collection: Option<String>,
     /// db.query.text, sanitized unless configured otherwise, capped.
     pub query_text: Option<String>,
-    /// db.namespace: database (SQL) or database index (Redis).
-    pub namespace: Option<String>,
+    /// db.namespace: database (SQL) or database index (Redis). Shared with
+    /// the connection, which keeps it for its calls.
+    pub namespace: Option<Arc<str>>,
     /// db.response.status_code: SQLSTATE, MySQL error number, Redis error
     /// prefix (e.g. WRONGTYPE). None on success.
     pub status_code: Option<String>,

@@ -987,7 +987,7 @@ impl Stmts {
 enum OnOk {
     Nothing,
     /// COM_INIT_DB, `USE` or COM_CHANGE_USER: the database of later calls.
-    Namespace(Option<String>),
+    Namespace(Option<Arc<str>>),
     /// COM_STMT_PREPARE: remember the statement under the id from its OK.
     Prepared(Stmt),
 }
@@ -1001,7 +1001,7 @@ struct Call {
     collection: Option<String>,
     query_text: Option<String>,
     /// The call's own namespace (USE / COM_INIT_DB / COM_CHANGE_USER).
-    namespace: Option<Option<String>>,
+    namespace: Option<Option<Arc<str>>>,
     on_ok: OnOk,
 }
 
@@ -1137,7 +1137,7 @@ pub struct MysqlConn {
     stmts: Stmts,
     /// The statement of the last COM_STMT_PREPARE sent.
     last_prepared: Option<Stmt>,
-    namespace: Option<String>,
+    namespace: Option<Arc<str>>,
     next_seq: u64,
     counters: DbCounters,
     hunted: u64,
@@ -1683,7 +1683,7 @@ impl MysqlConn {
         if q <= db.len() && pkt.cut {
             return;
         }
-        self.namespace = db_name(db);
+        self.namespace = db_name(db).map(Arc::from);
     }
 
     /// A packet with sequence number 0 from the client.
@@ -1761,7 +1761,7 @@ impl MysqlConn {
                 (expect, call)
             }
             COM_INIT_DB => {
-                let db = if pkt.cut { None } else { db_name(body) };
+                let db = if pkt.cut { None } else { db_name(body) }.map(Arc::from);
                 let call = Call {
                     operation: Some(Cow::Borrowed("USE")),
                     namespace: Some(db.clone()),
@@ -1789,7 +1789,8 @@ impl MysqlConn {
             }
             COM_CHANGE_USER => {
                 let db =
-                    change_user_db(body, self.caps.has(CLIENT_SECURE_CONNECTION) != Some(false));
+                    change_user_db(body, self.caps.has(CLIENT_SECURE_CONNECTION) != Some(false))
+                        .map(Arc::from);
                 let call = Call {
                     operation: command_name(cmd).map(Cow::Borrowed),
                     namespace: Some(db.clone()),
@@ -1831,7 +1832,8 @@ impl MysqlConn {
             ..new_call(pkt)
         };
         if let Some(db) = target {
-            call.namespace = Some(Some(db.clone()));
+            let db: Arc<str> = Arc::from(db);
+            call.namespace = Some(Some(Arc::clone(&db)));
             call.on_ok = OnOk::Namespace(Some(db));
         }
         call
@@ -1939,7 +1941,7 @@ impl MysqlConn {
                     Some(0x00) => {
                         let info = parse_ok(pkt.data, self.caps.has(CLIENT_SESSION_TRACK));
                         if let Some(schema) = info.schema {
-                            self.namespace = Some(schema);
+                            self.namespace = Some(Arc::from(schema));
                         }
                         self.phase = Phase::Ready;
                     }
@@ -2004,10 +2006,10 @@ impl MysqlConn {
             let schema = outcome.schema.clone();
             self.emit(*call, end, outcome, false, out);
             if schema.is_some() {
-                self.namespace = schema;
+                self.namespace = schema.map(Arc::from);
             }
         } else if outcome.schema.is_some() {
-            self.namespace = outcome.schema;
+            self.namespace = outcome.schema.map(Arc::from);
         }
     }
 
@@ -2766,7 +2768,7 @@ mod tests {
         (
             c.seq,
             c.operation.as_deref().map(str::to_owned),
-            c.namespace.clone(),
+            c.namespace.as_deref().map(str::to_owned),
             c.status_code.clone(),
             c.error,
             c.start,
@@ -3173,7 +3175,10 @@ mod tests {
         );
         conn.feed(E, at(16), &query("SELECT 2"), 0, &mut out);
         conn.feed(I, at(17), &packet(1, OK), 0, &mut out);
-        let ns: Vec<_> = calls(&out).iter().map(|c| c.namespace.clone()).collect();
+        let ns: Vec<_> = calls(&out)
+            .iter()
+            .map(|c| c.namespace.as_deref().map(str::to_owned))
+            .collect();
         let s = |x: &str| Some(x.to_owned());
         assert_eq!(ns, vec![s("my`db"), s("my`db"), s("my`db"), s("shop")]);
     }

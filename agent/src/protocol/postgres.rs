@@ -584,7 +584,7 @@ pub struct PostgresConn {
     started: bool,
     from_start: bool,
     off: bool,
-    namespace: Option<String>,
+    namespace: Option<Arc<str>>,
     /// One-byte answers the backend owes to SSLRequest/GSSENCRequest.
     answers: u8,
     encrypt_asked: bool,
@@ -1085,7 +1085,7 @@ impl PostgresConn {
             .filter(|d| !d.is_empty())
             .or(user)
             .filter(|v| !v.is_empty())
-            .map(|v| capped(&String::from_utf8_lossy(v), MAX_NAME));
+            .map(|v| Arc::from(capped(&String::from_utf8_lossy(v), MAX_NAME)));
     }
 
     fn statement(&self, raw: &[u8]) -> Arc<Stmt> {
@@ -2184,6 +2184,12 @@ mod tests {
                 .all(|c| c.start == at(1) && !c.error && !c.unanswered)
         );
         assert!(cs.iter().all(|c| c.namespace.as_deref() == Some("db")));
+        // The connection's database is shared by its calls, not copied.
+        let first = cs[0].namespace.as_ref().unwrap();
+        assert!(
+            cs.iter()
+                .all(|c| Arc::ptr_eq(c.namespace.as_ref().unwrap(), first))
+        );
         assert_eq!(conn.counters(), DbCounters::default());
     }
 

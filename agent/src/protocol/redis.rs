@@ -1694,7 +1694,7 @@ pub struct RedisConn {
     queued: usize,
     lost: Option<LostCall>,
     next_seq: u64,
-    namespace: Option<String>,
+    namespace: Option<Arc<str>>,
     subs: Subs,
     multi: Multi,
     /// CLIENT REPLY OFF in force / SKIP for the next command.
@@ -1740,7 +1740,7 @@ impl RedisConn {
             queued: 0,
             lost: None,
             next_seq: 0,
-            namespace: from_start.then(|| "0".to_owned()),
+            namespace: from_start.then(|| Arc::from("0")),
             subs: Subs::default(),
             multi: Multi::default(),
             reply_off: false,
@@ -2182,7 +2182,7 @@ impl RedisConn {
         match effect {
             Effect::Select(db) => {
                 if ok {
-                    self.namespace = Some(db);
+                    self.namespace = Some(Arc::from(db));
                 } else if queued {
                     self.multi.select = Some(db);
                 }
@@ -2191,7 +2191,7 @@ impl RedisConn {
             Effect::Exec => {
                 if r.ty == b'*' && r.elems >= 0 {
                     if let Some(db) = self.multi.select.take() {
-                        self.namespace = Some(db);
+                        self.namespace = Some(Arc::from(db));
                     }
                     if self.multi.subscribed {
                         self.subs.resp2 = true;
@@ -2201,7 +2201,7 @@ impl RedisConn {
             }
             Effect::Discard => self.multi = Multi::default(),
             Effect::Reset if r.is_simple("RESET") => {
-                self.namespace = Some("0".to_owned());
+                self.namespace = Some(Arc::from("0"));
                 self.subs = Subs::default();
                 self.multi = Multi::default();
             }
@@ -2223,7 +2223,7 @@ impl RedisConn {
             };
             self.queued -= 1;
             if let Effect::Select(db) = &c.effect {
-                self.namespace = Some(db.clone());
+                self.namespace = Some(Arc::from(db.as_str()));
             }
             let end = c.req_end;
             self.emit(*c, None, end, false, out);
@@ -2422,7 +2422,7 @@ mod tests {
         Want {
             op: c.operation.as_deref().unwrap_or_default().to_owned(),
             text: c.query_text.clone().unwrap_or_default(),
-            ns: c.namespace.clone(),
+            ns: c.namespace.as_deref().map(str::to_owned),
             status: c.status_code.clone(),
         }
     }
@@ -3601,7 +3601,7 @@ mod tests {
         );
         let ns: Vec<_> = calls(&out)
             .iter()
-            .map(|c| c.namespace.clone().unwrap())
+            .map(|c| c.namespace.as_deref().unwrap().to_owned())
             .collect();
         assert_eq!(ns, ["0", "5", "5", "5", "5", "0"]);
         // A MULTI whose EXEC fails does not switch.

@@ -44,9 +44,11 @@ pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_
     if let Some(operation) = call.operation {
         attrs.push(KeyValue::new("db.operation.name", operation));
     }
+    if let Some(namespace) = call.namespace {
+        attrs.push(KeyValue::new("db.namespace", Value::from(namespace)));
+    }
     for (key, value) in [
         ("db.collection.name", call.collection),
-        ("db.namespace", call.namespace),
         ("db.query.text", call.query_text),
         ("db.response.status_code", call.status_code),
     ] {
@@ -77,7 +79,7 @@ fn span_name(system: &'static str, call: &DbCall) -> Cow<'static, str> {
         (Some(op), Some(coll), _) => Cow::Owned(format!("{op} {coll}")),
         (Some(op), None, _) => op.clone(),
         (None, Some(coll), _) => Cow::Owned(coll.clone()),
-        (None, None, Some(ns)) => Cow::Owned(ns.clone()),
+        (None, None, Some(ns)) => Cow::Owned(ns.to_string()),
         (None, None, None) => Cow::Borrowed(system),
     }
 }
