@@ -16,7 +16,9 @@
 //! syscall whose bytes start with a request line or status line.
 //!
 //! Nothing here panics on any input, and memory per connection is bounded:
-//! one head buffer per direction and at most `max_pending` queued requests.
+//! one head buffer per direction, at most `max_pending` queued requests, and
+//! the last request's Host, User-Agent and kept header values (capped), which
+//! the next request shares when it repeats them.
 
 use std::sync::Arc;
 use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
