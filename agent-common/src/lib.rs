@@ -442,7 +442,31 @@ pub struct KernelConfig {
     pub filter_mode: u32,
     /// [`TRANSPORT_RINGBUF`] or [`TRANSPORT_PERF`].
     pub transport: u32,
+    /// Ring buffer: bytes a CPU hands to the ring between two looks at how
+    /// full it is (0: a look per record). See [`ring_wake`].
+    pub ring_check_bytes: u32,
+    /// Ring buffer: how full it must be, at a look, for the reader to be woken.
+    pub ring_wake_bytes: u32,
     pub offsets: KernelOffsets,
+}
+
+/// The ring buffer's wake-up settings for a ring of `ring_bytes` on `cpus`
+/// CPUs: `(ring_check_bytes, ring_wake_bytes)`.
+///
+/// The reader is woken when an eighth of the ring waits; otherwise it drains
+/// on its own every few milliseconds. Looking at the ring's fill costs a read
+/// of the reader's position, a cache line the reader writes, so each CPU looks
+/// once per `ring_check_bytes` it wrote rather than per record. Between two
+/// looks every CPU may add that much, so the checks together let the ring grow
+/// at most a sixteenth past the mark before the reader is woken.
+pub const fn ring_wake(ring_bytes: u32, cpus: u32) -> (u32, u32) {
+    let wake = ring_bytes / 8;
+    let cpus = if cpus == 0 { 1 } else { cpus };
+    let check = ring_bytes / 16 / cpus;
+    // At least a page between looks; never more than the wake mark.
+    let check = if check < 4096 { 4096 } else { check };
+    let check = if check > wake { wake } else { check };
+    (check, wake)
 }
 
 /// Per-CPU counters in the COUNTERS map, by index.
@@ -536,6 +560,25 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn ring_wake_marks_leave_the_ring_room_on_any_cpu_count() {
+        let ring = 8 << 20;
+        assert_eq!(ring_wake(ring, 2), (256 << 10, 1 << 20));
+        for cpus in [1, 2, 8, 64, 512, 4096] {
+            let (check, wake) = ring_wake(ring, cpus);
+            assert_eq!(wake, ring / 8);
+            // Every CPU between two looks: at most a sixteenth of the ring,
+            // or a page each where that is less.
+            assert!(
+                u64::from(check) * u64::from(cpus)
+                    <= (u64::from(ring) / 16).max(4096 * u64::from(cpus))
+            );
+            assert!(check >= 4096);
+        }
+        // A one-page ring (the perf transport's unused one) still bounds.
+        assert_eq!(ring_wake(4096, 2), (512, 512));
+    }
+
+    #[test]
     fn layouts_have_fixed_sizes() {
         assert_eq!(size_of::<EventHeader>(), 32);
         assert_eq!(size_of::<DataEvent>(), 56);
@@ -549,7 +592,7 @@ mod tests {
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<SocketInfo>(), 24);
         assert_eq!(size_of::<SockConn>(), 16);
-        assert_eq!(size_of::<KernelConfig>(), 16 + 25 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 24 + 25 * 4);
     }
 
     #[test]

@@ -8,17 +8,14 @@ use core::{
 use agent_common::{Counter, DataEvent, SCRATCH_PAYLOAD_BYTES, TRANSPORT_PERF};
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE,
-    },
+    bindings::{BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_smp_processor_id,
         generated::{bpf_perf_event_output, bpf_ringbuf_output, bpf_ringbuf_query},
     },
 };
 
-use crate::{COUNTERS, EVENTS_PERF, EVENTS_RINGBUF, SCRATCH, config};
+use crate::{COUNTERS, EVENTS_PERF, EVENTS_RINGBUF, RING_UNCHECKED, SCRATCH, config};
 
 /// Staging area for a data event: too big for the BPF stack.
 #[repr(C)]
@@ -101,18 +98,7 @@ fn send<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64, urgent
         }
     } else {
         let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
-        // Waking the reader on every record costs the traced thread an
-        // irq_work and the agent a context switch per event. The reader
-        // polls every few milliseconds anyway, so wake it only when an
-        // eighth of the ring is waiting.
-        // SAFETY: map pointer of a ring buffer.
-        let (waiting, size) = unsafe {
-            (
-                bpf_ringbuf_query(ring, u64::from(BPF_RB_AVAIL_DATA)),
-                bpf_ringbuf_query(ring, u64::from(BPF_RB_RING_SIZE)),
-            )
-        };
-        let wakeup = if urgent || waiting >= size / 8 {
+        let wakeup = if urgent || ring_wants_reader(ring, len) {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -134,6 +120,35 @@ fn send<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64, urgent
         count(Counter::EventsLost, 1);
     }
     ok
+}
+
+/// Whether the reader should be woken for a record of `len` bytes.
+///
+/// Waking it on every record costs the traced thread an irq_work (in a VM,
+/// an interrupt through the hypervisor) and the agent a context switch. The
+/// reader drains on its own every few milliseconds, so it is woken only when
+/// an eighth of the ring waits. Reading how full the ring is touches the
+/// reader's position, a cache line the reader writes, and cost about a tenth
+/// of this hook when done per record; each CPU looks once per
+/// `ring_check_bytes` it wrote instead (`agent_common::ring_wake`).
+#[inline(always)]
+fn ring_wants_reader(ring: *mut c_void, len: u64) -> bool {
+    let Some(unchecked) = RING_UNCHECKED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; a lost update under preemption only moves
+    // the next look by one record.
+    let written = unsafe { *unchecked }.saturating_add(len as u32);
+    if written < config!(ring_check_bytes) {
+        // SAFETY: as above.
+        unsafe { *unchecked = written };
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { *unchecked = 0 };
+    // SAFETY: map pointer of a ring buffer.
+    let waiting = unsafe { bpf_ringbuf_query(ring, u64::from(BPF_RB_AVAIL_DATA)) };
+    waiting >= u64::from(config!(ring_wake_bytes))
 }
 
 /// Sends a fixed-size record.

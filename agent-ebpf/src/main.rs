@@ -34,6 +34,8 @@ static CONFIG: KernelConfig = KernelConfig {
     capture_bytes: agent_common::DEFAULT_CAPTURE_BYTES,
     filter_mode: agent_common::FILTER_ALL,
     transport: agent_common::TRANSPORT_RINGBUF,
+    ring_check_bytes: 0,
+    ring_wake_bytes: 0,
     offsets: KernelOffsets {
         task_files: 0,
         files_fdt: 0,
@@ -133,6 +135,11 @@ static TRACED_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(agent_common::COUNTER_SLOTS, 0);
+
+/// Bytes each CPU has handed to the ring buffer since it last looked at how
+/// full the ring is (see `emit::send`).
+#[map(name = "RING_UNCHECKED")]
+static RING_UNCHECKED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// One staging slot per CPU (index = CPU id); per-CPU arrays cap values at 32 KiB.
 #[map(name = "SCRATCH")]

@@ -13,7 +13,7 @@ use std::{
 use agent_common::{
     CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
     MAX_CAPTURE_BYTES, SOCKET_MUTED, SOCKET_TRACKED, SocketInfo, SocketKey, TRANSPORT_PERF,
-    TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps,
+    TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps, ring_wake,
 };
 use anyhow::{Context, bail};
 use aya::{
@@ -370,6 +370,15 @@ impl Probes {
         let offsets = offsets::resolve(&btf, &tracefs)?;
         let transport = Transport::resolve(opts.transport);
         let filtered = !opts.pids.is_empty() || !opts.exes.is_empty();
+        let cpus = online_cpus()
+            .map_err(|(_, e)| e)
+            .context("reading online CPUs")?;
+        let ring_bytes = match transport {
+            Transport::RingBuf => ringbuf_size(opts.buffer_bytes),
+            // Unused but still created: keep it one page.
+            Transport::Perf => ringbuf_size(0),
+        };
+        let (ring_check_bytes, ring_wake_bytes) = ring_wake(ring_bytes, cpus.len() as u32);
         let config = KernelConfig {
             agent_tgid: std::process::id(),
             capture_bytes: opts.capture_bytes,
@@ -382,17 +391,11 @@ impl Probes {
                 Transport::RingBuf => TRANSPORT_RINGBUF,
                 Transport::Perf => TRANSPORT_PERF,
             },
+            ring_check_bytes,
+            ring_wake_bytes,
             offsets,
         };
-        let cpus = online_cpus()
-            .map_err(|(_, e)| e)
-            .context("reading online CPUs")?;
         let max_cpu = cpus.iter().copied().max().unwrap_or(0) + 1;
-        let ring_bytes = match transport {
-            Transport::RingBuf => ringbuf_size(opts.buffer_bytes),
-            // Unused but still created: keep it one page.
-            Transport::Perf => ringbuf_size(0),
-        };
         let (stats, counting) = program_stats(opts.program_stats);
         anyhow::ensure!(
             !OBJECT.is_empty(),
