@@ -491,7 +491,7 @@ pub enum Counter {
     /// TLS plaintext whose socket call inside the library call and the
     /// session's own socket (its BIO's fd) disagree: not sent.
     TlsSocketMismatch = 7,
-    /// TLS library calls dropped because the TLS_CALLS map was full.
+    /// TLS library calls dropped because the TLS_CALLS or the PENDING map was full.
     TlsCallsFull = 8,
     /// Socket syscalls not copied because the agent muted their connection
     /// (it does not trace what the connection carries).

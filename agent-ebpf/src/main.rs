@@ -100,7 +100,8 @@ static SOCK_CONNS: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(6553
 static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// pid_tgid → arguments of the data syscall in flight on that thread. One
-/// entry per thread that made a traced syscall, rewritten in place by each
+/// entry per thread that made a traced syscall or called a TLS library,
+/// rewritten in place by each
 /// (`syscalls::save`), removed by `sched_process_exit` when the thread ends:
 /// bounded by the host's live threads. A plain preallocated hash, not an
 /// LRU one, whose list upkeep cost more than the rest of the enter hook; a

@@ -46,7 +46,9 @@ pub struct PendingCall {
     vectored: u8,
     /// Non-zero from enter to exit (the entry outlives the call, see [`save`]).
     live: u8,
-    _pad: u8,
+    /// Non-zero once the thread has called into a TLS library ([`mark_tls`]):
+    /// only then can a socket call be inside a TLS call. Kept across calls.
+    tls: u8,
     ptr: u64,
     len: u64,
     /// When a send began (0 for a receive, stamped at exit).
@@ -65,7 +67,7 @@ impl PendingCall {
             syscall,
             vectored: vectored as u8,
             live: 1,
-            _pad: 0,
+            tls: 0,
             ptr,
             len,
             ts_ns: 0,
@@ -84,12 +86,34 @@ impl PendingCall {
 fn save(pid_tgid: u64, call: &PendingCall) {
     if let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) {
         // SAFETY: map value pointer, valid for the program's run; only this
-        // thread (its enter, exit and exit-of-thread hooks, which never
-        // overlap) uses its entry.
-        unsafe { *entry = *call };
+        // thread (its enter, exit and exit-of-thread hooks, and its TLS
+        // probes, none of which overlap) uses its entry.
+        unsafe {
+            let tls = (*entry).tls;
+            *entry = *call;
+            (*entry).tls = tls;
+        }
     } else if PENDING.insert(&pid_tgid, call, 0).is_err() {
         count(Counter::PendingFull, 1);
     }
+}
+
+/// Notes that this thread calls into a TLS library, so the exit of its
+/// socket calls looks for the TLS call they may be inside (a look-up the
+/// threads that never do are spared). False when the note could not be
+/// made (PENDING full): the caller must then not trace the TLS call, or its
+/// ciphertext would pass for clear text.
+#[inline(always)]
+pub(crate) fn mark_tls(pid_tgid: u64) -> bool {
+    if let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) {
+        // SAFETY: as in `save`.
+        unsafe { (*entry).tls = 1 };
+        return true;
+    }
+    let mut call = PendingCall::new(0, -1, 0, 0, false);
+    call.live = 0;
+    call.tls = 1;
+    PENDING.insert(&pid_tgid, &call, 0).is_ok()
 }
 
 /// This thread's syscall in flight, taken (its entry marked done).
@@ -287,7 +311,12 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     // Inside a TLS library call these bytes are ciphertext: a read's
     // plaintext is sent when the call returns, a write's now, in place of
     // the ciphertext, so it is not stamped after the peer's answer.
-    let (syscall, moved, ptr, vectored) = match tls::inside_call(pid_tgid, call.fd) {
+    let inside = if call.tls == 0 {
+        tls::Inside::No
+    } else {
+        tls::inside_call(pid_tgid, call.fd)
+    };
+    let (syscall, moved, ptr, vectored) = match inside {
         tls::Inside::No => (call.syscall, moved as u64, call.ptr, call.vectored),
         tls::Inside::Ciphertext => return Ok(()),
         // Stamped as the socket send that carries it.

@@ -31,7 +31,7 @@ use crate::{
     emit::{ScratchGuard, count, output},
     process::selected,
     runtime, socket,
-    syscalls::{SIZE_MASK, copy_user},
+    syscalls::{SIZE_MASK, copy_user, mark_tls},
 };
 
 /// `BIO_TYPE_DESCRIPTOR`: the BIO's `num` is a file descriptor.
@@ -99,7 +99,7 @@ fn enter(ctx: &ProbeContext, syscall: Syscall, ex: bool) {
     if call.session == 0 || call.buf == 0 {
         return;
     }
-    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+    if !mark_tls(pid_tgid) || TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
         count(Counter::TlsCallsFull, 1);
     }
 }

@@ -917,7 +917,7 @@ pub struct KernelCounters {
     /// TLS plaintext not sent: the socket call and the session's own
     /// socket disagreed.
     pub tls_socket_mismatch: u64,
-    /// TLS library calls not followed: the TLS_CALLS map was full.
+    /// TLS library calls not followed: the TLS_CALLS or PENDING map was full.
     pub tls_calls_full: u64,
     /// Socket calls of muted connections, not copied.
     pub muted_calls: u64,
