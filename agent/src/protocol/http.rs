@@ -180,6 +180,9 @@ impl Authority {
 #[derive(Debug, Default)]
 struct Repeats {
     host: Option<(RawHost, Authority)>,
+    /// The last request target, when short ([`Repeats::TARGET_MAX`]): an
+    /// idle connection holds no more than that.
+    target: Option<Arc<str>>,
     user_agent: Option<Arc<str>>,
     /// Filled from a connection's second request on: a first request is
     /// often its connection's only one, and this list is the one copy made.
@@ -215,6 +218,20 @@ impl RawHost {
 }
 
 impl Repeats {
+    /// Longest target remembered.
+    const TARGET_MAX: usize = 128;
+
+    fn target(&mut self, text: &str) -> Arc<str> {
+        match &self.target {
+            Some(last) if **last == *text => Arc::clone(last),
+            _ => {
+                let target = Arc::<str>::from(text);
+                self.target = (text.len() <= Self::TARGET_MAX).then(|| Arc::clone(&target));
+                target
+            }
+        }
+    }
+
     fn host(&mut self, raw: &str) -> Option<Authority> {
         if let Some((last, authority)) = &self.host
             && last.is(raw)
@@ -1607,7 +1624,7 @@ fn build_request<'a>(
             Some(known) => Cow::Borrowed(*known),
             None => Cow::Owned(String::from_utf8_lossy(method).into_owned()),
         },
-        target: Arc::from(capped_text(target, cap.saturating_mul(4)).as_ref()),
+        target: repeats.target(&capped_text(target, cap.saturating_mul(4))),
         version: version_str(minor),
         ..Request::default()
     };
@@ -2800,6 +2817,30 @@ mod tests {
         assert_eq!(reqs[4].host, None);
         assert_eq!(reqs[4].user_agent, None);
         assert!(reqs[4].extra.is_empty());
+    }
+
+    /// A repeated target is shared; a changed one is its own; a long one
+    /// is never remembered, so an idle connection holds at most a short one.
+    #[test]
+    fn repeated_targets_are_shared_and_long_ones_are_not_kept() {
+        let mut conn = HttpConn::new(opts(), true);
+        let long = format!("/{}", "x".repeat(Repeats::TARGET_MAX));
+        let ok: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let heads: Vec<String> = ["/a", "/a", "/b", &long, &long]
+            .iter()
+            .map(|t| format!("GET {t} HTTP/1.1\r\nHost: h\r\n\r\n"))
+            .collect();
+        let mut pieces = Vec::new();
+        for h in &heads {
+            pieces.extend([(E, h.as_bytes(), 0), (I, ok, 0)]);
+        }
+        let out = run(&mut conn, &pieces);
+        let reqs = requests(&out);
+        let targets: Vec<&str> = reqs.iter().map(|r| &*r.target).collect();
+        assert_eq!(targets, ["/a", "/a", "/b", &long, &long]);
+        assert!(Arc::ptr_eq(&reqs[0].target, &reqs[1].target));
+        assert!(!Arc::ptr_eq(&reqs[3].target, &reqs[4].target));
+        assert!(conn.repeats.target.is_none());
     }
 
     // --- framing and pairing ------------------------------------------------------
