@@ -101,8 +101,8 @@ static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0)
 
 /// pid_tgid → arguments of the data syscall in flight on that thread. One
 /// entry per thread that made a traced syscall or called a TLS library,
-/// rewritten in place by each
-/// (`syscalls::save`), removed by `sched_process_exit` when the thread ends:
+/// rewritten in place by each (`syscalls::save`), removed by
+/// `sched_process_exit` when the thread ends:
 /// bounded by the host's live threads. A plain preallocated hash, not an
 /// LRU one, whose list upkeep cost more than the rest of the enter hook; a
 /// thread that finds it full is not traced, and counted (PendingFull).
@@ -138,7 +138,7 @@ static TRACED_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(agent_common::COUNTER_SLOTS, 0);
 
 /// Bytes each CPU has handed to the ring buffer since it last looked at how
-/// full the ring is (see `emit::send`).
+/// full the ring is (see `emit::ring_wants_reader`).
 #[map(name = "RING_UNCHECKED")]
 static RING_UNCHECKED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 

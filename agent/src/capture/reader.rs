@@ -24,7 +24,8 @@ use super::event::{Event, decode};
 use crate::kernel::loader::Transport;
 
 /// How often the agent drains the buffers when nothing wakes it: the
-/// longest a record waits in a ring buffer that is less than an eighth full.
+/// longest a record waits in a ring buffer that no CPU has yet found an
+/// eighth full (agent-ebpf emit.rs `ring_wants_reader`).
 pub const POLL_EVERY: Duration = Duration::from_millis(10);
 
 /// What a reader has seen. Kernel-side losses are counted separately
@@ -110,8 +111,9 @@ impl Reader {
     }
 
     /// Waits up to `timeout` for records, then drains every ready buffer.
-    /// The ring buffer wakes the reader only when it is an eighth full
-    /// (agent-ebpf emit.rs), so callers poll with [`POLL_EVERY`].
+    /// The ring buffer wakes the reader only when a CPU's periodic look finds
+    /// it an eighth full (agent-ebpf emit.rs), so callers poll with
+    /// [`POLL_EVERY`].
     /// Returns how many records were handed to `on_event`.
     pub fn poll(
         &mut self,
