@@ -71,10 +71,10 @@ impl Console {
 }
 
 impl Sink for Console {
-    fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize> {
+    fn export(&mut self, spans: &mut Vec<ExportSpan>) -> anyhow::Result<usize> {
         let n = spans.len();
         let now = Instant::now();
-        for span in spans {
+        for span in spans.drain(..) {
             let id = span.span.span_context.trace_id();
             let held = self.traces.entry(id).or_insert_with(|| Held {
                 spans: Vec::new(),

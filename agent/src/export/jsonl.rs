@@ -46,14 +46,16 @@ pub fn encode(span: &ExportSpan) -> anyhow::Result<String> {
 }
 
 impl Sink for Jsonl {
-    fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize> {
-        for span in &spans {
+    fn export(&mut self, spans: &mut Vec<ExportSpan>) -> anyhow::Result<usize> {
+        for span in spans.iter() {
             let line = encode(span)?;
             writeln!(self.out, "{line}")?;
         }
         // Flushed per batch, so a reader tailing the file sees whole lines.
         self.out.flush()?;
-        Ok(spans.len())
+        let n = spans.len();
+        spans.clear();
+        Ok(n)
     }
 
     fn shutdown(&mut self) {

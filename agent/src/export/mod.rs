@@ -159,8 +159,9 @@ impl SpanQueue {
 
 /// One destination for batches of spans.
 trait Sink: Send {
-    /// Exports a batch; returns how many spans were delivered.
-    fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize>;
+    /// Exports a batch and empties `spans`, whose capacity the next batch
+    /// reuses; returns how many spans were delivered.
+    fn export(&mut self, spans: &mut Vec<ExportSpan>) -> anyhow::Result<usize>;
     /// Called about every 100 ms and at the end (`last`), for sinks that
     /// hold spans back (the console waits for whole traces).
     fn tick(&mut self, _last: bool) {}
@@ -245,7 +246,9 @@ fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, st
             return;
         }
         let n = pending.len() as u64;
-        match sink.export(std::mem::take(pending)) {
+        let result = sink.export(pending);
+        pending.clear();
+        match result {
             Ok(done) => {
                 stats.exported.fetch_add(done as u64, Ordering::Relaxed);
                 stats

@@ -6,7 +6,7 @@
 //! CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY,INSECURE}, the signal-specific
 //! variable first.
 
-use std::{io::Write, path::PathBuf, time::Duration};
+use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, anyhow};
 use http_body_util::BodyExt;
@@ -359,6 +359,10 @@ pub struct Otlp {
     settings: OtlpSettings,
     transport: Transport,
     encoder: Encoder,
+    /// The last gRPC request's body, written over by the next batch once
+    /// tonic has let go of it: a batch is some hundreds of KiB, and a new
+    /// buffer each time meant growing it anew.
+    body: Arc<Vec<u8>>,
     /// The bound on one whole export (OTEL_BSP_EXPORT_TIMEOUT).
     export_timeout: Duration,
 }
@@ -419,6 +423,7 @@ impl Otlp {
             settings,
             transport,
             encoder: Encoder::default(),
+            body: Arc::default(),
             export_timeout,
         })
     }
@@ -443,7 +448,7 @@ pub fn request(spans: Vec<ExportSpan>) -> ExportTraceServiceRequest {
 async fn send(
     transport: &mut Transport,
     settings: &OtlpSettings,
-    request: Vec<u8>,
+    request: Arc<Vec<u8>>,
 ) -> anyhow::Result<i64> {
     let response = match transport {
         Transport::Grpc(client) => {
@@ -467,7 +472,8 @@ async fn send(
                 .into_inner()
         }
         Transport::Http(client) => {
-            let mut body = request;
+            // Not kept by the caller: this moves it out without a copy.
+            let mut body = Arc::unwrap_or_clone(request);
             let mut req = client
                 .post(&settings.endpoint)
                 .headers(settings.headers.clone())
@@ -532,12 +538,19 @@ fn failure(
 }
 
 impl Sink for Otlp {
-    fn export(&mut self, spans: Vec<ExportSpan>) -> anyhow::Result<usize> {
+    fn export(&mut self, spans: &mut Vec<ExportSpan>) -> anyhow::Result<usize> {
         let n = spans.len();
-        // Sized for the batch, to go with it into the request body.
-        let mut request = Vec::with_capacity(n * 400);
-        self.encoder.request(&spans, &mut request);
-        drop(spans);
+        let mut body = Arc::get_mut(&mut self.body)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        // Sized for the batch: grown once, not field by field.
+        body.reserve(n * 400);
+        self.encoder.request(spans, &mut body);
+        spans.clear();
+        let body = Arc::new(body);
+        if let Transport::Grpc(_) = self.transport {
+            self.body = Arc::clone(&body);
+        }
         let Self {
             runtime,
             settings,
@@ -546,7 +559,7 @@ impl Sink for Otlp {
             ..
         } = self;
         let result = runtime.block_on(async {
-            tokio::time::timeout(*export_timeout, send(transport, settings, request)).await
+            tokio::time::timeout(*export_timeout, send(transport, settings, body)).await
         });
         match result {
             Ok(Ok(rejected)) => Ok(n.saturating_sub(rejected as usize)),

@@ -89,8 +89,12 @@ impl Deref for ProcessResource {
 /// has grown.
 #[derive(Default)]
 pub struct Encoder {
-    /// Each span's encoded length, in the order they are written.
-    lens: Vec<usize>,
+    /// The batch's Span messages, written once each, back to back, in the
+    /// order they go out: their lengths are only known once written, and
+    /// every enclosing message needs its length before its fields.
+    bodies: Vec<u8>,
+    /// Where each span's message ends in `bodies`.
+    ends: Vec<usize>,
 }
 
 /// The spans of one resource, by scope, in order of first appearance.
@@ -127,26 +131,33 @@ impl Encoder {
                 None => group.scopes.push((scope, vec![&s.span])),
             }
         }
-        // Lengths first, so every message is written once, in place.
-        self.lens.clear();
+        // The spans first, into `bodies`; then every enclosing message,
+        // whose length is now known, with the spans copied in.
+        self.bodies.clear();
+        self.ends.clear();
         for g in &groups {
             for (_, spans) in &g.scopes {
-                self.lens.extend(spans.iter().map(|s| span_len(s)));
+                for span in spans {
+                    span_fields(span, &mut self.bodies);
+                    self.ends.push(self.bodies.len());
+                }
             }
         }
-        let mut lens = self.lens.iter().copied();
         let mut scopes = Vec::new();
-        let mut at = 0;
+        let (mut span_at, mut body_at) = (0, 0);
+        let mut ends = self.ends.iter();
+        let mut written = 0;
         for g in &groups {
             scopes.clear();
             for (scope, spans) in &g.scopes {
                 let proto = ProtoScope::from((*scope, None)).encode_to_vec();
                 let schema = scope.schema_url().unwrap_or_default();
-                let spans_len: usize = self.lens[at..at + spans.len()]
-                    .iter()
-                    .map(|&l| field_len(l))
-                    .sum();
-                at += spans.len();
+                let mut spans_len = 0;
+                for &end in &self.ends[span_at..span_at + spans.len()] {
+                    spans_len += field_len(end - body_at);
+                    body_at = end;
+                }
+                span_at += spans.len();
                 let len = field_len(proto.len()) + spans_len + string_field_len(schema);
                 scopes.push((proto, schema, len));
             }
@@ -162,49 +173,15 @@ impl Encoder {
             for ((proto, scope_schema, len), (_, spans)) in scopes.iter().zip(&g.scopes) {
                 length_delimited(2, *len, out);
                 message(1, proto, out);
-                for span in spans {
-                    let len = lens.next().expect("a length per span");
-                    length_delimited(2, len, out);
-                    let start = out.len();
-                    span_fields(span, out);
-                    debug_assert_eq!(out.len() - start, len, "span length");
+                for end in ends.by_ref().take(spans.len()) {
+                    message(2, &self.bodies[written..*end], out);
+                    written = *end;
                 }
                 string(3, scope_schema, out);
             }
             string(3, schema, out);
         }
     }
-}
-
-/// The length of a Span message's fields, as [`span_fields`] writes them.
-fn span_len(s: &SpanData) -> usize {
-    if !s.events.is_empty() || !s.links.is_empty() {
-        let mut scratch = Vec::new();
-        span_fields(s, &mut scratch);
-        return scratch.len();
-    }
-    let ctx = &s.span_context;
-    let mut len = field_len(16) + field_len(8);
-    len += string_field_len(&ctx.trace_state().header());
-    if s.parent_span_id != SpanId::INVALID {
-        len += field_len(8);
-    }
-    len += string_field_len(&s.name);
-    len += varint_field_len(kind(&s.span_kind) as u64);
-    for t in [s.start_time, s.end_time] {
-        if nanos(t) != 0 {
-            len += 9;
-        }
-    }
-    for kv in &s.attributes {
-        len += field_len(key_value_len(kv.key.as_str(), &kv.value));
-    }
-    len += varint_field_len(u64::from(s.dropped_attributes_count));
-    len += varint_field_len(u64::from(s.events.dropped_count));
-    len += varint_field_len(u64::from(s.links.dropped_count));
-    len += field_len(status_len(&s.status));
-    // flags: a two-byte key and a fixed32
-    len + 6
 }
 
 fn kind(kind: &SpanKind) -> span::SpanKind {
@@ -377,9 +354,10 @@ fn fixed64(tag: u32, v: u64, out: &mut Vec<u8>) {
     }
 }
 
-/// An encoded request handed to tonic as a message: its bytes as they are.
+/// An encoded request handed to tonic as a message: its bytes as they are,
+/// shared so that the exporter can reuse the buffer once tonic is done.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Encoded(pub Vec<u8>);
+pub struct Encoded(pub Arc<Vec<u8>>);
 
 impl Message for Encoded {
     fn encode_raw(&self, buf: &mut impl BufMut) {
@@ -402,7 +380,7 @@ impl Message for Encoded {
     }
 
     fn clear(&mut self) {
-        self.0.clear();
+        self.0 = Arc::default();
     }
 }
 

@@ -162,7 +162,7 @@ fn buffers_are_reused_and_an_empty_batch_is_an_empty_request() {
 #[test]
 fn an_encoded_request_goes_out_as_it_is() {
     let bytes = vec![0x0a, 0x02, 0x08, 0x01];
-    let encoded = Encoded(bytes.clone());
+    let encoded = Encoded(Arc::new(bytes.clone()));
     assert_eq!(encoded.encode_to_vec(), bytes);
     assert_eq!(encoded.encoded_len(), 4);
 }

@@ -21,7 +21,9 @@ const GRACE_NS: u64 = 1_000_000_000;
 const MAX_PER_KEY: usize = 64;
 /// Most trace id aliases remembered.
 const MAX_ALIASES: usize = 4096;
-/// Sweep expired entries every this many calls.
+/// Sweep expired entries every this many calls. An emptied key stays until
+/// then: a kept-alive connection then reuses its queues instead of
+/// allocating and freeing them on every request.
 const SWEEP_EVERY: u32 = 256;
 
 /// A client request, claimable by the server end for a while even after
@@ -67,9 +69,6 @@ impl Links {
         // A call that already ended has nothing left to wait for.
         if call.done_ns.is_some() {
             calls.remove(i);
-            if calls.is_empty() {
-                self.calls.remove(&key);
-            }
         }
         Some(found)
     }
@@ -94,9 +93,6 @@ impl Links {
         self.tick(now_ns);
         let waiting = self.waiting.get_mut(&key)?;
         let w = waiting.pop_front()?;
-        if waiting.is_empty() {
-            self.waiting.remove(&key);
-        }
         Some((w.conn_id, w.seq))
     }
 
@@ -136,9 +132,6 @@ impl Links {
                 c.done_ns = Some(now_ns);
                 !c.claimed
             });
-            if calls.is_empty() {
-                self.calls.remove(&key);
-            }
         }
     }
 
@@ -146,9 +139,6 @@ impl Links {
     pub fn server_done(&mut self, key: LinkKey, conn_id: u64, seq: u64) {
         if let Some(waiting) = self.waiting.get_mut(&key) {
             waiting.retain(|w| w.conn_id != conn_id || w.seq != seq);
-            if waiting.is_empty() {
-                self.waiting.remove(&key);
-            }
         }
     }
 
