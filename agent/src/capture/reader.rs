@@ -1,14 +1,12 @@
 //! Draining the ring buffer or the per-CPU perf buffers.
 //!
-//! One thread polls every buffer's fd and drains whatever is ready, handing
-//! each decoded record to a callback: ring buffer records with their payload
-//! borrowed straight from the mapped buffer; perf samples copied out and
-//! merged across CPUs by timestamp first.
+//! One thread waits on the ring buffer's fd, or naps between looks at the
+//! perf buffers, and drains whatever is ready, handing each decoded record
+//! to a callback: ring buffer records with their payload borrowed straight
+//! from the mapped buffer; perf samples copied out and merged across CPUs by
+//! timestamp first.
 
-use std::{
-    os::fd::{AsFd, BorrowedFd},
-    time::Duration,
-};
+use std::{os::fd::AsFd, time::Duration};
 
 use anyhow::Context;
 use aya::{
@@ -27,6 +25,14 @@ use crate::kernel::loader::Transport;
 /// longest a record waits in a ring buffer that no CPU has yet found an
 /// eighth full (agent-ebpf emit.rs `ring_wants_reader`).
 pub const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// How long the reader naps between drains of the perf buffers. aya opens
+/// them to signal every sample (`wakeup_events` 1), so waiting on their fds
+/// woke this thread once per record: a context switch per traced syscall,
+/// which cost more than everything else per request together. A nap's
+/// records fit many times over in a CPU's buffer (1 MiB by default, some
+/// 25 ms at nginx saturation here).
+pub const PERF_NAP: Duration = Duration::from_millis(2);
 
 /// What a reader has seen. Kernel-side losses are counted separately
 /// (`KernelCounters`); `lost` here is what perf reported as dropped.
@@ -113,27 +119,25 @@ impl Reader {
     /// Waits up to `timeout` for records, then drains every ready buffer.
     /// The ring buffer wakes the reader only when a CPU's periodic look finds
     /// it an eighth full (agent-ebpf emit.rs), so callers poll with
-    /// [`POLL_EVERY`].
+    /// [`POLL_EVERY`]. The perf buffers are not waited on but drained every
+    /// [`PERF_NAP`].
     /// Returns how many records were handed to `on_event`.
     pub fn poll(
         &mut self,
         timeout: Duration,
         on_event: &mut impl FnMut(Event<'_>),
     ) -> anyhow::Result<u64> {
-        let fds: Vec<BorrowedFd<'_>> = match &self.buffers {
-            Buffers::Ring(ring) => vec![ring.as_fd()],
-            Buffers::Perf(bufs) => bufs.iter().map(AsFd::as_fd).collect(),
-        };
-        let mut pollfds: Vec<PollFd<'_>> = fds
-            .iter()
-            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-            .collect();
-        let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
-        match poll(&mut pollfds, ms) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e).context("polling event buffers"),
+        match &self.buffers {
+            Buffers::Ring(ring) => {
+                let mut pollfds = [PollFd::new(ring.as_fd(), PollFlags::POLLIN)];
+                let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
+                match poll(&mut pollfds, ms) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e).context("polling event buffers"),
+                }
+            }
+            Buffers::Perf(_) => std::thread::sleep(timeout.min(PERF_NAP)),
         }
-        drop(pollfds);
         Ok(self.drain(on_event))
     }
 
