@@ -41,7 +41,7 @@ use self::{
         context::{Ids, Parent, Sampler, flags, parse_traceparent},
         event_loop::{Adjacency, Content},
         held::{self, Held, HeldSpan},
-        link::{Call, LinkKey, Links},
+        link::{LinkKey, Links},
         runtime::{Ownership, RequestRef, UnitAt},
     },
     resources::{Resources, kubernetes},
@@ -664,14 +664,11 @@ impl Tracer {
                 let adopted = self.adopt_waiting_server(key, now, &mut begun);
                 self.links.add_call(
                     key,
-                    Call::new(
-                        conn.conn_id,
-                        begun.seq,
-                        now,
-                        begun.as_parent(),
-                        Arc::clone(&begun.tenant),
-                        adopted,
-                    ),
+                    conn.conn_id,
+                    begun.seq,
+                    begun.as_parent(),
+                    Arc::clone(&begun.tenant),
+                    adopted,
                 );
             }
             Side::Server => {}
@@ -1673,14 +1670,13 @@ mod tests {
         data(&mut t, &first, 20, 1, Syscall::Write, CALL);
         data(&mut t, &first, 20, 2, Syscall::Read, RESP);
         t.on_record(Record::Closed(&first));
-        // The second: its server's read (at 4) arrives before its client's
-        // write (at 3).
+        // The second: its server reads before its client's write arrives.
         let client = unix_conn(2, 20, Role::Client, (a2, b2), path);
         let server = unix_conn(3, 30, Role::Server, (b2, a2), path);
         t.on_record(Record::Opened(&client));
         t.on_record(Record::Opened(&server));
-        data(&mut t, &server, 31, 4, Syscall::Read, REQ);
-        data(&mut t, &client, 20, 3, Syscall::Write, REQ);
+        data(&mut t, &server, 31, 3, Syscall::Read, REQ);
+        data(&mut t, &client, 20, 4, Syscall::Write, REQ);
         data(&mut t, &server, 31, 5, Syscall::Write, RESP);
         data(&mut t, &client, 20, 6, Syscall::Read, RESP);
         let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
