@@ -41,7 +41,7 @@ use self::{
         context::{Ids, Parent, Sampler, flags, parse_traceparent},
         event_loop::{Adjacency, Content},
         held::{self, Held, HeldSpan},
-        link::{LinkKey, Links},
+        link::{Call, LinkKey, Links, Ordered},
         runtime::{Ownership, RequestRef, UnitAt},
     },
     resources::{Resources, kubernetes},
@@ -661,14 +661,18 @@ impl Tracer {
                 }
             }
             Side::Client => {
-                let adopted = self.adopt_waiting_server(key, now, &mut begun);
+                let ordered = self.stamps(conn.conn_id);
+                let adopted = self.adopt_waiting_server(key, now, ordered, &mut begun);
                 self.links.add_call(
                     key,
-                    conn.conn_id,
-                    begun.seq,
-                    begun.as_parent(),
-                    Arc::clone(&begun.tenant),
-                    adopted,
+                    Call::new(
+                        conn.conn_id,
+                        begun.seq,
+                        now,
+                        begun.as_parent(),
+                        Arc::clone(&begun.tenant),
+                        adopted,
+                    ),
                 );
             }
             Side::Server => {}
@@ -684,8 +688,14 @@ impl Tracer {
     /// still a root: make it this client span's child. A root client joins
     /// the server's trace; otherwise the server's trace is renamed to the
     /// client's for every span that finishes from now on.
-    fn adopt_waiting_server(&mut self, key: LinkKey, now: u64, client: &mut Begun) -> bool {
-        let Some((conn_id, seq)) = self.links.take_waiting(key, now) else {
+    fn adopt_waiting_server(
+        &mut self,
+        key: LinkKey,
+        now: u64,
+        ordered: Ordered,
+        client: &mut Begun,
+    ) -> bool {
+        let Some((conn_id, seq)) = self.links.take_waiting(key, now, ordered) else {
             return false;
         };
         let Some(server) = self
@@ -718,6 +728,15 @@ impl Tracer {
         true
     }
 
+    /// How connection `conn_id`'s records are stamped: by the socket
+    /// syscalls, unless its bytes come from a TLS library.
+    fn stamps(&self, conn_id: u64) -> Ordered {
+        match self.conns.get(&conn_id).map(|c| c.session.tls()) {
+            Some(Tls::Plaintext) => Ordered::No,
+            _ => Ordered::Yes,
+        }
+    }
+
     fn server_parent(
         &mut self,
         conn: &Connection,
@@ -726,7 +745,8 @@ impl Tracer {
     ) -> (Option<Parent>, Option<Arc<[KeyValue]>>) {
         // The client end of this very connection, if it is on this host.
         let key = link_key(conn.local.id(), conn.remote.id(), Side::Server);
-        if let Some((parent, tenant)) = self.links.claim_call(key, now) {
+        let ordered = self.stamps(conn.conn_id);
+        if let Some((parent, tenant)) = self.links.claim_call(key, now, ordered) {
             return (Some(parent), Some(tenant));
         }
         (traceparent, None)
@@ -1670,13 +1690,14 @@ mod tests {
         data(&mut t, &first, 20, 1, Syscall::Write, CALL);
         data(&mut t, &first, 20, 2, Syscall::Read, RESP);
         t.on_record(Record::Closed(&first));
-        // The second: its server reads before its client's write arrives.
+        // The second: its server's read (at 4) arrives before its client's
+        // write (at 3).
         let client = unix_conn(2, 20, Role::Client, (a2, b2), path);
         let server = unix_conn(3, 30, Role::Server, (b2, a2), path);
         t.on_record(Record::Opened(&client));
         t.on_record(Record::Opened(&server));
-        data(&mut t, &server, 31, 3, Syscall::Read, REQ);
-        data(&mut t, &client, 20, 4, Syscall::Write, REQ);
+        data(&mut t, &server, 31, 4, Syscall::Read, REQ);
+        data(&mut t, &client, 20, 3, Syscall::Write, REQ);
         data(&mut t, &server, 31, 5, Syscall::Write, RESP);
         data(&mut t, &client, 20, 6, Syscall::Read, RESP);
         let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();

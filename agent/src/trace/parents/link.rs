@@ -26,15 +26,53 @@ const MAX_ALIASES: usize = 4096;
 /// allocating and freeing them on every request.
 const SWEEP_EVERY: u32 = 256;
 
+/// Whether a connection's records carry the socket syscalls' stamps: a
+/// send stamped at its enter, a receive at its exit (agent-ebpf
+/// syscalls.rs). Then a request's server end read it after its client
+/// began writing it and before its client had the answer. The plaintext of
+/// TLS library calls is stamped otherwise: a redis-cli call over TLS had its
+/// answer some 100 µs before its server's read was stamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordered {
+    Yes,
+    No,
+}
+
 /// A client request, claimable by the server end for a while even after
 /// its response came (the server's read may be delivered after it).
-struct Call {
+pub struct Call {
     conn_id: u64,
     seq: u64,
+    /// When its first byte was written: its server end began no earlier.
+    start_ns: u64,
     parent: Parent,
     tenant: Arc<[KeyValue]>,
     claimed: bool,
+    /// When its response ended: its server end began no later.
     done_ns: Option<u64>,
+}
+
+impl Call {
+    /// A client request that began at `start_ns`; `claimed` when a waiting
+    /// server span already adopted it.
+    pub fn new(
+        conn_id: u64,
+        seq: u64,
+        start_ns: u64,
+        parent: Parent,
+        tenant: Arc<[KeyValue]>,
+        claimed: bool,
+    ) -> Self {
+        Self {
+            conn_id,
+            seq,
+            start_ns,
+            parent,
+            tenant,
+            claimed,
+            done_ns: None,
+        }
+    }
 }
 
 /// A server request that found no parent yet.
@@ -57,12 +95,28 @@ pub struct Links {
 }
 
 impl Links {
-    /// A server request began: the oldest unclaimed call on this
-    /// connection's client end is its parent.
-    pub fn claim_call(&mut self, key: LinkKey, now_ns: u64) -> Option<(Parent, Arc<[KeyValue]>)> {
+    /// A server request began at `now_ns`: its parent is the oldest
+    /// unclaimed call on this connection's client end; with `ordered`
+    /// stamps, one that began before it and was not answered before it.
+    /// Taken in order alone, one server read the agent missed (or a late
+    /// delivery under load) shifted every later request on the connection
+    /// to another request's call.
+    pub fn claim_call(
+        &mut self,
+        key: LinkKey,
+        now_ns: u64,
+        ordered: Ordered,
+    ) -> Option<(Parent, Arc<[KeyValue]>)> {
         self.tick(now_ns);
         let calls = self.calls.get_mut(&key)?;
-        let i = calls.iter().position(|c| !c.claimed)?;
+        if ordered == Ordered::Yes {
+            // Answered before this request began: a request whose server
+            // end was never seen, and no later request's either.
+            calls.retain(|c| c.claimed || c.done_ns.is_none_or(|done| done >= now_ns));
+        }
+        let i = calls
+            .iter()
+            .position(|c| !c.claimed && (ordered == Ordered::No || c.start_ns <= now_ns))?;
         let call = &mut calls[i];
         call.claimed = true;
         let found = (call.parent.clone(), Arc::clone(&call.tenant));
@@ -87,36 +141,31 @@ impl Links {
         }
     }
 
-    /// A client request began: a server span waiting on this connection,
-    /// if any, as (connection id, request seq).
-    pub fn take_waiting(&mut self, key: LinkKey, now_ns: u64) -> Option<(u64, u64)> {
+    /// A client request began at `now_ns`: a server span waiting on this
+    /// connection (with `ordered` stamps, one that began after it), if
+    /// any, as (connection id, request seq).
+    pub fn take_waiting(
+        &mut self,
+        key: LinkKey,
+        now_ns: u64,
+        ordered: Ordered,
+    ) -> Option<(u64, u64)> {
         self.tick(now_ns);
         let waiting = self.waiting.get_mut(&key)?;
+        // Began before this request was written: an earlier request's, whose
+        // client end was never seen, and no later request's either.
+        while ordered == Ordered::Yes && waiting.front().is_some_and(|w| w.began_ns < now_ns) {
+            waiting.pop_front();
+        }
         let w = waiting.pop_front()?;
         Some((w.conn_id, w.seq))
     }
 
-    /// Registers a client request; `claimed` when a waiting server span
-    /// already adopted it.
-    pub fn add_call(
-        &mut self,
-        key: LinkKey,
-        conn_id: u64,
-        seq: u64,
-        parent: Parent,
-        tenant: Arc<[KeyValue]>,
-        claimed: bool,
-    ) {
+    /// Registers a client request.
+    pub fn add_call(&mut self, key: LinkKey, call: Call) {
         let calls = self.calls.entry(key).or_default();
         if calls.len() < MAX_PER_KEY {
-            calls.push_back(Call {
-                conn_id,
-                seq,
-                parent,
-                tenant,
-                claimed,
-                done_ns: None,
-            });
+            calls.push_back(call);
         }
     }
 
@@ -202,6 +251,11 @@ mod tests {
         )
     }
 
+    /// Call `seq` on connection `conn_id`, begun at `seq` × 10.
+    fn call(conn_id: u64, seq: u64, n: u8) -> Call {
+        Call::new(conn_id, seq, seq * 10, parent(n), Arc::from(vec![]), false)
+    }
+
     fn parent(n: u8) -> Parent {
         Parent {
             trace_id: TraceId::from_bytes([n; 16]),
@@ -215,21 +269,81 @@ mod tests {
     #[test]
     fn calls_are_claimed_in_order_and_linger_after_they_end() {
         let mut links = Links::default();
-        links.add_call(key(), 1, 0, parent(1), Arc::from(vec![]), false);
-        links.add_call(key(), 1, 1, parent(2), Arc::from(vec![]), false);
-        // The first call's response was delivered before the server's read.
+        links.add_call(key(), call(1, 0, 1));
+        links.add_call(key(), call(1, 1, 2));
+        // The first call's response (ending at 10) was delivered before the
+        // server's read (at 9) of its request.
         links.call_done(key(), 1, 0, 10);
-        assert_eq!(links.claim_call(key(), 11).unwrap().0, parent(1));
-        assert_eq!(links.claim_call(key(), 12).unwrap().0, parent(2));
-        assert!(links.claim_call(key(), 13).is_none());
+        assert_eq!(
+            links.claim_call(key(), 9, Ordered::Yes).unwrap().0,
+            parent(1)
+        );
+        assert_eq!(
+            links.claim_call(key(), 12, Ordered::Yes).unwrap().0,
+            parent(2)
+        );
+        assert!(links.claim_call(key(), 13, Ordered::Yes).is_none());
         links.call_done(key(), 1, 1, 14);
         assert!(links.is_empty(), "claimed calls go when they end");
     }
 
     #[test]
+    fn a_call_answered_before_a_server_request_began_is_not_its_parent() {
+        let mut links = Links::default();
+        // Call 0's server read was never seen: nothing claimed it.
+        links.add_call(key(), call(1, 0, 1));
+        links.call_done(key(), 1, 0, 10);
+        links.add_call(key(), call(1, 1, 2));
+        // The read of call 1's request, after call 0 was answered.
+        assert_eq!(
+            links.claim_call(key(), 20, Ordered::Yes).unwrap().0,
+            parent(2)
+        );
+        links.call_done(key(), 1, 1, 30);
+        links.add_call(key(), call(1, 2, 3));
+        assert_eq!(
+            links.claim_call(key(), 40, Ordered::Yes).unwrap().0,
+            parent(3)
+        );
+        // Only call 2 can still be claimed, and it was.
+        assert!(links.claim_call(key(), 41, Ordered::Yes).is_none());
+    }
+
+    #[test]
+    fn a_request_is_not_linked_to_a_call_begun_after_it() {
+        let mut links = Links::default();
+        // A server request that began at 5, before the only call (at 10):
+        // its own call was never seen.
+        links.add_call(key(), call(1, 1, 1));
+        assert!(links.claim_call(key(), 5, Ordered::Yes).is_none());
+        assert_eq!(
+            links.claim_call(key(), 15, Ordered::Yes).unwrap().0,
+            parent(1)
+        );
+        // A server request waiting since 20 is not adopted by a call begun
+        // at 30; one that began at 35 is.
+        links.wait_for_call(key(), 2, 0, 20);
+        assert!(links.take_waiting(key(), 30, Ordered::Yes).is_none());
+        links.wait_for_call(key(), 2, 1, 35);
+        assert_eq!(links.take_waiting(key(), 30, Ordered::Yes), Some((2, 1)));
+    }
+
+    #[test]
+    fn without_ordered_stamps_calls_are_claimed_in_order() {
+        let mut links = Links::default();
+        // Over TLS a call can look answered before its server's read.
+        links.add_call(key(), call(1, 1, 1));
+        links.call_done(key(), 1, 1, 20);
+        assert_eq!(
+            links.claim_call(key(), 25, Ordered::No).unwrap().0,
+            parent(1)
+        );
+    }
+
+    #[test]
     fn expired_entries_are_swept() {
         let mut links = Links::default();
-        links.add_call(key(), 1, 0, parent(1), Arc::from(vec![]), false);
+        links.add_call(key(), call(1, 0, 1));
         links.call_done(key(), 1, 0, 1);
         links.wait_for_call(key(), 2, 0, 1);
         for i in 0..SWEEP_EVERY {
