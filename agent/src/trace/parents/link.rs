@@ -43,12 +43,14 @@ pub enum Ordered {
 pub struct Call {
     conn_id: u64,
     seq: u64,
-    /// When its first byte was written: its server end began no earlier.
+    /// When its first byte was written: with [`Ordered`] stamps, its
+    /// server end began no earlier.
     start_ns: u64,
     parent: Parent,
     tenant: Arc<[KeyValue]>,
     claimed: bool,
-    /// When its response ended: its server end began no later.
+    /// When its response ended: with [`Ordered`] stamps, its server end
+    /// began no later.
     done_ns: Option<u64>,
 }
 
