@@ -20,7 +20,7 @@
 //! message = 2, code = 3 }.
 
 use std::{
-    ops::Deref,
+    ops::{Deref, Range},
     sync::{Arc, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -93,8 +93,8 @@ pub struct Encoder {
     /// order they go out: their lengths are only known once written, and
     /// every enclosing message needs its length before its fields.
     bodies: Vec<u8>,
-    /// Where each span's message ends in `bodies`.
-    ends: Vec<usize>,
+    /// Where each span's message lies in `bodies`.
+    spans: Vec<Range<usize>>,
 }
 
 /// The spans of one resource, by scope, in order of first appearance.
@@ -134,48 +134,43 @@ impl Encoder {
         // The spans first, into `bodies`; then every enclosing message,
         // whose length is now known, with the spans copied in.
         self.bodies.clear();
-        self.ends.clear();
+        self.spans.clear();
         for g in &groups {
             for (_, spans) in &g.scopes {
                 for span in spans {
+                    let start = self.bodies.len();
                     span_fields(span, &mut self.bodies);
-                    self.ends.push(self.bodies.len());
+                    self.spans.push(start..self.bodies.len());
                 }
             }
         }
         let mut scopes = Vec::new();
-        let (mut span_at, mut body_at) = (0, 0);
-        let mut ends = self.ends.iter();
-        let mut written = 0;
+        let mut at = 0;
         for g in &groups {
             scopes.clear();
             for (scope, spans) in &g.scopes {
                 let proto = ProtoScope::from((*scope, None)).encode_to_vec();
                 let schema = scope.schema_url().unwrap_or_default();
-                let mut spans_len = 0;
-                for &end in &self.ends[span_at..span_at + spans.len()] {
-                    spans_len += field_len(end - body_at);
-                    body_at = end;
-                }
-                span_at += spans.len();
+                let these = &self.spans[at..at + spans.len()];
+                at += spans.len();
+                let spans_len: usize = these.iter().map(|r| field_len(r.len())).sum();
                 let len = field_len(proto.len()) + spans_len + string_field_len(schema);
-                scopes.push((proto, schema, len));
+                scopes.push((proto, schema, len, these));
             }
             let resource = g.resource.proto();
             let schema = g.resource.schema_url().unwrap_or_default();
             let len = field_len(resource.len())
-                + scopes.iter().map(|p| field_len(p.2)).sum::<usize>()
+                + scopes.iter().map(|s| field_len(s.2)).sum::<usize>()
                 + string_field_len(schema);
             out.reserve(field_len(len));
             // ExportTraceServiceRequest.resource_spans
             length_delimited(1, len, out);
             message(1, resource, out);
-            for ((proto, scope_schema, len), (_, spans)) in scopes.iter().zip(&g.scopes) {
+            for (proto, scope_schema, len, these) in &scopes {
                 length_delimited(2, *len, out);
                 message(1, proto, out);
-                for end in ends.by_ref().take(spans.len()) {
-                    message(2, &self.bodies[written..*end], out);
-                    written = *end;
+                for span in *these {
+                    message(2, &self.bodies[span.clone()], out);
                 }
                 string(3, scope_schema, out);
             }
