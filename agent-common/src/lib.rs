@@ -33,6 +33,8 @@ pub mod maps {
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
     pub const TLS_LAYOUTS: &str = "TLS_LAYOUTS";
+    pub const LOST: &str = "LOST";
+    pub const HOLES_WAITING: &str = "HOLES_WAITING";
 }
 
 /// Name of the read-only global holding [`KernelConfig`].
@@ -242,6 +244,12 @@ pub struct DataEvent {
     /// The unit of work the thread was running, for processes whose runtime
     /// is followed (CPython: the `PyContext` entered); 0 when unknown.
     pub unit: u64,
+    /// Bytes this connection sent before this record in records the
+    /// transport refused (buffer full) and that no record reported yet: a
+    /// hole in its stream just before these bytes.
+    pub lost_egress: u32,
+    /// The same for bytes it received.
+    pub lost_ingress: u32,
 }
 
 /// A followed runtime allocated a unit of work on this thread while it ran
@@ -581,7 +589,7 @@ mod tests {
     #[test]
     fn layouts_have_fixed_sizes() {
         assert_eq!(size_of::<EventHeader>(), 32);
-        assert_eq!(size_of::<DataEvent>(), 56);
+        assert_eq!(size_of::<DataEvent>(), 64);
         assert_eq!(size_of::<UnitEvent>(), 56);
         assert_eq!(size_of::<ThreadLayout>(), 32);
         assert_eq!(size_of::<TlsLayout>(), 16);

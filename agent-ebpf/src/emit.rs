@@ -5,7 +5,7 @@ use core::{
     ptr::{read_volatile, write_volatile},
 };
 
-use agent_common::{Counter, DataEvent, SCRATCH_PAYLOAD_BYTES, TRANSPORT_PERF};
+use agent_common::{Counter, DataEvent, Direction, SCRATCH_PAYLOAD_BYTES, Syscall, TRANSPORT_PERF};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -15,7 +15,9 @@ use aya_ebpf::{
     },
 };
 
-use crate::{COUNTERS, EVENTS_PERF, EVENTS_RINGBUF, RING_UNCHECKED, SCRATCH, config};
+use crate::{
+    COUNTERS, EVENTS_PERF, EVENTS_RINGBUF, HOLES_WAITING, LOST, RING_UNCHECKED, SCRATCH, config,
+};
 
 /// Staging area for a data event: too big for the BPF stack.
 #[repr(C)]
@@ -120,6 +122,96 @@ fn send<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64, urgent
         count(Counter::EventsLost, 1);
     }
     ok
+}
+
+/// Bytes of a connection's data records that were lost and that no record
+/// of it has reported yet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Lost {
+    pub egress: u32,
+    pub ingress: u32,
+}
+
+/// Sends a data record of `len` bytes (`payload` of them captured bytes).
+///
+/// A lost data record leaves a hole in its connection's stream; unless the
+/// agent knows where, it pairs the messages after the hole with the ones
+/// before (a server's next response with the request whose response was
+/// lost). So the bytes of refused records are kept per connection (LOST)
+/// and ride along in the connection's next record that gets through.
+/// Records look there only while HOLES_WAITING is set: never while nothing
+/// is lost.
+#[inline(always)]
+pub fn output_data<C: EbpfContext>(ctx: &C, event: &mut DataEvent, len: u64, payload: u64) -> bool {
+    let conn_id = event.header.conn_id;
+    let mut reports = false;
+    if holes_waiting() {
+        // SAFETY: the value is copied out at once.
+        if let Some(lost) = unsafe { LOST.get(&conn_id) }.copied() {
+            event.lost_egress = lost.egress;
+            event.lost_ingress = lost.ingress;
+            reports = true;
+        }
+    }
+    let ok = output(ctx, (event as *const DataEvent).cast::<u8>(), len, payload);
+    if !ok {
+        note_lost(conn_id, event.header.detail, event.total_bytes);
+    } else if reports {
+        // A hole another CPU adds between the look-up and here goes
+        // unreported; the window is a few instructions.
+        let _ = LOST.remove(&conn_id);
+    }
+    ok
+}
+
+/// Whether some connection may have a hole no record reported yet.
+#[inline(always)]
+fn holes_waiting() -> bool {
+    HOLES_WAITING
+        .get(0)
+        // SAFETY: a plain load of a map value.
+        .is_some_and(|flag| unsafe { read_volatile(flag) } != 0)
+}
+
+/// A data record of `syscall` that moved `bytes` on `conn_id` was lost.
+/// The flag is set after the entry is in, and with a plain store, so that
+/// the agent's clearing of it (`Probes::clear_holes_flag`) cannot hide the
+/// entry.
+#[inline(always)]
+pub fn note_lost(conn_id: u64, syscall: u8, bytes: u64) {
+    let bytes = if bytes > u64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        bytes as u32
+    };
+    let egress = Syscall::from_u8(syscall).is_some_and(|s| s.direction() == Direction::Egress);
+    if let Some(lost) = LOST.get_ptr_mut(&conn_id) {
+        // SAFETY: map value pointer; a lost update under a race only
+        // shrinks the hole reported.
+        unsafe {
+            if egress {
+                (*lost).egress = (*lost).egress.saturating_add(bytes);
+            } else {
+                (*lost).ingress = (*lost).ingress.saturating_add(bytes);
+            }
+        }
+    } else {
+        let (egress, ingress) = if egress { (bytes, 0) } else { (0, bytes) };
+        let _ = LOST.insert(&conn_id, &Lost { egress, ingress }, 0);
+    }
+    if let Some(flag) = HOLES_WAITING.get_ptr_mut(0) {
+        // SAFETY: map value pointer.
+        unsafe { write_volatile(flag, 1) };
+    }
+}
+
+/// The connection closed: its hole, if any, is of no use any more.
+#[inline(always)]
+pub fn forget_lost(conn_id: u64) {
+    if holes_waiting() {
+        let _ = LOST.remove(&conn_id);
+    }
 }
 
 /// Whether the reader should be woken for a record of `len` bytes.

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 
-use crate::{KFUNC_ARGS, emit::output_record, process::selected, socket, syscalls};
+use crate::{KFUNC_ARGS, emit::output_data, process::selected, socket, syscalls};
 
 /// Reports `sent` bytes that `sk` sent outside a traced syscall.
 #[inline(always)]
@@ -35,7 +35,7 @@ fn on_send<C: EbpfContext>(ctx: &C, function: Syscall, sk: u64, sent: i64) {
     let Some(conn) = socket::lookup_sock(ctx, pid_tgid, sk) else {
         return;
     };
-    let event = DataEvent {
+    let mut event = DataEvent {
         header: socket::header(
             EventKind::Data,
             function as u8,
@@ -44,11 +44,9 @@ fn on_send<C: EbpfContext>(ctx: &C, function: Syscall, sk: u64, sent: i64) {
             conn.conn_id,
         ),
         total_bytes: sent as u64,
-        captured: 0,
-        unit_seq: 0,
-        unit: 0,
+        ..Default::default()
     };
-    output_record(ctx, &event);
+    output_data(ctx, &mut event, core::mem::size_of::<DataEvent>() as u64, 0);
 }
 
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`:

@@ -134,6 +134,17 @@ static TRACED_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0)
 #[map(name = "TRACED_COMMS")]
 static TRACED_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 
+/// conn_id → bytes of its data records the transport refused, until a
+/// record of it reports them (see `emit::output_data`).
+#[map(name = "LOST")]
+static LOST: LruHashMap<u64, emit::Lost> = LruHashMap::with_max_entries(16384, 0);
+
+/// Slot 0 is non-zero while LOST may hold an entry: records look there
+/// only then. Set by the kernel with each entry; cleared by the agent when
+/// it finds LOST empty.
+#[map(name = "HOLES_WAITING")]
+static HOLES_WAITING: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(agent_common::COUNTER_SLOTS, 0);
 

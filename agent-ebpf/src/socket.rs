@@ -22,7 +22,7 @@ use aya_ebpf::{
 
 use crate::{
     SOCK_CONNS, SOCKETS, config,
-    emit::{ScratchGuard, count, output_record},
+    emit::{ScratchGuard, count, forget_lost, output_record},
 };
 
 const S_IFMT: u16 = 0o170000;
@@ -458,6 +458,7 @@ pub fn forget<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
     let _ = SOCKETS.remove(&key);
     if info.state == SOCKET_TRACKED || info.state == SOCKET_MUTED {
         let _ = SOCK_CONNS.remove(&info.sk);
+        forget_lost(info.conn_id);
         let event = ConnCloseEvent {
             header: header(EventKind::ConnClose, 0, pid_tgid, fd, info.conn_id),
         };

@@ -22,7 +22,7 @@ use aya_ebpf::{
 
 use crate::{
     PENDING, config,
-    emit::{ScratchGuard, count, output},
+    emit::{ScratchGuard, count, note_lost, output_data},
     process::selected,
     runtime, socket, tls,
 };
@@ -322,7 +322,10 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         // Stamped as the socket send that carries it.
         tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),
     };
-    let mut guard = ScratchGuard::acquire().ok_or(())?;
+    let Some(mut guard) = ScratchGuard::acquire() else {
+        note_lost(conn_id, syscall, moved);
+        return Err(());
+    };
     let scratch = guard.get();
 
     let want = min(moved, u64::from(config!(capture_bytes)));
@@ -348,9 +351,10 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         captured: captured as u32,
         unit_seq,
         unit,
+        ..Default::default()
     };
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
-    output(ctx, (&raw const scratch.event).cast::<u8>(), len, captured);
+    output_data(ctx, &mut scratch.event, len, captured);
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use aya_ebpf::{
 
 use crate::{
     TLS_CALLS, TLS_LAYOUTS, TLS_SESSIONS,
-    emit::{ScratchGuard, count, output},
+    emit::{ScratchGuard, count, note_lost, output_data},
     process::selected,
     runtime, socket,
     syscalls::{SIZE_MASK, copy_user, mark_tls},
@@ -217,7 +217,10 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
     };
-    let mut guard = ScratchGuard::acquire().ok_or(())?;
+    let Some(mut guard) = ScratchGuard::acquire() else {
+        note_lost(conn.conn_id, call.syscall, moved);
+        return Err(());
+    };
     let scratch = guard.get();
     let want = if moved < u64::from(crate::config!(capture_bytes)) {
         moved
@@ -236,12 +239,13 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         captured: captured as u32,
         unit_seq,
         unit,
+        ..Default::default()
     };
     if call.ts_ns != 0 {
         scratch.event.header.ts_ns = call.ts_ns;
     }
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
-    output(ctx, (&raw const scratch.event).cast::<u8>(), len, captured);
+    output_data(ctx, &mut scratch.event, len, captured);
     Ok(())
 }
 

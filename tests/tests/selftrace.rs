@@ -13,8 +13,9 @@ use std::{
 
 use serde_json::Value;
 use zerotrace_tests::{
+    load::wrk,
     otlp::{Protocol, ReceivedSpan, Receiver, otel_python},
-    servers::{PythonApp, curl},
+    servers::{Nginx, PythonApp, curl},
     spans::*,
     *,
 };
@@ -537,6 +538,97 @@ fn tiny_flooded_buffers_report_losses_in_spans_and_metrics() {
         );
         assert!(agent_spans(&spans).len() > 3);
         drop(agent);
+    }
+}
+
+/// Records a full buffer refused leave holes in their connections'
+/// streams. The kernel tells the agent where (the next record of the
+/// connection carries the lost bytes), so a request whose response was
+/// lost ends unanswered instead of taking a later response: on each
+/// kept-alive connection, every answered server span ends before the next
+/// one begins.
+#[test]
+fn lost_records_never_pair_a_request_with_a_later_response() {
+    if !can_trace() {
+        return;
+    }
+    for transport in ["ringbuf", "perf"] {
+        let nginx = Nginx::start(9).unwrap();
+        let rx = Receiver::start(Protocol::Grpc).unwrap();
+        let port = free_port();
+        let agent = agent_for(
+            &rx,
+            &[
+                "--transport",
+                transport,
+                // One page: a burst of a few dozen records fills it.
+                "--buffer-size",
+                "4096",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ],
+        );
+        let load = wrk(&nginx.url("/a.txt"), 16, Duration::from_secs(3), &[]).unwrap();
+        assert!(load.requests > 1000, "{load:?}");
+        std::thread::sleep(Duration::from_secs(2));
+        let metrics = parse_prometheus(&get(port, "/metrics").1);
+        let spans = rx.spans();
+        drop(agent);
+        let lost = sample(
+            &metrics,
+            "zerotrace_events_lost_total",
+            Some(("transport", transport)),
+        );
+        let holes = sample(&metrics, "zerotrace_stream_holes_total", None);
+        assert!(lost > 0.0, "{transport}: nothing lost");
+        assert!(
+            holes > 0.0,
+            "{transport}: {lost} records lost, no hole reported"
+        );
+        let workers = nginx.workers();
+        let mut by_conn: BTreeMap<i64, Vec<&ReceivedSpan>> = BTreeMap::new();
+        for s in &spans {
+            let pid = s.resource.get("process.pid").and_then(Value::as_u64);
+            if s.kind == "SERVER" && pid.is_some_and(|p| workers.contains(&(p as u32))) {
+                let peer = s.attr_i64("network.peer.port").unwrap();
+                by_conn.entry(peer).or_default().push(s);
+            }
+        }
+        let mut answered = 0;
+        for (peer, mut list) in by_conn {
+            list.retain(|s| s.attr_str("error.type") != Some("no_response"));
+            list.sort_by_key(|s| s.start_ns);
+            for s in &list {
+                assert_eq!(
+                    s.attr_i64("http.response.status_code"),
+                    Some(200),
+                    "{}",
+                    s.brief()
+                );
+                assert_eq!(
+                    s.attr_i64("http.response.body.size"),
+                    Some(333),
+                    "{}",
+                    s.brief()
+                );
+            }
+            for pair in list.windows(2) {
+                assert!(
+                    pair[0].end_ns <= pair[1].start_ns,
+                    "{transport}, connection from port {peer}: a span ends {} ns after the \
+                     next one began:\n  {}\n  {}",
+                    pair[0].end_ns - pair[1].start_ns,
+                    pair[0].brief(),
+                    pair[1].brief()
+                );
+            }
+            answered += list.len();
+        }
+        eprintln!("{transport}: {lost} records lost, {holes} holes, {answered} answered spans");
+        assert!(
+            answered >= 100,
+            "{transport}: only {answered} answered spans"
+        );
     }
 }
 

@@ -58,6 +58,22 @@ pub struct Data<'a> {
     pub unit: u64,
     /// The thread's runtime switch counter then.
     pub unit_seq: u32,
+    /// Bytes of the connection's earlier records that were lost (the
+    /// transport refused them), just before these, by direction.
+    pub lost: Lost,
+}
+
+/// Bytes of a connection's records that the transport refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lost {
+    pub egress: u32,
+    pub ingress: u32,
+}
+
+impl Lost {
+    pub fn any(&self) -> bool {
+        self.egress != 0 || self.ingress != 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +155,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 payload: &rest[..captured],
                 unit: data.unit,
                 unit_seq: data.unit_seq,
+                lost: Lost {
+                    egress: data.lost_egress,
+                    ingress: data.lost_ingress,
+                },
             }))
         }
         EventKind::ConnOpen => {
@@ -211,8 +231,7 @@ pub(crate) mod tests {
             header: header(EventKind::Data, Syscall::Write as u8),
             total_bytes: 10,
             captured: 5,
-            unit_seq: 0,
-            unit: 0,
+            ..Default::default()
         };
         let mut bytes = as_bytes(&event);
         bytes.extend_from_slice(b"hello");
@@ -305,7 +324,7 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(DecodeError::Short { .. })));
         assert_eq!(
             decode(&as_bytes(&header(EventKind::Data, 99))[..]).unwrap_err(),
-            DecodeError::Short { len: 32, need: 56 }
+            DecodeError::Short { len: 32, need: 64 }
         );
         let mut bad = header(EventKind::ConnClose, 0);
         bad.kind = 77;
@@ -314,8 +333,7 @@ pub(crate) mod tests {
             header: header(EventKind::Data, Syscall::Read as u8),
             total_bytes: 100,
             captured: 64,
-            unit_seq: 0,
-            unit: 0,
+            ..Default::default()
         };
         assert!(matches!(
             decode(&as_bytes(&lying)),

@@ -5,7 +5,7 @@ pub mod event;
 pub mod reader;
 
 pub use endpoint::{EndId, Endpoint, UnixEnd};
-pub use event::{Data, DecodeError, Event, Open, decode};
+pub use event::{Data, DecodeError, Event, Lost, Open, decode};
 pub use reader::{Reader, ReaderStats};
 
 /// Now on the clock the kernel stamps records with (CLOCK_MONOTONIC, what

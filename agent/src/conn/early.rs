@@ -12,7 +12,7 @@ use std::{
 
 use agent_common::{Direction, EventHeader, Syscall};
 
-use crate::capture::Data;
+use crate::capture::{Data, Lost};
 
 /// Most data events held at once.
 pub const MAX_EVENTS: usize = 1024;
@@ -31,6 +31,7 @@ pub struct EarlyData {
     pub payload: Vec<u8>,
     pub unit: u64,
     pub unit_seq: u32,
+    pub lost: Lost,
 }
 
 impl EarlyData {
@@ -43,6 +44,7 @@ impl EarlyData {
             payload: &self.payload,
             unit: self.unit,
             unit_seq: self.unit_seq,
+            lost: self.lost,
         }
     }
 }
@@ -71,6 +73,7 @@ impl EarlyQueue {
                 payload: data.payload.to_vec(),
                 unit: data.unit,
                 unit_seq: data.unit_seq,
+                lost: data.lost,
             },
         ));
         true
@@ -133,6 +136,7 @@ mod tests {
             payload,
             unit: 0,
             unit_seq: 0,
+            lost: Default::default(),
         }
     }
 

@@ -192,6 +192,7 @@ mod tests {
             payload: b"",
             unit: 0,
             unit_seq: 0,
+            lost: Default::default(),
         };
         conn.count(&huge);
         conn.count(&huge);

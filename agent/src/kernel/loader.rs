@@ -18,7 +18,7 @@ use agent_common::{
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     programs::{
         ProgramError, ProgramInfo, RawTracePoint, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
@@ -741,6 +741,42 @@ impl Probes {
             tls_calls_full: at(Counter::TlsCallsFull),
             muted_calls: at(Counter::MutedCalls),
         })
+    }
+
+    /// Clears the kernel's flag that makes every data record look for an
+    /// unreported hole of its connection, once no hole waits. Kernel
+    /// programs add an entry to LOST, then set the flag: an entry added
+    /// between the two looks here is seen by the second, one added after it
+    /// sets the flag again; either way no hole is left unlooked-for.
+    pub fn clear_holes_flag(&mut self) {
+        let Some(map) = self.ebpf.map_mut(maps::HOLES_WAITING) else {
+            return;
+        };
+        let Ok(flag) = Array::<_, u32>::try_from(map) else {
+            return;
+        };
+        if flag.get(&0, 0).unwrap_or(0) == 0 {
+            return;
+        }
+        let lost_empty = |ebpf: &aya::Ebpf| {
+            ebpf.map(maps::LOST)
+                .and_then(|m| BpfHashMap::<_, u64, [u32; 2]>::try_from(m).ok())
+                .is_some_and(|m| m.keys().next().is_none())
+        };
+        if !lost_empty(&self.ebpf) {
+            return;
+        }
+        let set = |ebpf: &mut aya::Ebpf, value: u32| {
+            if let Some(map) = ebpf.map_mut(maps::HOLES_WAITING)
+                && let Ok(mut flag) = Array::<_, u32>::try_from(map)
+            {
+                let _ = flag.set(0, value, 0);
+            }
+        };
+        set(&mut self.ebpf, 0);
+        if !lost_empty(&self.ebpf) {
+            set(&mut self.ebpf, 1);
+        }
     }
 
     /// Stops the kernel copying the data of connection `conn_id` on

@@ -60,6 +60,7 @@ impl Source for Kernel<'_> {
 
     fn reap(&mut self, alive: impl Fn(u32) -> bool + Copy, changed: &mut impl FnMut(Change)) {
         self.followers.reap(alive, self.probes, changed);
+        self.probes.clear_holes_flag();
     }
 }
 

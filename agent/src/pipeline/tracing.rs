@@ -94,6 +94,7 @@ impl<'a> Tracing<'a> {
             tls_connections_unread: self.tracer.stats.connections_tls_unread,
             connections_muted: self.muted,
             muted_calls: s.kernel.muted_calls,
+            stream_holes: self.tracer.stats.stream_holes,
             programs: pipeline
                 .probes
                 .program_stats()

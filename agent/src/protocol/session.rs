@@ -189,6 +189,19 @@ impl Session {
         self.feed_clear(dir, at, bytes, missing, out);
     }
 
+    /// Bytes in `dir` that were lost before the next ones fed (the
+    /// transport refused their records): the parser skips them as it skips
+    /// bytes a syscall moved beyond the capture, or loses track and hunts
+    /// for the next message. `at` is the moment to end a message cut by
+    /// the hole, the last one seen before it: a lower bound, so the span
+    /// stays within what really happened. Lost ciphertext changes nothing.
+    pub fn lost(&mut self, dir: Direction, at: Moment, bytes: u64, out: &mut Vec<Event>) {
+        if bytes == 0 || self.tls == Tls::Ciphertext {
+            return;
+        }
+        self.feed_clear(dir, at, &[], bytes, out);
+    }
+
     /// Whether a TLS record may begin here: before any clear text in
     /// `dir`, or where the protocol agreed to switch to TLS.
     fn tls_may_start(&self, dir: Direction) -> bool {

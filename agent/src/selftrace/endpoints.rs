@@ -94,6 +94,8 @@ pub struct MetricsSnapshot {
     /// trace what they carry, and the socket calls it skipped for them.
     pub connections_muted: u64,
     pub muted_calls: u64,
+    /// Records that came after lost records of their own connection.
+    pub stream_holes: u64,
     /// Per loaded eBPF program.
     pub programs: Vec<ProgramRun>,
 }
@@ -426,7 +428,7 @@ impl Collector for SnapshotCollector {
         let s = &self.0;
         let transport = [("transport", s.transport)];
         #[rustfmt::skip]
-        let plain: [(&str, &str, MetricType, &Labels, u64); 11] = [
+        let plain: [(&str, &str, MetricType, &Labels, u64); 12] = [
             ("zerotrace_events_total", "Records read from the kernel-to-user transport.", Counter, &transport, s.events),
             ("zerotrace_event_bytes_total", "Bytes of records read from the kernel-to-user transport.", Counter, &transport, s.bytes),
             ("zerotrace_events_lost_total", "Events lost between kernel and agent: failed buffer reserves and perf-reported losses.", Counter, &transport, s.lost),
@@ -438,6 +440,7 @@ impl Collector for SnapshotCollector {
             ("zerotrace_connections_open", "Connections being traced.", Gauge, &[], s.connections_open),
             ("zerotrace_connections_muted_total", "Connections the kernel stopped copying: their protocol is unknown, or their process is excluded.", Counter, &[], s.connections_muted),
             ("zerotrace_muted_calls_total", "Socket calls of muted connections the kernel did not copy.", Counter, &[], s.muted_calls),
+            ("zerotrace_stream_holes_total", "Holes in connections' streams left by lost records: the messages they cut end early or unanswered instead of pairing with later ones.", Counter, &[], s.stream_holes),
         ];
         for (name, help, kind, labels, value) in plain {
             let mut metric = describe(&mut encoder, name, help, kind)?;
@@ -702,6 +705,7 @@ mod tests {
             tls_connections_unread: 1014,
             connections_muted: 1015,
             muted_calls: 1016,
+            stream_holes: 1017,
             programs: vec![
                 ProgramRun {
                     program: "sys_exit_read".into(),
@@ -793,6 +797,7 @@ mod tests {
 
         assert_eq!(value("zerotrace_connections_muted_total", &[]), 1015.0);
         assert_eq!(value("zerotrace_muted_calls_total", &[]), 1016.0);
+        assert_eq!(value("zerotrace_stream_holes_total", &[]), 1017.0);
 
         let read = [("program", "sys_exit_read"), ("kind", "tracepoint")];
         let odd = [("program", r#"odd "name" \ here"#), ("kind", "fentry")];
@@ -810,7 +815,7 @@ mod tests {
         );
         assert!(!text.contains("nanoseconds"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("{}"), "{text}");
-        assert_eq!(samples.len(), 20, "{text}");
+        assert_eq!(samples.len(), 21, "{text}");
 
         // A new snapshot replaces the old one.
         state.update(MetricsSnapshot {
@@ -830,7 +835,7 @@ mod tests {
     fn every_snapshot_renders_a_valid_exposition() {
         let empty = render_metrics(MetricsSnapshot::default()).unwrap();
         let samples = check_exposition(&empty).unwrap_or_else(|e| panic!("{e}\n{empty}"));
-        assert_eq!(samples.len(), 16, "{empty}");
+        assert_eq!(samples.len(), 17, "{empty}");
         assert!(
             !empty.contains("bpf_program"),
             "no programs, no program families:\n{empty}"

@@ -133,6 +133,9 @@ pub struct TraceStats {
     /// is not followed): nothing of them was traced.
     pub connections_tls_unread: u64,
     pub connections_ignored: u64,
+    /// Records that came after lost records of their own connection (the
+    /// transport refused those): a hole the parser skipped or resynced at.
+    pub stream_holes: u64,
 }
 
 /// Most connections waiting to be muted between two rounds of the loop.
@@ -374,7 +377,7 @@ impl Tracer {
                     tid: data.header.tid,
                     unit: data.unit,
                 };
-                state.last = at;
+                let before = std::mem::replace(&mut state.last, at);
                 self.io = at;
                 if self.ownership.follows_at(conn.tgid, at.ts_ns) {
                     let unit = UnitAt {
@@ -387,6 +390,18 @@ impl Tracer {
                 }
                 let missing = data.total_bytes.saturating_sub(data.payload.len() as u64);
                 let mut events = std::mem::take(&mut self.events);
+                if data.lost.any() {
+                    // A hole just before these bytes; what it cuts ends at
+                    // the last moment seen before it.
+                    let cut = if before.ts_ns == 0 { at } else { before };
+                    for (dir, bytes) in [
+                        (Direction::Egress, data.lost.egress),
+                        (Direction::Ingress, data.lost.ingress),
+                    ] {
+                        state.session.lost(dir, cut, u64::from(bytes), &mut events);
+                    }
+                    self.stats.stream_holes += 1;
+                }
                 if data.syscall.is_tls() {
                     state.session.feed_plaintext(
                         data.direction,
@@ -1064,7 +1079,7 @@ fn clock_offset() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::Data;
+    use crate::capture::{Data, Lost};
     use agent_common::{EventHeader, Role, Syscall};
     use std::sync::mpsc::Receiver;
 
@@ -1112,6 +1127,19 @@ mod tests {
         unit: UnitAt,
         bytes: &[u8],
     ) {
+        record_after(t, c, (tid, ts), syscall, unit, bytes, Lost::default());
+    }
+
+    /// [`record`], reporting that `lost` bytes of `c` went missing before it.
+    fn record_after(
+        t: &mut Tracer,
+        c: &Connection,
+        (tid, ts): (u32, u64),
+        syscall: Syscall,
+        unit: UnitAt,
+        bytes: &[u8],
+        lost: Lost,
+    ) {
         let d = Data {
             header: EventHeader {
                 tgid: c.tgid,
@@ -1126,6 +1154,7 @@ mod tests {
             payload: bytes,
             unit: unit.unit,
             unit_seq: unit.seq,
+            lost,
         };
         t.on_record(Record::Data(Some(c), &d));
     }
@@ -1161,6 +1190,123 @@ mod tests {
             data(&mut t, s, 11, 400, Syscall::Write, RESP);
         }
         (exported(&mut t, &rx), call)
+    }
+
+    /// A response the transport lost does not give the request before it
+    /// the next one's end: the record after the hole says it is there.
+    #[test]
+    fn a_lost_response_leaves_its_request_unanswered_not_paired_with_the_next() {
+        let resp_b: &[u8] = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
+        let (mut t, rx) = tracer();
+        let s = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
+        t.on_record(Record::Opened(&s));
+        data(
+            &mut t,
+            &s,
+            11,
+            100,
+            Syscall::Read,
+            b"GET /a HTTP/1.1\r\n\r\n",
+        );
+        // The response to /a (RESP, written at 200) was lost.
+        let hole = Lost {
+            egress: RESP.len() as u32,
+            ingress: 0,
+        };
+        let req_b = b"GET /b HTTP/1.1\r\n\r\n";
+        let at = (11, 300);
+        record_after(
+            &mut t,
+            &s,
+            at,
+            Syscall::Read,
+            UnitAt::default(),
+            req_b,
+            hole,
+        );
+        data(&mut t, &s, 11, 400, Syscall::Write, resp_b);
+        let spans = exported(&mut t, &rx);
+        let target = |x: &ExportSpan| {
+            x.span
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "url.path")
+                .map(|kv| kv.value.to_string())
+        };
+        let a = spans.iter().find(|x| target(x).as_deref() == Some("/a"));
+        let b = spans.iter().find(|x| target(x).as_deref() == Some("/b"));
+        let (a, b) = (a.expect("span of /a"), b.expect("span of /b"));
+        let status = |x: &ExportSpan| {
+            x.span
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "http.response.status_code")
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(status(a), None, "{:?}", a.span);
+        assert_eq!(status(b).as_deref(), Some("201"), "{:?}", b.span);
+        assert_eq!(t.stats.stream_holes, 1);
+    }
+
+    /// A response whose body was lost ends at the last moment seen before
+    /// the hole, and the next exchange pairs as usual.
+    #[test]
+    fn a_hole_in_a_body_ends_the_response_before_it() {
+        let (mut t, rx) = tracer();
+        let s = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
+        t.on_record(Record::Opened(&s));
+        data(
+            &mut t,
+            &s,
+            11,
+            100,
+            Syscall::Read,
+            b"GET /a HTTP/1.1\r\n\r\n",
+        );
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        data(&mut t, &s, 11, 200, Syscall::Write, head);
+        // The body's record (10 bytes, at 250) was lost.
+        let hole = Lost {
+            egress: 10,
+            ingress: 0,
+        };
+        let req_b = b"GET /b HTTP/1.1\r\n\r\n";
+        let at = (11, 900);
+        record_after(
+            &mut t,
+            &s,
+            at,
+            Syscall::Read,
+            UnitAt::default(),
+            req_b,
+            hole,
+        );
+        data(&mut t, &s, 11, 1000, Syscall::Write, RESP);
+        let spans = exported(&mut t, &rx);
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        let ends: Vec<u64> = spans
+            .iter()
+            .map(|x| {
+                x.span
+                    .end_time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            .collect();
+        let starts: Vec<u64> = spans
+            .iter()
+            .map(|x| {
+                x.span
+                    .start_time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            .collect();
+        // Durations: /a ran 100..200 (not 100..900), /b 900..1000.
+        assert_eq!(ends[0] - starts[0], 100, "{spans:?}");
+        assert_eq!(ends[1] - starts[1], 100, "{spans:?}");
     }
 
     #[test]
