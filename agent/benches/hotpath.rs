@@ -343,8 +343,7 @@ impl Records {
             header: self.header(EventKind::Data, syscall as u8, ts_ns),
             total_bytes: payload.len() as u64,
             captured: payload.len() as u32,
-            unit_seq: 0,
-            unit: 0,
+            ..DataEvent::default()
         });
         r.extend_from_slice(payload);
         // Ring buffer records are 8-byte aligned.
