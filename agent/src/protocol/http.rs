@@ -283,6 +283,11 @@ pub struct Exchange {
     /// head per request.
     pub request: Arc<Request>,
     pub response: Option<Response>,
+    /// Without a response because the response direction had lost track
+    /// (bytes it could not frame, records the transport lost) while this
+    /// request waited: it was most likely answered in what went unseen.
+    /// The moment is the last one seen before that, where the span ends.
+    pub response_lost: Option<Moment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -510,6 +515,8 @@ pub struct HttpConn {
     /// Requests at the front of `pending` whose responses may have passed while the
     /// response direction had lost track; they end unanswered when it resyncs.
     stale: u64,
+    /// The last moment seen before the response direction skipped bytes.
+    stale_at: Moment,
     next_seq: u64,
     counters: HttpCounters,
     undecided_bytes: u64,
@@ -554,6 +561,7 @@ impl HttpConn {
             pending: VecDeque::new(),
             queued: 0,
             stale: 0,
+            stale_at: Moment::default(),
             next_seq: 0,
             counters: HttpCounters::default(),
             undecided_bytes: 0,
@@ -624,6 +632,7 @@ impl HttpConn {
                 out.push(HttpEvent::Exchange(Exchange {
                     request,
                     response: Some(response),
+                    response_lost: None,
                 }));
             }
         }
@@ -669,7 +678,7 @@ impl HttpConn {
                     side.begin(at, true);
                     0
                 } else {
-                    self.skipped(i);
+                    self.skipped(i, at);
                     data.len()
                 }
             }
@@ -825,7 +834,7 @@ impl HttpConn {
         if side.tentative {
             side.reset_buf();
             side.phase = Phase::Lost;
-            self.skipped(i);
+            self.skipped(i, at);
         } else if self.detection == Detection::Undecided {
             self.not_http(out);
         } else {
@@ -992,6 +1001,7 @@ impl HttpConn {
             out.push(HttpEvent::Exchange(Exchange {
                 request,
                 response: Some(response),
+                response_lost: None,
             }));
         }
     }
@@ -1144,7 +1154,7 @@ impl HttpConn {
     fn gap(&mut self, i: usize, at: Moment, missing: u64, out: &mut Vec<HttpEvent>) {
         match self.sides[i].phase {
             Phase::Off => {}
-            Phase::Lost => self.skipped(i),
+            Phase::Lost => self.skipped(i, at),
             // Bytes we never saw: a close-delimited body just counts them.
             Phase::UntilClose => self.add_body(i, missing),
             Phase::Start => self.lose_sync(i, at, out),
@@ -1206,11 +1216,12 @@ impl HttpConn {
             out.push(HttpEvent::Exchange(Exchange {
                 request,
                 response: Some(response),
+                response_lost: None,
             }));
         } else {
             // Lost at the start of a response (or before one could be read): it
             // answered a queued request.
-            self.skipped(i);
+            self.skipped(i, at);
         }
         let side = &mut self.sides[i];
         side.phase = Phase::Lost;
@@ -1224,8 +1235,9 @@ impl HttpConn {
 
     /// Response bytes of side `i` went by unread: every request queued now may have
     /// been answered by them.
-    fn skipped(&mut self, i: usize) {
+    fn skipped(&mut self, i: usize, at: Moment) {
         if self.sides[i].role == Role::Responses {
+            self.stale_at = at;
             self.stale = self
                 .pending
                 .iter()
@@ -1258,9 +1270,11 @@ impl HttpConn {
                     if let Some(Slot::Req(request)) = self.pending.pop_front() {
                         self.queued -= 1;
                         self.counters.unanswered += 1;
+                        let lost = self.lost_end(&request);
                         out.push(HttpEvent::Exchange(Exchange {
                             request,
                             response: None,
+                            response_lost: Some(lost),
                         }));
                     }
                     self.stale -= 1;
@@ -1270,18 +1284,47 @@ impl HttpConn {
         }
     }
 
+    /// Ends every waiting request unanswered; those whose responses may have
+    /// gone by unseen (`stale`) say so.
     fn flush_pending(&mut self, out: &mut Vec<HttpEvent>) {
-        self.stale = 0;
-        for slot in self.pending.drain(..) {
-            if let Slot::Req(request) = slot {
-                self.counters.unanswered += 1;
-                out.push(HttpEvent::Exchange(Exchange {
-                    request,
-                    response: None,
-                }));
+        let mut stale = std::mem::take(&mut self.stale);
+        while let Some(slot) = self.pending.pop_front() {
+            match slot {
+                Slot::Req(request) => {
+                    self.counters.unanswered += 1;
+                    let lost = (stale > 0).then(|| self.lost_end(&request));
+                    out.push(HttpEvent::Exchange(Exchange {
+                        request,
+                        response: None,
+                        response_lost: lost,
+                    }));
+                    stale = stale.saturating_sub(1);
+                }
+                Slot::Dropped(n) => stale = stale.saturating_sub(n),
             }
         }
         self.queued = 0;
+    }
+
+    /// Where a request whose response went unseen ends: the last moment
+    /// seen before the skip, but not after the next request began (unless
+    /// pipelined, a response precedes the next request), nor before its own
+    /// start. Called with `request` just taken from the front of `pending`.
+    fn lost_end(&self, request: &Request) -> Moment {
+        let next = self.pending.iter().find_map(|slot| match slot {
+            Slot::Req(next) => Some(next.start),
+            Slot::Dropped(_) => None,
+        });
+        let mut end = self.stale_at;
+        if let Some(next) = next
+            && next.ts_ns < end.ts_ns
+        {
+            end = next;
+        }
+        if end.ts_ns < request.start.ts_ns {
+            end = request.start;
+        }
+        end
     }
 
     fn not_http(&mut self, out: &mut Vec<HttpEvent>) {
@@ -2582,6 +2625,12 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("/a".to_owned(), false), ("/b".to_owned(), true)]);
         assert_eq!(conn.counters().unanswered, 1);
+        // /a's response went by unseen, at the garbage's moment.
+        let lost: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| x.response_lost.is_some())
+            .collect();
+        assert_eq!(lost, vec![true, false]);
 
         // Mid-stream with pipelining: nothing was skipped after the requests were
         // queued, so both pair.

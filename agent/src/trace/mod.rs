@@ -875,7 +875,11 @@ impl Tracer {
 
     fn finish_http(&mut self, conn: &Connection, exchange: Exchange) {
         let start_ns = exchange.request.start.ts_ns;
-        let end_ns = exchange.response.as_ref().map(|r| r.end.ts_ns);
+        let end_ns = exchange
+            .response
+            .as_ref()
+            .map(|r| r.end.ts_ns)
+            .or(exchange.response_lost.map(|at| at.ts_ns));
         let routes = Arc::clone(&self.opts.routes);
         let at = self.endpoints(conn);
         self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| {
@@ -1245,6 +1249,15 @@ mod tests {
         };
         assert_eq!(status(a), None, "{:?}", a.span);
         assert_eq!(status(b).as_deref(), Some("201"), "{:?}", b.span);
+        // Not an error of the application: the response went unseen.
+        let has =
+            |x: &ExportSpan, key: &str| x.span.attributes.iter().any(|kv| kv.key.as_str() == key);
+        assert!(has(a, "zerotrace.response.lost"), "{:?}", a.span);
+        assert!(!has(a, "error.type"), "{:?}", a.span);
+        assert_eq!(a.span.status, opentelemetry::trace::Status::Unset);
+        // It ends where the capture last saw the connection before the
+        // hole (its own request), not at the next response.
+        assert!(a.span.end_time < b.span.start_time, "{:?}", a.span);
         assert_eq!(t.stats.stream_holes, 1);
     }
 

@@ -253,8 +253,13 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
                 status = Status::error("");
             }
         }
+        // The response went by in what the capture did not see: most
+        // likely answered, so no error is claimed, only that it is unknown.
+        None if exchange.response_lost.is_some() => {
+            attrs.push(KeyValue::new("zerotrace.response.lost", true));
+        }
         None => {
-            // The connection closed (or capture lost track) before a response.
+            // The connection closed before a response.
             attrs.push(KeyValue::new("error.type", "no_response"));
             status = Status::error("no response before the connection closed");
         }
@@ -370,6 +375,7 @@ mod tests {
 
     fn exchange(method: &str, target: &str, status: Option<u16>) -> Exchange {
         Exchange {
+            response_lost: None,
             request: Arc::new(Request {
                 method: method.to_owned().into(),
                 target: target.into(),
