@@ -175,6 +175,13 @@ pub fn request_id(span: &ReceivedSpan) -> Option<u64> {
     None
 }
 
+/// A span without a response seen (none came, or it went by unseen) has
+/// no known end: its place within its parent cannot be judged.
+fn unknown_end(span: &ReceivedSpan) -> bool {
+    span.attr_str("error.type") == Some("no_response")
+        || span.attributes.get("zerotrace.response.lost") == Some(&serde_json::Value::Bool(true))
+}
+
 fn pid_of(span: &ReceivedSpan) -> Option<u64> {
     span.resource.get("process.pid")?.as_u64()
 }
@@ -261,8 +268,8 @@ pub fn containment(spans: &[ReceivedSpan]) -> Containment {
         };
         if parent.kind != "CLIENT"
             || pid_of(parent) == pid_of(span)
-            || parent.attr_str("error.type") == Some("no_response")
-            || span.attr_str("error.type") == Some("no_response")
+            || unknown_end(parent)
+            || unknown_end(span)
         {
             continue;
         }

@@ -1306,25 +1306,40 @@ impl HttpConn {
         self.queued = 0;
     }
 
-    /// Where a request whose response went unseen ends: the last moment
-    /// seen before the skip, but not after the next request began (unless
-    /// pipelined, a response precedes the next request), nor before its own
-    /// start. Called with `request` just taken from the front of `pending`.
+    /// Where a request whose response went unseen ends; never before its
+    /// own start. Called with `request` just taken from `pending`.
+    ///
+    /// The true end is unknown, so the bound is chosen to keep the trace
+    /// tree whole. A server's request ends at the last moment seen before
+    /// the skip, but not after the next request began: early, within its
+    /// caller's span. A client's call ends when its next call began, or at
+    /// the last moment seen on the connection: late, around what it called.
     fn lost_end(&self, request: &Request) -> Moment {
         let next = self.pending.iter().find_map(|slot| match slot {
             Slot::Req(next) => Some(next.start),
             Slot::Dropped(_) => None,
         });
-        let mut end = self.stale_at;
-        if let Some(next) = next
-            && next.ts_ns < end.ts_ns
-        {
-            end = next;
-        }
+        let client = self.sides[index(Direction::Egress)].role == Role::Requests;
+        let end = if client {
+            next.unwrap_or_else(|| {
+                let [a, b] = &self.sides;
+                if a.last.ts_ns >= b.last.ts_ns {
+                    a.last
+                } else {
+                    b.last
+                }
+            })
+        } else {
+            match next {
+                Some(next) if next.ts_ns < self.stale_at.ts_ns => next,
+                _ => self.stale_at,
+            }
+        };
         if end.ts_ns < request.start.ts_ns {
-            end = request.start;
+            request.start
+        } else {
+            end
         }
-        end
     }
 
     fn not_http(&mut self, out: &mut Vec<HttpEvent>) {
@@ -2625,12 +2640,30 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("/a".to_owned(), false), ("/b".to_owned(), true)]);
         assert_eq!(conn.counters().unanswered, 1);
-        // /a's response went by unseen, at the garbage's moment.
+        // /a's response went by unseen. On this client end, /a ends late,
+        // when /b began (moment 3), around whatever /a called.
         let lost: Vec<_> = exchanges(&out)
             .iter()
-            .map(|x| x.response_lost.is_some())
+            .map(|x| x.response_lost.map(|m| m.ts_ns))
             .collect();
-        assert_eq!(lost, vec![true, false]);
+        assert_eq!(lost, vec![Some(3), None]);
+        // On a server's end it ends early, at the last moment seen before
+        // the skip (the garbage, moment 2), within its caller's span.
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (I, REQ, 0),
+                (E, b"\x00garbage", 0),
+                (I, b"GET /b HTTP/1.1\r\n\r\n", 0),
+                (E, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+            ],
+        );
+        let lost: Vec<_> = exchanges(&out)
+            .iter()
+            .map(|x| x.response_lost.map(|m| m.ts_ns))
+            .collect();
+        assert_eq!(lost, vec![Some(2), None]);
 
         // Mid-stream with pipelining: nothing was skipped after the requests were
         // queued, so both pair.
