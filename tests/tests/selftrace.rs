@@ -552,7 +552,9 @@ fn lost_records_never_pair_a_request_with_a_later_response() {
     if !can_trace() {
         return;
     }
-    for transport in ["ringbuf", "perf"] {
+    // One page of ring; four pages per CPU of perf buffer, where one page
+    // could drop every record of a busy host's run, opens included.
+    for (transport, size) in [("ringbuf", "4096"), ("perf", "16384")] {
         let nginx = Nginx::start(9).unwrap();
         let rx = Receiver::start(Protocol::Grpc).unwrap();
         let port = free_port();
@@ -561,9 +563,9 @@ fn lost_records_never_pair_a_request_with_a_later_response() {
             &[
                 "--transport",
                 transport,
-                // One page: a burst of a few dozen records fills it.
+                // A burst of a few dozen records fills it.
                 "--buffer-size",
-                "4096",
+                size,
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ],
@@ -613,12 +615,12 @@ fn lost_records_never_pair_a_request_with_a_later_response() {
                     "{}",
                     s.brief()
                 );
-                assert_eq!(
-                    s.attr_i64("http.response.body.size"),
-                    Some(333),
-                    "{}",
-                    s.brief()
-                );
+                // The body, where it was seen: a connection may close
+                // between a response's head and its body when wrk stops, or
+                // right after the body's record was lost (a close carries
+                // no hole).
+                let body = s.attr_i64("http.response.body.size");
+                assert!(matches!(body, None | Some(333)), "{}", s.brief());
             }
             for pair in list.windows(2) {
                 assert!(
