@@ -1196,6 +1196,24 @@ mod tests {
         (exported(&mut t, &rx), call)
     }
 
+    /// A server's read of `bytes` at `ts` on thread 11, after `egress`
+    /// bytes of the connection were lost.
+    fn read_after_hole(t: &mut Tracer, c: &Connection, ts: u64, bytes: &[u8], egress: u32) {
+        let hole = Lost { egress, ingress: 0 };
+        let at = (11, ts);
+        record_after(t, c, at, Syscall::Read, UnitAt::default(), bytes, hole);
+    }
+
+    /// An attribute's value as text.
+    fn attr(x: &ExportSpan, key: &str) -> Option<String> {
+        let kv = x.span.attributes.iter().find(|kv| kv.key.as_str() == key);
+        kv.map(|kv| kv.value.to_string())
+    }
+
+    fn nanos(t: std::time::SystemTime) -> u64 {
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+
     /// A response the transport lost does not give the request before it
     /// the next one's end: the record after the hole says it is there.
     #[test]
@@ -1213,47 +1231,30 @@ mod tests {
             b"GET /a HTTP/1.1\r\n\r\n",
         );
         // The response to /a (RESP, written at 200) was lost.
-        let hole = Lost {
-            egress: RESP.len() as u32,
-            ingress: 0,
-        };
-        let req_b = b"GET /b HTTP/1.1\r\n\r\n";
-        let at = (11, 300);
-        record_after(
+        read_after_hole(
             &mut t,
             &s,
-            at,
-            Syscall::Read,
-            UnitAt::default(),
-            req_b,
-            hole,
+            300,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            RESP.len() as u32,
         );
         data(&mut t, &s, 11, 400, Syscall::Write, resp_b);
         let spans = exported(&mut t, &rx);
-        let target = |x: &ExportSpan| {
-            x.span
-                .attributes
+        let path = |p: &str| {
+            spans
                 .iter()
-                .find(|kv| kv.key.as_str() == "url.path")
-                .map(|kv| kv.value.to_string())
+                .find(|x| attr(x, "url.path").as_deref() == Some(p))
         };
-        let a = spans.iter().find(|x| target(x).as_deref() == Some("/a"));
-        let b = spans.iter().find(|x| target(x).as_deref() == Some("/b"));
-        let (a, b) = (a.expect("span of /a"), b.expect("span of /b"));
-        let status = |x: &ExportSpan| {
-            x.span
-                .attributes
-                .iter()
-                .find(|kv| kv.key.as_str() == "http.response.status_code")
-                .map(|kv| kv.value.to_string())
-        };
+        let (a, b) = (
+            path("/a").expect("span of /a"),
+            path("/b").expect("span of /b"),
+        );
+        let status = |x: &ExportSpan| attr(x, "http.response.status_code");
         assert_eq!(status(a), None, "{:?}", a.span);
         assert_eq!(status(b).as_deref(), Some("201"), "{:?}", b.span);
         // Not an error of the application: the response went unseen.
-        let has =
-            |x: &ExportSpan, key: &str| x.span.attributes.iter().any(|kv| kv.key.as_str() == key);
-        assert!(has(a, "zerotrace.response.lost"), "{:?}", a.span);
-        assert!(!has(a, "error.type"), "{:?}", a.span);
+        assert!(attr(a, "zerotrace.response.lost").is_some(), "{:?}", a.span);
+        assert!(attr(a, "error.type").is_none(), "{:?}", a.span);
         assert_eq!(a.span.status, opentelemetry::trace::Status::Unset);
         // It ends where the capture last saw the connection before the
         // hole (its own request), not at the next response.
@@ -1279,47 +1280,14 @@ mod tests {
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
         data(&mut t, &s, 11, 200, Syscall::Write, head);
         // The body's record (10 bytes, at 250) was lost.
-        let hole = Lost {
-            egress: 10,
-            ingress: 0,
-        };
-        let req_b = b"GET /b HTTP/1.1\r\n\r\n";
-        let at = (11, 900);
-        record_after(
-            &mut t,
-            &s,
-            at,
-            Syscall::Read,
-            UnitAt::default(),
-            req_b,
-            hole,
-        );
+        read_after_hole(&mut t, &s, 900, b"GET /b HTTP/1.1\r\n\r\n", 10);
         data(&mut t, &s, 11, 1000, Syscall::Write, RESP);
         let spans = exported(&mut t, &rx);
         assert_eq!(spans.len(), 2, "{spans:?}");
-        let ends: Vec<u64> = spans
-            .iter()
-            .map(|x| {
-                x.span
-                    .end_time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            .collect();
-        let starts: Vec<u64> = spans
-            .iter()
-            .map(|x| {
-                x.span
-                    .start_time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            .collect();
+        let took = |x: &ExportSpan| nanos(x.span.end_time) - nanos(x.span.start_time);
         // Durations: /a ran 100..200 (not 100..900), /b 900..1000.
-        assert_eq!(ends[0] - starts[0], 100, "{spans:?}");
-        assert_eq!(ends[1] - starts[1], 100, "{spans:?}");
+        assert_eq!(took(&spans[0]), 100, "{spans:?}");
+        assert_eq!(took(&spans[1]), 100, "{spans:?}");
     }
 
     #[test]
