@@ -552,8 +552,9 @@ fn lost_records_never_pair_a_request_with_a_later_response() {
     if !can_trace() {
         return;
     }
-    // One page of ring; four pages per CPU of perf buffer, where one page
-    // could drop every record of a busy host's run, opens included.
+    // One page of ring, which a burst of a few dozen records fills; four
+    // pages per CPU of perf buffer, where one page could drop every record
+    // of a busy host's run, opens included.
     for (transport, size) in [("ringbuf", "4096"), ("perf", "16384")] {
         let nginx = Nginx::start(9).unwrap();
         let rx = Receiver::start(Protocol::Grpc).unwrap();
@@ -563,7 +564,6 @@ fn lost_records_never_pair_a_request_with_a_later_response() {
             &[
                 "--transport",
                 transport,
-                // A burst of a few dozen records fills it.
                 "--buffer-size",
                 size,
                 "--listen",

@@ -1331,12 +1331,7 @@ mod tests {
             server.span_context.trace_id()
         );
         // Tenant attributes flow down to the child.
-        assert!(
-            call.span
-                .attributes
-                .iter()
-                .any(|kv| kv.key.as_str() == "tenant.id")
-        );
+        assert!(attr(&call, "tenant.id").is_some());
     }
 
     #[test]
@@ -1738,20 +1733,13 @@ mod tests {
                 client.span.span_context.span_id(),
                 "{p}"
             );
-            let get = |s: &ExportSpan, k: &str| {
-                s.span
-                    .attributes
-                    .iter()
-                    .find(|kv| kv.key.as_str() == k)
-                    .map(|kv| kv.value.to_string())
-            };
-            assert_eq!(get(server, "network.transport").as_deref(), Some("unix"));
+            assert_eq!(attr(server, "network.transport").as_deref(), Some("unix"));
             assert_eq!(
-                get(server, "server.address").as_deref(),
+                attr(server, "server.address").as_deref(),
                 Some("/run/app.sock")
             );
             assert_eq!(
-                get(client, "server.address").as_deref(),
+                attr(client, "server.address").as_deref(),
                 Some("/run/app.sock")
             );
         }
