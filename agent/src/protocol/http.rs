@@ -8,8 +8,8 @@
 //!
 //! Each direction is a small state machine (start → head → body) that works
 //! on whatever piece of a message a syscall carries: heads are buffered (at
-//! most `max_head_bytes`, and only when a head spans syscalls) and parsed with
-//! `httparse`; bodies are only counted, never copied; chunked framing is
+//! most `max_head_bytes`, and only when a head spans syscalls) and read in
+//! one pass for the fields spans and framing need; bodies are only counted, never copied; chunked framing is
 //! decoded byte by byte except for the chunk data, which is skipped in bulk.
 //! When a direction loses track (a capture gap inside a head or chunk framing,
 //! bytes that are not what HTTP allows there) it resynchronises on the next
@@ -20,8 +20,10 @@
 //! the last request's Host, User-Agent and kept header values (capped), which
 //! the next request shares when it repeats them.
 
-use std::sync::Arc;
-use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
+use std::sync::{Arc, LazyLock};
+use std::{borrow::Cow, collections::VecDeque};
+
+use memchr::memmem;
 
 use agent_common::Direction;
 
@@ -37,8 +39,6 @@ const MAX_CHUNK_LINE: u32 = 4096;
 /// While a start line is incomplete it is re-checked on every piece up to this
 /// many buffered bytes, later only when a line ends or the buffer is full.
 const EAGER_CHECK: usize = 64;
-/// Headers parsed with a stack array; heads with more get a heap array.
-const STACK_HEADERS: usize = 64;
 
 /// Methods accepted in a request line (RFC 9110, RFC 5789, RFC 4918).
 const METHODS: &[&str] = &[
@@ -212,8 +212,8 @@ impl RawHost {
         })
     }
 
-    fn is(&self, text: &str) -> bool {
-        self.bytes[..usize::from(self.len)] == *text.as_bytes()
+    fn is(&self, text: &[u8]) -> bool {
+        self.bytes[..usize::from(self.len)] == *text
     }
 }
 
@@ -221,46 +221,55 @@ impl Repeats {
     /// Longest target remembered.
     const TARGET_MAX: usize = 128;
 
-    fn target(&mut self, text: &str) -> Arc<str> {
+    fn target(&mut self, raw: &[u8], limit: usize) -> Arc<str> {
         match &self.target {
-            Some(last) if **last == *text => Arc::clone(last),
+            Some(last) if same_text(last, raw) => Arc::clone(last),
             _ => {
-                let target = Arc::<str>::from(text);
+                let text = capped_text(raw, limit);
+                let target = Arc::<str>::from(&*text);
                 self.target = (text.len() <= Self::TARGET_MAX).then(|| Arc::clone(&target));
                 target
             }
         }
     }
 
-    fn host(&mut self, raw: &str) -> Option<Authority> {
+    fn host(&mut self, raw: &[u8], limit: usize) -> Option<Authority> {
         if let Some((last, authority)) = &self.host
-            && last.is(raw)
+            && last.is(trim(raw))
         {
             return Some(authority.clone());
         }
-        let authority = Authority::parse(raw);
-        self.host = RawHost::new(raw).zip(authority.clone());
+        let text = capped_text(raw, limit);
+        let authority = Authority::parse(&text);
+        self.host = RawHost::new(&text).zip(authority.clone());
         authority
     }
 
-    fn user_agent(&mut self, value: &str) -> Arc<str> {
+    fn user_agent(&mut self, raw: &[u8], limit: usize) -> Arc<str> {
         match &self.user_agent {
-            Some(last) if **last == *value => Arc::clone(last),
-            _ => Arc::clone(self.user_agent.insert(Arc::from(value))),
+            Some(last) if same_text(last, raw) => Arc::clone(last),
+            _ => Arc::clone(self.user_agent.insert(Arc::from(&*capped_text(raw, limit)))),
         }
     }
 
     /// The value of kept header `name` (as the options spell it).
-    fn extra(&self, name: &str, value: &str) -> Arc<str> {
+    fn extra(&self, name: &str, raw: &[u8], limit: usize) -> Arc<str> {
         match self
             .extra
             .iter()
-            .find(|(n, v)| **n == *name && **v == *value)
+            .find(|(n, v)| **n == *name && same_text(v, raw))
         {
             Some((_, last)) => Arc::clone(last),
-            None => Arc::from(value),
+            None => Arc::from(&*capped_text(raw, limit)),
         }
     }
+}
+
+/// Whether `raw`, a header value or target as received, gives the text
+/// `last` that an earlier one gave. A value equal to a text it produced is
+/// valid UTF-8 and within the limit, so it needs no decoding to be shared.
+fn same_text(last: &str, raw: &[u8]) -> bool {
+    last.as_bytes() == trim(raw)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -740,6 +749,7 @@ impl HttpConn {
             self.resynced(i, out);
             match parse_head(
                 head_bytes,
+                line,
                 self.sides[i].role,
                 &self.opts,
                 &mut self.repeats,
@@ -805,7 +815,8 @@ impl HttpConn {
             side.buf.truncate(keep);
             side.buf.extend_from_slice(b"\r\n");
         }
-        let head = parse_head(&side.buf, side.role, &opts, &mut self.repeats);
+        let line = classify(&side.buf, side.role);
+        let head = parse_head(&side.buf, line, side.role, &opts, &mut self.repeats);
         side.reset_buf();
         head
     }
@@ -1368,36 +1379,53 @@ impl HttpConn {
     }
 }
 
+/// Where a head ends: the empty line after a line feed, CRLF or bare LF.
+/// Built once, and one vector search each over a whole piece: a search per
+/// line paid its set-up for every header.
+static EMPTY_CRLF_LINE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\n\r\n"));
+static EMPTY_LF_LINE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+
 /// Advances the end-of-head matcher (CRLF CRLF, also bare LF LF) over `data`.
 /// Returns the bytes consumed and whether the head ended (at the last of them).
+/// `state` carries what the last piece ended with: 1 a line feed, 2 a line
+/// feed and a CR, 0 anything else.
 fn scan_eoh(state: &mut u8, data: &[u8]) -> (usize, bool) {
     let mut s = *state;
     let mut k = 0;
-    while k < data.len() {
-        if s == 0 {
-            // Inside a line: nothing matters up to its LF.
-            match memchr::memchr(b'\n', &data[k..]) {
-                Some(p) => {
-                    k += p + 1;
-                    s = 1;
-                    continue;
-                }
-                None => break,
-            }
-        }
+    // The first bytes may complete an empty line the last piece began.
+    while s != 0 && k < data.len() {
         let b = data[k];
         k += 1;
         s = match (b, s) {
-            (b'\n', 1 | 2) => {
+            (b'\n', _) => {
                 *state = 0;
                 return (k, true);
             }
-            (b'\n', _) => 1,
             (b'\r', 1) => 2,
             _ => 0,
         };
     }
-    *state = s;
+    let rest = &data[k..];
+    if rest.is_empty() {
+        *state = s;
+        return (data.len(), false);
+    }
+    let crlf = EMPTY_CRLF_LINE.find(rest).map(|p| p + 3);
+    // A bare-LF empty line ends the head first only if it lies before.
+    let lf = EMPTY_LF_LINE
+        .find(&rest[..crlf.unwrap_or(rest.len())])
+        .map(|p| p + 2);
+    if let Some(end) = lf.or(crlf) {
+        *state = 0;
+        return (k + end, true);
+    }
+    *state = match rest {
+        [.., b'\n'] => 1,
+        [.., b'\n', b'\r'] => 2,
+        _ => 0,
+    };
     (data.len(), false)
 }
 
@@ -1410,7 +1438,7 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// Request-target bytes as httparse accepts them.
+/// Request-target bytes: visible ASCII and obs-text (any byte from 0x80).
 fn is_target_byte(b: u8) -> bool {
     matches!(b, b'!'..=0x7e | 0x80..=0xff)
 }
@@ -1544,128 +1572,87 @@ fn version_str(minor: u8) -> &'static str {
     if minor == 0 { "1.0" } else { "1.1" }
 }
 
-/// Parses a complete head (ending with its empty line) for a side with `role`.
-fn parse_head(b: &[u8], role: Role, opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
-    let strict = match role {
-        Role::Requests => httparse_request(b, opts, repeats),
-        Role::Responses => httparse_response(b),
-        Role::Unknown => return None,
-    };
-    strict.or_else(|| lenient_head(b, role, opts, repeats))
-}
-
-fn httparse_request(b: &[u8], opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
-    // Uninitialised slots: filling 64 empty headers cost 2 KiB of stores per head.
-    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-    match try_request(b, &mut headers, opts, repeats) {
-        Err(httparse::Error::TooManyHeaders) => {
-            let mut headers = Vec::new();
-            headers.resize_with(line_count(b), MaybeUninit::uninit);
-            try_request(b, &mut headers, opts, repeats).ok().flatten()
-        }
-        r => r.ok().flatten(),
-    }
-}
-
-fn try_request<'b>(
-    b: &'b [u8],
-    headers: &mut [MaybeUninit<httparse::Header<'b>>],
+/// Parses a complete head (ending with its empty line, or cut after a
+/// whole line) for a side with `role`: `line` is its start line as
+/// [`classify`] recognised it, then come the header fields [`fields`] finds.
+///
+/// One pass that keeps only what the spans and the framing need, instead
+/// of a validating parser that records every field (httparse, which took
+/// a third of the work of a keep-alive span) and a second, lenient pass
+/// for the heads it refused: a head either side's parser would take gives
+/// the same request here.
+fn parse_head(
+    b: &[u8],
+    line: StartLine<'_>,
+    role: Role,
     opts: &HttpOptions,
     repeats: &mut Repeats,
-) -> Result<Option<Head>, httparse::Error> {
-    let mut config = httparse::ParserConfig::default();
-    config
-        .ignore_invalid_headers_in_requests(true)
-        .allow_multiple_spaces_in_request_line_delimiters(true);
-    let mut req = httparse::Request::new(&mut []);
-    if config
-        .parse_request_with_uninit_headers(&mut req, b, headers)?
-        .is_partial()
-    {
-        return Ok(None);
-    }
-    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
-        return Ok(None);
-    };
-    let fields = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-    Ok(Some(build_request(
-        method.as_bytes(),
-        path.as_bytes(),
-        minor,
-        fields,
-        opts,
-        repeats,
-    )))
-}
-
-fn httparse_response(b: &[u8]) -> Option<Head> {
-    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-    match try_response(b, &mut headers) {
-        Err(httparse::Error::TooManyHeaders) => {
-            let mut headers = Vec::new();
-            headers.resize_with(line_count(b), MaybeUninit::uninit);
-            try_response(b, &mut headers).ok().flatten()
-        }
-        r => r.ok().flatten(),
-    }
-}
-
-fn try_response<'b>(
-    b: &'b [u8],
-    headers: &mut [MaybeUninit<httparse::Header<'b>>],
-) -> Result<Option<Head>, httparse::Error> {
-    let mut config = httparse::ParserConfig::default();
-    config
-        .allow_spaces_after_header_name_in_responses(true)
-        .allow_obsolete_multiline_headers_in_responses(true)
-        .allow_multiple_spaces_in_response_status_delimiters(true)
-        .ignore_invalid_headers_in_responses(true);
-    let mut resp = httparse::Response::new(&mut []);
-    if config
-        .parse_response_with_uninit_headers(&mut resp, b, headers)?
-        .is_partial()
-    {
-        return Ok(None);
-    }
-    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
-        return Ok(None);
-    };
-    let fields = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-    Ok(Some(build_response(status, minor, fields)))
-}
-
-fn line_count(b: &[u8]) -> usize {
-    memchr::memchr_iter(b'\n', b).count() + 1
-}
-
-/// Fallback for heads httparse rejects (non-UTF-8 targets, stray CR, NUL …): the
-/// start line as recognised by [`classify`], headers split at the first colon.
-fn lenient_head(b: &[u8], role: Role, opts: &HttpOptions, repeats: &mut Repeats) -> Option<Head> {
-    let mut lines = b
-        .split(|&c| c == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    lines.next()?;
-    let fields = lines
-        .take_while(|l| !l.is_empty())
-        .filter(|l| !matches!(l.first(), Some(b' ' | b'\t')))
-        .filter_map(|l| {
-            let colon = l.iter().position(|&c| c == b':')?;
-            Some((trim(&l[..colon]), &l[colon + 1..]))
-        });
-    match (role, classify(b, role)) {
-        (
-            Role::Requests,
-            StartLine::Request {
-                method,
-                target,
-                minor,
-            },
-        ) => Some(build_request(method, target, minor, fields, opts, repeats)),
-        (Role::Responses, StartLine::Response { status, minor }) => {
-            Some(build_response(status, minor, fields))
+) -> Option<Head> {
+    match line {
+        StartLine::Request {
+            method,
+            target,
+            minor,
+        } if role == Role::Requests => Some(build_request(
+            method,
+            target,
+            minor,
+            fields(b, role),
+            opts,
+            repeats,
+        )),
+        StartLine::Response { status, minor } if role == Role::Responses => {
+            Some(build_response(status, minor, fields(b, role)))
         }
         _ => None,
     }
+}
+
+/// The `(name, value)` header fields of a head, the start line skipped,
+/// up to the empty line that ends it. A line continuing the one before
+/// (obsolete folding), or without a colon, is not a field. A request
+/// field's name must end at its colon (RFC 9112 §5.1: a server rejects
+/// `Host : x`, so it names no host); a response's may be followed by
+/// blanks. Values keep their surrounding blanks: their readers trim.
+fn fields(b: &[u8], role: Role) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut rest = match memchr::memchr(b'\n', b) {
+        Some(eol) => &b[eol + 1..],
+        None => &[][..],
+    };
+    std::iter::from_fn(move || {
+        loop {
+            let (line, after) = match memchr::memchr(b'\n', rest) {
+                Some(eol) => (&rest[..eol], &rest[eol + 1..]),
+                None => (rest, &[][..]),
+            };
+            rest = after;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                rest = &[];
+                return None;
+            }
+            if matches!(line[0], b' ' | b'\t') {
+                continue;
+            }
+            // Names are short: a plain loop beats a vector search's set-up.
+            let Some(colon) = line.iter().position(|&c| c == b':') else {
+                continue;
+            };
+            let name = match role {
+                Role::Responses => trim_end(&line[..colon]),
+                _ => &line[..colon],
+            };
+            return Some((name, &line[colon + 1..]));
+        }
+    })
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(0, |p| p + 1);
+    &b[..end]
 }
 
 fn build_request<'a>(
@@ -1682,7 +1669,7 @@ fn build_request<'a>(
             Some(known) => Cow::Borrowed(*known),
             None => Cow::Owned(String::from_utf8_lossy(method).into_owned()),
         },
-        target: repeats.target(&capped_text(target, cap.saturating_mul(4))),
+        target: repeats.target(target, cap.saturating_mul(4)),
         version: version_str(minor),
         ..Request::default()
     };
@@ -1692,13 +1679,13 @@ fn build_request<'a>(
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"user-agent") {
             if req.user_agent.is_none() {
-                req.user_agent = Some(repeats.user_agent(&capped_text(value, cap)));
+                req.user_agent = Some(repeats.user_agent(value, cap));
             }
         } else if name.eq_ignore_ascii_case(b"host") {
             // The first Host header counts, even an empty one.
             if !seen_host {
                 seen_host = true;
-                req.host = repeats.host(&capped_text(value, cap));
+                req.host = repeats.host(value, cap);
             }
         } else if name.eq_ignore_ascii_case(b"traceparent") {
             if req.traceparent.is_none() {
@@ -1725,7 +1712,7 @@ fn build_request<'a>(
             } else {
                 Arc::clone(extra)
             };
-            let value = repeats.extra(&name, &capped_text(value, cap));
+            let value = repeats.extra(&name, value, cap);
             req.extra.push((name, value));
         }
     }
@@ -1840,6 +1827,55 @@ fn capped_text(value: &[u8], limit: usize) -> Cow<'_, str> {
 mod tests {
     use super::super::replay::*;
     use super::*;
+
+    /// The end of a head found byte by byte, for [`scan_eoh`] to agree with.
+    fn eoh_bytewise(state: &mut u8, data: &[u8]) -> (usize, bool) {
+        for (k, &b) in data.iter().enumerate() {
+            *state = match (b, *state) {
+                (b'\n', 1 | 2) => {
+                    *state = 0;
+                    return (k + 1, true);
+                }
+                (b'\n', _) => 1,
+                (b'\r', 1) => 2,
+                _ => 0,
+            };
+        }
+        (data.len(), false)
+    }
+
+    #[test]
+    fn end_of_head_search_agrees_with_a_bytewise_scan() {
+        // Short strings of the bytes that matter, cut into two pieces at
+        // every point: the searches must find the same end and carry the
+        // same state across the cut.
+        let alphabet = [b'a', b'\r', b'\n', b':'];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 12) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|i| alphabet[((seed >> (8 + 2 * i)) & 3) as usize])
+                .collect();
+            for cut in 0..=len {
+                let (mut fast, mut slow) = (0, 0);
+                for piece in [&text[..cut], &text[cut..]] {
+                    let found = scan_eoh(&mut fast, piece);
+                    assert_eq!(
+                        found,
+                        eoh_bytewise(&mut slow, piece),
+                        "{text:?} cut at {cut}"
+                    );
+                    assert_eq!(fast, slow, "state after {text:?} cut at {cut}");
+                    if found.1 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
 
     // --- helpers ------------------------------------------------------------
 
