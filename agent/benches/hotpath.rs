@@ -8,8 +8,10 @@
 //! groups, one SQL statement in `sql_sanitize`, and one request (all of its
 //! records, to its span) in `span_build`, and one span in `export` (a batch
 //! of 512 becoming one encoded OTLP request). Criterion runs on one thread, so
-//! elements/s is per core. `span_build` and `otlp_encode` also count their
-//! heap allocations per iteration ([`bench_counted`]).
+//! elements/s is per core. Each benchmark also counts its heap allocations
+//! per iteration, and `cargo xtask bench micro` counts its instructions per
+//! iteration under valgrind ([`measure`], [`counting`]): figures that, unlike
+//! the times, a shared machine's load does not blur.
 //!
 //! The inputs are realistic messages built here byte by byte (the layouts
 //! follow the recorded fixtures under `src/protocol/fixtures` and the fuzz
@@ -48,8 +50,8 @@ use zerotrace::{
 
 /// The system allocator, counting allocations per thread. How many times the
 /// hot path allocates is a figure a shared machine's noise does not blur, so
-/// `span_build` and `export` report it next to their times (a thread-local
-/// count: no atomic on the measured path).
+/// every benchmark reports it next to its time (a thread-local count: no
+/// atomic on the measured path).
 struct Counting;
 
 thread_local! {
@@ -85,17 +87,47 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// `HOTPATH_COUNT=GROUP/BENCH:CALLS`, set by `cargo xtask bench micro` for
+/// a run under valgrind: the binary only calls that benchmark's routine
+/// CALLS times, then exits. Two runs that differ only in CALLS give the
+/// instructions of one call, a figure the machine's load cannot move.
+fn counting() -> Option<&'static (String, u64)> {
+    static COUNT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    COUNT
+        .get_or_init(|| {
+            let spec = std::env::var("HOTPATH_COUNT").ok()?;
+            let (which, calls) = spec
+                .rsplit_once(':')
+                .unwrap_or_else(|| panic!("HOTPATH_COUNT={spec:?}: want GROUP/BENCH:CALLS"));
+            let calls = calls
+                .parse()
+                .unwrap_or_else(|e| panic!("HOTPATH_COUNT={spec:?}: {e}"));
+            Some((which.to_owned(), calls))
+        })
+        .as_ref()
+}
+
 /// Benchmarks `routine` in `g` (named `group`). With `HOTPATH_ALLOCATIONS`
 /// set (by `cargo xtask bench micro`), first counts the heap allocations (and
 /// reallocations) of one call, averaged over 1,000 calls, and appends the
-/// count there as a JSON line.
-fn bench_counted<O>(
+/// count there as a JSON line. Under `HOTPATH_COUNT` ([`counting`]) only
+/// calls it, if it is the one named.
+fn measure<O>(
     g: &mut BenchmarkGroup<'_, WallTime>,
     group: &str,
     bench: &str,
     mut routine: impl FnMut() -> O,
 ) {
     const CALLS: u64 = 1000;
+    if let Some((which, calls)) = counting() {
+        if *which == format!("{group}/{bench}") {
+            for _ in 0..*calls {
+                black_box(routine());
+            }
+            std::process::exit(0);
+        }
+        return;
+    }
     if let Some(path) = std::env::var_os("HOTPATH_ALLOCATIONS") {
         let before = ALLOCATIONS.with(Cell::get);
         for _ in 0..CALLS {
@@ -443,12 +475,10 @@ fn bench_decode(c: &mut Criterion) {
             decode(r).expect("valid record");
         }
         g.throughput(Throughput::Elements(records.len() as u64));
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                for r in records {
-                    let _ = black_box(decode(black_box(r)));
-                }
-            });
+        measure(&mut g, "decode", name, || {
+            for r in records {
+                let _ = black_box(decode(black_box(r)));
+            }
         });
     }
     g.finish();
@@ -512,14 +542,12 @@ fn bench_session(
     }
     let mut g = group(c, group_name);
     g.throughput(Throughput::Elements(exchange.len() as u64));
-    g.bench_function(bench, |b| {
-        b.iter(|| {
-            for (dir, bytes) in exchange {
-                session.feed(*dir, Moment::default(), black_box(bytes), 0, &mut out);
-            }
-            black_box(&out);
-            out.clear();
-        });
+    measure(&mut g, group_name, bench, || {
+        for (dir, bytes) in exchange {
+            session.feed(*dir, Moment::default(), black_box(bytes), 0, &mut out);
+        }
+        black_box(&out);
+        out.clear();
     });
     g.finish();
 }
@@ -605,14 +633,16 @@ fn bench_sql(c: &mut Criterion) {
             !s.sanitized.contains("acme") && !s.sanitized.contains("5512"),
             "{s:?}"
         );
-        g.bench_function(name, |b| b.iter(|| summarize(black_box(sql), max)));
+        measure(&mut g, "sql_sanitize", name, || {
+            summarize(black_box(sql), max)
+        });
     }
     // A repeated text (a prepared or parameterized statement): summarized
     // once, then read from the shared summaries.
     let summaries = Summaries::default();
     let (_, select) = statements[0];
-    g.bench_function("select_repeated", |b| {
-        b.iter(|| summaries.summarize(black_box(select), max))
+    measure(&mut g, "sql_sanitize", "select_repeated", || {
+        summaries.summarize(black_box(select), max)
     });
     g.finish();
 }
@@ -677,7 +707,7 @@ fn bench_span_build(c: &mut Criterion) {
     assert_eq!(path.run(std::slice::from_ref(&open)), 0);
     let exchange = [request.clone(), response.clone()];
     path.check(&exchange, 1, "tenant.id");
-    bench_counted(&mut g, "span_build", "http_keepalive", || {
+    measure(&mut g, "span_build", "http_keepalive", || {
         path.run(&exchange)
     });
 
@@ -685,7 +715,7 @@ fn bench_span_build(c: &mut Criterion) {
     let mut path = Stages::new();
     let whole = [open, request, response, close];
     path.check(&whole, 1, "http.response.status_code");
-    bench_counted(&mut g, "span_build", "http_connection", || path.run(&whole));
+    measure(&mut g, "span_build", "http_connection", || path.run(&whole));
 
     // A Redis client on a kept connection: SET and GET, two client spans.
     let client = Records::of_this_process(1, 13);
@@ -705,7 +735,7 @@ fn bench_span_build(c: &mut Criterion) {
         .collect();
     path.check(&records, 2, "db.query.text");
     g.throughput(Throughput::Elements(2));
-    bench_counted(&mut g, "span_build", "redis_set_get", || path.run(&records));
+    measure(&mut g, "span_build", "redis_set_get", || path.run(&records));
     g.finish();
 }
 
@@ -730,21 +760,24 @@ fn bench_export(c: &mut Criterion) {
     // What the exporter does: the request written straight from the
     // batch, into a buffer sized for it.
     let mut encoder = OtlpEncoder::default();
-    bench_counted(&mut g, "export", "otlp_encode", || {
+    measure(&mut g, "export", "otlp_encode", || {
         let mut out = Vec::with_capacity(BATCH * 400);
         encoder.request(&batch, &mut out);
         out
     });
     // Before: converted to opentelemetry-proto's messages, then encoded.
     // The batch moves into the request, so each iteration gets its own copy
-    // (made outside the timing).
-    g.bench_function("otlp_convert_then_encode", |b| {
-        b.iter_batched(
-            || batch.clone(),
-            |spans| prost::Message::encode_to_vec(&otlp_request(spans)),
-            criterion::BatchSize::LargeInput,
-        )
-    });
+    // (made outside the timing, so this one is timed only: a count of its
+    // instructions would include the copy).
+    if counting().is_none() {
+        g.bench_function("otlp_convert_then_encode", |b| {
+            b.iter_batched(
+                || batch.clone(),
+                |spans| prost::Message::encode_to_vec(&otlp_request(spans)),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

@@ -37,6 +37,8 @@ pub const PACKAGES: &[&str] = &[
     "nginx",
     // `cargo xtask bench overhead` and `soak`: the HTTP load generator.
     "wrk",
+    // `cargo xtask bench micro`: counts each benchmark's instructions.
+    "valgrind",
     "postgresql",
     "mariadb-server",
     "mariadb-client",

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{Machine, grouped};
 use crate::say;
-use crate::util::{Ctx, run};
+use crate::util::{Ctx, output, run};
 
 /// The criterion bench target in the `agent` package.
 const BENCH: &str = "hotpath";
@@ -73,6 +73,7 @@ pub fn micro(ctx: &Ctx) -> Result<Value> {
         .with_context(|| format!("cannot read {}", allocations_file.display()))?;
     add_allocations(&mut results, &counts)?;
     results.sort_by_key(order_key);
+    add_instructions(ctx, &bench_dir, &mut results)?;
 
     let facts = Machine::gather(ctx);
     let value = json!({
@@ -191,6 +192,92 @@ fn add_allocations(results: &mut [Value], counts: &str) -> Result<()> {
     Ok(())
 }
 
+/// Benchmarks whose routine cannot be counted alone: criterion prepares
+/// each call's input outside the timing, a count would include it.
+const NOT_COUNTED: &[(&str, &str)] = &[("export", "otlp_convert_then_encode")];
+
+/// Adds `instructions_per_iter` to each result: the bench binary calls one
+/// routine a few and then many times under valgrind's cachegrind
+/// (`HOTPATH_COUNT`, see agent/benches/hotpath.rs), and the difference in
+/// instructions, divided by the difference in calls, is one call's. Set-up
+/// and start-up are the same in both runs and drop out.
+fn add_instructions(ctx: &Ctx, dir: &Path, results: &mut [Value]) -> Result<()> {
+    let Some(valgrind) = ctx.which("valgrind") else {
+        bail!("valgrind not found: `cargo xtask setup` installs it");
+    };
+    let exe = bench_executable(ctx)?;
+    let log = dir.join("micro-count.log");
+    say!("bench", "micro: counting instructions under valgrind…");
+    for r in results.iter_mut() {
+        let (group, bench) = (text(r, "group").to_owned(), text(r, "bench").to_owned());
+        if NOT_COUNTED.contains(&(group.as_str(), bench.as_str())) {
+            continue;
+        }
+        // A 512-span batch per call in `export`: fewer calls.
+        let (few, many) = if group == "export" {
+            (4, 24)
+        } else {
+            (1000, 6000)
+        };
+        let mut count = |calls: u64| -> Result<u64> {
+            let _ = fs::remove_file(&log);
+            output(
+                ctx.cmd(&valgrind)
+                    .args(["--tool=cachegrind", "--cache-sim=no"])
+                    .arg("--cachegrind-out-file=/dev/null")
+                    .arg(format!("--log-file={}", log.display()))
+                    .arg(&exe)
+                    .arg("--bench")
+                    .env("HOTPATH_COUNT", format!("{group}/{bench}:{calls}")),
+            )?;
+            let text = fs::read_to_string(&log)
+                .with_context(|| format!("cannot read {}", log.display()))?;
+            instructions(&text)
+                .with_context(|| format!("{group}/{bench}: no instruction count in {text:?}"))
+        };
+        let (a, b) = (count(few)?, count(many)?);
+        r["instructions_per_iter"] = json!(b.saturating_sub(a) as f64 / (many - few) as f64);
+    }
+    Ok(())
+}
+
+/// The bench binary cargo built (its path from cargo's JSON messages).
+fn bench_executable(ctx: &Ctx) -> Result<PathBuf> {
+    let messages = output(ctx.cargo().args([
+        "bench",
+        "-p",
+        "agent",
+        "--bench",
+        BENCH,
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["target"]["name"] == BENCH)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo named no executable for the {BENCH} bench"))
+}
+
+/// The instructions valgrind counted in the process it started (the first
+/// `Command:` line names it; a forked child reports its own count too).
+fn instructions(log: &str) -> Option<u64> {
+    let pid = |line: &str| {
+        line.strip_prefix("==")?
+            .split_once("==")
+            .map(|(p, _)| p.to_owned())
+    };
+    let main = log.lines().find(|l| l.contains("Command:")).and_then(pid)?;
+    log.lines()
+        .filter(|l| pid(l).as_deref() == Some(main.as_str()))
+        .find_map(|l| {
+            l.split_once("I   refs:")
+                .or_else(|| l.split_once("I refs:"))
+        })
+        .and_then(|(_, n)| n.trim().replace(',', "").parse().ok())
+}
+
 fn text<'a>(r: &'a Value, key: &str) -> &'a str {
     r.get(key).and_then(Value::as_str).unwrap_or("?")
 }
@@ -224,8 +311,8 @@ fn unit(group: &str) -> Option<&'static str> {
 
 fn table(results: &[Value]) -> String {
     let mut t = String::from(
-        "| benchmark | ns per event | events/s (one core) | heap allocations per event |\n\
-         |---|--:|--:|--:|\n",
+        "| benchmark | ns per event | events/s (one core) | instructions per event | heap allocations per event |\n\
+         |---|--:|--:|--:|--:|\n",
     );
     for r in results {
         let group = text(r, "group");
@@ -241,11 +328,16 @@ fn table(results: &[Value]) -> String {
             Some(u) => format!("`{group}/{}` (per {u})", text(r, "bench")),
             None => format!("`{group}/{}`", text(r, "bench")),
         };
-        let allocations = match (r.get("allocations_per_iter").and_then(Value::as_f64), per) {
-            (Some(n), Some(per)) if per > 0.0 => format!("{:.1}", n / per),
+        let per_event = |key: &str, digits: usize| match (r.get(key).and_then(Value::as_f64), per) {
+            (Some(n), Some(per)) if per > 0.0 => format!("{:.*}", digits, n / per),
             _ => "–".into(),
         };
-        let _ = writeln!(t, "| {name} | {ns_per} | {per_sec} | {allocations} |");
+        let instructions = per_event("instructions_per_iter", 0);
+        let allocations = per_event("allocations_per_iter", 1);
+        let _ = writeln!(
+            t,
+            "| {name} | {ns_per} | {per_sec} | {instructions} | {allocations} |"
+        );
     }
     t
 }
@@ -283,9 +375,12 @@ fn render(results: &[Value], m: &Machine) -> String {
          does), `otlp_convert_then_encode` converts them to opentelemetry-proto's \
          messages first and has prost encode those (what it did before; the two \
          give the same bytes).\n\n\
-         Heap allocations per event are counted, not timed (a counting global \
-         allocator in the bench, over 1,000 iterations), for `span_build` and \
-         `otlp_encode`: unlike the times, they do not move with the machine's load.\n\n\
+         Instructions and heap allocations per event are counted, not timed, \
+         so unlike the times they do not move with the machine's load: the \
+         instructions under valgrind's cachegrind (each routine called a few and \
+         then many times, the difference divided by the difference in calls), \
+         the allocations by a counting global allocator in the bench over 1,000 \
+         calls. Compare builds by them first.\n\n\
          The raw results add criterion's 95 % confidence interval of each median \
          (`ns_per_iter_ci95`). It says how steady one run was, not how much runs \
          differ: on a shared or virtual machine, compare runs before trusting a \
@@ -375,15 +470,16 @@ mod tests {
         ] {
             assert!(add_allocations(&mut results, bad).is_err(), "{bad}");
         }
+        results[0]["instructions_per_iter"] = json!(1234.0);
         let t = table(&results);
         let rows: Vec<&str> = t.lines().collect();
         assert_eq!(
             rows,
             [
-                "| benchmark | ns per event | events/s (one core) | heap allocations per event |",
-                "|---|--:|--:|--:|",
-                "| `decode/data` | 20.0 | 50,000,000 | – |",
-                "| `span_build/http_keepalive` (per request) | 2500.0 | 400,000 | 12.0 |",
+                "| benchmark | ns per event | events/s (one core) | instructions per event | heap allocations per event |",
+                "|---|--:|--:|--:|--:|",
+                "| `decode/data` | 20.0 | 50,000,000 | 123 | – |",
+                "| `span_build/http_keepalive` (per request) | 2500.0 | 400,000 | – | 12.0 |",
             ],
             "{t}"
         );
@@ -393,8 +489,24 @@ mod tests {
         assert!(md.contains("Machine: Linux 6.18.0, 2 CPUs, Test CPU."));
         assert!(md.contains(&t));
         assert!(md.contains(
-            "```json\n{\"group\":\"decode\",\"bench\":\"data\",\"ns_per_iter\":200.0,\"elements_per_iter\":10,\"elements_per_sec\":50000000.0,\"ns_per_iter_ci95\":[195.0,205.0]}\n"
+            "```json\n{\"group\":\"decode\",\"bench\":\"data\",\"ns_per_iter\":200.0,\"elements_per_iter\":10,\"elements_per_sec\":50000000.0,\"ns_per_iter_ci95\":[195.0,205.0],\"instructions_per_iter\":1234.0}\n"
         ), "{md}");
+    }
+
+    #[test]
+    fn reads_the_started_process_instruction_count() {
+        let log = "==11909== Cachegrind, a cache and branch-prediction profiler\n\
+                   ==11909== Command: /t/hotpath-1 --bench\n\
+                   --11909-- warning: L3 cache found, using its data for the LL simulation.\n\
+                   ==11912== I   refs:      576,110\n\
+                   ==11909== I   refs:      18,438,175\n";
+        assert_eq!(instructions(log), Some(18_438_175));
+        assert_eq!(
+            instructions(&log.replace("==11909== I", "==11913== I")),
+            None
+        );
+        assert_eq!(instructions("==1== Command: x\n"), None);
+        assert_eq!(instructions(""), None);
     }
 
     #[test]
