@@ -264,20 +264,18 @@ fn any_len(value: &Value) -> Option<usize> {
     })
 }
 
-/// A KeyValue message's length.
-fn key_value_len(key: &str, value: &Value) -> usize {
-    let any = any_len(value).unwrap_or_else(|| AnyValue::from(value.clone()).encoded_len());
-    string_field_len(key) + field_len(any)
-}
-
-/// An attribute: a KeyValue message as field `tag`.
+/// An attribute: a KeyValue message as field `tag`, its value's length
+/// worked out once.
 fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
-    length_delimited(tag, key_value_len(key, value), out);
-    string(1, key, out);
     let Some(any_len) = any_len(value) else {
-        message(2, &AnyValue::from(value.clone()).encode_to_vec(), out);
+        let any = AnyValue::from(value.clone()).encode_to_vec();
+        length_delimited(tag, string_field_len(key) + field_len(any.len()), out);
+        string(1, key, out);
+        message(2, &any, out);
         return;
     };
+    length_delimited(tag, string_field_len(key) + field_len(any_len), out);
+    string(1, key, out);
     length_delimited(2, any_len, out);
     match value {
         Value::String(s) => message(1, s.as_str().as_bytes(), out),
