@@ -219,7 +219,7 @@ fn add_instructions(ctx: &Ctx, dir: &Path, results: &mut [Value]) -> Result<()> 
         } else {
             (1000, 6000)
         };
-        let mut count = |calls: u64| -> Result<u64> {
+        let count = |calls: u64| -> Result<u64> {
             let _ = fs::remove_file(&log);
             output(
                 ctx.cmd(&valgrind)
