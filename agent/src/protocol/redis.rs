@@ -75,7 +75,7 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use agent_common::Direction;
 
@@ -389,14 +389,18 @@ const INLINE_FIRST_MAX: usize = 8;
 /// What the first bytes of a connection say: a RESP command array naming a
 /// known command, or an allow-listed inline command alone on its line.
 pub fn detect(dir: Direction, first: &[u8]) -> Detect {
-    let opts = DbOptions {
+    // Detection keeps no query text, so every attempt shares one set of
+    // options: a fresh set per connection built an empty SQL summaries
+    // cache each time, most of the cost of a new connection.
+    static DETECTING: LazyLock<DbOptions> = LazyLock::new(|| DbOptions {
         max_query_bytes: 0,
         ..DbOptions::default()
-    };
+    });
+    let opts = &*DETECTING;
     let mut p = ReqParser::new(true);
     let mut data = first;
     while !data.is_empty() {
-        let (n, ev) = p.step(data, Moment::default(), &opts);
+        let (n, ev) = p.step(data, Moment::default(), opts);
         match ev {
             ReqEvent::Validated | ReqEvent::Command(_, true) => {
                 return Detect::Yes { requests: dir };

@@ -593,11 +593,19 @@ mod tests {
         assert_eq!(url_full("http", "h", 0, "/", None), "http://h:0/");
         for ip in [
             "127.0.0.1",
+            "0.0.0.0",
+            "10.9.99.100",
+            "255.255.255.255",
+            "192.168.1.50",
             "::1",
             "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
             "::ffff:255.255.255.255",
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(&*super::super::ip_text(ip), ip.to_string());
+        }
+        for o in 0..=255u8 {
+            let ip = std::net::IpAddr::from([o, 255 - o, o / 3, o % 10]);
             assert_eq!(&*super::super::ip_text(ip), ip.to_string());
         }
     }

@@ -67,8 +67,32 @@ pub fn peer_address(remote: &Endpoint) -> Option<Value> {
 }
 
 /// The text form of an address, formatted on the stack and stored once.
+/// IPv4, the usual case, digit by digit: the formatting machinery took
+/// more than a keep-alive request's parsing, once per connection.
 pub fn ip_text(ip: IpAddr) -> Arc<str> {
     use std::io::Write;
+    if let IpAddr::V4(v4) = ip {
+        let mut buf = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            if octet >= 100 {
+                buf[len] = b'0' + octet / 100;
+                len += 1;
+            }
+            if octet >= 10 {
+                buf[len] = b'0' + octet / 10 % 10;
+                len += 1;
+            }
+            buf[len] = b'0' + octet % 10;
+            len += 1;
+        }
+        // ASCII digits and dots.
+        return Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or("0.0.0.0"));
+    }
     // The longest form, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", has 45 bytes.
     let mut buf = [0u8; 64];
     let mut rest = &mut buf[..];
