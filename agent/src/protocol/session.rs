@@ -326,17 +326,27 @@ impl Session {
         let db = &self.opts.db;
         let mut undecided = false;
         for dir in [Direction::Egress, Direction::Ingress] {
-            let first: Vec<u8> = chunks
-                .iter()
-                .filter(|c| c.dir == dir)
-                .flat_map(|c| c.bytes.iter().copied())
-                .take(DETECT_BYTES)
-                .collect();
+            // Usually one piece so far: read in place, not joined byte by byte.
+            let mut pieces = chunks.iter().filter(|c| c.dir == dir);
+            let joined: Vec<u8>;
+            let first = match (pieces.next(), pieces.next()) {
+                (None, _) => continue,
+                (Some(only), None) => &only.bytes[..only.bytes.len().min(DETECT_BYTES)],
+                _ => {
+                    joined = chunks
+                        .iter()
+                        .filter(|c| c.dir == dir)
+                        .flat_map(|c| c.bytes.iter().copied())
+                        .take(DETECT_BYTES)
+                        .collect();
+                    &joined[..]
+                }
+            };
             if first.is_empty() {
                 continue;
             }
             for (detect, protocol) in DETECTORS {
-                match detect(dir, &first) {
+                match detect(dir, first) {
                     Detect::Yes { requests } => {
                         return Some((self.db_parser(protocol, db, true), Some(requests)));
                     }
