@@ -9,8 +9,9 @@
 //! Each direction is a small state machine (start → head → body) that works
 //! on whatever piece of a message a syscall carries: heads are buffered (at
 //! most `max_head_bytes`, and only when a head spans syscalls) and read in
-//! one pass for the fields spans and framing need; bodies are only counted, never copied; chunked framing is
-//! decoded byte by byte except for the chunk data, which is skipped in bulk.
+//! one pass for the fields that spans and framing need; bodies are only
+//! counted, never copied; chunked framing is decoded byte by byte except for
+//! the chunk data, which is skipped in bulk.
 //! When a direction loses track (a capture gap inside a head or chunk framing,
 //! bytes that are not what HTTP allows there) it resynchronises on the next
 //! syscall whose bytes start with a request line or status line.
@@ -1576,11 +1577,11 @@ fn version_str(minor: u8) -> &'static str {
 /// whole line) for a side with `role`: `line` is its start line as
 /// [`classify`] recognised it, then come the header fields [`fields`] finds.
 ///
-/// One pass that keeps only what the spans and the framing need, instead
-/// of a validating parser that records every field (httparse, which took
-/// a third of the work of a keep-alive span) and a second, lenient pass
-/// for the heads it refused: a head either side's parser would take gives
-/// the same request here.
+/// One pass that keeps only what the spans and the framing need. A
+/// validating parser that recorded every field (httparse) took a third of
+/// the work of a keep-alive span, and the heads it refused (a stray CR, a
+/// non-UTF-8 target) needed a second, lenient pass anyway: what a head's
+/// start line and fields say is all that counts here.
 fn parse_head(
     b: &[u8],
     line: StartLine<'_>,
