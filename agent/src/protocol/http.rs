@@ -1648,14 +1648,6 @@ fn fields(b: &[u8], role: Role) -> impl Iterator<Item = (&[u8], &[u8])> {
     })
 }
 
-fn trim_end(b: &[u8]) -> &[u8] {
-    let end = b
-        .iter()
-        .rposition(|&c| c != b' ' && c != b'\t')
-        .map_or(0, |p| p + 1);
-    &b[..end]
-}
-
 fn build_request<'a>(
     method: &[u8],
     target: &[u8],
@@ -1781,16 +1773,22 @@ fn transfer_coding(cur: TransferCoding, value: &[u8]) -> TransferCoding {
     }
 }
 
+/// Without the blanks (spaces, tabs) at either end.
 fn trim(b: &[u8]) -> &[u8] {
     let start = b
         .iter()
         .position(|&c| c != b' ' && c != b'\t')
         .unwrap_or(b.len());
+    trim_end(&b[start..])
+}
+
+/// Without the blanks at the end.
+fn trim_end(b: &[u8]) -> &[u8] {
     let end = b
         .iter()
         .rposition(|&c| c != b' ' && c != b'\t')
-        .map_or(start, |p| p + 1);
-    &b[start..end]
+        .map_or(0, |p| p + 1);
+    &b[..end]
 }
 
 /// Trimmed, lossily decoded, cut to at most `limit` bytes on a char boundary.

@@ -328,14 +328,16 @@ impl Session {
         for dir in [Direction::Egress, Direction::Ingress] {
             // Usually one piece so far: read in place, not joined byte by byte.
             let mut pieces = chunks.iter().filter(|c| c.dir == dir);
+            let Some(one) = pieces.next() else {
+                continue;
+            };
             let joined: Vec<u8>;
-            let first = match (pieces.next(), pieces.next()) {
-                (None, _) => continue,
-                (Some(only), None) => &only.bytes[..only.bytes.len().min(DETECT_BYTES)],
-                _ => {
-                    joined = chunks
-                        .iter()
-                        .filter(|c| c.dir == dir)
+            let first = match pieces.next() {
+                None => &one.bytes[..one.bytes.len().min(DETECT_BYTES)],
+                Some(two) => {
+                    joined = [one, two]
+                        .into_iter()
+                        .chain(pieces)
                         .flat_map(|c| c.bytes.iter().copied())
                         .take(DETECT_BYTES)
                         .collect();
