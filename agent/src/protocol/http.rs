@@ -3099,7 +3099,7 @@ mod tests {
     }
 
     #[test]
-    fn non_utf8_target_uses_the_lenient_parser() {
+    fn non_utf8_target_is_read_lossily() {
         let mut conn = HttpConn::new(opts(), true);
         let out = run(
             &mut conn,
@@ -3113,5 +3113,25 @@ mod tests {
         assert_eq!(&*req.target, "/caf\u{fffd}");
         assert_eq!(req.host.as_ref().map(|h| &*h.name), Some("h"));
         assert_eq!(req.body_bytes, 1);
+    }
+
+    #[test]
+    fn blanks_before_a_colon_end_a_request_field_not_a_response_one() {
+        let mut conn = HttpConn::new(opts(), true);
+        let out = run(
+            &mut conn,
+            &[
+                (E, b"GET / HTTP/1.1\r\nHost : evil\r\nhost: good\r\n\r\n", 0),
+                (I, b"HTTP/1.1 200 OK\r\nContent-Length : 3\r\n\r\nabc", 0),
+                (E, b"GET /next HTTP/1.1\r\nHost: good\r\n\r\n", 0),
+                (I, b"HTTP/1.1 204 No Content\r\n\r\n", 0),
+            ],
+        );
+        // The length framed the first body, so the second exchange stands apart.
+        let xs = exchanges(&out);
+        assert_eq!(xs.len(), 2, "{out:?}");
+        assert_eq!(xs[0].request.host.as_ref().map(|h| &*h.name), Some("good"));
+        assert_eq!(xs[0].response.as_ref().map(|r| r.body_bytes), Some(3));
+        assert_eq!(xs[1].response.as_ref().map(|r| r.status), Some(204));
     }
 }
