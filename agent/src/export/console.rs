@@ -163,12 +163,7 @@ fn render(
         SpanKind::Consumer => "CONSUMER",
         SpanKind::Internal => "INTERNAL",
     };
-    let attr = |key: &str| {
-        data.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .map(|kv| kv.value.to_string())
-    };
+    let attr = |key: &str| data.attributes.get(key).map(|v| v.to_string());
     let duration = data
         .end_time
         .duration_since(data.start_time)

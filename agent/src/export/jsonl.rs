@@ -40,7 +40,10 @@ impl Jsonl {
 pub fn encode(span: &ExportSpan) -> anyhow::Result<String> {
     let resource = ResourceAttributesWithSchema::from(&**span.resource);
     let request = ExportTraceServiceRequest {
-        resource_spans: group_spans_by_resource_and_scope(vec![span.span.clone()], &resource),
+        resource_spans: group_spans_by_resource_and_scope(
+            vec![span.span.to_span_data()],
+            &resource,
+        ),
     };
     Ok(serde_json::to_string(&request)?)
 }

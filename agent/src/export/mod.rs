@@ -7,6 +7,7 @@ mod console;
 mod jsonl;
 mod otlp;
 mod proto;
+mod record;
 mod tls;
 
 use std::{
@@ -28,14 +29,8 @@ use crate::config::{BatchConfig, OtlpProtocol};
 pub use console::render_trees;
 pub use otlp::{OtlpSettings, TlsSources, request as otlp_request};
 pub use proto::{Encoder as OtlpEncoder, ProcessResource};
+pub use record::{Attributes, ExportSpan, SpanRecord};
 pub use tls::{PemFile, TlsFiles};
-
-/// A finished span with the resource of the process it describes.
-#[derive(Debug, Clone)]
-pub struct ExportSpan {
-    pub resource: Arc<ProcessResource>,
-    pub span: SpanData,
-}
 
 /// Where spans go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,6 +306,7 @@ fn run(rx: Receiver<ExportSpan>, mut sink: Box<dyn Sink>, batch: BatchConfig, st
 fn by_resource(spans: Vec<ExportSpan>) -> Vec<(Arc<ProcessResource>, Vec<SpanData>)> {
     let mut groups: Vec<(Arc<ProcessResource>, Vec<SpanData>)> = Vec::new();
     for ExportSpan { resource, span } in spans {
+        let span = span.to_span_data();
         match groups.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &resource)) {
             Some((_, group)) => group.push(span),
             None => groups.push((resource, vec![span])),

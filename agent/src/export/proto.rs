@@ -5,7 +5,9 @@
 //! resource rebuilt per batch) and then encoding them cost about 2.4 µs
 //! per span, the largest single part of the agent's work per request. Here
 //! each span is written once, field by field, in the order and form prost
-//! gives the same message (a test holds the two byte for byte); a
+//! gives the same message (a test holds the two byte for byte); its
+//! attributes were written when the span was made
+//! ([`Attributes`](super::Attributes)) and are copied as they are; a
 //! process's resource is encoded once and shared by all its spans.
 //!
 //! Message layout (opentelemetry/proto/collector/trace/v1, trace/v1,
@@ -37,14 +39,14 @@ use opentelemetry_proto::{
     },
     transform::common::tonic::ResourceAttributesWithSchema,
 };
-use opentelemetry_sdk::{Resource, trace::SpanData};
+use opentelemetry_sdk::Resource;
 use prost::{
     Message,
     bytes::BufMut,
     encoding::{WireType, encoded_len_varint},
 };
 
-use super::ExportSpan;
+use super::{ExportSpan, SpanRecord};
 
 /// The resource of one process (or of the agent), shared by its spans,
 /// with its OTLP encoding made the first time a batch needs it.
@@ -100,7 +102,7 @@ pub struct Encoder {
 /// The spans of one resource, by scope, in order of first appearance.
 struct Group<'a> {
     resource: &'a ProcessResource,
-    scopes: Vec<(&'a InstrumentationScope, Vec<&'a SpanData>)>,
+    scopes: Vec<(&'static InstrumentationScope, Vec<&'a SpanRecord>)>,
 }
 
 impl Encoder {
@@ -112,7 +114,7 @@ impl Encoder {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for s in batch {
             let resource = &*s.resource;
-            let scope = &s.span.instrumentation_scope;
+            let scope = s.span.scope;
             let group = match groups
                 .iter_mut()
                 .position(|g| std::ptr::eq(g.resource, resource))
@@ -126,7 +128,11 @@ impl Encoder {
                     groups.last_mut().expect("just pushed")
                 }
             };
-            match group.scopes.iter_mut().find(|(sc, _)| *sc == scope) {
+            match group
+                .scopes
+                .iter_mut()
+                .find(|(sc, _)| std::ptr::eq(*sc, scope) || *sc == scope)
+            {
                 Some((_, spans)) => spans.push(&s.span),
                 None => group.scopes.push((scope, vec![&s.span])),
             }
@@ -202,8 +208,10 @@ fn status_len(s: &Status) -> usize {
     string_field_len(text) + varint_field_len(code)
 }
 
-/// A Span message's fields.
-fn span_fields(s: &SpanData, out: &mut Vec<u8>) {
+/// A Span message's fields. The agent's spans carry no events and no
+/// links, and drop no attributes: fields 10–14 stay out, as prost leaves
+/// out a zero or empty field.
+fn span_fields(s: &SpanRecord, out: &mut Vec<u8>) {
     let ctx = &s.span_context;
     bytes(1, &ctx.trace_id().to_bytes(), out);
     bytes(2, &ctx.span_id().to_bytes(), out);
@@ -218,26 +226,8 @@ fn span_fields(s: &SpanData, out: &mut Vec<u8>) {
     varint(6, kind(&s.span_kind) as u64, out);
     fixed64(7, nanos(s.start_time), out);
     fixed64(8, nanos(s.end_time), out);
-    for kv in &s.attributes {
-        key_value(9, kv.key.as_str(), &kv.value, out);
-    }
-    varint(10, u64::from(s.dropped_attributes_count), out);
-    if !s.events.is_empty() || !s.links.is_empty() {
-        // The agent's spans carry neither; should one ever, prost writes
-        // those parts (fields 11–14) as it always did.
-        let full = opentelemetry_proto::tonic::trace::v1::Span::from(s.clone());
-        for event in &full.events {
-            message(11, &event.encode_to_vec(), out);
-        }
-        varint(12, u64::from(full.dropped_events_count), out);
-        for link in &full.links {
-            message(13, &link.encode_to_vec(), out);
-        }
-        varint(14, u64::from(full.dropped_links_count), out);
-    } else {
-        varint(12, u64::from(s.events.dropped_count), out);
-        varint(14, u64::from(s.links.dropped_count), out);
-    }
+    // Field 9, encoded when the attributes were set.
+    out.extend_from_slice(s.attributes.encoded());
     // Status, always present.
     let (code, text) = status(&s.status);
     length_delimited(15, status_len(&s.status), out);
@@ -266,7 +256,7 @@ fn any_len(value: &Value) -> Option<usize> {
 
 /// An attribute: a KeyValue message as field `tag`, its value's length
 /// worked out once.
-fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
+pub(super) fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
     let Some(any_len) = any_len(value) else {
         let any = AnyValue::from(value.clone()).encode_to_vec();
         length_delimited(tag, string_field_len(key) + field_len(any.len()), out);
@@ -292,6 +282,120 @@ fn key_value(tag: u32, key: &str, value: &Value, out: &mut Vec<u8>) {
             out.extend_from_slice(&x.to_le_bytes());
         }
         _ => unreachable!("any_len is None for every other value"),
+    }
+}
+
+/// A string attribute as field `tag`: the fast path of [`key_value`].
+#[inline(always)]
+pub(super) fn string_key_value(tag: u32, key: &str, value: &[u8], out: &mut Vec<u8>) {
+    string_key_value_head(tag, key, value.len(), out);
+    out.extend_from_slice(value);
+}
+
+/// A string attribute as field `tag`, up to its value's bytes (`len` of
+/// them), which the caller appends. The fixed parts are put together on
+/// the stack and appended in one copy, into room reserved once: pushed
+/// byte by byte, they cost more than the attribute's text. Inlined, so
+/// that a constant key's length and bytes are known where it is written.
+#[inline(always)]
+pub(super) fn string_key_value_head(tag: u32, key: &str, len: usize, out: &mut Vec<u8>) {
+    // AnyValue.string_value is written even when empty (it is a oneof).
+    let any_len = field_len(len);
+    let mut value_head = Head::new();
+    value_head.length_delimited(2, any_len);
+    value_head.length_delimited(1, len);
+    key_value_head(tag, key, value_head, len, out);
+}
+
+/// An integer attribute as field `tag`.
+#[inline(always)]
+pub(super) fn int_key_value(tag: u32, key: &str, value: i64, out: &mut Vec<u8>) {
+    let mut value_head = Head::new();
+    value_head.length_delimited(2, 1 + encoded_len_varint(value as u64));
+    value_head.key(3, WireType::Varint);
+    value_head.varint(value as u64);
+    key_value_head(tag, key, value_head, 0, out);
+}
+
+/// A KeyValue message as field `tag` whose value's encoding starts with
+/// `value_head` and goes on for `rest` bytes the caller appends.
+#[inline(always)]
+fn key_value_head(tag: u32, key: &str, value_head: Head, rest: usize, out: &mut Vec<u8>) {
+    let kv_len = string_field_len(key) + value_head.len + rest;
+    let mut head = Head::new();
+    head.length_delimited(tag, kv_len);
+    if !key.is_empty() {
+        head.length_delimited(1, key.len());
+    }
+    out.reserve(head.len + kv_len);
+    // The agent's keys are short: all of it in one copy.
+    if head.len + key.len() + value_head.len <= SHORT {
+        let mut all = [0u8; SHORT];
+        let (head_len, key_end) = (head.len, head.len + key.len());
+        all[..head_len].copy_from_slice(head.bytes());
+        all[head_len..key_end].copy_from_slice(key.as_bytes());
+        all[key_end..key_end + value_head.len].copy_from_slice(value_head.bytes());
+        out.extend_from_slice(&all[..key_end + value_head.len]);
+    } else {
+        out.extend_from_slice(head.bytes());
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(value_head.bytes());
+    }
+}
+
+/// Up to this many bytes of an attribute before its value are put
+/// together on the stack.
+const SHORT: usize = 80;
+
+/// A few fields' keys and lengths, written on the stack.
+struct Head {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl Head {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            buf: [0; 24],
+            len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// At most 11 bytes per call: two calls of either kind fit.
+    #[inline(always)]
+    fn varint(&mut self, mut v: u64) {
+        if v < 0x80 {
+            self.buf[self.len] = v as u8;
+            self.len += 1;
+            return;
+        }
+        while v >= 0x80 {
+            self.buf[self.len] = (v as u8) | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.buf[self.len] = v as u8;
+        self.len += 1;
+    }
+
+    /// A field's key, for tags under 16 (one byte).
+    #[inline(always)]
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        debug_assert!(tag < 16);
+        self.buf[self.len] = (tag << 3 | wire_type as u32) as u8;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    fn length_delimited(&mut self, tag: u32, len: usize) {
+        self.key(tag, WireType::LengthDelimited);
+        self.varint(len as u64);
     }
 }
 

@@ -6,10 +6,9 @@ use opentelemetry::{
     InstrumentationScope, KeyValue,
     trace::{SpanContext, SpanId, SpanKind, Status, TraceId, TraceState},
 };
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::{
-    export::{ExportSpan, ProcessResource, SpanQueue},
+    export::{ExportSpan, ProcessResource, SpanQueue, SpanRecord},
     trace::{
         parents::context::{Ids, flags},
         resources::Resources,
@@ -56,7 +55,7 @@ impl Draft {
 /// under the agent's own resource. Never sampled away.
 pub struct SelfSpans {
     resource: Arc<ProcessResource>,
-    scope: InstrumentationScope,
+    scope: &'static InstrumentationScope,
     ids: Ids,
     queue: SpanQueue,
     /// Spans produced so far.
@@ -67,9 +66,7 @@ impl SelfSpans {
     pub fn new(queue: SpanQueue) -> Self {
         Self {
             resource: ProcessResource::new(Resources::new(Vec::new()).agent()),
-            scope: InstrumentationScope::builder("zerotrace.selftrace")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
+            scope: scope(),
             ids: Ids::default(),
             queue,
             produced: 0,
@@ -87,7 +84,7 @@ impl SelfSpans {
     /// Queues `draft` as span `id` of `trace`, child of `parent`
     /// (`SpanId::INVALID` for a root).
     pub fn emit_with_id(&mut self, trace: TraceId, id: SpanId, parent: SpanId, draft: Draft) {
-        let span = SpanData {
+        let span = SpanRecord {
             span_context: SpanContext::new(trace, id, flags(true), false, TraceState::default()),
             parent_span_id: parent,
             parent_span_is_remote: false,
@@ -95,12 +92,9 @@ impl SelfSpans {
             name: Cow::Borrowed(draft.name),
             start_time: draft.start,
             end_time: draft.end,
-            attributes: draft.attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
+            attributes: draft.attributes.into_iter().collect(),
             status: draft.status,
-            instrumentation_scope: self.scope.clone(),
+            scope: self.scope,
         };
         self.produced += 1;
         self.queue.push(ExportSpan {
@@ -115,4 +109,14 @@ impl SelfSpans {
         self.emit_with_id(trace, id, parent, draft);
         id
     }
+}
+
+/// The scope of the agent's own spans.
+fn scope() -> &'static InstrumentationScope {
+    static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
+        InstrumentationScope::builder("zerotrace.selftrace")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build()
+    });
+    &SCOPE
 }

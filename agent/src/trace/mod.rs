@@ -34,7 +34,6 @@ use opentelemetry::{
     InstrumentationScope, Key, KeyValue, Value,
     trace::{SpanContext, SpanId, SpanKind, TraceState},
 };
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use self::{
     parents::{
@@ -55,7 +54,7 @@ use crate::{
     capture::EndId,
     config::{Config, HeaderRule},
     conn::{Connection, own::OwnSockets},
-    export::{ExportSpan, SpanQueue},
+    export::{ExportSpan, SpanQueue, SpanRecord},
     pipeline::Record,
     protocol::{
         db::{DbCall, DbEvent, DbOptions},
@@ -223,7 +222,7 @@ struct ConnTrace {
     begun: VecDeque<Begun>,
     last: Moment,
     /// `network.peer.address`, once known (None inside: the peer has none).
-    peer: Option<Option<Value>>,
+    peer: Option<Option<Arc<str>>>,
 }
 
 /// A request whose client left before the answer, still owning its units.
@@ -265,7 +264,6 @@ pub struct Tracer {
     abandoned: IdMap<(u64, u64), Abandoned>,
     /// The moment (thread, time, unit) of the record being handled.
     io: Moment,
-    scope: InstrumentationScope,
     /// Wall clock minus the monotonic clock the kernel stamps events with.
     clock_offset: Duration,
     events: Vec<Event>,
@@ -312,9 +310,6 @@ impl Tracer {
             adjacency: Adjacency::default(),
             abandoned: IdMap::default(),
             io: Moment::default(),
-            scope: InstrumentationScope::builder("zerotrace")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
             clock_offset: clock_offset(),
             events: Vec::new(),
             no_tenant: Arc::from(Vec::new()),
@@ -973,13 +968,15 @@ impl Tracer {
         }
         let described = describe(begun.side);
         let mut attributes = described.attributes;
-        attributes.extend(begun.tenant.iter().cloned());
+        for kv in begun.tenant.iter() {
+            attributes.value(kv.key.as_str(), &kv.value);
+        }
         let (kind, server_port) = match begun.side {
             Side::Server => (SpanKind::Server, conn.local.port()),
             Side::Client => (SpanKind::Client, None),
         };
         let resource = self.resources.of(conn.tgid, &conn.comm, server_port);
-        let span = SpanData {
+        let span = SpanRecord {
             span_context: SpanContext::new(
                 self.links.trace_id(begun.trace_id),
                 begun.span_id,
@@ -994,11 +991,8 @@ impl Tracer {
             start_time: self.wall_time(start_ns),
             end_time: self.wall_time(end_ns),
             attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
             status: described.status,
-            instrumentation_scope: self.scope.clone(),
+            scope: scope(),
         };
         self.stats.spans += 1;
         let span = ExportSpan { resource, span };
@@ -1062,6 +1056,16 @@ fn serving_request(conns: &IdMap<u64, ConnTrace>, r: RequestRef) -> Option<&Begu
 }
 
 /// Links are keyed by the client end's (local, remote).
+/// The scope of the spans of traced processes.
+fn scope() -> &'static InstrumentationScope {
+    static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
+        InstrumentationScope::builder("zerotrace")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build()
+    });
+    &SCOPE
+}
+
 fn link_key(local: EndId, remote: EndId, side: Side) -> LinkKey {
     match side {
         Side::Client => (local, remote.as_server()),
@@ -1424,7 +1428,7 @@ mod tests {
         // After A ended, its task's calls are roots.
         unit_data(&mut t, &db, loop_tid, 160, at(0xa1, 17), CALL);
         unit_data(&mut t, &db, loop_tid, 170, at(0xa1, 17), RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         // The servers' spans, roots, were held for their client end.
         let [call_a, call_b, background, late, server_a, server_b] = &spans[..] else {
             panic!("{spans:#?}")
@@ -1454,7 +1458,7 @@ mod tests {
         let late = 101 + ABANDONED_GRACE_NS + 1000;
         unit_data(&mut t, &db, 10, late, at(0xa1, 5), CALL);
         unit_data(&mut t, &db, 10, late + 10, at(0xa1, 5), RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         // The server's span, a root, was held for its client end until
         // the late call's time.
         let [call, server, late] = &spans[..] else {
@@ -1502,7 +1506,7 @@ mod tests {
         }
         data(&mut t, &d1, worker, 140, Syscall::Write, RESP);
         data(&mut t, &d2, worker, 141, Syscall::Write, RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [c1, c2, c3, s1, s2] = &spans[..] else {
             panic!("{spans:#?}")
         };
@@ -1567,7 +1571,7 @@ mod tests {
         data(&mut t, &upstream, 6, 4, Syscall::Read, RESP);
         data(&mut t, &server, 6, 5, Syscall::Write, RESP);
         data(&mut t, &client, 5, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [up, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };
@@ -1634,7 +1638,7 @@ mod tests {
         data(&mut t, &upstream, 6, 2, Syscall::Write, CALL);
         data(&mut t, &upstream, 6, 5, Syscall::Read, RESP);
         data(&mut t, &front, 6, 6, Syscall::Write, RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [back, up, fr] = &spans[..] else {
             panic!("{spans:#?}")
         };
@@ -1815,7 +1819,7 @@ mod tests {
         data(&mut t, &client, 20, 3, Syscall::Write, REQ);
         data(&mut t, &server, 31, 5, Syscall::Write, RESP);
         data(&mut t, &client, 20, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanData> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
         let [old, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };

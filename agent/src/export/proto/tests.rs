@@ -4,7 +4,7 @@ use opentelemetry::{
     Array, KeyValue, StringValue,
     trace::{SpanContext, TraceFlags, TraceId, TraceState},
 };
-use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use super::*;
 use crate::export::otlp_request;
@@ -91,35 +91,15 @@ fn batch() -> Vec<ExportSpan> {
                         Value::Array(Array::String(vec![StringValue::from("a"), "b".into()])),
                     ),
                 ]);
-                s.dropped_attributes_count = 2;
             }
             3 => s.status = Status::error(""),
-            5 => {
-                s.name = Cow::Borrowed("");
-                // Never made by the agent; written as prost writes them.
-                s.events.events.push(opentelemetry::trace::Event::new(
-                    "exception",
-                    UNIX_EPOCH + Duration::from_secs(1),
-                    vec![KeyValue::new("exception.type", "E")],
-                    0,
-                ));
-                s.events.dropped_count = 1;
-                s.links
-                    .links
-                    .push(opentelemetry::trace::Link::with_context(SpanContext::new(
-                        TraceId::from_bytes([5; 16]),
-                        SpanId::from_bytes([5; 8]),
-                        TraceFlags::SAMPLED,
-                        true,
-                        TraceState::default(),
-                    )));
-            }
+            5 => s.name = Cow::Borrowed(""),
             _ => {}
         }
         let resource = if n % 2 == 0 { &app } else { &db };
         spans.push(ExportSpan {
             resource: Arc::clone(resource),
-            span: s,
+            span: SpanRecord::from_span_data(s),
         });
     }
     spans

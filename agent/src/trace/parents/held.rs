@@ -120,7 +120,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::{capture::EndId, export::ProcessResource};
+    use crate::{
+        capture::EndId,
+        export::{ProcessResource, SpanRecord},
+    };
 
     fn key() -> LinkKey {
         (
@@ -132,7 +135,7 @@ mod tests {
     fn span(n: u8) -> ExportSpan {
         ExportSpan {
             resource: ProcessResource::new(Resource::builder_empty().build()),
-            span: SpanData {
+            span: SpanRecord::from_span_data(SpanData {
                 span_context: SpanContext::new(
                     TraceId::from_bytes([n; 16]),
                     SpanId::from_bytes([n; 8]),
@@ -152,7 +155,7 @@ mod tests {
                 links: SpanLinks::default(),
                 status: Status::Unset,
                 instrumentation_scope: Default::default(),
-            },
+            }),
         }
     }
 

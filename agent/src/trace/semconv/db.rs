@@ -3,64 +3,62 @@
 
 use std::borrow::Cow;
 
-use opentelemetry::{KeyValue, Value, trace::Status};
+use opentelemetry::trace::Status;
 
-use super::{Described, Endpoints, Side, ip_text};
-use crate::{capture::Endpoint, protocol::db::DbCall};
+use super::{ATTRIBUTE_BYTES, Described, Endpoints, Side, ip_text};
+use crate::{capture::Endpoint, export::Attributes, protocol::db::DbCall};
 
 /// Name, attributes and status of one call; `system` is db.system.name.
 pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_>) -> Described {
     let name = span_name(system, &call);
-    let mut attrs = Vec::with_capacity(12);
-    attrs.push(KeyValue::new("db.system.name", system));
+    let mut attrs = Attributes::with_capacity(ATTRIBUTE_BYTES);
+    attrs.str("db.system.name", system);
     match at.server(side) {
         // A client's server is its peer, whose address is formatted already.
         Endpoint::Inet(server) => {
-            let address = match (side, &at.peer) {
-                (Side::Client, Some(peer)) => peer.clone(),
-                _ => Value::from(ip_text(server.ip())),
-            };
-            attrs.push(KeyValue::new("server.address", address));
-            attrs.push(KeyValue::new("server.port", i64::from(server.port())));
+            match (side, &at.peer) {
+                (Side::Client, Some(peer)) => attrs.str("server.address", peer),
+                _ => attrs.str("server.address", &ip_text(server.ip())),
+            }
+            attrs.int("server.port", i64::from(server.port()));
         }
         // A unix socket: its path (or @abstract name), without a port.
         unix => {
             if let Some(name) = unix.unix_name() {
-                attrs.push(KeyValue::new("server.address", name.to_owned()));
+                attrs.str("server.address", name);
             }
         }
     }
-    attrs.push(KeyValue::new("network.transport", at.transport()));
-    if let Some(peer) = at.peer {
-        attrs.push(KeyValue::new("network.peer.address", peer));
+    attrs.str("network.transport", at.transport());
+    if let Some(peer) = &at.peer {
+        attrs.str("network.peer.address", peer);
     }
     if let Some(port) = at.remote.port() {
-        attrs.push(KeyValue::new("network.peer.port", i64::from(port)));
+        attrs.int("network.peer.port", i64::from(port));
     }
-    let error_type = call
-        .error
-        .then(|| call.status_code.clone().unwrap_or_else(|| "_OTHER".into()));
-    // The call is the span's now: its strings move into the attributes.
-    if let Some(operation) = call.operation {
-        attrs.push(KeyValue::new("db.operation.name", operation));
+    if let Some(operation) = &call.operation {
+        attrs.str("db.operation.name", operation);
     }
-    if let Some(namespace) = call.namespace {
-        attrs.push(KeyValue::new("db.namespace", Value::from(namespace)));
+    if let Some(namespace) = &call.namespace {
+        attrs.str("db.namespace", namespace);
     }
     for (key, value) in [
-        ("db.collection.name", call.collection),
-        ("db.query.text", call.query_text),
-        ("db.response.status_code", call.status_code),
+        ("db.collection.name", &call.collection),
+        ("db.query.text", &call.query_text),
+        ("db.response.status_code", &call.status_code),
     ] {
         if let Some(v) = value {
-            attrs.push(KeyValue::new(key, v));
+            attrs.str(key, v);
         }
     }
     let status = if call.unanswered {
-        attrs.push(KeyValue::new("error.type", "no_response"));
+        attrs.str("error.type", "no_response");
         Status::error("no response before the connection closed")
-    } else if let Some(kind) = error_type {
-        attrs.push(KeyValue::new("error.type", kind));
+    } else if call.error {
+        attrs.str(
+            "error.type",
+            call.status_code.as_deref().unwrap_or("_OTHER"),
+        );
         Status::error("")
     } else {
         Status::Unset

@@ -1,13 +1,14 @@
 //! HTTP exchanges as spans: names, attributes and statuses per the
 //! OpenTelemetry HTTP semantic conventions.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
-use opentelemetry::{KeyValue, StringValue, Value, trace::Status};
+use opentelemetry::trace::Status;
 
-use super::{Described, Endpoints, Side};
+use super::{ATTRIBUTE_BYTES, Described, Endpoints, Side};
 use crate::{
     capture::Endpoint,
+    export::Attributes,
     protocol::http::{Exchange, Request},
 };
 
@@ -59,11 +60,18 @@ fn find_scheme_end(target: &str) -> Option<usize> {
 /// carry tokens and personal data. A pair's key runs up to its first '='
 /// (then it had a value), else it is the whole pair.
 pub fn redact_query(query: &str) -> String {
-    const REDACTED: &str = "=REDACTED";
-    // Two byte loops, one to size the text and one to write it: queries are
-    // short, and splitting them into pairs cost a search per separator. The
-    // exact length lets the text be built in one allocation that the
-    // attribute keeps as it is (a spare capacity would be shrunk, a copy).
+    let mut out = Vec::with_capacity(redacted_len(query));
+    write_redacted(query, &mut out);
+    // Whole pieces of `query` and ASCII: UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+const REDACTED: &str = "=REDACTED";
+
+/// The length of `query` redacted. Queries are short: a byte loop to size
+/// the text and one to write it cost less than splitting them into pairs,
+/// and let the text go straight into a span's attributes.
+fn redacted_len(query: &str) -> usize {
     let mut len = 0;
     let mut in_value = false;
     for &c in query.as_bytes() {
@@ -80,31 +88,35 @@ pub fn redact_query(query: &str) -> String {
             _ => {}
         }
     }
-    let mut out = String::with_capacity(len);
+    len
+}
+
+/// Appends `query` redacted: [`redacted_len`] bytes.
+fn write_redacted(query: &str, out: &mut Vec<u8>) {
+    let q = query.as_bytes();
     let mut key = 0;
-    in_value = false;
-    for (i, &c) in query.as_bytes().iter().enumerate() {
+    let mut in_value = false;
+    for (i, &c) in q.iter().enumerate() {
         match c {
             b'&' => {
                 if !in_value {
-                    out.push_str(&query[key..i]);
+                    out.extend_from_slice(&q[key..i]);
                 }
-                out.push('&');
+                out.push(b'&');
                 in_value = false;
                 key = i + 1;
             }
             b'=' if !in_value => {
-                out.push_str(&query[key..i]);
-                out.push_str(REDACTED);
+                out.extend_from_slice(&q[key..i]);
+                out.extend_from_slice(REDACTED.as_bytes());
                 in_value = true;
             }
             _ => {}
         }
     }
     if !in_value {
-        out.push_str(&query[key..]);
+        out.extend_from_slice(&q[key..]);
     }
-    out
 }
 
 /// Route patterns: `{name}` or `:name` matches one path segment, a final
@@ -172,115 +184,88 @@ impl PathFilter {
 pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Routes) -> Described {
     let request = &exchange.request;
     let (path, query) = path_and_query(&request.target);
-    let mut attrs = Vec::with_capacity(16);
+    let query = query.filter(|q| !q.is_empty());
+    let mut attrs = Attributes::with_capacity(ATTRIBUTE_BYTES);
     let method = method(request, &mut attrs);
     let scheme = if at.tls { "https" } else { "http" };
     let server = at.server(side);
     let (host, port) = authority(request, server, scheme);
-    let peer = at.peer.clone();
-    attrs.push(KeyValue::new("url.scheme", scheme));
-    attrs.push(KeyValue::new("network.protocol.version", request.version));
-    attrs.push(KeyValue::new("network.transport", at.transport()));
-    if let Some(peer) = &peer {
-        attrs.push(KeyValue::new("network.peer.address", peer.clone()));
+    attrs.str("url.scheme", scheme);
+    attrs.str("network.protocol.version", request.version);
+    attrs.str("network.transport", at.transport());
+    if let Some(peer) = &at.peer {
+        attrs.str("network.peer.address", peer);
     }
     if let Some(port) = at.remote.port() {
-        attrs.push(KeyValue::new("network.peer.port", i64::from(port)));
+        attrs.int("network.peer.port", i64::from(port));
     }
-    let query = query.filter(|q| !q.is_empty()).map(redact_query);
-    let url_full = match side {
-        Side::Server => None,
-        Side::Client => Some(url_full(
-            scheme,
-            host.as_str(),
-            port,
-            path,
-            query.as_deref(),
-        )),
-    };
     match server {
         Endpoint::Inet(_) => {
-            attrs.push(KeyValue::new("server.address", host));
-            attrs.push(KeyValue::new("server.port", i64::from(port)));
+            attrs.str("server.address", &host);
+            attrs.int("server.port", i64::from(port));
         }
         // Over a unix socket the server is the socket, whatever the Host
         // header says (it is usually `localhost`).
-        Endpoint::Unix(_) => {
-            let address = server
-                .unix_name()
-                .map_or(host, |name| StringValue::from(name.to_owned()));
-            attrs.push(KeyValue::new("server.address", address));
-        }
+        Endpoint::Unix(_) => attrs.str("server.address", server.unix_name().unwrap_or(&host)),
     }
     let mut route = None;
     match side {
         Side::Server => {
-            // A bare path (the usual origin-form target) is the target itself.
-            let url_path = if std::ptr::eq(path, &*request.target) {
-                Value::from(Arc::clone(&request.target))
-            } else {
-                Value::from(path.to_owned())
-            };
-            attrs.push(KeyValue::new("url.path", url_path));
+            attrs.str("url.path", path);
             if let Some(q) = query {
-                attrs.push(KeyValue::new("url.query", q));
+                attrs.str_from_parts("url.query", redacted_len(q), |out| {
+                    write_redacted(q, out);
+                });
             }
-            if let Some(peer) = peer {
-                attrs.push(KeyValue::new("client.address", peer));
+            if let Some(peer) = &at.peer {
+                attrs.str("client.address", peer);
             }
             route = routes.matching(path);
             if let Some(route) = route {
-                attrs.push(KeyValue::new("http.route", route.to_owned()));
+                attrs.str("http.route", route);
             }
         }
         Side::Client => {
-            if let Some(url) = url_full {
-                attrs.push(KeyValue::new("url.full", url));
-            }
+            let url = UrlFull {
+                scheme,
+                host: &host,
+                port,
+                path,
+                query,
+            };
+            attrs.str_from_parts("url.full", url.len(), |out| url.write(out));
         }
     }
     if let Some(agent) = &request.user_agent {
-        attrs.push(KeyValue::new(
-            "user_agent.original",
-            Value::from(Arc::clone(agent)),
-        ));
+        attrs.str("user_agent.original", agent);
     }
     if request.body_bytes > 0 {
-        attrs.push(KeyValue::new(
-            "http.request.body.size",
-            request.body_bytes as i64,
-        ));
+        attrs.int("http.request.body.size", request.body_bytes as i64);
     }
     let mut status = Status::Unset;
     match &exchange.response {
         Some(response) => {
-            attrs.push(KeyValue::new(
-                "http.response.status_code",
-                i64::from(response.status),
-            ));
+            attrs.int("http.response.status_code", i64::from(response.status));
             if response.body_bytes > 0 {
-                attrs.push(KeyValue::new(
-                    "http.response.body.size",
-                    response.body_bytes as i64,
-                ));
+                attrs.int("http.response.body.size", response.body_bytes as i64);
             }
             let error = match side {
                 Side::Server => response.status >= 500,
                 Side::Client => response.status >= 400,
             };
             if error {
-                attrs.push(KeyValue::new("error.type", response.status.to_string()));
+                attrs.str("error.type", &response.status.to_string());
                 status = Status::error("");
             }
         }
         // The response went by in what the capture did not see: most
         // likely answered, so no error is claimed, only that it is unknown.
         None if exchange.response_lost.is_some() => {
-            attrs.push(KeyValue::new("zerotrace.response.lost", true));
+            attrs.bool("zerotrace.response.lost", true);
         }
         None => {
             // The connection closed before a response.
-            attrs.push(KeyValue::new("error.type", "no_response"));
+            attrs.str("error.type", "no_response");
             status = Status::error("no response before the connection closed");
         }
     }
@@ -301,85 +286,99 @@ pub fn describe(side: Side, exchange: &Exchange, at: Endpoints<'_>, routes: &Rou
     }
 }
 
-/// `scheme://host:port/path?query`, IPv6 hosts in brackets, built in one
-/// allocation of the exact size.
-fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>) -> String {
-    let bracket = host.contains(':');
-    let mut digits = [0u8; 5];
-    let mut n = digits.len();
-    let mut p = port;
-    loop {
-        n -= 1;
-        digits[n] = b'0' + (p % 10) as u8;
-        p /= 10;
-        if p == 0 {
-            break;
+/// `url.full`: `scheme://host:port/path?query`, IPv6 hosts in brackets,
+/// the query redacted; sized first, then written straight into the span's
+/// attributes.
+struct UrlFull<'a> {
+    scheme: &'a str,
+    host: &'a str,
+    port: u16,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+impl UrlFull<'_> {
+    fn bracket(&self) -> bool {
+        self.host.contains(':')
+    }
+
+    fn len(&self) -> usize {
+        self.scheme.len()
+            + "://".len()
+            + self.host.len()
+            + if self.bracket() { 2 } else { 0 }
+            + 1
+            + port_digits(self.port)
+            + self.path.len()
+            + self.query.map_or(0, |q| 1 + redacted_len(q))
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.scheme.as_bytes());
+        out.extend_from_slice(b"://");
+        if self.bracket() {
+            out.push(b'[');
+            out.extend_from_slice(self.host.as_bytes());
+            out.push(b']');
+        } else {
+            out.extend_from_slice(self.host.as_bytes());
+        }
+        out.push(b':');
+        let mut digits = [0u8; 5];
+        let n = port_digits(self.port);
+        let mut p = self.port;
+        for d in digits[..n].iter_mut().rev() {
+            *d = b'0' + (p % 10) as u8;
+            p /= 10;
+        }
+        out.extend_from_slice(&digits[..n]);
+        out.extend_from_slice(self.path.as_bytes());
+        if let Some(q) = self.query {
+            out.push(b'?');
+            write_redacted(q, out);
         }
     }
-    // ASCII digits.
-    let port = std::str::from_utf8(&digits[n..]).unwrap_or("0");
-    let len = scheme.len()
-        + "://".len()
-        + host.len()
-        + if bracket { 2 } else { 0 }
-        + 1
-        + port.len()
-        + path.len()
-        + query.map_or(0, |q| 1 + q.len());
-    let mut url = String::with_capacity(len);
-    url.push_str(scheme);
-    url.push_str("://");
-    if bracket {
-        url.push('[');
-        url.push_str(host);
-        url.push(']');
-    } else {
-        url.push_str(host);
+}
+
+/// The decimal digits of a port.
+fn port_digits(port: u16) -> usize {
+    match port {
+        0..10 => 1,
+        10..100 => 2,
+        100..1000 => 3,
+        1000..10000 => 4,
+        _ => 5,
     }
-    url.push(':');
-    url.push_str(port);
-    url.push_str(path);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
 }
 
 /// Adds the method attributes; returns the name to use in the span name.
-fn method(request: &Request, attrs: &mut Vec<KeyValue>) -> &'static str {
+fn method(request: &Request, attrs: &mut Attributes) -> &'static str {
     if let Some(known) = KNOWN_METHODS.iter().find(|m| **m == request.method) {
-        attrs.push(KeyValue::new("http.request.method", *known));
+        attrs.str("http.request.method", known);
         known
     } else {
-        attrs.push(KeyValue::new("http.request.method", "_OTHER"));
-        attrs.push(KeyValue::new(
-            "http.request.method_original",
-            request.method.to_string(),
-        ));
+        attrs.str("http.request.method", "_OTHER");
+        attrs.str("http.request.method_original", &request.method);
         "HTTP"
     }
 }
 
 /// `server.address` and `server.port`: from the Host header when there is
-/// one (its name shared, not copied), else the server end's address
-/// (`localhost` and the scheme's port for a unix socket).
-fn authority(request: &Request, server: &Endpoint, scheme: &str) -> (StringValue, u16) {
+/// one, else the server end's address (`localhost` and the scheme's port
+/// for a unix socket).
+fn authority<'r>(request: &'r Request, server: &Endpoint, scheme: &str) -> (Cow<'r, str>, u16) {
     let server_port = match server {
         Endpoint::Inet(addr) => addr.port(),
         Endpoint::Unix(_) if scheme == "https" => 443,
         Endpoint::Unix(_) => 80,
     };
     match &request.host {
-        Some(host) => (
-            StringValue::from(Arc::clone(&host.name)),
-            host.port.unwrap_or(server_port),
-        ),
+        Some(host) => (Cow::Borrowed(&*host.name), host.port.unwrap_or(server_port)),
         // Formatted only without a Host header: most requests have one.
         None => {
             let server_host = match server {
-                Endpoint::Inet(addr) => StringValue::from(addr.ip().to_string()),
-                Endpoint::Unix(_) => StringValue::from("localhost"),
+                Endpoint::Inet(addr) => Cow::Owned(addr.ip().to_string()),
+                Endpoint::Unix(_) => Cow::Borrowed("localhost"),
             };
             (server_host, server_port)
         }
@@ -454,34 +453,33 @@ mod tests {
         assert_eq!(get(&d, "client.address"), None);
     }
 
-    fn attr<'a>(span: &'a Described, key: &str) -> Option<&'a Value> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .map(|kv| &kv.value)
+    fn attr(span: &Described, key: &str) -> Option<Value> {
+        span.attributes.get(key)
     }
 
-    /// `url.path` of a bare path and `server.address` from a Host header
-    /// are the request's own text, not copies; a path cut from a longer
-    /// target is its own, and right.
+    /// A bare path is the whole target; a path cut from a longer target
+    /// stops at its query. A request without a Host header names the
+    /// server by its address.
     #[test]
-    fn bare_paths_and_host_names_are_shared_not_copied() {
-        let shared = |v: Option<&Value>, text: &Arc<str>| match v {
-            Some(Value::String(s)) => std::ptr::eq(s.as_str(), &**text),
-            _ => false,
-        };
+    fn paths_and_server_addresses_come_from_the_request() {
         let ex = exchange("GET", "/users/7", Some(200));
         let d = describe(Side::Server, &ex, at(), &Routes::default());
-        assert!(shared(attr(&d, "url.path"), &ex.request.target));
-        let host = &ex.request.host.as_ref().unwrap().name;
-        assert!(shared(attr(&d, "server.address"), host));
-        assert_eq!(attr(&d, "server.address").unwrap().as_str(), "shop.example");
-        assert_eq!(attr(&d, "server.port"), Some(&Value::I64(8080)));
-
-        let ex = exchange("GET", "/users/7?x=1", Some(200));
-        let d = describe(Side::Server, &ex, at(), &Routes::default());
-        assert!(!shared(attr(&d, "url.path"), &ex.request.target));
         assert_eq!(attr(&d, "url.path").unwrap().as_str(), "/users/7");
+        assert_eq!(attr(&d, "server.address").unwrap().as_str(), "shop.example");
+        assert_eq!(attr(&d, "server.port"), Some(Value::I64(8080)));
+        assert_eq!(attr(&d, "url.query"), None);
+
+        let mut ex = exchange("GET", "/users/7?x=1", Some(200));
+        Arc::make_mut(&mut ex.request).host = None;
+        let d = describe(Side::Server, &ex, at(), &Routes::default());
+        assert_eq!(attr(&d, "url.path").unwrap().as_str(), "/users/7");
+        assert_eq!(attr(&d, "url.query").unwrap().as_str(), "x=REDACTED");
+        assert_eq!(attr(&d, "server.address").unwrap().as_str(), "127.0.0.1");
+        let d = describe(Side::Client, &ex, at(), &Routes::default());
+        assert_eq!(
+            attr(&d, "url.full").unwrap().as_str(),
+            "http://127.0.0.1:50123/users/7?x=REDACTED"
+        );
     }
 
     #[test]
@@ -504,9 +502,9 @@ mod tests {
             attr(&span, "server.address").unwrap().as_str(),
             "shop.example"
         );
-        assert_eq!(attr(&span, "server.port"), Some(&Value::I64(8080)));
+        assert_eq!(attr(&span, "server.port"), Some(Value::I64(8080)));
         assert_eq!(attr(&span, "client.address").unwrap().as_str(), "127.0.0.1");
-        assert_eq!(attr(&span, "network.peer.port"), Some(&Value::I64(50123)));
+        assert_eq!(attr(&span, "network.peer.port"), Some(Value::I64(50123)));
         assert_eq!(attr(&span, "error.type").unwrap().as_str(), "503");
         assert!(matches!(span.status, Status::Error { .. }));
         let ok = describe(
@@ -586,11 +584,31 @@ mod tests {
         assert_eq!(path_and_query("/p?q#f"), ("/p", Some("q")));
         assert_eq!(path_and_query("/p:"), ("/p:", None));
         assert_eq!(path_and_query(""), ("", None));
-        let url = url_full("http", "::1", 8, "/p", Some("q"));
-        assert_eq!(url, "http://[::1]:8/p?q");
-        assert_eq!(url.capacity(), url.len());
+        let url_full = |scheme, host, port, path, query| {
+            let url = UrlFull {
+                scheme,
+                host,
+                port,
+                path,
+                query,
+            };
+            let mut out = Vec::new();
+            url.write(&mut out);
+            assert_eq!(out.len(), url.len());
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            url_full("http", "::1", 8, "/p", Some("q=1")),
+            "http://[::1]:8/p?q=REDACTED"
+        );
         assert_eq!(url_full("https", "h", 65535, "", None), "https://h:65535");
         assert_eq!(url_full("http", "h", 0, "/", None), "http://h:0/");
+        for port in [9, 10, 99, 100, 999, 1000, 9999, 10000] {
+            assert_eq!(
+                url_full("http", "h", port, "", None),
+                format!("http://h:{port}")
+            );
+        }
         for ip in [
             "127.0.0.1",
             "0.0.0.0",

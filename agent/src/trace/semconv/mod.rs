@@ -5,9 +5,7 @@
 
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
-use opentelemetry::{KeyValue, Value};
-
-use crate::capture::Endpoint;
+use crate::{capture::Endpoint, export::Attributes};
 
 pub mod db;
 pub mod http;
@@ -28,7 +26,7 @@ pub struct Endpoints<'a> {
     pub remote: &'a Endpoint,
     pub tls: bool,
     /// `network.peer.address`: see [`peer_address`].
-    pub peer: Option<Value>,
+    pub peer: Option<Arc<str>>,
 }
 
 impl<'a> Endpoints<'a> {
@@ -59,10 +57,10 @@ impl<'a> Endpoints<'a> {
 /// `network.peer.address`: the peer's IP, or its unix socket's name when it
 /// has one (a client end usually has none). Reference-counted, so the
 /// spans of a connection share one copy.
-pub fn peer_address(remote: &Endpoint) -> Option<Value> {
+pub fn peer_address(remote: &Endpoint) -> Option<Arc<str>> {
     match remote {
-        Endpoint::Inet(addr) => Some(Value::from(ip_text(addr.ip()))),
-        unix => unix.unix_name().map(|n| Value::from(Arc::<str>::from(n))),
+        Endpoint::Inet(addr) => Some(ip_text(addr.ip())),
+        unix => unix.unix_name().map(Arc::<str>::from),
     }
 }
 
@@ -106,10 +104,14 @@ pub fn ip_text(ip: IpAddr) -> Arc<str> {
     }
 }
 
+/// Room for a span's attributes, encoded: an HTTP server span's take 400
+/// to 700 bytes, and growing the buffer would copy them.
+pub const ATTRIBUTE_BYTES: usize = 1024;
+
 /// A span's name, attributes and status, as a protocol describes it.
 pub struct Described {
     /// Borrowed when it is a constant (an HTTP method, a DB system).
     pub name: Cow<'static, str>,
-    pub attributes: Vec<KeyValue>,
+    pub attributes: Attributes,
     pub status: opentelemetry::trace::Status,
 }
