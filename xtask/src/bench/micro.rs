@@ -371,10 +371,11 @@ fn render(results: &[Value], m: &Machine) -> String {
          records and close; `redis_set_get`: two commands, four data records). Rows \
          marked \"per span\" count spans of a 512-span batch made into one OTLP \
          request's protobuf bytes, the exporter's work before the network: \
-         `otlp_encode` writes them straight from the spans (what the exporter \
-         does), `otlp_convert_then_encode` converts them to opentelemetry-proto's \
-         messages first and has prost encode those (what it did before; the two \
-         give the same bytes).\n\n\
+         `otlp_encode` writes them straight from the span records (what the \
+         exporter does; their attributes were encoded when the tracer made them, \
+         so that part is in `span_build`), `otlp_convert_then_encode` converts \
+         them to the SDK's and then opentelemetry-proto's messages first and has \
+         prost encode those (what it did before; the two give the same bytes).\n\n\
          Instructions and heap allocations per event are counted, not timed, \
          so unlike the times they do not move with the machine's load: the \
          instructions under valgrind's cachegrind (each routine called a few and \
