@@ -6,7 +6,7 @@
 //! CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY,INSECURE}, the signal-specific
 //! variable first.
 
-use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, anyhow};
 use http_body_util::BodyExt;
@@ -25,7 +25,7 @@ use tonic::codegen::{
 
 use super::{
     ExportSpan, Sink, by_resource,
-    proto::{Encoded, Encoder},
+    proto::Encoder,
     tls::{ClientTls, PemFile, TlsFiles, client_refused, explain, find, plaintext_config},
 };
 use crate::config::{OtlpProtocol, OtlpTlsConfig};
@@ -237,7 +237,7 @@ fn parse_headers(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
 }
 
 enum Transport {
-    Grpc(tonic::client::Grpc<GrpcAnswers>),
+    Grpc(GrpcAnswers),
     Http(reqwest::Client),
 }
 
@@ -359,10 +359,11 @@ pub struct Otlp {
     settings: OtlpSettings,
     transport: Transport,
     encoder: Encoder,
-    /// The last gRPC request's body, written over by the next batch once
-    /// tonic has let go of it: a batch is some hundreds of KiB, and a new
-    /// buffer each time meant growing it anew.
-    body: Arc<Vec<u8>>,
+    /// The last request's size: the next one's buffer is made about that
+    /// big at once (a batch is some hundreds of KiB; grown as it is
+    /// written, it would be copied again and again). It is not reused: h2
+    /// still holds it while the answer is read.
+    last_len: usize,
     /// The bound on one whole export (OTEL_BSP_EXPORT_TIMEOUT).
     export_timeout: Duration,
 }
@@ -394,12 +395,7 @@ impl Otlp {
                     let _guard = runtime.enter();
                     channel.connect_lazy()
                 };
-                let client = tonic::client::Grpc::new(GrpcAnswers(channel));
-                Transport::Grpc(if settings.gzip {
-                    client.send_compressed(tonic::codec::CompressionEncoding::Gzip)
-                } else {
-                    client
-                })
+                Transport::Grpc(GrpcAnswers(channel))
             }
             OtlpProtocol::HttpProtobuf => {
                 let config = match &tls {
@@ -423,7 +419,7 @@ impl Otlp {
             settings,
             transport,
             encoder: Encoder::default(),
-            body: Arc::default(),
+            last_len: 0,
             export_timeout,
         })
     }
@@ -444,36 +440,17 @@ pub fn request(spans: Vec<ExportSpan>) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest { resource_spans }
 }
 
-/// Sends one request; returns the spans the collector rejected.
+/// Sends one request; returns the spans the collector rejected. For gRPC,
+/// `body` starts with [`GRPC_PREFIX`] bytes of room for the message's
+/// prefix.
 async fn send(
     transport: &mut Transport,
     settings: &OtlpSettings,
-    request: Arc<Vec<u8>>,
+    mut body: Vec<u8>,
 ) -> anyhow::Result<i64> {
     let response = match transport {
-        Transport::Grpc(client) => {
-            let mut req = tonic::Request::new(Encoded(request));
-            *req.metadata_mut() =
-                tonic::metadata::MetadataMap::from_headers(settings.headers.clone());
-            client.ready().await.map_err(|e| {
-                failure(&*e, settings).unwrap_or_else(|| anyhow!("gRPC channel not ready: {e}"))
-            })?;
-            let codec = tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-            );
-            client
-                .unary(req, path, codec)
-                .await
-                .map_err(|s| {
-                    failure(&s, settings)
-                        .unwrap_or_else(|| anyhow!("gRPC status {:?}: {}", s.code(), s.message()))
-                })?
-                .into_inner()
-        }
+        Transport::Grpc(channel) => grpc_export(channel, settings, body).await?,
         Transport::Http(client) => {
-            // Not kept by the caller: this moves it out without a copy.
-            let mut body = Arc::unwrap_or_clone(request);
             let mut req = client
                 .post(&settings.endpoint)
                 .headers(settings.headers.clone())
@@ -515,6 +492,80 @@ async fn send(
     Ok(rejected)
 }
 
+/// The gRPC method of a trace export.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC message's prefix: the compressed flag and a 4-byte length.
+pub const GRPC_PREFIX: usize = 5;
+
+/// One unary gRPC call with the request's bytes as they are. tonic's
+/// codec would copy a batch of some hundreds of KiB into its own buffer,
+/// growing it as it goes; here the encoded request, behind its prefix, is
+/// the HTTP/2 body, which h2 sends from where it lies.
+async fn grpc_export(
+    channel: &mut GrpcAnswers,
+    settings: &OtlpSettings,
+    mut framed: Vec<u8>,
+) -> anyhow::Result<ExportTraceServiceResponse> {
+    if settings.gzip {
+        let mut out = Vec::with_capacity(framed.len() / 4 + GRPC_PREFIX);
+        out.extend_from_slice(&[1, 0, 0, 0, 0]);
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+        gz.write_all(&framed[GRPC_PREFIX..])?;
+        framed = gz.finish()?;
+    }
+    let len = u32::try_from(framed.len() - GRPC_PREFIX).context("a request over 4 GiB")?;
+    framed[1..GRPC_PREFIX].copy_from_slice(&len.to_be_bytes());
+    let body = http_body_util::Full::new(prost::bytes::Bytes::from(framed));
+    let mut request = http::Request::new(tonic::body::Body::new(body));
+    *request.method_mut() = http::Method::POST;
+    // The channel adds the endpoint's scheme and authority.
+    *request.uri_mut() = http::Uri::from_static(EXPORT_PATH);
+    *request.version_mut() = http::Version::HTTP_2;
+    let headers = request.headers_mut();
+    headers.clone_from(&settings.headers);
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    if settings.gzip {
+        headers.insert("grpc-encoding", HeaderValue::from_static("gzip"));
+    }
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| {
+            failure(&*e, settings).unwrap_or_else(|| anyhow!("gRPC channel not ready: {e}"))
+        })?;
+    let response = channel
+        .call(request)
+        .await
+        .map_err(|e| failure(&*e, settings).unwrap_or_else(|| anyhow!("{e}")))?;
+    // A trailers-only answer carries its status in the headers.
+    let early = tonic::Status::from_header_map(response.headers());
+    let answer = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the gRPC answer: {e}"))?;
+    let status = early
+        .or_else(|| answer.trailers().and_then(tonic::Status::from_header_map))
+        .ok_or_else(|| anyhow!("the gRPC answer has no grpc-status"))?;
+    if status.code() != tonic::Code::Ok {
+        return Err(failure(&status, settings)
+            .unwrap_or_else(|| anyhow!("gRPC status {:?}: {}", status.code(), status.message())));
+    }
+    let bytes = answer.to_bytes();
+    // An answer without a message, or one that does not decode, is full
+    // success: the status said so.
+    let message = bytes
+        .get(GRPC_PREFIX..)
+        .filter(|_| bytes[0] == 0)
+        .and_then(|rest| {
+            let len = u32::from_be_bytes(bytes[1..GRPC_PREFIX].try_into().ok()?) as usize;
+            rest.get(..len)
+        })
+        .unwrap_or_default();
+    Ok(ExportTraceServiceResponse::decode(message).unwrap_or_default())
+}
+
 /// A failed request said in terms of the settings to check: a TLS
 /// handshake failure, or an HTTP refusal (about the client certificate,
 /// with TLS, is a TLS failure too). `None`: nothing better to say than the
@@ -540,17 +591,13 @@ fn failure(
 impl Sink for Otlp {
     fn export(&mut self, spans: &mut Vec<ExportSpan>) -> anyhow::Result<usize> {
         let n = spans.len();
-        let mut body = Arc::get_mut(&mut self.body)
-            .map(std::mem::take)
-            .unwrap_or_default();
-        // Sized for the batch: grown once, not field by field.
-        body.reserve(n * 400);
-        self.encoder.request(spans, &mut body);
-        spans.clear();
-        let body = Arc::new(body);
+        let mut body = Vec::with_capacity(self.last_len.max(n * 400) + GRPC_PREFIX);
         if let Transport::Grpc(_) = self.transport {
-            self.body = Arc::clone(&body);
+            body.extend_from_slice(&[0; GRPC_PREFIX]);
         }
+        self.encoder.append_request(spans, &mut body);
+        self.last_len = body.len() + body.len() / 16;
+        spans.clear();
         let Self {
             runtime,
             settings,

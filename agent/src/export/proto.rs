@@ -22,7 +22,7 @@
 //! message = 2, code = 3 }.
 
 use std::{
-    ops::{Deref, Range},
+    ops::Deref,
     sync::{Arc, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -42,7 +42,6 @@ use opentelemetry_proto::{
 use opentelemetry_sdk::Resource;
 use prost::{
     Message,
-    bytes::BufMut,
     encoding::{WireType, encoded_len_varint},
 };
 
@@ -91,12 +90,9 @@ impl Deref for ProcessResource {
 /// has grown.
 #[derive(Default)]
 pub struct Encoder {
-    /// The batch's Span messages, written once each, back to back, in the
-    /// order they go out: their lengths are only known once written, and
-    /// every enclosing message needs its length before its fields.
-    bodies: Vec<u8>,
-    /// Where each span's message lies in `bodies`.
-    spans: Vec<Range<usize>>,
+    /// Each span's message length, in the order they go out: every
+    /// enclosing message needs its length before its fields.
+    spans: Vec<usize>,
 }
 
 /// The spans of one resource, by scope, in order of first appearance.
@@ -107,10 +103,18 @@ struct Group<'a> {
 
 impl Encoder {
     /// Writes the ExportTraceServiceRequest of `batch` into `out` (cleared
-    /// first): a ResourceSpans per process, a ScopeSpans per scope in it,
-    /// spans in batch order within each.
+    /// first).
     pub fn request(&mut self, batch: &[ExportSpan], out: &mut Vec<u8>) {
         out.clear();
+        self.append_request(batch, out);
+    }
+
+    /// Appends the ExportTraceServiceRequest of `batch` to `out`: a
+    /// ResourceSpans per process, a ScopeSpans per scope in it, spans in
+    /// batch order within each. Every length is worked out first (a span's
+    /// is a sum, its attributes being encoded already), so each span is
+    /// written once, in place.
+    pub fn append_request(&mut self, batch: &[ExportSpan], out: &mut Vec<u8>) {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for s in batch {
             let resource = &*s.resource;
@@ -137,17 +141,10 @@ impl Encoder {
                 None => group.scopes.push((scope, vec![&s.span])),
             }
         }
-        // The spans first, into `bodies`; then every enclosing message,
-        // whose length is now known, with the spans copied in.
-        self.bodies.clear();
         self.spans.clear();
         for g in &groups {
             for (_, spans) in &g.scopes {
-                for span in spans {
-                    let start = self.bodies.len();
-                    span_fields(span, &mut self.bodies);
-                    self.spans.push(start..self.bodies.len());
-                }
+                self.spans.extend(spans.iter().map(|s| span_len(s)));
             }
         }
         let mut scopes = Vec::new();
@@ -159,9 +156,9 @@ impl Encoder {
                 let schema = scope.schema_url().unwrap_or_default();
                 let these = &self.spans[at..at + spans.len()];
                 at += spans.len();
-                let spans_len: usize = these.iter().map(|r| field_len(r.len())).sum();
+                let spans_len: usize = these.iter().map(|&len| field_len(len)).sum();
                 let len = field_len(proto.len()) + spans_len + string_field_len(schema);
-                scopes.push((proto, schema, len, these));
+                scopes.push((proto, schema, len, spans, these));
             }
             let resource = g.resource.proto();
             let schema = g.resource.schema_url().unwrap_or_default();
@@ -172,11 +169,14 @@ impl Encoder {
             // ExportTraceServiceRequest.resource_spans
             length_delimited(1, len, out);
             message(1, resource, out);
-            for (proto, scope_schema, len, these) in &scopes {
+            for (proto, scope_schema, len, spans, lens) in &scopes {
                 length_delimited(2, *len, out);
                 message(1, proto, out);
-                for span in *these {
-                    message(2, &self.bodies[span.clone()], out);
+                for (span, &span_len) in spans.iter().zip(lens.iter()) {
+                    length_delimited(2, span_len, out);
+                    let start = out.len();
+                    span_fields(span, out);
+                    debug_assert_eq!(out.len() - start, span_len, "span_len disagrees");
                 }
                 string(3, scope_schema, out);
             }
@@ -206,6 +206,25 @@ fn status(status: &Status) -> (u64, &str) {
 fn status_len(s: &Status) -> usize {
     let (code, text) = status(s);
     string_field_len(text) + varint_field_len(code)
+}
+
+/// The length of what [`span_fields`] writes.
+fn span_len(s: &SpanRecord) -> usize {
+    let ctx = &s.span_context;
+    let mut len = field_len(16) + field_len(8);
+    if *ctx.trace_state() != TraceState::NONE {
+        len += string_field_len(&ctx.trace_state().header());
+    }
+    if s.parent_span_id != SpanId::INVALID {
+        len += field_len(8);
+    }
+    len += string_field_len(&s.name);
+    len += varint_field_len(kind(&s.span_kind) as u64);
+    len += fixed64_field_len(nanos(s.start_time)) + fixed64_field_len(nanos(s.end_time));
+    len += s.attributes.encoded().len();
+    len += field_len(status_len(&s.status));
+    // flags: a two-byte key (field 16) and four bytes.
+    len + 6
 }
 
 /// A Span message's fields. The agent's spans carry no events and no
@@ -415,6 +434,11 @@ fn varint_field_len(v: u64) -> usize {
     if v == 0 { 0 } else { 1 + encoded_len_varint(v) }
 }
 
+/// A fixed64 field's length, none when zero.
+fn fixed64_field_len(v: u64) -> usize {
+    if v == 0 { 0 } else { 9 }
+}
+
 /// A string field's length, none when empty (proto3 leaves it out).
 fn string_field_len(s: &str) -> usize {
     if s.is_empty() { 0 } else { field_len(s.len()) }
@@ -469,36 +493,6 @@ fn fixed64(tag: u32, v: u64, out: &mut Vec<u8>) {
     if v != 0 {
         encode_key(tag, WireType::SixtyFourBit, out);
         out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
-/// An encoded request handed to tonic as a message: its bytes as they are,
-/// shared so that the exporter can reuse the buffer once tonic is done.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Encoded(pub Arc<Vec<u8>>);
-
-impl Message for Encoded {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl prost::bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        // Only ever sent, never decoded.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0 = Arc::default();
     }
 }
 

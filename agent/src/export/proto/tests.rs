@@ -140,9 +140,13 @@ fn buffers_are_reused_and_an_empty_batch_is_an_empty_request() {
 }
 
 #[test]
-fn an_encoded_request_goes_out_as_it_is() {
-    let bytes = vec![0x0a, 0x02, 0x08, 0x01];
-    let encoded = Encoded(Arc::new(bytes.clone()));
-    assert_eq!(encoded.encode_to_vec(), bytes);
-    assert_eq!(encoded.encoded_len(), 4);
+fn a_request_appended_after_a_prefix_is_the_same_request() {
+    let spans = batch();
+    let mut whole = Vec::new();
+    let mut encoder = Encoder::default();
+    encoder.request(&spans, &mut whole);
+    let mut framed = vec![9; 5];
+    encoder.append_request(&spans, &mut framed);
+    assert_eq!(framed[..5], [9; 5]);
+    assert_eq!(framed[5..], whole[..]);
 }
