@@ -24,7 +24,7 @@ use tonic::codegen::{
 };
 
 use super::{
-    ExportSpan, Sink, by_resource,
+    Attributes, ExportSpan, Sink, by_resource,
     proto::Encoder,
     tls::{ClientTls, PemFile, TlsFiles, client_refused, explain, find, plaintext_config},
 };
@@ -597,7 +597,7 @@ impl Sink for Otlp {
         }
         self.encoder.append_request(spans, &mut body);
         self.last_len = body.len() + body.len() / 16;
-        spans.clear();
+        Attributes::recycle(spans.drain(..).map(|s| s.span.attributes));
         let Self {
             runtime,
             settings,

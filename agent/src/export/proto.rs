@@ -90,9 +90,9 @@ impl Deref for ProcessResource {
 /// has grown.
 #[derive(Default)]
 pub struct Encoder {
-    /// Each span's message length, in the order they go out: every
-    /// enclosing message needs its length before its fields.
-    spans: Vec<usize>,
+    /// Each span's message length and times, in the order they go out:
+    /// every enclosing message needs its length before its fields.
+    spans: Vec<(usize, Times)>,
 }
 
 /// The spans of one resource, by scope, in order of first appearance.
@@ -144,7 +144,10 @@ impl Encoder {
         self.spans.clear();
         for g in &groups {
             for (_, spans) in &g.scopes {
-                self.spans.extend(spans.iter().map(|s| span_len(s)));
+                self.spans.extend(spans.iter().map(|s| {
+                    let times = Times::of(s);
+                    (span_len(s, times), times)
+                }));
             }
         }
         let mut scopes = Vec::new();
@@ -156,7 +159,7 @@ impl Encoder {
                 let schema = scope.schema_url().unwrap_or_default();
                 let these = &self.spans[at..at + spans.len()];
                 at += spans.len();
-                let spans_len: usize = these.iter().map(|&len| field_len(len)).sum();
+                let spans_len: usize = these.iter().map(|&(len, _)| field_len(len)).sum();
                 let len = field_len(proto.len()) + spans_len + string_field_len(schema);
                 scopes.push((proto, schema, len, spans, these));
             }
@@ -172,10 +175,10 @@ impl Encoder {
             for (proto, scope_schema, len, spans, lens) in &scopes {
                 length_delimited(2, *len, out);
                 message(1, proto, out);
-                for (span, &span_len) in spans.iter().zip(lens.iter()) {
+                for (span, &(span_len, times)) in spans.iter().zip(lens.iter()) {
                     length_delimited(2, span_len, out);
                     let start = out.len();
-                    span_fields(span, out);
+                    span_fields(span, times, out);
                     debug_assert_eq!(out.len() - start, span_len, "span_len disagrees");
                 }
                 string(3, scope_schema, out);
@@ -208,8 +211,25 @@ fn status_len(s: &Status) -> usize {
     string_field_len(text) + varint_field_len(code)
 }
 
+/// A span's start and end in nanoseconds since the epoch, worked out once
+/// for its length and its fields.
+#[derive(Clone, Copy)]
+struct Times {
+    start: u64,
+    end: u64,
+}
+
+impl Times {
+    fn of(s: &SpanRecord) -> Self {
+        Self {
+            start: nanos(s.start_time),
+            end: nanos(s.end_time),
+        }
+    }
+}
+
 /// The length of what [`span_fields`] writes.
-fn span_len(s: &SpanRecord) -> usize {
+fn span_len(s: &SpanRecord, times: Times) -> usize {
     let ctx = &s.span_context;
     let mut len = field_len(16) + field_len(8);
     if *ctx.trace_state() != TraceState::NONE {
@@ -220,7 +240,7 @@ fn span_len(s: &SpanRecord) -> usize {
     }
     len += string_field_len(&s.name);
     len += varint_field_len(kind(&s.span_kind) as u64);
-    len += fixed64_field_len(nanos(s.start_time)) + fixed64_field_len(nanos(s.end_time));
+    len += fixed64_field_len(times.start) + fixed64_field_len(times.end);
     len += s.attributes.encoded().len();
     len += field_len(status_len(&s.status));
     // flags: a two-byte key (field 16) and four bytes.
@@ -230,7 +250,7 @@ fn span_len(s: &SpanRecord) -> usize {
 /// A Span message's fields. The agent's spans carry no events and no
 /// links, and drop no attributes: fields 10–14 stay out, as prost leaves
 /// out a zero or empty field.
-fn span_fields(s: &SpanRecord, out: &mut Vec<u8>) {
+fn span_fields(s: &SpanRecord, times: Times, out: &mut Vec<u8>) {
     let ctx = &s.span_context;
     bytes(1, &ctx.trace_id().to_bytes(), out);
     bytes(2, &ctx.span_id().to_bytes(), out);
@@ -243,8 +263,8 @@ fn span_fields(s: &SpanRecord, out: &mut Vec<u8>) {
     }
     string(5, &s.name, out);
     varint(6, kind(&s.span_kind) as u64, out);
-    fixed64(7, nanos(s.start_time), out);
-    fixed64(8, nanos(s.end_time), out);
+    fixed64(7, times.start, out);
+    fixed64(8, times.end, out);
     // Field 9, encoded when the attributes were set.
     out.extend_from_slice(s.attributes.encoded());
     // Status, always present.

@@ -10,7 +10,13 @@
 //! The console and jsonl sinks, which are not on the hot path, decode the
 //! attributes back ([`SpanRecord::to_span_data`]).
 
-use std::{borrow::Cow, fmt, sync::Arc, time::SystemTime};
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    fmt,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use opentelemetry::{
     Array, InstrumentationScope, KeyValue, StringValue, Value,
@@ -101,13 +107,82 @@ pub struct Attributes {
 /// `Span.attributes`.
 const FIELD: u32 = 9;
 
+/// Attribute buffers the exporter is done with, for the next spans.
+///
+/// Spans are made on the pipeline's thread and freed on the exporter's, so
+/// every span's buffer was a fresh allocation from an arena the other
+/// thread kept filling: malloc's per-thread caches never served it, and
+/// the allocation cost more than writing the attributes. The exporter
+/// hands the buffers back a batch at a time ([`Attributes::recycle`]), the
+/// tracer takes them all at once when its own stock runs out: one lock per
+/// batch on either side.
+struct Returned(Mutex<Vec<Vec<u8>>>);
+
+/// At most this many buffers wait to be reused (about a MiB).
+const RETURNED_MAX: usize = 1024;
+
+/// A buffer grown past this many bytes is freed, not reused.
+const REUSED_MAX_BYTES: usize = 4096;
+
+impl Returned {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    /// Keeps the buffers of `done`, emptied, up to [`RETURNED_MAX`]; the
+    /// rest, and any grown past [`REUSED_MAX_BYTES`], are freed.
+    fn give(&self, done: impl Iterator<Item = Attributes>) {
+        let Ok(mut returned) = self.0.lock() else {
+            return;
+        };
+        for Attributes { mut encoded } in done {
+            if returned.len() >= RETURNED_MAX {
+                break;
+            }
+            if encoded.capacity() <= REUSED_MAX_BYTES {
+                encoded.clear();
+                returned.push(encoded);
+            }
+        }
+    }
+
+    /// Moves every kept buffer into `taken` (empty), unless the exporter
+    /// is giving some back right now.
+    fn take_all(&self, taken: &mut Vec<Vec<u8>>) {
+        if let Ok(mut returned) = self.0.try_lock() {
+            std::mem::swap(taken, &mut *returned);
+        }
+    }
+}
+
+static RETURNED: Returned = Returned::new();
+
+thread_local! {
+    /// The buffers this thread took from [`RETURNED`].
+    static TAKEN: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Attributes {
     /// Room for `bytes` of encoded attributes, so that a span's are
-    /// written into one allocation.
+    /// written into one allocation: a buffer the exporter handed back
+    /// when there is one.
     pub fn with_capacity(bytes: usize) -> Self {
-        Self {
-            encoded: Vec::with_capacity(bytes),
-        }
+        let reused = TAKEN.with_borrow_mut(|taken| {
+            if taken.is_empty() {
+                RETURNED.take_all(taken);
+            }
+            taken.pop()
+        });
+        let encoded = match reused {
+            Some(buffer) if buffer.capacity() >= bytes => buffer,
+            _ => Vec::with_capacity(bytes),
+        };
+        Self { encoded }
+    }
+
+    /// Hands the buffers of spans that went out back for the next ones.
+    pub fn recycle(done: impl Iterator<Item = Attributes>) {
+        RETURNED.give(done);
     }
 
     #[inline(always)]
@@ -261,6 +336,34 @@ mod tests {
         let mut out = Vec::new();
         prost::encoding::message::encode(FIELD, &kv, &mut out);
         out
+    }
+
+    #[test]
+    fn returned_buffers_come_back_emptied_bounded_and_not_grown() {
+        let returned = Returned::new();
+        let written = |capacity: usize| {
+            let mut a = Attributes {
+                encoded: Vec::with_capacity(capacity),
+            };
+            a.str("k", "v");
+            a
+        };
+        let mut a = written(64);
+        let first = a.encoded.as_ptr();
+        a.int("n", 1);
+        returned.give([a, written(REUSED_MAX_BYTES + 1)].into_iter());
+        let mut taken = Vec::new();
+        returned.take_all(&mut taken);
+        // The grown one was freed; the other is back, empty.
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].as_ptr(), first);
+        assert!(taken[0].is_empty());
+        let mut again = Vec::new();
+        returned.take_all(&mut again);
+        assert!(again.is_empty(), "taken twice");
+        returned.give((0..RETURNED_MAX + 10).map(|_| written(64)));
+        returned.take_all(&mut again);
+        assert_eq!(again.len(), RETURNED_MAX);
     }
 
     #[test]
