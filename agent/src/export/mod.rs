@@ -29,7 +29,7 @@ use crate::config::{BatchConfig, OtlpProtocol};
 pub use console::render_trees;
 pub use otlp::{OtlpSettings, TlsSources, request as otlp_request};
 pub use proto::{Encoder as OtlpEncoder, ProcessResource};
-pub use record::{Attributes, ExportSpan, SpanRecord};
+pub use record::{Attributes, ExportSpan, SpanRecord, agent_scope};
 pub use tls::{PemFile, TlsFiles};
 
 /// Where spans go.

@@ -456,12 +456,7 @@ async fn send(
                 .headers(settings.headers.clone())
                 .header(CONTENT_TYPE, "application/x-protobuf");
             if settings.gzip {
-                let mut gz = flate2::write::GzEncoder::new(
-                    Vec::with_capacity(body.len() / 4),
-                    flate2::Compression::fast(),
-                );
-                gz.write_all(&body)?;
-                body = gz.finish()?;
+                body = gzip(&[], &body)?;
                 req = req.header(CONTENT_ENCODING, "gzip");
             }
             let resp = req
@@ -492,6 +487,16 @@ async fn send(
     Ok(rejected)
 }
 
+/// `prefix`, then `body` gzipped (fast level: the agent shares the CPUs
+/// with what it traces).
+fn gzip(prefix: &[u8], body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(prefix.len() + body.len() / 4);
+    out.extend_from_slice(prefix);
+    let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+    gz.write_all(body)?;
+    gz.finish()
+}
+
 /// The gRPC method of a trace export.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -508,11 +513,8 @@ async fn grpc_export(
     mut framed: Vec<u8>,
 ) -> anyhow::Result<ExportTraceServiceResponse> {
     if settings.gzip {
-        let mut out = Vec::with_capacity(framed.len() / 4 + GRPC_PREFIX);
-        out.extend_from_slice(&[1, 0, 0, 0, 0]);
-        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
-        gz.write_all(&framed[GRPC_PREFIX..])?;
-        framed = gz.finish()?;
+        // The prefix's flag says compressed; its length is set below.
+        framed = gzip(&[1, 0, 0, 0, 0], &framed[GRPC_PREFIX..])?;
     }
     let len = u32::try_from(framed.len() - GRPC_PREFIX).context("a request over 4 GiB")?;
     framed[1..GRPC_PREFIX].copy_from_slice(&len.to_be_bytes());

@@ -14,7 +14,7 @@ use std::{
     borrow::Cow,
     cell::RefCell,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::SystemTime,
 };
 
@@ -54,6 +54,19 @@ pub struct SpanRecord {
     /// The agent's scopes are made once per process; spans only point at
     /// them (the encoder groups spans by scope).
     pub scope: &'static InstrumentationScope,
+}
+
+/// One of the agent's scopes, named `name` and made the first time
+/// `cell` is asked for it: every span points at it.
+pub fn agent_scope(
+    cell: &'static OnceLock<InstrumentationScope>,
+    name: &'static str,
+) -> &'static InstrumentationScope {
+    cell.get_or_init(|| {
+        InstrumentationScope::builder(name)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build()
+    })
 }
 
 impl SpanRecord {

@@ -1,6 +1,10 @@
 //! Building the agent's own spans and queueing them for export.
 
-use std::{borrow::Cow, sync::Arc, time::SystemTime};
+use std::{
+    borrow::Cow,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
@@ -8,7 +12,7 @@ use opentelemetry::{
 };
 
 use crate::{
-    export::{ExportSpan, ProcessResource, SpanQueue, SpanRecord},
+    export::{ExportSpan, ProcessResource, SpanQueue, SpanRecord, agent_scope},
     trace::{
         parents::context::{Ids, flags},
         resources::Resources,
@@ -113,10 +117,6 @@ impl SelfSpans {
 
 /// The scope of the agent's own spans.
 fn scope() -> &'static InstrumentationScope {
-    static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
-        InstrumentationScope::builder("zerotrace.selftrace")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build()
-    });
-    &SCOPE
+    static SCOPE: OnceLock<InstrumentationScope> = OnceLock::new();
+    agent_scope(&SCOPE, "zerotrace.selftrace")
 }

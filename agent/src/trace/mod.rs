@@ -24,7 +24,7 @@ pub mod semconv;
 
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -54,7 +54,7 @@ use crate::{
     capture::EndId,
     config::{Config, HeaderRule},
     conn::{Connection, own::OwnSockets},
-    export::{ExportSpan, SpanQueue, SpanRecord},
+    export::{ExportSpan, SpanQueue, SpanRecord, agent_scope},
     pipeline::Record,
     protocol::{
         db::{DbCall, DbEvent, DbOptions},
@@ -1055,17 +1055,13 @@ fn serving_request(conns: &IdMap<u64, ConnTrace>, r: RequestRef) -> Option<&Begu
         .find(|b| b.seq == r.seq && b.side == Side::Server)
 }
 
-/// Links are keyed by the client end's (local, remote).
 /// The scope of the spans of traced processes.
 fn scope() -> &'static InstrumentationScope {
-    static SCOPE: std::sync::LazyLock<InstrumentationScope> = std::sync::LazyLock::new(|| {
-        InstrumentationScope::builder("zerotrace")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build()
-    });
-    &SCOPE
+    static SCOPE: OnceLock<InstrumentationScope> = OnceLock::new();
+    agent_scope(&SCOPE, "zerotrace")
 }
 
+/// Links are keyed by the client end's (local, remote).
 fn link_key(local: EndId, remote: EndId, side: Side) -> LinkKey {
     match side {
         Side::Client => (local, remote.as_server()),
