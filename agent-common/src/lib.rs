@@ -30,6 +30,7 @@ pub mod maps {
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
     pub const KFUNC_ARGS: &str = "KFUNC_ARGS";
     pub const RUNTIMES: &str = "RUNTIMES";
+    pub const RUNTIMES_FOLLOWED: &str = "RUNTIMES_FOLLOWED";
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
     pub const TLS_LAYOUTS: &str = "TLS_LAYOUTS";

@@ -5,13 +5,18 @@ use core::{
     ptr::{read_volatile, write_volatile},
 };
 
-use agent_common::{Counter, DataEvent, Direction, SCRATCH_PAYLOAD_BYTES, Syscall, TRANSPORT_PERF};
+use agent_common::{
+    Counter, DataEvent, Direction, MAX_CAPTURE_BYTES, SCRATCH_PAYLOAD_BYTES, Syscall,
+    TRANSPORT_PERF,
+};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_smp_processor_id,
-        generated::{bpf_perf_event_output, bpf_ringbuf_output, bpf_ringbuf_query},
+        generated::{
+            bpf_perf_event_output, bpf_probe_read_user, bpf_ringbuf_output, bpf_ringbuf_query,
+        },
     },
 };
 
@@ -163,6 +168,99 @@ pub fn output_data<C: EbpfContext>(ctx: &C, event: &mut DataEvent, len: u64, pay
         let _ = LOST.remove(&conn_id);
     }
     ok
+}
+
+/// A data record built where the reader will find it: the record and room
+/// for `N` payload bytes, reserved in the ring buffer.
+#[repr(C)]
+pub struct RingRecord<const N: usize> {
+    event: DataEvent,
+    payload: [u8; N],
+}
+
+/// Sends a data record whose payload is the `want` user bytes at `src`
+/// (none when `src` is 0), copied straight into the ring buffer.
+///
+/// Staging the record in the CPU's scratch slot and handing it to
+/// `bpf_ringbuf_output` copied every byte twice. A reservation must have a
+/// size the verifier knows, so the record takes the smallest of a few
+/// sizes that holds `want`; the reader goes by `captured`, not by the
+/// record's length. At most four times the bytes a record needs are
+/// reserved (for a small one), which the ring's wake-up threshold absorbs.
+#[inline(always)]
+pub fn ring_data<C: EbpfContext>(ctx: &C, event: &DataEvent, src: u64, want: u64) -> bool {
+    if want <= 128 {
+        ring_data_in::<C, 128>(ctx, event, src, want)
+    } else if want <= 512 {
+        ring_data_in::<C, 512>(ctx, event, src, want)
+    } else if want <= 2048 {
+        ring_data_in::<C, 2048>(ctx, event, src, want)
+    } else if want <= 8192 {
+        ring_data_in::<C, 8192>(ctx, event, src, want)
+    } else {
+        ring_data_in::<C, { MAX_CAPTURE_BYTES as usize }>(ctx, event, src, want)
+    }
+}
+
+#[inline(always)]
+fn ring_data_in<C: EbpfContext, const N: usize>(
+    ctx: &C,
+    event: &DataEvent,
+    src: u64,
+    want: u64,
+) -> bool {
+    let conn_id = event.header.conn_id;
+    let len = core::mem::size_of::<RingRecord<N>>() as u64;
+    let Some(mut entry) = EVENTS_RINGBUF.reserve::<RingRecord<N>>(0) else {
+        count(Counter::EventsLost, 1);
+        note_lost(conn_id, event.header.detail, event.total_bytes);
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    // Bounded again for the verifier, through a volatile read so the
+    // compiler keeps the bound it knows to hold.
+    // SAFETY: a read of a local.
+    let n = unsafe { read_volatile(&want) };
+    let n = if n > N as u64 { N as u64 } else { n };
+    let copied = src != 0
+        && n != 0
+        // SAFETY: the reservation holds N payload bytes and n <= N; user
+        // memory read with the faulting-safe helper.
+        && unsafe {
+            bpf_probe_read_user(
+                (&raw mut (*record).payload).cast::<c_void>(),
+                n as u32,
+                src as *const c_void,
+            )
+        } == 0;
+    let captured = if copied { n } else { 0 };
+    let mut reports = false;
+    // SAFETY: the reservation is ours until submitted.
+    unsafe {
+        (&raw mut (*record).event).write(*event);
+        (*record).event.captured = captured as u32;
+        if holes_waiting()
+            && let Some(lost) = LOST.get(&conn_id).copied()
+        {
+            (*record).event.lost_egress = lost.egress;
+            (*record).event.lost_ingress = lost.ingress;
+            reports = true;
+        }
+    }
+    let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
+    let wakeup = if ring_wants_reader(ring, len) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wakeup));
+    count(Counter::EventsSent, 1);
+    count(Counter::BytesSent, captured);
+    if reports {
+        // As in `output_data`.
+        let _ = LOST.remove(&conn_id);
+    }
+    true
 }
 
 /// Whether some connection may have a hole no record reported yet.

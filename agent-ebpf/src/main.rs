@@ -113,6 +113,12 @@ static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(
 #[map(name = "RUNTIMES")]
 static RUNTIMES: HashMap<u32, ThreadLayout> = HashMap::with_max_entries(4096, 0);
 
+/// Slot 0 is non-zero while RUNTIMES may hold an entry, so that data
+/// records of hosts with no followed runtime skip the look-up. Set by the
+/// agent before it adds an entry, cleared when it removes the last.
+#[map(name = "RUNTIMES_FOLLOWED")]
+static RUNTIMES_FOLLOWED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// pid_tgid → a TLS library read or write in flight on that thread.
 #[map(name = "TLS_CALLS")]
 static TLS_CALLS: LruHashMap<u64, tls::TlsCall> = LruHashMap::with_max_entries(16384, 0);

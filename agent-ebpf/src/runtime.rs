@@ -16,12 +16,19 @@ use aya_ebpf::{
     programs::RetProbeContext,
 };
 
-use crate::{RUNTIMES, config, emit::output_record, socket};
+use crate::{RUNTIMES, RUNTIMES_FOLLOWED, config, emit::output_record, socket};
 
 /// The unit the current thread runs and its switch counter; (0, 0) when
 /// the process is not followed or the read fails.
 #[inline(always)]
 pub fn current_unit(tgid: u32) -> (u64, u32) {
+    let followed = RUNTIMES_FOLLOWED
+        .get(0)
+        // SAFETY: a plain load of a map value.
+        .is_some_and(|flag| unsafe { core::ptr::read_volatile(flag) } != 0);
+    if !followed {
+        return (0, 0);
+    }
     // SAFETY: copied out at once.
     match unsafe { RUNTIMES.get(&tgid) } {
         Some(layout) => read_unit(*layout).unwrap_or((0, 0)),

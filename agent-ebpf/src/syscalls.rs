@@ -12,6 +12,7 @@
 
 use agent_common::{
     Counter, DataEvent, Direction, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, Syscall,
+    TRANSPORT_PERF,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -22,7 +23,7 @@ use aya_ebpf::{
 
 use crate::{
     PENDING, config,
-    emit::{ScratchGuard, count, note_lost, output_data},
+    emit::{ScratchGuard, count, note_lost, output_data, ring_data},
     process::selected,
     runtime, socket, tls,
 };
@@ -322,13 +323,34 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         // Stamped as the socket send that carries it.
         tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),
     };
+    let want = min(moved, u64::from(config!(capture_bytes)));
+    let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
+    // SAFETY: helper without preconditions.
+    let ts_ns = if call.ts_ns != 0 {
+        call.ts_ns
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
+    let event = DataEvent {
+        header: socket::header_at(EventKind::Data, syscall, pid_tgid, call.fd, conn_id, ts_ns),
+        total_bytes: moved,
+        unit_seq,
+        unit,
+        ..Default::default()
+    };
+    // One buffer (the common case) goes straight into the ring buffer;
+    // several are gathered in the CPU's staging slot first.
+    if config!(transport) != TRANSPORT_PERF
+        && let Some(src) = single_buffer(ptr, vectored, call.len)
+    {
+        ring_data(ctx, &event, src, want);
+        return Ok(());
+    }
     let Some(mut guard) = ScratchGuard::acquire() else {
         note_lost(conn_id, syscall, moved);
         return Err(());
     };
     let scratch = guard.get();
-
-    let want = min(moved, u64::from(config!(capture_bytes)));
     let captured = if ptr == 0 {
         0
     } else if vectored != 0 {
@@ -338,24 +360,27 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         want
     };
     let captured = captured & SIZE_MASK;
-    let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
-    // SAFETY: helper without preconditions.
-    let ts_ns = if call.ts_ns != 0 {
-        call.ts_ns
-    } else {
-        unsafe { bpf_ktime_get_ns() }
-    };
-    scratch.event = DataEvent {
-        header: socket::header_at(EventKind::Data, syscall, pid_tgid, call.fd, conn_id, ts_ns),
-        total_bytes: moved,
-        captured: captured as u32,
-        unit_seq,
-        unit,
-        ..Default::default()
-    };
+    scratch.event = event;
+    scratch.event.captured = captured as u32;
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
     output_data(ctx, &mut scratch.event, len, captured);
     Ok(())
+}
+
+/// The one user buffer a call moved bytes through: `ptr` itself, the base
+/// of a one-entry iovec array, or 0 when nothing is to be copied
+/// (sendfile). `None` for several buffers.
+#[inline(always)]
+fn single_buffer(ptr: u64, vectored: u8, iov_len: u64) -> Option<u64> {
+    if ptr == 0 || vectored == 0 {
+        return Some(ptr);
+    }
+    if iov_len != 1 {
+        return None;
+    }
+    // SAFETY: user memory read with the faulting-safe helper.
+    let base = unsafe { aya_ebpf::helpers::bpf_probe_read_user(ptr as *const u64) }.unwrap_or(0);
+    Some(base)
 }
 
 #[inline(always)]

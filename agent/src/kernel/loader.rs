@@ -694,19 +694,37 @@ impl Probes {
     }
 
     /// Tells the kernel how to read the running unit of `tgid`'s threads.
+    /// The flag goes up before the entry is in, so no entry is ever skipped.
     pub fn follow_runtime(&mut self, tgid: u32, layout: ThreadLayout) -> anyhow::Result<()> {
+        self.set_runtimes_followed(true)?;
         let mut map: BpfHashMap<_, u32, ThreadLayout> =
             BpfHashMap::try_from(self.ebpf.map_mut(maps::RUNTIMES).context("RUNTIMES map")?)?;
         map.insert(tgid, layout, 0).context("RUNTIMES map full")
     }
 
-    /// Stops reading units of a process that exited.
+    /// Stops reading units of a process that exited; with the last one,
+    /// data records stop looking.
     pub fn unfollow_runtime(&mut self, tgid: u32) {
+        let mut empty = false;
         if let Some(map) = self.ebpf.map_mut(maps::RUNTIMES)
             && let Ok(mut map) = BpfHashMap::<_, u32, ThreadLayout>::try_from(map)
         {
             let _ = map.remove(&tgid);
+            empty = map.keys().next().is_none();
         }
+        if empty {
+            let _ = self.set_runtimes_followed(false);
+        }
+    }
+
+    fn set_runtimes_followed(&mut self, on: bool) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::RUNTIMES_FOLLOWED)
+            .context("RUNTIMES_FOLLOWED map")?;
+        Array::<_, u32>::try_from(map)?
+            .set(0, u32::from(on), 0)
+            .context("RUNTIMES_FOLLOWED map")
     }
 
     /// Takes the transport's map for a reader.
