@@ -3,6 +3,7 @@
 pub mod endpoint;
 pub mod event;
 pub mod reader;
+mod ring;
 
 pub use endpoint::{EndId, Endpoint, UnixEnd};
 pub use event::{Data, DecodeError, Event, Lost, Open, decode};

@@ -6,19 +6,22 @@
 //! from the mapped buffer; perf samples copied out and merged across CPUs by
 //! timestamp first.
 
-use std::{os::fd::AsFd, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
 use aya::{
     maps::{
-        Map, MapData, PerfEventArray, RingBuf,
+        Map, MapData, PerfEventArray,
         perf::{PerfEvent, PerfEventArrayBuffer},
     },
     util::online_cpus,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::event::{Event, decode};
+use super::{
+    event::{Event, decode},
+    ring::Ring,
+};
 use crate::kernel::loader::Transport;
 
 /// How often the agent drains the buffers when nothing wakes it: the
@@ -49,7 +52,7 @@ pub struct ReaderStats {
 }
 
 enum Buffers {
-    Ring(RingBuf<MapData>),
+    Ring(Ring),
     Perf(Vec<PerfEventArrayBuffer<MapData>>),
 }
 
@@ -83,7 +86,7 @@ impl Reader {
     /// (the ring buffer was sized at load).
     pub fn new(transport: Transport, map: Map, buffer_bytes: usize) -> anyhow::Result<Self> {
         let buffers = match transport {
-            Transport::RingBuf => Buffers::Ring(RingBuf::try_from(map).context("ring buffer map")?),
+            Transport::RingBuf => Buffers::Ring(Ring::new(map).context("ring buffer map")?),
             Transport::Perf => {
                 let mut array = PerfEventArray::try_from(map).context("perf event array map")?;
                 let cpus = online_cpus()
@@ -165,9 +168,7 @@ impl Reader {
         };
         match buffers {
             Buffers::Ring(ring) => {
-                while let Some(item) = ring.next() {
-                    handle(&item, stats);
-                }
+                ring.drain(|record| handle(record, stats));
             }
             Buffers::Perf(bufs) => {
                 // One buffer per CPU: a thread that migrated between two
