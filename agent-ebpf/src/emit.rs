@@ -188,27 +188,22 @@ pub struct RingRecord<const N: usize> {
 /// record's length. At most four times the bytes a record needs are
 /// reserved (for a small one), which the ring's wake-up threshold absorbs.
 #[inline(always)]
-pub fn ring_data<C: EbpfContext>(ctx: &C, event: &DataEvent, src: u64, want: u64) -> bool {
+pub fn ring_data(event: &DataEvent, src: u64, want: u64) -> bool {
     if want <= 128 {
-        ring_data_in::<C, 128>(ctx, event, src, want)
+        ring_data_in::<128>(event, src, want)
     } else if want <= 512 {
-        ring_data_in::<C, 512>(ctx, event, src, want)
+        ring_data_in::<512>(event, src, want)
     } else if want <= 2048 {
-        ring_data_in::<C, 2048>(ctx, event, src, want)
+        ring_data_in::<2048>(event, src, want)
     } else if want <= 8192 {
-        ring_data_in::<C, 8192>(ctx, event, src, want)
+        ring_data_in::<8192>(event, src, want)
     } else {
-        ring_data_in::<C, { MAX_CAPTURE_BYTES as usize }>(ctx, event, src, want)
+        ring_data_in::<{ MAX_CAPTURE_BYTES as usize }>(event, src, want)
     }
 }
 
 #[inline(always)]
-fn ring_data_in<C: EbpfContext, const N: usize>(
-    ctx: &C,
-    event: &DataEvent,
-    src: u64,
-    want: u64,
-) -> bool {
+fn ring_data_in<const N: usize>(event: &DataEvent, src: u64, want: u64) -> bool {
     let conn_id = event.header.conn_id;
     let len = core::mem::size_of::<RingRecord<N>>() as u64;
     let Some(mut entry) = EVENTS_RINGBUF.reserve::<RingRecord<N>>(0) else {

@@ -343,7 +343,7 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     if config!(transport) != TRANSPORT_PERF
         && let Some(src) = single_buffer(ptr, vectored, call.len)
     {
-        ring_data(ctx, &event, src, want);
+        ring_data(&event, src, want);
         return Ok(());
     }
     let Some(mut guard) = ScratchGuard::acquire() else {

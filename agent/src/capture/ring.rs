@@ -85,6 +85,8 @@ pub struct Ring {
     pos: usize,
     /// How far the kernel has been told it has read.
     published: usize,
+    /// A record header made no sense: reading stopped (said once).
+    broken: bool,
 }
 
 // SAFETY: the mappings are owned by the ring and only read (or, the
@@ -114,6 +116,7 @@ impl Ring {
             publish_every: PUBLISH_EVERY.min(size / 8),
             pos: 0,
             published: 0,
+            broken: false,
         };
         // A map in use before (pinned) starts where its last reader left off.
         ring.pos = ring.consumer_pos().load(Ordering::Acquire);
@@ -150,6 +153,9 @@ impl Ring {
     /// next one starts there.
     pub fn drain(&mut self, mut on_record: impl FnMut(&[u8])) -> u64 {
         let mut records = 0;
+        if self.broken {
+            return records;
+        }
         let mut end = self.producer_pos();
         loop {
             if self.pos == end {
@@ -181,7 +187,10 @@ impl Ring {
             }
             let len = (word & !(BUSY_BIT | DISCARD_BIT)) as usize;
             if len > self.mask + 1 - HEADER_BYTES {
-                log::error!("ring buffer record of {len} bytes at {offset}: reading stopped");
+                log::error!(
+                    "ring buffer record of {len} bytes at {offset}: the ring is not read any more"
+                );
+                self.broken = true;
                 break;
             }
             if word & DISCARD_BIT == 0 {
