@@ -150,24 +150,39 @@ pub struct Lost {
 #[inline(always)]
 pub fn output_data<C: EbpfContext>(ctx: &C, event: &mut DataEvent, len: u64, payload: u64) -> bool {
     let conn_id = event.header.conn_id;
-    let mut reports = false;
-    if holes_waiting() {
-        // SAFETY: the value is copied out at once.
-        if let Some(lost) = unsafe { LOST.get(&conn_id) }.copied() {
-            event.lost_egress = lost.egress;
-            event.lost_ingress = lost.ingress;
-            reports = true;
-        }
-    }
+    let reports = carry_hole(conn_id, event);
     let ok = output(ctx, (event as *const DataEvent).cast::<u8>(), len, payload);
     if !ok {
         note_lost(conn_id, event.header.detail, event.total_bytes);
     } else if reports {
-        // A hole another CPU adds between the look-up and here goes
-        // unreported; the window is a few instructions.
-        let _ = LOST.remove(&conn_id);
+        hole_reported(conn_id);
     }
     ok
+}
+
+/// Puts connection `conn_id`'s unreported hole, if any, in `event`; true
+/// when there was one (see [`output_data`]). The key is the caller's copy:
+/// 5.10 and 6.1 take no ring buffer memory as a map key.
+#[inline(always)]
+fn carry_hole(conn_id: u64, event: &mut DataEvent) -> bool {
+    if !holes_waiting() {
+        return false;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(lost) = unsafe { LOST.get(&conn_id) }.copied() else {
+        return false;
+    };
+    event.lost_egress = lost.egress;
+    event.lost_ingress = lost.ingress;
+    true
+}
+
+/// A record that carried connection `conn_id`'s hole went out.
+#[inline(always)]
+fn hole_reported(conn_id: u64) {
+    // A hole another CPU adds between the look-up and here goes
+    // unreported; the window is a few instructions.
+    let _ = LOST.remove(&conn_id);
 }
 
 /// A data record built where the reader will find it: the record and room
@@ -229,19 +244,12 @@ fn ring_data_in<const N: usize>(event: &DataEvent, src: u64, want: u64) -> bool 
             )
         } == 0;
     let captured = if copied { n } else { 0 };
-    let mut reports = false;
     // SAFETY: the reservation is ours until submitted.
-    unsafe {
+    let reports = unsafe {
         (&raw mut (*record).event).write(*event);
         (*record).event.captured = captured as u32;
-        if holes_waiting()
-            && let Some(lost) = LOST.get(&conn_id).copied()
-        {
-            (*record).event.lost_egress = lost.egress;
-            (*record).event.lost_ingress = lost.ingress;
-            reports = true;
-        }
-    }
+        carry_hole(conn_id, &mut (*record).event)
+    };
     let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
     let wakeup = if ring_wants_reader(ring, len) {
         BPF_RB_FORCE_WAKEUP
@@ -252,8 +260,7 @@ fn ring_data_in<const N: usize>(event: &DataEvent, src: u64, want: u64) -> bool 
     count(Counter::EventsSent, 1);
     count(Counter::BytesSent, captured);
     if reports {
-        // As in `output_data`.
-        let _ = LOST.remove(&conn_id);
+        hole_reported(conn_id);
     }
     true
 }
