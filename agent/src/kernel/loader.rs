@@ -290,37 +290,38 @@ pub struct Probes {
     /// Uprobe links (TLS libraries, runtimes) by program, likewise.
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     /// Keeps BPF run-time statistics on while held.
-    _stats: Option<OwnedFd>,
-    /// Whether the kernel counts runs and run time (ours, or the host's sysctl).
-    counting: bool,
+    stats: Option<OwnedFd>,
 }
 
 /// Turns the kernel's run-time statistics on when asked. They are off by
 /// default: while on, every BPF program on the host pays two clock reads
 /// per run (about an eighth of ours at nginx saturation, where a VM's
-/// clock is slow to read). Returns the holder and whether runs are counted.
-fn program_stats(wanted: bool) -> (Option<OwnedFd>, bool) {
-    // The host may count for everyone (sysctl) whatever we ask.
-    let host = || {
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
-    };
+/// clock is slow to read). Returns the holder.
+fn program_stats(wanted: bool) -> Option<OwnedFd> {
     if !wanted {
-        return (None, host());
+        return None;
     }
     match enable_stats(Stats::RunTime) {
-        Ok(fd) => (Some(fd), true),
-        Err(_) if host() => {
+        Ok(fd) => Some(fd),
+        Err(_) if host_counts_programs() => {
             log::info!("BPF run-time stats from sysctl kernel.bpf_stats_enabled");
-            (None, true)
+            None
         }
         Err(e) => {
             log::warn!(
                 "BPF run-time stats unavailable ({e}): they need CAP_SYS_ADMIN \
                  or sysctl kernel.bpf_stats_enabled=1"
             );
-            (None, false)
+            None
         }
     }
+}
+
+/// Whether the host counts every program's runs (sysctl
+/// `kernel.bpf_stats_enabled`), whatever the agent asked. Read each time:
+/// an operator (or the overhead benchmark) may turn it on for a while.
+fn host_counts_programs() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
 }
 
 impl Drop for Probes {
@@ -396,7 +397,7 @@ impl Probes {
             offsets,
         };
         let max_cpu = cpus.iter().copied().max().unwrap_or(0) + 1;
-        let (stats, counting) = program_stats(opts.program_stats);
+        let stats = program_stats(opts.program_stats);
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this build has no eBPF object (built with AYA_BUILD_SKIP or for fuzzing)"
@@ -417,8 +418,7 @@ impl Probes {
             kernel_functions: KfuncLayer::default(),
             links: Vec::new(),
             uprobe_links: Vec::new(),
-            _stats: stats,
-            counting,
+            stats,
         };
         probes.select_processes(opts)?;
         probes.attach_hooks(|hook| !hook.covered_by_kernel_functions())?;
@@ -821,9 +821,10 @@ impl Probes {
     }
 
     /// Run count and total run time per loaded program (BPF_ENABLE_STATS);
-    /// none while the kernel does not count them (`--program-stats off`).
+    /// none while the kernel does not count them (`--program-stats off` and
+    /// the host's sysctl off). The counts cover only the time counting was on.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        if !self.counting {
+        if self.stats.is_none() && !host_counts_programs() {
             return Vec::new();
         }
         self.ebpf

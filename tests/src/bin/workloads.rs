@@ -431,15 +431,14 @@ impl Servers {
 }
 
 /// `zerotrace run` exporting over OTLP/gRPC to `rx` with its /metrics on a
-/// free port and the kernel's run-time statistics on (the kernel column);
-/// otherwise the defaults a user gets.
+/// free port; otherwise the defaults a user gets (the kernel's run-time
+/// statistics off, unless ZEROTRACE_PROGRAM_STATS says otherwise).
 fn start_agent(rx: &Receiver) -> anyhow::Result<(Agent, u16)> {
     let listen = free_port();
     let mut cmd = Command::new(agent_bin());
     cmd.args(["run", "--listen", &format!("127.0.0.1:{listen}")])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol_name());
-    program_stats(&mut cmd);
     let agent = Agent::spawn(cmd, "tracing")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while metrics(listen).is_empty() {
@@ -450,6 +449,38 @@ fn start_agent(rx: &Receiver) -> anyhow::Result<(Agent, u16)> {
     }
     Ok((agent, listen))
 }
+
+/// The host-wide switch of the kernel's BPF run-time statistics.
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns the kernel's run-time statistics on for every program while held
+/// (the agent reads the sysctl each time it reports), and back to what
+/// they were when dropped. Held only around the kernel window, so the
+/// throughput, latency and agent CPU of a traced run are the defaults'.
+struct HostProgramStats {
+    before: String,
+}
+
+impl HostProgramStats {
+    fn on() -> anyhow::Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS_SYSCTL)
+            .with_context(|| format!("reading {BPF_STATS_SYSCTL}"))?;
+        std::fs::write(BPF_STATS_SYSCTL, "1")
+            .with_context(|| format!("turning on {BPF_STATS_SYSCTL} (needs root)"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for HostProgramStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS_SYSCTL, self.before.trim()) {
+            eprintln!("[workloads] could not restore {BPF_STATS_SYSCTL}: {e}");
+        }
+    }
+}
+
+/// Seconds of the kernel window after each traced run.
+const KERNEL_WINDOW_SECONDS: u64 = 4;
 
 /// /metrics is a snapshot refreshed once a second: wait for a fresh one.
 fn fresh_metrics(port: u16) -> BTreeMap<String, f64> {
@@ -527,7 +558,10 @@ fn merge(mut a: Value, b: Value) -> Value {
 }
 
 /// One run with the agent: started before, measured around the load,
-/// drained and stopped after.
+/// drained; then a short second load with the kernel's run-time
+/// statistics on (the kernel columns: they cost every program run two
+/// clock reads, so the first load runs without them, as the agent's
+/// defaults do); stopped after.
 fn traced_run(
     servers: &Servers,
     rx: &Receiver,
@@ -539,7 +573,6 @@ fn traced_run(
     let (agent, port) = start_agent(rx)?;
     let pid = agent.pid();
     let m0 = fresh_metrics(port);
-    let k0 = program_seconds(port);
     let p0 = proc_stats(pid).context("agent gone")?;
     let recording = profile
         .map(|file| record_profile(pid, file, seconds))
@@ -550,13 +583,17 @@ fn traced_run(
         anyhow::ensure!(status.success(), "perf record failed: {status}");
     }
     let result = &measured.0;
-    let m1 = fresh_metrics(port);
-    let k1 = program_seconds(port);
     let m2 = drain(port);
     let p1 = proc_stats(pid).context("agent gone")?;
+
+    // The kernel window: the same load, shorter, statistics on.
+    let window = kernel_window(servers, workload, port)?;
+    let m3 = drain(port);
     agent.stop()?;
-    let received = rx.span_count() - received_before;
-    let bpf_seconds = delta(&m1, &m0, "zerotrace_bpf_program_run_seconds_total");
+    // What the window made is not the run's.
+    let received =
+        (rx.span_count() - received_before)
+            .saturating_sub(delta(&m3, &m2, "zerotrace_spans_total") as usize);
     let per_request = |v: f64| {
         if result.requests > 0 {
             v / result.requests as f64
@@ -564,29 +601,61 @@ fn traced_run(
             0.0
         }
     };
+    Ok(merge(
+        merge(
+            load_fields(&measured),
+            json!({
+                "agent_cpu_seconds": p1.cpu_seconds - p0.cpu_seconds,
+                "agent_cpu_us_per_request": per_request((p1.cpu_seconds - p0.cpu_seconds) * 1e6),
+                "agent_peak_rss_kib": p1.peak_rss_kib,
+                "events": delta(&m2, &m0, "zerotrace_events_total"),
+                "events_lost": delta(&m2, &m0, "zerotrace_events_lost_total"),
+                "spans_made": delta(&m2, &m0, "zerotrace_spans_total"),
+                "spans_dropped": delta(&m2, &m0, "zerotrace_spans_dropped_total"),
+                "spans_received": received,
+            }),
+        ),
+        window,
+    ))
+}
+
+/// The kernel columns of a traced run: run time of each program per
+/// request over a [`KERNEL_WINDOW_SECONDS`] load with the host's run-time
+/// statistics on (or the agent's own, when ZEROTRACE_PROGRAM_STATS turned
+/// them on for the whole run).
+fn kernel_window(servers: &Servers, workload: Workload, port: u16) -> anyhow::Result<Value> {
+    let _stats = match std::env::var_os("ZEROTRACE_PROGRAM_STATS") {
+        Some(_) => None,
+        None => Some(HostProgramStats::on()?),
+    };
+    let k0 = program_seconds(port);
+    let r0 = program_runs(port);
+    let (load, _) = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?;
+    let k1 = program_seconds(port);
+    let r1 = program_runs(port);
+    let requests = load.requests.max(1) as f64;
+    let grown = |after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, p: &str| {
+        after.get(p).copied().unwrap_or(0.0) - before.get(p).copied().unwrap_or(0.0)
+    };
+    let seconds: f64 = k1.keys().map(|p| grown(&k1, &k0, p)).sum();
+    let runs: f64 = r1.keys().map(|p| grown(&r1, &r0, p)).sum();
+    anyhow::ensure!(
+        runs > 0.0,
+        "no program runs counted in the kernel window: are BPF run-time statistics available?"
+    );
     // Where the kernel time went: ns per request by program.
     let by_program: BTreeMap<&String, f64> = k1
-        .iter()
-        .map(|(p, s)| (p, per_request((s - k0.get(p).unwrap_or(&0.0)) * 1e9)))
+        .keys()
+        .map(|p| (p, grown(&k1, &k0, p) * 1e9 / requests))
         .filter(|(_, ns)| *ns > 0.0)
         .collect();
-    Ok(merge(
-        load_fields(&measured),
-        json!({
-            "agent_cpu_seconds": p1.cpu_seconds - p0.cpu_seconds,
-            "agent_cpu_us_per_request": per_request((p1.cpu_seconds - p0.cpu_seconds) * 1e6),
-            "agent_peak_rss_kib": p1.peak_rss_kib,
-            "kernel_ns_per_request": per_request(bpf_seconds * 1e9),
-            "kernel_ns_per_request_by_program": by_program,
-            "bpf_runs": delta(&m1, &m0, "zerotrace_bpf_program_runs_total"),
-            "bpf_run_seconds": bpf_seconds,
-            "events": delta(&m2, &m0, "zerotrace_events_total"),
-            "events_lost": delta(&m2, &m0, "zerotrace_events_lost_total"),
-            "spans_made": delta(&m2, &m0, "zerotrace_spans_total"),
-            "spans_dropped": delta(&m2, &m0, "zerotrace_spans_dropped_total"),
-            "spans_received": received,
-        }),
-    ))
+    Ok(json!({
+        "kernel_ns_per_request": seconds * 1e9 / requests,
+        "kernel_ns_per_request_by_program": by_program,
+        "kernel_window_requests": load.requests,
+        "bpf_runs": runs,
+        "bpf_run_seconds": seconds,
+    }))
 }
 
 /// Run-time statistics for the kernel columns (off by default in the

@@ -508,9 +508,12 @@ fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String 
          the CPUs with the workload), with the agent's batch defaults (queue 8192, batches of 512, 5 s). Agent CPU is its \
          user+system time from just before the load until it has exported what the load made; \
          kernel time is the growth of the kernel's BPF run-time statistics of its programs over \
-         the load (the one setting changed from the defaults: `ZEROTRACE_PROGRAM_STATS=on`; the \
-         statistics are off by default and cost two clock reads per program run, see \
-         bench/results/program-stats.md, so these throughput figures include that cost); host CPU is the busy time of all CPUs (/proc/stat) over the load, per \
+         a second, 4-second load right after the first, the statistics turned on for it alone \
+         (`sysctl kernel.bpf_stats_enabled`, which the agent reads as it reports; they are off by \
+         default because they cost two clock reads per program run, see \
+         bench/results/program-stats.md), so throughput, latency and agent CPU are those of the \
+         defaults (before 2026-12-05 the statistics were on for the whole run and these figures \
+         paid for them); host CPU is the busy time of all CPUs (/proc/stat) over the load, per \
          request, so its growth is the whole cost of tracing on this host. A third run per \
          round has no agent but the *floor*: the eBPF object's empty program attached to the \
          same tracepoints (`zerotrace bench-floor`), so the kernel column reads as a multiple of \
