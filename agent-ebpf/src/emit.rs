@@ -105,28 +105,42 @@ fn send<C: EbpfContext>(ctx: &C, data: *const u8, len: u64, payload: u64, urgent
         }
     } else {
         let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
-        let wakeup = if urgent || ring_wants_reader(ring, len) {
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        };
         // SAFETY: map pointer of a ring buffer; data/len bounded by caller.
         unsafe {
             bpf_ringbuf_output(
                 ring,
                 data.cast_mut().cast::<c_void>(),
                 len,
-                u64::from(wakeup),
+                wake_flag(urgent, len),
             ) == 0
         }
     };
-    if ok {
+    count_record(ok, payload);
+    ok
+}
+
+/// The ring buffer flag for a record of `len` bytes: wake the reader now
+/// (`urgent`, or the ring is filling) or let it find the record later.
+#[inline(always)]
+fn wake_flag(urgent: bool, len: u64) -> u64 {
+    let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
+    let wakeup = if urgent || ring_wants_reader(ring, len) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    u64::from(wakeup)
+}
+
+/// Counts a record the transport took (with its payload bytes) or refused.
+#[inline(always)]
+fn count_record(sent: bool, payload: u64) {
+    if sent {
         count(Counter::EventsSent, 1);
         count(Counter::BytesSent, payload);
     } else {
         count(Counter::EventsLost, 1);
     }
-    ok
 }
 
 /// Bytes of a connection's data records that were lost and that no record
@@ -222,7 +236,7 @@ fn ring_data_in<const N: usize>(event: &DataEvent, src: u64, want: u64) -> bool 
     let conn_id = event.header.conn_id;
     let len = core::mem::size_of::<RingRecord<N>>() as u64;
     let Some(mut entry) = EVENTS_RINGBUF.reserve::<RingRecord<N>>(0) else {
-        count(Counter::EventsLost, 1);
+        count_record(false, 0);
         note_lost(conn_id, event.header.detail, event.total_bytes);
         return false;
     };
@@ -250,15 +264,8 @@ fn ring_data_in<const N: usize>(event: &DataEvent, src: u64, want: u64) -> bool 
         (*record).event.captured = captured as u32;
         carry_hole(conn_id, &mut (*record).event)
     };
-    let ring = (&raw const EVENTS_RINGBUF).cast_mut().cast::<c_void>();
-    let wakeup = if ring_wants_reader(ring, len) {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(u64::from(wakeup));
-    count(Counter::EventsSent, 1);
-    count(Counter::BytesSent, captured);
+    entry.submit(wake_flag(false, len));
+    count_record(true, captured);
     if reports {
         hole_reported(conn_id);
     }

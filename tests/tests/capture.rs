@@ -24,9 +24,14 @@ struct HttpServer {
 
 impl HttpServer {
     fn start() -> HttpServer {
+        Self::serving(3000)
+    }
+
+    /// Serves a file of `size` bytes.
+    fn serving(size: u32) -> HttpServer {
         let dir = tempfile::tempdir().unwrap();
         // Not all one byte, so any mix-up of offsets shows.
-        let body: Vec<u8> = (0..3000u32)
+        let body: Vec<u8> = (0..size)
             .map(|i| b"zerotrace-"[(i % 10) as usize] ^ (i / 10 % 2) as u8)
             .collect();
         std::fs::write(dir.path().join("file.bin"), &body).unwrap();
@@ -160,6 +165,66 @@ fn captures_curl_and_http_server_in_both_directions_on_each_transport() {
             response,
             "[{transport}] server sent other bytes"
         );
+    }
+}
+
+/// A write larger than the default capture, with `--capture-bytes` at its
+/// maximum: the kernel writes it as one record of the largest size, whole.
+/// (The other sizes: curl's request fits the smallest, the 3,000-byte
+/// file of the test above the middle ones.)
+#[test]
+fn captures_a_write_of_the_largest_record_size_whole_on_each_transport() {
+    if !can_trace() {
+        return;
+    }
+    // http.server writes the file in one send (its copy buffer is 64 KiB).
+    let server = HttpServer::serving(20_000);
+    for transport in TRANSPORTS {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let agent = Agent::start(&[
+            "--transport",
+            transport,
+            "--capture-bytes",
+            "32768",
+            "--pid",
+            &server.pid.to_string(),
+            "--exe",
+            "curl",
+        ])
+        .unwrap();
+        let url = format!("http://127.0.0.1:{}/file.bin", server.port);
+        let curl_pid = curl(&url, out.path());
+        let done = agent.wait_for(Duration::from_secs(10), |r| {
+            r.iter()
+                .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
+        });
+        let records = agent.stop().unwrap();
+        assert!(
+            done,
+            "[{transport}] no close record for curl: {}",
+            brief(&records)
+        );
+        assert_eq!(summary(&records)["lost"], 0);
+        let client_local = opens_of(&records, curl_pid)[0]["local"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let sent: Vec<&Value> = data_of(&records, server.pid)
+            .into_iter()
+            .filter(|r| r["remote"] == client_local.as_str() && r["direction"] == "egress")
+            .collect();
+        let largest = sent.iter().map(|r| payload(r).len()).max().unwrap_or(0);
+        assert!(
+            largest > 8192,
+            "[{transport}] no record above the 8 KiB size: largest {largest}"
+        );
+        let response = stream(&sent, "egress");
+        assert!(
+            response.ends_with(&server.body),
+            "[{transport}] the server's records differ from the file"
+        );
+        let received = stream(&data_of(&records, curl_pid), "ingress");
+        assert_eq!(received, response, "[{transport}] the two ends differ");
     }
 }
 
