@@ -483,8 +483,13 @@ fn program_stats_are_off_unless_asked() {
     let counting = HostCounting;
     let runs = || {
         let m = parse_prometheus(&get(port, "/metrics").1);
-        m.contains_key("zerotrace_bpf_program_runs_total")
-            .then(|| sample(&m, "zerotrace_bpf_program_runs_total", Some(("program", "sys_exit_data"))))
+        m.contains_key("zerotrace_bpf_program_runs_total").then(|| {
+            sample(
+                &m,
+                "zerotrace_bpf_program_runs_total",
+                Some(("program", "sys_exit_data")),
+            )
+        })
     };
     let deadline = std::time::Instant::now() + WAIT;
     let mut seen = None;
@@ -503,7 +508,11 @@ fn program_stats_are_off_unless_asked() {
     drop(counting);
     // /metrics is refreshed once a second.
     std::thread::sleep(Duration::from_millis(2100));
-    assert_eq!(runs(), None, "program figures reported after the sysctl went off");
+    assert_eq!(
+        runs(),
+        None,
+        "program figures reported after the sysctl went off"
+    );
     drop(agent);
 }
 
