@@ -34,6 +34,8 @@ fn overhead_runs_measure_off_floor_and_on_and_the_agent() {
     if !can_trace() {
         return;
     }
+    let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
+    let counting_before = std::fs::read_to_string(sysctl).unwrap();
     let runs = workloads(&[
         "overhead",
         "--rounds",
@@ -46,6 +48,8 @@ fn overhead_runs_measure_off_floor_and_on_and_the_agent() {
         "redis",
     ]);
     assert_eq!(runs.len(), 6, "{runs:?}");
+    // The kernel window turned the host's statistics on and back.
+    assert_eq!(std::fs::read_to_string(sysctl).unwrap(), counting_before);
     for w in ["nginx", "redis"] {
         for mode in ["off", "floor", "on"] {
             let r = runs
@@ -86,7 +90,12 @@ fn overhead_runs_measure_off_floor_and_on_and_the_agent() {
             assert!(num(r, "spans_received") > 0.0, "{r}");
             assert!(num(r, "agent_cpu_seconds") > 0.0, "{r}");
             assert!(num(r, "agent_peak_rss_kib") > 1024.0, "{r}");
-            assert!(num(r, "bpf_runs") >= num(r, "requests"), "{r}");
+            // The kernel columns are of the window's own load.
+            assert!(num(r, "kernel_window_requests") >= 1000.0, "{r}");
+            assert!(
+                num(r, "bpf_runs") >= num(r, "kernel_window_requests"),
+                "{r}"
+            );
             assert!(num(r, "kernel_ns_per_request") > 0.0, "{r}");
             let programs = r["kernel_ns_per_request_by_program"].as_object().unwrap();
             assert!(programs.contains_key("sys_exit_data"), "{r}");
