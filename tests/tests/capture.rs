@@ -60,6 +60,35 @@ impl HttpServer {
             _dir: dir,
         }
     }
+
+    /// curl fetches the file while an agent (`--transport`, then `extra`)
+    /// traces the server and curl; returns the agent's records once curl's
+    /// connection closed, curl's pid and the file curl wrote.
+    fn fetch_traced(
+        &self,
+        transport: &str,
+        extra: &[&str],
+    ) -> (Vec<Value>, u32, tempfile::NamedTempFile) {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let pid = self.pid.to_string();
+        let mut args = vec!["--transport", transport];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--pid", &pid, "--exe", "curl"]);
+        let agent = Agent::start(&args).unwrap();
+        let url = format!("http://127.0.0.1:{}/file.bin", self.port);
+        let curl_pid = curl(&url, out.path());
+        let done = agent.wait_for(Duration::from_secs(10), |r| {
+            r.iter()
+                .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
+        });
+        let records = agent.stop().unwrap();
+        assert!(
+            done,
+            "[{transport}] no close record for curl within 10 s: {}",
+            brief(&records)
+        );
+        (records, curl_pid, out)
+    }
 }
 
 fn curl(url: &str, out: &std::path::Path) -> u32 {
@@ -89,28 +118,7 @@ fn captures_curl_and_http_server_in_both_directions_on_each_transport() {
     }
     let server = HttpServer::start();
     for transport in TRANSPORTS {
-        let out = tempfile::NamedTempFile::new().unwrap();
-        let agent = Agent::start(&[
-            "--transport",
-            transport,
-            "--pid",
-            &server.pid.to_string(),
-            "--exe",
-            "curl",
-        ])
-        .unwrap();
-        let url = format!("http://127.0.0.1:{}/file.bin", server.port);
-        let curl_pid = curl(&url, out.path());
-        let done = agent.wait_for(Duration::from_secs(10), |r| {
-            r.iter()
-                .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
-        });
-        let records = agent.stop().unwrap();
-        assert!(
-            done,
-            "[{transport}] no close record for curl within 10 s: {}",
-            brief(&records)
-        );
+        let (records, curl_pid, out) = server.fetch_traced(transport, &[]);
         assert_eq!(summary(&records)["transport"], transport);
         assert_eq!(summary(&records)["lost"], 0);
 
@@ -180,30 +188,7 @@ fn captures_a_write_of_the_largest_record_size_whole_on_each_transport() {
     // http.server writes the file in one send (its copy buffer is 64 KiB).
     let server = HttpServer::serving(20_000);
     for transport in TRANSPORTS {
-        let out = tempfile::NamedTempFile::new().unwrap();
-        let agent = Agent::start(&[
-            "--transport",
-            transport,
-            "--capture-bytes",
-            "32768",
-            "--pid",
-            &server.pid.to_string(),
-            "--exe",
-            "curl",
-        ])
-        .unwrap();
-        let url = format!("http://127.0.0.1:{}/file.bin", server.port);
-        let curl_pid = curl(&url, out.path());
-        let done = agent.wait_for(Duration::from_secs(10), |r| {
-            r.iter()
-                .any(|x| x["type"] == "close" && x["pid"] == curl_pid)
-        });
-        let records = agent.stop().unwrap();
-        assert!(
-            done,
-            "[{transport}] no close record for curl: {}",
-            brief(&records)
-        );
+        let (records, curl_pid, _) = server.fetch_traced(transport, &["--capture-bytes", "32768"]);
         assert_eq!(summary(&records)["lost"], 0);
         let client_local = opens_of(&records, curl_pid)[0]["local"]
             .as_str()
