@@ -634,11 +634,8 @@ fn kernel_window(servers: &Servers, workload: Workload, port: u16) -> anyhow::Re
     let k1 = program_seconds(port);
     let r1 = program_runs(port);
     let requests = load.requests.max(1) as f64;
-    let grown = |after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, p: &str| {
-        after.get(p).copied().unwrap_or(0.0) - before.get(p).copied().unwrap_or(0.0)
-    };
-    let seconds: f64 = k1.keys().map(|p| grown(&k1, &k0, p)).sum();
-    let runs: f64 = r1.keys().map(|p| grown(&r1, &r0, p)).sum();
+    let seconds: f64 = k1.keys().map(|p| delta(&k1, &k0, p)).sum();
+    let runs: f64 = r1.keys().map(|p| delta(&r1, &r0, p)).sum();
     anyhow::ensure!(
         runs > 0.0,
         "no program runs counted in the kernel window: are BPF run-time statistics available?"
@@ -646,7 +643,7 @@ fn kernel_window(servers: &Servers, workload: Workload, port: u16) -> anyhow::Re
     // Where the kernel time went: ns per request by program.
     let by_program: BTreeMap<&String, f64> = k1
         .keys()
-        .map(|p| (p, grown(&k1, &k0, p) * 1e9 / requests))
+        .map(|p| (p, delta(&k1, &k0, p) * 1e9 / requests))
         .filter(|(_, ns)| *ns > 0.0)
         .collect();
     Ok(json!({
