@@ -24,7 +24,7 @@ use std::{
     hint::black_box,
     io::Write,
     net::SocketAddr,
-    sync::{Arc, mpsc::Receiver},
+    sync::Arc,
     time::Duration,
 };
 
@@ -35,7 +35,7 @@ use criterion::{
 use zerotrace::{
     capture::decode,
     config::Config,
-    export::{ExportSpan, OtlpEncoder, SpanQueue, otlp_request},
+    export::{ExportSpan, HANDOFF_SPANS, OtlpEncoder, QueuedSpans, SpanQueue, otlp_request},
     pipeline::Replay,
     protocol::{
         db::{DbEvent, DbOptions},
@@ -654,12 +654,13 @@ fn bench_sql(c: &mut Criterion) {
 struct Stages {
     replay: Replay,
     tracer: Tracer,
-    spans: Receiver<ExportSpan>,
+    spans: QueuedSpans,
 }
 
 impl Stages {
     fn new() -> Self {
         let (queue, spans) = SpanQueue::for_test(4096);
+        let queue = queue.batched(HANDOFF_SPANS);
         let opts = TraceOptions::new(&Config::default(), Sampler::default());
         Self {
             replay: Replay::default(),
@@ -668,9 +669,11 @@ impl Stages {
         }
     }
 
-    /// Hands `records` on as one reader batch.
+    /// Hands `records` on as one reader batch, then the spans to the
+    /// queue, as the pipeline's round does.
     fn feed(&mut self, records: &[Vec<u8>]) {
         self.replay.feed(records, &mut self.tracer);
+        self.tracer.flush_spans();
     }
 
     /// `feed`, then takes the spans off the queue; returns how many.

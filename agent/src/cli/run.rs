@@ -17,7 +17,7 @@ use crate::{
         BatchConfig, Config, ConfigError, ExporterKind, HeaderRule, KubernetesTarget, MetadataMode,
         OtlpProtocol, env,
     },
-    export::{Exporter, OtlpSettings, Target},
+    export::{Exporter, HANDOFF_SPANS, OtlpSettings, Target},
     kernel::features,
     pipeline::{Periods, Pipeline, Tracing, stop_on_signals},
     selftrace::{
@@ -301,7 +301,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let mut options = TraceOptions::new(&settings.config, settings.sampler);
     options.kubernetes = watch.as_ref().map(Watch::metadata);
-    let tracer = Tracer::new(options, exporter.queue());
+    // Handed over at the end of each pipeline round (the tick's flush).
+    let tracer = Tracer::new(options, exporter.queue().batched(HANDOFF_SPANS));
     let load = args.capture.load_options_over(&settings.config.capture);
     let mut pipeline = match Pipeline::start(&load) {
         Ok(pipeline) => pipeline,

@@ -122,10 +122,12 @@ impl Consumer for Tracer {
 
     fn tick(&mut self, _pipeline: &mut Pipeline) {
         self.release_held(crate::capture::monotonic_ns());
+        self.flush_spans();
     }
 
     fn finish(&mut self, _pipeline: &mut Pipeline) {
         self.release_held(u64::MAX);
+        self.flush_spans();
     }
 }
 

@@ -136,6 +136,7 @@ impl Consumer for Tracing<'_> {
     fn tick(&mut self, pipeline: &mut Pipeline) {
         self.state.heartbeat();
         self.tracer.release_held(crate::capture::monotonic_ns());
+        self.tracer.flush_spans();
         for m in self.tracer.mutes.drain(..) {
             if pipeline.probes.mute(m.tgid, m.fd, m.conn_id) {
                 self.muted += 1;
@@ -156,6 +157,7 @@ impl Consumer for Tracing<'_> {
 
     fn finish(&mut self, pipeline: &mut Pipeline) {
         self.tracer.release_held(u64::MAX);
+        self.tracer.flush_spans();
         if let Some(spans) = self.self_spans.as_mut()
             && self.intervals_every.elapsed() >= MIN_LAST_INTERVAL
         {

@@ -1006,6 +1006,12 @@ impl Tracer {
         }
     }
 
+    /// Hands the finished spans over to the exporter: after each round of
+    /// records (see [`SpanQueue::batched`]).
+    pub fn flush_spans(&mut self) {
+        self.queue.flush();
+    }
+
     /// Held server spans whose client end did not show up by `now_ns`
     /// (kernel time) leave as roots; `u64::MAX` releases them all.
     pub fn release_held(&mut self, now_ns: u64) {
@@ -1084,19 +1090,19 @@ fn clock_offset() -> Duration {
 mod tests {
     use super::*;
     use crate::capture::{Data, Lost};
+    use crate::export::QueuedSpans;
     use agent_common::{EventHeader, Role, Syscall};
-    use std::sync::mpsc::Receiver;
 
     const SERVER: &str = "127.0.0.1:8080";
 
-    fn tracer() -> (Tracer, Receiver<ExportSpan>) {
+    fn tracer() -> (Tracer, QueuedSpans) {
         let (queue, rx) = SpanQueue::for_test(100);
         let opts = TraceOptions::new(&Config::default(), Sampler::default());
         (Tracer::new(opts, queue), rx)
     }
 
     /// Every span so far, held ones released (as at the agent's exit).
-    fn exported(t: &mut Tracer, rx: &Receiver<ExportSpan>) -> Vec<ExportSpan> {
+    fn exported(t: &mut Tracer, rx: &mut QueuedSpans) -> Vec<ExportSpan> {
         t.release_held(u64::MAX);
         rx.try_iter().collect()
     }
@@ -1170,7 +1176,7 @@ mod tests {
     /// Serves `n` requests on thread 11 (read, not yet answered); then thread
     /// `call_tid` makes a client call; returns the client span.
     fn call_while_serving(n: u64, call_tid: u32) -> (Vec<ExportSpan>, ExportSpan) {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let servers: Vec<Connection> = (0..n)
             .map(|i| {
                 conn(
@@ -1193,7 +1199,7 @@ mod tests {
         for s in &servers {
             data(&mut t, s, 11, 400, Syscall::Write, RESP);
         }
-        (exported(&mut t, &rx), call)
+        (exported(&mut t, &mut rx), call)
     }
 
     /// A server's read of `bytes` at `ts` on thread 11, after `egress`
@@ -1219,7 +1225,7 @@ mod tests {
     #[test]
     fn a_lost_response_leaves_its_request_unanswered_not_paired_with_the_next() {
         let resp_b: &[u8] = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let s = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
         t.on_record(Record::Opened(&s));
         data(
@@ -1239,7 +1245,7 @@ mod tests {
             RESP.len() as u32,
         );
         data(&mut t, &s, 11, 400, Syscall::Write, resp_b);
-        let spans = exported(&mut t, &rx);
+        let spans = exported(&mut t, &mut rx);
         let path = |p: &str| {
             spans
                 .iter()
@@ -1266,7 +1272,7 @@ mod tests {
     /// the hole, and the next exchange pairs as usual.
     #[test]
     fn a_hole_in_a_body_ends_the_response_before_it() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let s = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
         t.on_record(Record::Opened(&s));
         data(
@@ -1282,7 +1288,7 @@ mod tests {
         // The body's record (10 bytes, at 250) was lost.
         read_after_hole(&mut t, &s, 900, b"GET /b HTTP/1.1\r\n\r\n", 10);
         data(&mut t, &s, 11, 1000, Syscall::Write, RESP);
-        let spans = exported(&mut t, &rx);
+        let spans = exported(&mut t, &mut rx);
         assert_eq!(spans.len(), 2, "{spans:?}");
         let took = |x: &ExportSpan| nanos(x.span.end_time) - nanos(x.span.start_time);
         // Durations: /a ran 100..200 (not 100..900), /b 900..1000.
@@ -1292,7 +1298,7 @@ mod tests {
 
     #[test]
     fn idle_threads_lists_are_bounded_and_busy_ones_survive() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let busy = conn(1, Role::Server, SERVER, "127.0.0.1:40000");
         t.on_record(Record::Opened(&busy));
         data(&mut t, &busy, 11, 100, Syscall::Read, REQ);
@@ -1379,7 +1385,7 @@ mod tests {
     }
 
     /// A tracer for which process 10's runtime is followed from the start.
-    fn followed_tracer() -> (Tracer, Receiver<ExportSpan>) {
+    fn followed_tracer() -> (Tracer, QueuedSpans) {
         let (mut t, rx) = tracer();
         t.on_record(Record::Followed {
             tgid: 10,
@@ -1394,7 +1400,7 @@ mod tests {
 
     #[test]
     fn a_followed_event_loop_nests_each_call_under_its_own_request() {
-        let (mut t, rx) = followed_tracer();
+        let (mut t, mut rx) = followed_tracer();
         let (loop_tid, worker) = (10, 11);
         let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
         let b = conn(2, Role::Server, SERVER, "127.0.0.1:40002");
@@ -1424,7 +1430,10 @@ mod tests {
         // After A ended, its task's calls are roots.
         unit_data(&mut t, &db, loop_tid, 160, at(0xa1, 17), CALL);
         unit_data(&mut t, &db, loop_tid, 170, at(0xa1, 17), RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         // The servers' spans, roots, were held for their client end.
         let [call_a, call_b, background, late, server_a, server_b] = &spans[..] else {
             panic!("{spans:#?}")
@@ -1439,7 +1448,7 @@ mod tests {
 
     #[test]
     fn a_request_whose_client_left_keeps_its_calls_for_a_while() {
-        let (mut t, rx) = followed_tracer();
+        let (mut t, mut rx) = followed_tracer();
         let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
         let db = conn(3, Role::Client, "127.0.0.1:50000", "10.0.0.9:80");
         t.on_record(Record::Opened(&a));
@@ -1454,7 +1463,10 @@ mod tests {
         let late = 101 + ABANDONED_GRACE_NS + 1000;
         unit_data(&mut t, &db, 10, late, at(0xa1, 5), CALL);
         unit_data(&mut t, &db, 10, late + 10, at(0xa1, 5), RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         // The server's span, a root, was held for its client end until
         // the late call's time.
         let [call, server, late] = &spans[..] else {
@@ -1469,7 +1481,7 @@ mod tests {
     /// written later, after the other request's I/O.
     #[test]
     fn a_proxy_loop_nests_each_upstream_call_under_its_downstream_request() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let worker = 10;
         let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
         let d1 = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
@@ -1502,7 +1514,10 @@ mod tests {
         }
         data(&mut t, &d1, worker, 140, Syscall::Write, RESP);
         data(&mut t, &d2, worker, 141, Syscall::Write, RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         let [c1, c2, c3, s1, s2] = &spans[..] else {
             panic!("{spans:#?}")
         };
@@ -1513,7 +1528,7 @@ mod tests {
 
     #[test]
     fn both_ends_of_a_local_connection_are_linked() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         // Another process: the client end (curl) is not the server (nginx).
         let client = Connection {
             tgid: 20,
@@ -1528,7 +1543,7 @@ mod tests {
             data(&mut t, &server, 6, ts + 3, Syscall::Write, RESP);
             data(&mut t, &client, 5, ts + 4, Syscall::Read, RESP);
         }
-        let spans: Vec<ExportSpan> = exported(&mut t, &rx);
+        let spans: Vec<ExportSpan> = exported(&mut t, &mut rx);
         assert_eq!(spans.len(), 4);
         for pair in spans.chunks(2) {
             let (server, client) = (&pair[0].span, &pair[1].span);
@@ -1548,7 +1563,7 @@ mod tests {
 
     #[test]
     fn a_client_end_delivered_late_still_becomes_the_parent() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         // Another process: the client end (curl) is not the server (nginx).
         let client = Connection {
             tgid: 20,
@@ -1567,7 +1582,10 @@ mod tests {
         data(&mut t, &upstream, 6, 4, Syscall::Read, RESP);
         data(&mut t, &server, 6, 5, Syscall::Write, RESP);
         data(&mut t, &client, 5, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         let [up, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };
@@ -1580,7 +1598,7 @@ mod tests {
 
     #[test]
     fn a_client_end_delivered_after_its_server_finished_still_becomes_the_parent() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let client = Connection {
             tgid: 20,
             ..conn(1, Role::Client, "127.0.0.1:40000", SERVER)
@@ -1616,7 +1634,7 @@ mod tests {
 
     #[test]
     fn a_late_client_end_with_its_own_parent_moves_the_held_span_into_its_trace() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         // A proxy: its server request from outside, its upstream call to a
         // local server whose exchange is delivered before the call's write.
         let front = conn(1, Role::Server, "127.0.0.1:8080", "10.9.9.9:40000");
@@ -1634,7 +1652,10 @@ mod tests {
         data(&mut t, &upstream, 6, 2, Syscall::Write, CALL);
         data(&mut t, &upstream, 6, 5, Syscall::Read, RESP);
         data(&mut t, &front, 6, 6, Syscall::Write, RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         let [back, up, fr] = &spans[..] else {
             panic!("{spans:#?}")
         };
@@ -1678,7 +1699,7 @@ mod tests {
 
     #[test]
     fn unix_ends_link_by_their_sockets_only() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let path = Some("/run/app.sock");
         // Two connections to one socket: each client links to its own
         // server end, whatever the order the records come in.
@@ -1697,7 +1718,7 @@ mod tests {
         data(&mut t, &s1, 31, 6, Syscall::Write, RESP);
         data(&mut t, &c1, 20, 7, Syscall::Read, RESP);
         data(&mut t, &c2, 21, 8, Syscall::Read, RESP);
-        let spans: Vec<ExportSpan> = exported(&mut t, &rx);
+        let spans: Vec<ExportSpan> = exported(&mut t, &mut rx);
         assert_eq!(spans.len(), 4);
         let by_path = |p: &str| {
             spans
@@ -1793,7 +1814,7 @@ mod tests {
 
     #[test]
     fn a_reused_unix_sock_is_not_the_earlier_connection() {
-        let (mut t, rx) = tracer();
+        let (mut t, mut rx) = tracer();
         let path = Some("/run/app.sock");
         // (sock << 16) | inode: the second connection gets both socks of
         // the first back (the kernel reuses freed ones), with new inodes.
@@ -1815,7 +1836,10 @@ mod tests {
         data(&mut t, &client, 20, 3, Syscall::Write, REQ);
         data(&mut t, &server, 31, 5, Syscall::Write, RESP);
         data(&mut t, &client, 20, 6, Syscall::Read, RESP);
-        let spans: Vec<SpanRecord> = exported(&mut t, &rx).into_iter().map(|s| s.span).collect();
+        let spans: Vec<SpanRecord> = exported(&mut t, &mut rx)
+            .into_iter()
+            .map(|s| s.span)
+            .collect();
         let [old, srv, cli] = &spans[..] else {
             panic!("{spans:?}")
         };
