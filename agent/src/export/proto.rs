@@ -338,21 +338,37 @@ pub(super) fn string_key_value(tag: u32, key: &str, value: &[u8], out: &mut Vec<
 pub(super) fn string_key_value_head(tag: u32, key: &str, len: usize, out: &mut Vec<u8>) {
     // AnyValue.string_value is written even when empty (it is a oneof).
     let any_len = field_len(len);
-    key_value_head(tag, key, field_len(any_len) - len, len, out, |head| {
-        head.length_delimited(2, any_len);
-        head.length_delimited(1, len);
-    });
+    key_value_head(
+        tag,
+        key,
+        field_len(any_len) - len,
+        len,
+        out,
+        #[inline(always)]
+        |head| {
+            head.length_delimited(2, any_len);
+            head.length_delimited(1, len);
+        },
+    );
 }
 
 /// An integer attribute as field `tag`.
 #[inline(always)]
 pub(super) fn int_key_value(tag: u32, key: &str, value: i64, out: &mut Vec<u8>) {
     let any_len = 1 + encoded_len_varint(value as u64);
-    key_value_head(tag, key, field_len(any_len), 0, out, |head| {
-        head.length_delimited(2, any_len);
-        head.key(3, WireType::Varint);
-        head.varint(value as u64);
-    });
+    key_value_head(
+        tag,
+        key,
+        field_len(any_len),
+        0,
+        out,
+        #[inline(always)]
+        |head| {
+            head.length_delimited(2, any_len);
+            head.key(3, WireType::Varint);
+            head.varint(value as u64);
+        },
+    );
 }
 
 /// A KeyValue message as field `tag`: its key, then `value_head_len`
