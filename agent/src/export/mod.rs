@@ -213,7 +213,15 @@ impl SpanQueue {
                 return;
             }
         }
-        let spans = std::mem::replace(&mut self.held, Vec::with_capacity(self.handoff));
+        // A full hand-over takes the vector as it is; the few spans left at
+        // the end of a round go in one of their own size, a small
+        // allocation (a full-sized one per round cost more than the spans'
+        // copy).
+        let spans = if self.held.len() >= self.handoff {
+            std::mem::replace(&mut self.held, Vec::with_capacity(self.handoff))
+        } else {
+            self.held.drain(..).collect()
+        };
         if self.tx.send(spans).is_err() {
             shared.waiting.fetch_sub(room, Ordering::Relaxed);
             self.stats
