@@ -586,4 +586,4 @@ fn fixed64(tag: u32, v: u64, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -52,7 +52,7 @@ fn span(n: u8, scope: &InstrumentationScope) -> SpanData {
 
 /// Spans of every shape the agent makes, across two processes and two
 /// scopes, interleaved.
-fn batch() -> Vec<ExportSpan> {
+pub(in crate::export) fn batch() -> Vec<ExportSpan> {
     let traced = InstrumentationScope::builder("zerotrace")
         .with_version("0.1.0")
         .build();
