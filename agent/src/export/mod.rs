@@ -122,6 +122,46 @@ impl Handoff {
     }
 }
 
+/// The exporter's end of the queue: spans as they were handed over, taken
+/// off the queue's count.
+struct Taker {
+    rx: Receiver<Vec<ExportSpan>>,
+    shared: Arc<Handoff>,
+}
+
+impl Taker {
+    fn try_recv(&self) -> Result<Vec<ExportSpan>, TryRecvError> {
+        let spans = self.rx.try_recv()?;
+        self.shared
+            .waiting
+            .fetch_sub(spans.len(), Ordering::Relaxed);
+        Ok(spans)
+    }
+}
+
+/// A queue of `capacity` spans: its producer and its exporter's end.
+fn queue(
+    capacity: usize,
+    stats: Arc<ExportStats>,
+    waker: Option<Arc<Waker>>,
+) -> (SpanQueue, Taker) {
+    let (tx, rx) = channel();
+    let shared = Handoff::new(capacity);
+    let taker = Taker {
+        rx,
+        shared: Arc::clone(&shared),
+    };
+    let queue = SpanQueue {
+        tx,
+        stats,
+        shared,
+        waker,
+        held: Vec::new(),
+        handoff: 1,
+    };
+    (queue, taker)
+}
+
 /// Wakes the exporter thread once a batch's worth of spans is queued.
 /// Waking it for every span cost a context switch per span on both sides.
 #[derive(Debug)]
@@ -162,26 +202,9 @@ impl Clone for SpanQueue {
 }
 
 impl SpanQueue {
-    fn new(
-        tx: Sender<Vec<ExportSpan>>,
-        stats: Arc<ExportStats>,
-        shared: Arc<Handoff>,
-        waker: Option<Arc<Waker>>,
-    ) -> Self {
-        Self {
-            tx,
-            stats,
-            shared,
-            waker,
-            held: Vec::new(),
-            handoff: 1,
-        }
-    }
-
     /// This queue, holding up to `handoff` spans before it hands them
     /// over: its owner must call [`SpanQueue::flush`] when it is idle.
     pub fn batched(mut self, handoff: usize) -> Self {
-        self.flush();
         self.handoff = handoff.max(1);
         self.held = Vec::with_capacity(self.handoff);
         self
@@ -204,11 +227,8 @@ impl SpanQueue {
         let before = shared.waiting.fetch_add(n, Ordering::Relaxed);
         let room = shared.capacity.saturating_sub(before).min(n);
         if room < n {
-            shared.waiting.fetch_sub(n - room, Ordering::Relaxed);
+            self.dropped(n - room);
             self.held.truncate(room);
-            self.stats
-                .dropped_queue_full
-                .fetch_add((n - room) as u64, Ordering::Relaxed);
             if room == 0 {
                 return;
             }
@@ -223,10 +243,7 @@ impl SpanQueue {
             self.held.drain(..).collect()
         };
         if self.tx.send(spans).is_err() {
-            shared.waiting.fetch_sub(room, Ordering::Relaxed);
-            self.stats
-                .dropped_queue_full
-                .fetch_add(room as u64, Ordering::Relaxed);
+            self.dropped(room);
             return;
         }
         self.stats.queued.fetch_add(room as u64, Ordering::Relaxed);
@@ -238,17 +255,23 @@ impl SpanQueue {
         }
     }
 
+    /// `n` spans counted in `waiting` that did not go: counted as dropped.
+    fn dropped(&self, n: usize) {
+        self.shared.waiting.fetch_sub(n, Ordering::Relaxed);
+        self.stats
+            .dropped_queue_full
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// A queue of `capacity` spans whose spans land in the returned
     /// receiver (for tests and benchmarks).
     pub fn for_test(capacity: usize) -> (Self, QueuedSpans) {
-        let (tx, rx) = channel();
-        let shared = Handoff::new(capacity);
+        let (queue, taker) = queue(capacity, Arc::default(), None);
         let taken = QueuedSpans {
-            rx,
-            shared: Arc::clone(&shared),
+            taker,
             chunk: Default::default(),
         };
-        (Self::new(tx, Arc::default(), shared, None), taken)
+        (queue, taken)
     }
 }
 
@@ -261,8 +284,7 @@ impl Drop for SpanQueue {
 /// The receiving end of a test queue ([`SpanQueue::for_test`]), one span
 /// at a time.
 pub struct QueuedSpans {
-    rx: Receiver<Vec<ExportSpan>>,
-    shared: Arc<Handoff>,
+    taker: Taker,
     chunk: std::collections::VecDeque<ExportSpan>,
 }
 
@@ -272,11 +294,7 @@ impl QueuedSpans {
             if let Some(span) = self.chunk.pop_front() {
                 return Ok(span);
             }
-            let chunk = self.rx.try_recv()?;
-            self.shared
-                .waiting
-                .fetch_sub(chunk.len(), Ordering::Relaxed);
-            self.chunk.extend(chunk);
+            self.chunk.extend(self.taker.try_recv()?);
         }
     }
 
@@ -319,22 +337,19 @@ impl Exporter {
                 batch.export_timeout,
             )?),
         };
-        let (tx, rx) = channel();
         let stats = Arc::new(ExportStats::default());
         let thread_stats = Arc::clone(&stats);
         let batch_size = batch.max_export_batch_size.max(1);
-        let shared = Handoff::new(batch.max_queue_size);
-        let thread_shared = Arc::clone(&shared);
+        let (mut queue, taker) = queue(batch.max_queue_size, Arc::clone(&stats), None);
         let thread = std::thread::Builder::new()
             .name("zerotrace-export".into())
-            .spawn(move || run(rx, &thread_shared, sink, batch, &thread_stats))
+            .spawn(move || run(taker, sink, batch, &thread_stats))
             .context("starting the exporter thread")?;
-        let waker = Waker {
+        queue.waker = Some(Arc::new(Waker {
             thread: thread.thread().clone(),
             batch: batch_size,
             since_wake: AtomicUsize::new(0),
-        };
-        let queue = SpanQueue::new(tx, Arc::clone(&stats), shared, Some(Arc::new(waker)));
+        }));
         Ok(Self {
             queue: Some(queue),
             stats,
@@ -363,13 +378,7 @@ impl Exporter {
     }
 }
 
-fn run(
-    rx: Receiver<Vec<ExportSpan>>,
-    shared: &Handoff,
-    mut sink: Box<dyn Sink>,
-    batch: BatchConfig,
-    stats: &ExportStats,
-) {
+fn run(taker: Taker, mut sink: Box<dyn Sink>, batch: BatchConfig, stats: &ExportStats) {
     let tick = Duration::from_millis(100);
     let mut pending: Vec<ExportSpan> = Vec::with_capacity(batch.max_export_batch_size);
     let mut due = Instant::now() + batch.scheduled_delay;
@@ -410,9 +419,8 @@ fn run(
         std::thread::park_timeout(due.saturating_duration_since(Instant::now()).min(tick));
         let mut gone = false;
         loop {
-            match rx.try_recv() {
+            match taker.try_recv() {
                 Ok(spans) => {
-                    shared.waiting.fetch_sub(spans.len(), Ordering::Relaxed);
                     for span in spans {
                         pending.push(span);
                         if pending.len() >= batch.max_export_batch_size {

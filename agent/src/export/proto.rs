@@ -396,8 +396,7 @@ fn key_value_head(
     if key.len() + 12 + value_head_len > HEAD_BYTES {
         return long_key_value_head(tag, key, kv_len, out, value_head);
     }
-    out.reserve(HEAD_BYTES + rest);
-    let mut head = Head::at_end(out);
+    let mut head = Head::at_end(out, rest);
     head.length_delimited(tag, kv_len);
     if !key.is_empty() {
         head.length_delimited(1, key.len());
@@ -424,8 +423,7 @@ fn long_key_value_head(
 ) {
     length_delimited(tag, kv_len, out);
     string(1, key, out);
-    out.reserve(HEAD_BYTES);
-    let mut head = Head::at_end(out);
+    let mut head = Head::at_end(out, 0);
     value_head(&mut head);
     head.commit(out);
 }
@@ -436,7 +434,7 @@ fn long_key_value_head(
 const HEAD_BYTES: usize = 96;
 
 /// Fields' keys and lengths (and a short key), written into a Vec's spare
-/// capacity, [`HEAD_BYTES`] of which the caller reserved.
+/// capacity, [`HEAD_BYTES`] of which it reserves.
 struct Head {
     /// The Vec's end when the head was started.
     at: *mut u8,
@@ -444,11 +442,11 @@ struct Head {
 }
 
 impl Head {
-    /// Starts a head at `out`'s end; `out` must have [`HEAD_BYTES`] of
-    /// spare capacity, and must not change until [`Head::commit`].
+    /// Starts a head at `out`'s end, with room for it and `rest` bytes
+    /// after it; `out` must not change until [`Head::commit`].
     #[inline(always)]
-    fn at_end(out: &mut Vec<u8>) -> Self {
-        debug_assert!(out.capacity() - out.len() >= HEAD_BYTES);
+    fn at_end(out: &mut Vec<u8>, rest: usize) -> Self {
+        out.reserve(HEAD_BYTES + rest);
         Self {
             // SAFETY: `len` is within the allocation (at most its end).
             at: unsafe { out.as_mut_ptr().add(out.len()) },

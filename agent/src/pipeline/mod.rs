@@ -121,13 +121,11 @@ impl Consumer for Tracer {
     }
 
     fn tick(&mut self, _pipeline: &mut Pipeline) {
-        self.release_held(crate::capture::monotonic_ns());
-        self.flush_spans();
+        self.end_round(crate::capture::monotonic_ns());
     }
 
     fn finish(&mut self, _pipeline: &mut Pipeline) {
-        self.release_held(u64::MAX);
-        self.flush_spans();
+        self.end_round(u64::MAX);
     }
 }
 

@@ -135,8 +135,7 @@ impl Consumer for Tracing<'_> {
 
     fn tick(&mut self, pipeline: &mut Pipeline) {
         self.state.heartbeat();
-        self.tracer.release_held(crate::capture::monotonic_ns());
-        self.tracer.flush_spans();
+        self.tracer.end_round(crate::capture::monotonic_ns());
         for m in self.tracer.mutes.drain(..) {
             if pipeline.probes.mute(m.tgid, m.fd, m.conn_id) {
                 self.muted += 1;
@@ -156,8 +155,7 @@ impl Consumer for Tracing<'_> {
     }
 
     fn finish(&mut self, pipeline: &mut Pipeline) {
-        self.tracer.release_held(u64::MAX);
-        self.tracer.flush_spans();
+        self.tracer.end_round(u64::MAX);
         if let Some(spans) = self.self_spans.as_mut()
             && self.intervals_every.elapsed() >= MIN_LAST_INTERVAL
         {

@@ -1006,10 +1006,18 @@ impl Tracer {
         }
     }
 
-    /// Hands the finished spans over to the exporter: after each round of
-    /// records (see [`SpanQueue::batched`]).
+    /// Hands the finished spans over to the exporter (see
+    /// [`SpanQueue::batched`]).
     pub fn flush_spans(&mut self) {
         self.queue.flush();
+    }
+
+    /// The end of a round of records: held spans due by `now_ns` are
+    /// released ([`Tracer::release_held`]) and every finished span is
+    /// handed over.
+    pub fn end_round(&mut self, now_ns: u64) {
+        self.release_held(now_ns);
+        self.flush_spans();
     }
 
     /// Held server spans whose client end did not show up by `now_ns`
