@@ -735,10 +735,18 @@ impl HttpConn {
 
     fn step_head(&mut self, i: usize, at: Moment, data: &[u8], out: &mut Vec<HttpEvent>) -> usize {
         let max = self.max_head();
+        // The whole head is in this syscall (nearly always): parse it in
+        // place, finding its end on the way.
+        if self.sides[i].buf.is_empty()
+            && self.sides[i].eoh == 0
+            && let Some(n) = self.whole_head(i, at, &data[..data.len().min(max)], out)
+        {
+            return n;
+        }
         let side = &mut self.sides[i];
         let (n, found) = scan_eoh(&mut side.eoh, data);
 
-        // The whole head is in this syscall: parse it in place.
+        // Not a head [`whole_head`] takes, but whole all the same.
         if side.buf.is_empty() && found && n <= max {
             let head_bytes = &data[..n];
             let line = classify(head_bytes, side.role);
@@ -755,7 +763,7 @@ impl HttpConn {
                 &self.opts,
                 &mut self.repeats,
             ) {
-                Some(head) => self.finish_head(i, at, head, false, out),
+                Some((head, _)) => self.finish_head(i, at, head, false, out),
                 None => self.lose_sync(i, at, out),
             }
             return n;
@@ -803,6 +811,37 @@ impl HttpConn {
         n
     }
 
+    /// Parses a head that starts `data` and ends in it, in one walk over
+    /// its lines (a separate search for its end first cost as much as the
+    /// parse). Returns the bytes it took, or `None`, having changed nothing
+    /// but the value caches, when `data` does not hold a whole head with a
+    /// start line: [`scan_eoh`] and the buffer take over.
+    fn whole_head(
+        &mut self,
+        i: usize,
+        at: Moment,
+        data: &[u8],
+        out: &mut Vec<HttpEvent>,
+    ) -> Option<usize> {
+        let line = classify(data, self.sides[i].role);
+        let role = match (self.sides[i].role, &line) {
+            (Role::Unknown, StartLine::Request { .. }) => Role::Requests,
+            (Role::Unknown, StartLine::Response { .. }) => Role::Responses,
+            (Role::Unknown, _) => return None,
+            (role, _) => role,
+        };
+        // A start line of the other side's kind, or no end of head: the
+        // slower path decides, as it always did.
+        let Some((head, Some(n))) = parse_head(data, line, role, &self.opts, &mut self.repeats)
+        else {
+            return None;
+        };
+        self.decided(i, role == Role::Requests);
+        self.resynced(i, out);
+        self.finish_head(i, at, head, false, out);
+        Some(n)
+    }
+
     /// Parses the buffered head; `cut` when it did not fit (parse whole lines only).
     fn parse_buffered(&mut self, i: usize, cut: bool) -> Option<Head> {
         let opts = Arc::clone(&self.opts);
@@ -817,7 +856,8 @@ impl HttpConn {
             side.buf.extend_from_slice(b"\r\n");
         }
         let line = classify(&side.buf, side.role);
-        let head = parse_head(&side.buf, line, side.role, &opts, &mut self.repeats);
+        let head =
+            parse_head(&side.buf, line, side.role, &opts, &mut self.repeats).map(|(head, _)| head);
         side.reset_buf();
         head
     }
@@ -1588,25 +1628,22 @@ fn parse_head(
     role: Role,
     opts: &HttpOptions,
     repeats: &mut Repeats,
-) -> Option<Head> {
-    match line {
+) -> Option<(Head, Option<usize>)> {
+    let mut fields = Fields::of(b, role);
+    let head = match line {
         StartLine::Request {
             method,
             target,
             minor,
-        } if role == Role::Requests => Some(build_request(
-            method,
-            target,
-            minor,
-            fields(b, role),
-            opts,
-            repeats,
-        )),
-        StartLine::Response { status, minor } if role == Role::Responses => {
-            Some(build_response(status, minor, fields(b, role)))
+        } if role == Role::Requests => {
+            build_request(method, target, minor, &mut fields, opts, repeats)
         }
-        _ => None,
-    }
+        StartLine::Response { status, minor } if role == Role::Responses => {
+            build_response(status, minor, &mut fields)
+        }
+        _ => return None,
+    };
+    Some((head, fields.end))
 }
 
 /// The `(name, value)` header fields of a head, the start line skipped,
@@ -1615,21 +1652,50 @@ fn parse_head(
 /// field's name must end at its colon (RFC 9112 §5.1: a server rejects
 /// `Host : x`, so it names no host); a response's may be followed by
 /// blanks. Values keep their surrounding blanks: their readers trim.
-fn fields(b: &[u8], role: Role) -> impl Iterator<Item = (&[u8], &[u8])> {
-    let mut rest = match memchr::memchr(b'\n', b) {
-        Some(eol) => &b[eol + 1..],
-        None => &[][..],
-    };
-    std::iter::from_fn(move || {
+struct Fields<'a> {
+    rest: &'a [u8],
+    /// Bytes of the whole head.
+    whole: usize,
+    role: Role,
+    /// Where the head ends (after its empty line), once that is reached;
+    /// `None` while the bytes ran out first.
+    end: Option<usize>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(b: &'a [u8], role: Role) -> Self {
+        let rest = match memchr::memchr(b'\n', b) {
+            Some(eol) => &b[eol + 1..],
+            None => &[][..],
+        };
+        Self {
+            rest,
+            whole: b.len(),
+            role,
+            end: None,
+        }
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let (line, after) = match memchr::memchr(b'\n', rest) {
-                Some(eol) => (&rest[..eol], &rest[eol + 1..]),
-                None => (rest, &[][..]),
+            let (line, ended) = match memchr::memchr(b'\n', self.rest) {
+                Some(eol) => {
+                    let line = &self.rest[..eol];
+                    self.rest = &self.rest[eol + 1..];
+                    (line, true)
+                }
+                None => (std::mem::take(&mut self.rest), false),
             };
-            rest = after;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.is_empty() {
-                rest = &[];
+                if ended {
+                    self.end = Some(self.whole - self.rest.len());
+                }
+                self.rest = &[];
                 return None;
             }
             if matches!(line[0], b' ' | b'\t') {
@@ -1639,20 +1705,20 @@ fn fields(b: &[u8], role: Role) -> impl Iterator<Item = (&[u8], &[u8])> {
             let Some(colon) = line.iter().position(|&c| c == b':') else {
                 continue;
             };
-            let name = match role {
+            let name = match self.role {
                 Role::Responses => trim_end(&line[..colon]),
                 _ => &line[..colon],
             };
             return Some((name, &line[colon + 1..]));
         }
-    })
+    }
 }
 
 fn build_request<'a>(
     method: &[u8],
     target: &[u8],
     minor: u8,
-    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    fields: &mut Fields<'a>,
     opts: &HttpOptions,
     repeats: &mut Repeats,
 ) -> Head {
@@ -1720,11 +1786,7 @@ fn build_request<'a>(
     }
 }
 
-fn build_response<'a>(
-    status: u16,
-    minor: u8,
-    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-) -> Head {
+fn build_response(status: u16, minor: u8, fields: &mut Fields<'_>) -> Head {
     let mut te = TransferCoding::None;
     let mut cl = ContentLength::None;
     for (name, value) in fields {
