@@ -536,7 +536,7 @@ impl Tracer {
                     let side = self.db_side(conn);
                     self.begin(conn, Start::plain(seq, start, side));
                 }
-                Event::Db(DbEvent::Call(call)) => self.finish_db(conn, call),
+                Event::Db(DbEvent::Call(call)) => self.finish_db(conn, &call),
             }
         }
     }
@@ -882,7 +882,7 @@ impl Tracer {
         });
     }
 
-    fn finish_db(&mut self, conn: &Connection, call: DbCall) {
+    fn finish_db(&mut self, conn: &Connection, call: &DbCall) {
         let Some(system) = self
             .conns
             .get(&conn.conn_id)

@@ -5,12 +5,12 @@ use std::borrow::Cow;
 
 use opentelemetry::trace::Status;
 
-use super::{ATTRIBUTE_BYTES, Described, Endpoints, Side, ip_text};
+use super::{ATTRIBUTE_BYTES, Described, Endpoints, IpText, Side};
 use crate::{capture::Endpoint, export::Attributes, protocol::db::DbCall};
 
 /// Name, attributes and status of one call; `system` is db.system.name.
-pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_>) -> Described {
-    let name = span_name(system, &call);
+pub fn describe(system: &'static str, side: Side, call: &DbCall, at: Endpoints<'_>) -> Described {
+    let name = span_name(system, call);
     let mut attrs = Attributes::with_capacity(ATTRIBUTE_BYTES);
     attrs.str("db.system.name", system);
     match at.server(side) {
@@ -18,7 +18,7 @@ pub fn describe(system: &'static str, side: Side, call: DbCall, at: Endpoints<'_
         Endpoint::Inet(server) => {
             match (side, &at.peer) {
                 (Side::Client, Some(peer)) => attrs.str("server.address", peer),
-                _ => attrs.str("server.address", &ip_text(server.ip())),
+                _ => attrs.str("server.address", IpText::of(server.ip()).as_str()),
             }
             attrs.int("server.port", i64::from(server.port()));
         }
@@ -106,7 +106,7 @@ mod tests {
             unix(2, b"/run/postgresql/.s.PGSQL.5432"),
             false,
         );
-        let d = describe("postgresql", Side::Client, DbCall::default(), at);
+        let d = describe("postgresql", Side::Client, &DbCall::default(), at);
         let get = |k: &str| {
             d.attributes
                 .iter()
@@ -138,7 +138,7 @@ mod tests {
             query_text: Some("SELECT * FROM models WHERE id = ?".into()),
             ..Default::default()
         };
-        let d = describe("postgresql", Side::Client, call.clone(), at());
+        let d = describe("postgresql", Side::Client, &call, at());
         assert_eq!(d.name, "SELECT models");
         assert_eq!(attr(&d, "db.system.name").as_deref(), Some("postgresql"));
         assert_eq!(attr(&d, "server.port").as_deref(), Some("5432"));
@@ -150,11 +150,11 @@ mod tests {
             error: true,
             ..Default::default()
         };
-        let d = describe("postgresql", Side::Client, failed.clone(), at());
+        let d = describe("postgresql", Side::Client, &failed, at());
         assert_eq!(d.name, "SELECT");
         assert_eq!(attr(&d, "error.type").as_deref(), Some("42P01"));
         assert!(matches!(d.status, Status::Error { .. }));
-        let bare = describe("redis", Side::Server, DbCall::default(), at());
+        let bare = describe("redis", Side::Server, &DbCall::default(), at());
         assert_eq!(bare.name, "redis");
         assert_eq!(attr(&bare, "server.port").as_deref(), Some("40000"));
     }

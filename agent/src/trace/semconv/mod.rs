@@ -65,42 +65,57 @@ pub fn peer_address(remote: &Endpoint) -> Option<Arc<str>> {
 }
 
 /// The text form of an address, formatted on the stack and stored once.
-/// IPv4, the usual case, digit by digit: the formatting machinery took
-/// more than a keep-alive request's parsing, once per connection.
 pub fn ip_text(ip: IpAddr) -> Arc<str> {
-    use std::io::Write;
-    if let IpAddr::V4(v4) = ip {
-        let mut buf = [0u8; 15];
-        let mut len = 0;
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                buf[len] = b'.';
-                len += 1;
-            }
-            if octet >= 100 {
-                buf[len] = b'0' + octet / 100;
-                len += 1;
-            }
-            if octet >= 10 {
-                buf[len] = b'0' + octet / 10 % 10;
-                len += 1;
-            }
-            buf[len] = b'0' + octet % 10;
-            len += 1;
-        }
-        // ASCII digits and dots.
-        return Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or("0.0.0.0"));
-    }
+    Arc::from(IpText::of(ip).as_str())
+}
+
+/// The text form of an address, on the stack: for an attribute written
+/// once, which a stored copy would only allocate and free. IPv4, the usual
+/// case, digit by digit: the formatting machinery took more than a
+/// keep-alive request's parsing, once per connection.
+pub struct IpText {
     // The longest form, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", has 45 bytes.
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
-    if write!(rest, "{ip}").is_err() {
-        return Arc::from(ip.to_string());
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl IpText {
+    pub fn of(ip: IpAddr) -> Self {
+        use std::io::Write;
+        let mut text = Self {
+            buf: [0; 64],
+            len: 0,
+        };
+        if let IpAddr::V4(v4) = ip {
+            let (buf, len) = (&mut text.buf, &mut text.len);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[*len] = b'.';
+                    *len += 1;
+                }
+                if octet >= 100 {
+                    buf[*len] = b'0' + octet / 100;
+                    *len += 1;
+                }
+                if octet >= 10 {
+                    buf[*len] = b'0' + octet / 10 % 10;
+                    *len += 1;
+                }
+                buf[*len] = b'0' + octet % 10;
+                *len += 1;
+            }
+            return text;
+        }
+        let mut rest = &mut text.buf[..];
+        // Cannot fail: the buffer holds the longest form.
+        let _ = write!(rest, "{ip}");
+        text.len = 64 - rest.len();
+        text
     }
-    let len = 64 - rest.len();
-    match std::str::from_utf8(&buf[..len]) {
-        Ok(text) => Arc::from(text),
-        Err(_) => Arc::from(ip.to_string()),
+
+    pub fn as_str(&self) -> &str {
+        // ASCII digits, dots, colons and hex letters.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("0.0.0.0")
     }
 }
 
