@@ -359,7 +359,7 @@ fn trim_partial_char(b: &[u8]) -> &[u8] {
 }
 
 fn text(b: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(trim_partial_char(b))
+    super::utf8_lossy(trim_partial_char(b))
 }
 
 /// `s` cut to at most `max` bytes on a char boundary.

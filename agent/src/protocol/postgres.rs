@@ -1089,7 +1089,7 @@ impl PostgresConn {
     }
 
     fn statement(&self, raw: &[u8]) -> Arc<Stmt> {
-        let text = String::from_utf8_lossy(raw);
+        let text = super::utf8_lossy(raw);
         if text.trim().is_empty() {
             return Arc::new(Stmt::default());
         }

@@ -1975,7 +1975,7 @@ impl RedisConn {
             }
             return;
         }
-        let mut text = String::from_utf8_lossy(&cmd.text).into_owned();
+        let mut text = super::utf8_lossy(&cmd.text).into_owned();
         if text.len() > self.opts.max_query_bytes {
             let mut cut = self.opts.max_query_bytes;
             while !text.is_char_boundary(cut) {
