@@ -157,5 +157,11 @@ mod tests {
         let bare = describe("redis", Side::Server, &DbCall::default(), at());
         assert_eq!(bare.name, "redis");
         assert_eq!(attr(&bare, "server.port").as_deref(), Some("40000"));
+        // A server names its own address, v4 or v6.
+        assert_eq!(attr(&bare, "server.address").as_deref(), Some("127.0.0.1"));
+        let end = |s: &str| &*Box::leak(Box::new(Endpoint::Inet(s.parse().unwrap())));
+        let v6 = Endpoints::new(end("[fd00::1:2]:6379"), end("[fd00::9]:50000"), false);
+        let d = describe("redis", Side::Server, &DbCall::default(), v6);
+        assert_eq!(attr(&d, "server.address").as_deref(), Some("fd00::1:2"));
     }
 }
