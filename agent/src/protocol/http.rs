@@ -9,7 +9,8 @@
 //! Each direction is a small state machine (start → head → body) that works
 //! on whatever piece of a message a syscall carries: heads are buffered (at
 //! most `max_head_bytes`, and only when a head spans syscalls) and read in
-//! one pass for the fields that spans and framing need; bodies are only
+//! one pass for the fields that spans and framing need, a pass that also
+//! finds where a head that came whole ends; bodies are only
 //! counted, never copied; chunked framing is decoded byte by byte except for
 //! the chunk data, which is skipped in bulk.
 //! When a direction loses track (a capture gap inside a head or chunk framing,
@@ -1420,9 +1421,9 @@ impl HttpConn {
     }
 }
 
-/// Where a head ends: the empty line after a line feed, CRLF or bare LF.
-/// Built once, and one vector search each over a whole piece: a search per
-/// line paid its set-up for every header.
+/// Where a head that comes in pieces ends: the empty line after a line
+/// feed, CRLF or bare LF. Built once, and one vector search each over a
+/// whole piece: a search per line paid its set-up for every header.
 static EMPTY_CRLF_LINE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\n\r\n"));
 static EMPTY_LF_LINE: LazyLock<memmem::Finder<'static>> =
