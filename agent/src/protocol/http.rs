@@ -1893,12 +1893,7 @@ fn capped_text(value: &[u8], limit: usize) -> Cow<'_, str> {
     // Lossy decoding only grows the text, so `limit + 3` input bytes always cover
     // `limit` output bytes, and a char cut at that end lies beyond the limit.
     let value = &value[..value.len().min(limit.saturating_add(3))];
-    // Valid UTF-8 is checked by the fast validator; only the rest goes
-    // through the lossy decoder's chunk iterator.
-    let text = match std::str::from_utf8(value) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(value),
-    };
+    let text = super::utf8_lossy(value);
     let mut end = limit.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
