@@ -23,6 +23,7 @@ pub mod maps {
     pub const EVENTS_PERF: &str = "EVENTS_PERF";
     pub const SOCKETS: &str = "SOCKETS";
     pub const PENDING: &str = "PENDING";
+    pub const PENDING_SLOTS: &str = "PENDING_SLOTS";
     pub const TRACED_PIDS: &str = "TRACED_PIDS";
     pub const TRACED_COMMS: &str = "TRACED_COMMS";
     pub const COUNTERS: &str = "COUNTERS";
@@ -456,6 +457,9 @@ pub struct KernelConfig {
     pub ring_check_bytes: u32,
     /// Ring buffer: how full it must be, at a look, for the reader to be woken.
     pub ring_wake_bytes: u32,
+    /// PENDING_SLOTS entries less one (their count is a power of two): a
+    /// thread's slot is its id masked with this.
+    pub pending_slot_mask: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -601,7 +605,7 @@ mod tests {
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<SocketInfo>(), 24);
         assert_eq!(size_of::<SockConn>(), 16);
-        assert_eq!(size_of::<KernelConfig>(), 24 + 25 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 28 + 25 * 4);
     }
 
     #[test]

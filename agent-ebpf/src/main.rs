@@ -36,6 +36,7 @@ static CONFIG: KernelConfig = KernelConfig {
     transport: agent_common::TRANSPORT_RINGBUF,
     ring_check_bytes: 0,
     ring_wake_bytes: 0,
+    pending_slot_mask: 0,
     offsets: KernelOffsets {
         task_files: 0,
         files_fdt: 0,
@@ -99,13 +100,22 @@ static SOCK_CONNS: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(6553
 #[map(name = "KFUNC_ARGS")]
 static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// pid_tgid → arguments of the data syscall in flight on that thread. One
-/// entry per thread that made a traced syscall or called a TLS library,
-/// rewritten in place by each (`syscalls::save`), removed by
-/// `sched_process_exit` when the thread ends:
-/// bounded by the host's live threads. A plain preallocated hash, not an
-/// LRU one, whose list upkeep cost more than the rest of the enter hook; a
-/// thread that finds it full is not traced, and counted (PendingFull).
+/// Arguments of the data syscall in flight on a thread, in the slot of its
+/// id (thread id modulo the slot count, `CONFIG.pending_slot_mask`) when
+/// it holds that slot: found without a hash look-up. Each is claimed by one
+/// thread, rewritten in place by each of its calls (`syscalls::save`) and
+/// freed by `sched_process_exit` when the thread ends. The agent sets the
+/// count (a power of two).
+#[map(name = "PENDING_SLOTS")]
+static PENDING_SLOTS: Array<syscalls::PendingSlot> = Array::with_max_entries(1, 0);
+
+/// pid_tgid → the same for a thread whose slot another thread holds; and
+/// one entry per held slot, its claim (`syscalls::add_entry`). One entry
+/// per thread that made a traced syscall or called a TLS library, removed
+/// by `sched_process_exit`: bounded by the host's live threads. A plain
+/// preallocated hash, not an LRU one, whose list upkeep cost more than the
+/// rest of the enter hook; a thread that finds it full is not traced, and
+/// counted (PendingFull).
 #[map(name = "PENDING")]
 static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(65536, 0);
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use agent_common::{EventHeader, EventKind};
 
 use crate::{
-    PENDING, TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket,
+    TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket, syscalls,
 };
 
 const PROT_EXEC: u64 = 4;
@@ -77,7 +77,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = PENDING.remove(&pid_tgid);
+    syscalls::release(pid_tgid);
     // A thread that dies inside SSL_read never returns from it: its entry
     // must not make a later thread with the same id look inside a call.
     let _ = TLS_CALLS.remove(&pid_tgid);

@@ -16,13 +16,14 @@ use agent_common::{
 };
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
 use crate::{
-    PENDING, config,
+    PENDING, PENDING_SLOTS, config,
     emit::{ScratchGuard, count, note_lost, output_data, ring_data},
     process::selected,
     runtime, socket, tls,
@@ -77,15 +78,98 @@ impl PendingCall {
     }
 }
 
-/// Saves the call in this thread's PENDING entry. The entry stays after
-/// the call (its exit only clears `live`) and is rewritten in place by the
-/// next one: a lookup and a store, where inserting and deleting an entry
-/// per syscall took the bucket lock and the free list twice and was the
-/// costliest part of the enter hooks. `sched_process_exit` removes it with
-/// its thread.
+/// A thread's own PENDING_SLOTS entry: `owner` is the pid_tgid of the
+/// thread that holds it, 0 while it is free.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingSlot {
+    owner: u64,
+    call: PendingCall,
+}
+
+/// Set in the PENDING key that claims a slot (`CLAIM | index`): no
+/// pid_tgid has it, tgids being below 2^22.
+const CLAIM: u64 = 1 << 63;
+
+/// The slot of this thread's id, whoever holds it.
+#[inline(always)]
+fn slot_of(pid_tgid: u64) -> Option<(u32, *mut PendingSlot)> {
+    let index = pid_tgid as u32 & config!(pending_slot_mask);
+    Some((index, PENDING_SLOTS.get_ptr_mut(index)?))
+}
+
+/// This thread's entry: the slot it holds, else its PENDING entry.
+///
+/// A thread keeps its call in the slot of its id when it could claim it:
+/// an array slot is found by the id itself, where a hash look-up (hashing
+/// the key, walking the bucket) was the costliest part of the enter and
+/// exit hooks after the user copy. Threads whose slot another thread holds
+/// use PENDING, as every thread did before.
+#[inline(always)]
+fn entry(pid_tgid: u64) -> Option<*mut PendingCall> {
+    if let Some((_, slot)) = slot_of(pid_tgid)
+        // SAFETY: map value pointer; only the owner writes its slot, and a
+        // stale read of another thread's id is never this thread's.
+        && unsafe { (*slot).owner } == pid_tgid
+    {
+        // SAFETY: as above.
+        return Some(unsafe { &raw mut (*slot).call });
+    }
+    PENDING.get_ptr_mut(&pid_tgid)
+}
+
+/// A first entry for this thread, holding `call`: the slot of its id when
+/// it is free and this thread wins the claim, else a PENDING entry. False
+/// when PENDING is full.
+///
+/// Two threads whose ids share a slot may find it free at once. Without
+/// atomic exchanges (5.10 has none), the claim is a PENDING insert with
+/// BPF_NOEXIST: the map's bucket lock lets one of them win, and the other
+/// goes to PENDING. The claim stays until the holder ends
+/// (`release`), so a thread claims once in its life.
+#[inline(always)]
+fn add_entry(pid_tgid: u64, call: &PendingCall) -> bool {
+    if let Some((index, slot)) = slot_of(pid_tgid)
+        // SAFETY: map value pointer.
+        && unsafe { (*slot).owner } == 0
+        && PENDING
+            .insert(&(CLAIM | u64::from(index)), call, u64::from(BPF_NOEXIST))
+            .is_ok()
+    {
+        // SAFETY: the claim makes the slot this thread's alone.
+        unsafe {
+            (*slot).call = *call;
+            (*slot).owner = pid_tgid;
+        }
+        return true;
+    }
+    PENDING.insert(&pid_tgid, call, 0).is_ok()
+}
+
+/// The thread ends: its slot is freed (the owner cleared before the claim
+/// goes, so no thread can hold it between) and its PENDING entry removed.
+#[inline(always)]
+pub(crate) fn release(pid_tgid: u64) {
+    if let Some((index, slot)) = slot_of(pid_tgid)
+        // SAFETY: map value pointer.
+        && unsafe { (*slot).owner } == pid_tgid
+    {
+        // SAFETY: as above; this thread holds the slot.
+        unsafe { (*slot).owner = 0 };
+        let _ = PENDING.remove(&(CLAIM | u64::from(index)));
+    }
+    let _ = PENDING.remove(&pid_tgid);
+}
+
+/// Saves the call in this thread's entry ([`entry`]). The entry stays
+/// after the call (its exit only clears `live`) and is rewritten in place
+/// by the next one: a lookup and a store, where inserting and deleting an
+/// entry per syscall took the bucket lock and the free list twice and was
+/// the costliest part of the enter hooks. `sched_process_exit` removes it
+/// with its thread ([`release`]).
 #[inline(always)]
 fn save(pid_tgid: u64, call: &PendingCall) {
-    if let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) {
+    if let Some(entry) = entry(pid_tgid) {
         // SAFETY: map value pointer, valid for the program's run; only this
         // thread (its enter, exit and exit-of-thread hooks, and its TLS
         // probes, none of which overlap) uses its entry.
@@ -94,7 +178,7 @@ fn save(pid_tgid: u64, call: &PendingCall) {
             *entry = *call;
             (*entry).tls = tls;
         }
-    } else if PENDING.insert(&pid_tgid, call, 0).is_err() {
+    } else if !add_entry(pid_tgid, call) {
         count(Counter::PendingFull, 1);
     }
 }
@@ -106,7 +190,7 @@ fn save(pid_tgid: u64, call: &PendingCall) {
 /// ciphertext would pass for clear text.
 #[inline(always)]
 pub(crate) fn mark_tls(pid_tgid: u64) -> bool {
-    if let Some(entry) = PENDING.get_ptr_mut(&pid_tgid) {
+    if let Some(entry) = entry(pid_tgid) {
         // SAFETY: as in `save`.
         unsafe { (*entry).tls = 1 };
         return true;
@@ -114,13 +198,13 @@ pub(crate) fn mark_tls(pid_tgid: u64) -> bool {
     let mut call = PendingCall::new(0, -1, 0, 0, false);
     call.live = 0;
     call.tls = 1;
-    PENDING.insert(&pid_tgid, &call, 0).is_ok()
+    add_entry(pid_tgid, &call)
 }
 
 /// This thread's syscall in flight, taken (its entry marked done).
 #[inline(always)]
 fn take(pid_tgid: u64) -> Option<PendingCall> {
-    let entry = PENDING.get_ptr_mut(&pid_tgid)?;
+    let entry = entry(pid_tgid)?;
     // SAFETY: as in `save`.
     let call = unsafe { *entry };
     if call.live == 0 {
@@ -135,7 +219,7 @@ fn take(pid_tgid: u64) -> Option<PendingCall> {
 #[inline(always)]
 pub(crate) fn in_flight(pid_tgid: u64) -> bool {
     // SAFETY: read at once.
-    unsafe { PENDING.get(&pid_tgid) }.is_some_and(|call| call.live != 0)
+    entry(pid_tgid).is_some_and(|call| unsafe { (*call).live } != 0)
 }
 
 /// Argument `n` of a syscall: a direct load from the tracepoint record,

@@ -562,39 +562,92 @@ fn forced_kernel_function_methods_fail_clearly_where_unsupported() {
     agent.stop().unwrap();
 }
 
-/// The thread ids found in the agent's PENDING maps (bpftool; every map of
-/// that name, so agents of tests running beside this one count too).
-fn pending_threads() -> Vec<u32> {
-    let out = run(Command::new("bpftool").args(["map", "dump", "name", "PENDING", "--json"]))
-        .expect("bpftool (apt-get install bpftool)");
-    let entries: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
-    entries
-        .iter()
-        .filter_map(|e| {
-            let key = &e["key"];
-            // pid_tgid: the thread id is the low half. With BTF the key is a
-            // number, without it little-endian hex bytes.
-            let pid_tgid = match key.as_u64() {
-                Some(k) => k,
-                None => key.as_array()?.iter().rev().try_fold(0u64, |acc, b| {
-                    let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
-                    Some(acc << 8 | b)
-                })?,
-            };
-            Some(pid_tgid as u32)
-        })
-        .collect()
+/// A map dump's key or value as a number: with BTF a number (or a struct,
+/// whose `field` is taken), without it little-endian hex bytes (the first
+/// eight).
+fn dumped_u64(v: &Value, field: &str) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    if let Some(n) = v.get(field).and_then(Value::as_u64) {
+        return Some(n);
+    }
+    v.as_array()?.iter().take(8).rev().try_fold(0u64, |acc, b| {
+        let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+        Some(acc << 8 | b)
+    })
 }
 
-/// Each thread keeps one PENDING entry for its syscalls in flight, rewritten
-/// in place; a thread that ends takes its entry with it, so threads that
-/// come and go (a thread pool's churn) never fill the map.
+/// Where the agents' kernel side keeps threads' calls in flight (bpftool;
+/// every map of these names, so agents of tests running beside this one
+/// count too).
+#[derive(Debug, Default)]
+struct PendingState {
+    /// Thread ids holding a PENDING_SLOTS slot.
+    slot_owners: Vec<u32>,
+    /// Thread ids with a PENDING entry.
+    hashed: Vec<u32>,
+    /// Slot claims (PENDING keys with the top bit set).
+    claims: usize,
+}
+
+impl PendingState {
+    fn read() -> Self {
+        let dump = |name: &str| -> Vec<Value> {
+            let out = run(Command::new("bpftool").args(["map", "dump", "name", name, "--json"]))
+                .expect("bpftool (apt-get install bpftool)");
+            serde_json::from_str(&out).unwrap_or_default()
+        };
+        let mut state = Self::default();
+        for e in dump("PENDING") {
+            let Some(key) = dumped_u64(&e["key"], "") else {
+                continue;
+            };
+            // pid_tgid: the thread id is the low half.
+            if key >> 63 == 1 {
+                state.claims += 1;
+            } else {
+                state.hashed.push(key as u32);
+            }
+        }
+        for e in dump("PENDING_SLOTS") {
+            match dumped_u64(&e["value"], "owner") {
+                Some(0) | None => {}
+                Some(owner) => state.slot_owners.push(owner as u32),
+            }
+        }
+        state
+    }
+
+    fn holds(&self, tid: u32) -> bool {
+        self.slot_owners.contains(&tid) || self.hashed.contains(&tid)
+    }
+}
+
+/// Each thread keeps one entry for its syscalls in flight, rewritten in
+/// place: the slot of its id when it could claim it, else a PENDING entry.
+/// A thread that ends takes its entry (and its claim) with it, so threads
+/// that come and go (a thread pool's churn) never fill the maps; and the
+/// calls of threads that share a slot are all captured, whichever of them
+/// holds it. With one slot, 200 threads at once race for it and all but
+/// one use PENDING.
 #[test]
 fn threads_that_end_leave_no_pending_call_behind() {
     if !can_trace() {
         return;
     }
-    let agent = Agent::start(&["--pid", &std::process::id().to_string()]).unwrap();
+    for slots in [None, Some("1")] {
+        threads_leave_no_pending_call(slots);
+    }
+}
+
+fn threads_leave_no_pending_call(slots: Option<&str>) {
+    let me = std::process::id().to_string();
+    let mut args = vec!["--pid", me.as_str()];
+    if let Some(n) = slots {
+        args.extend(["--pending-slots", n]);
+    }
+    let agent = Agent::start(&args).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
@@ -627,23 +680,63 @@ fn threads_that_end_leave_no_pending_call_behind() {
     let tids: Vec<u32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
     server.join().unwrap();
     // The exit hook runs as each thread ends, before join returns.
-    let pending = pending_threads();
-    let left: Vec<u32> = pending
-        .iter()
-        .copied()
-        .filter(|t| tids.contains(t))
-        .collect();
+    let state = PendingState::read();
+    let left: Vec<u32> = tids.iter().copied().filter(|t| state.holds(*t)).collect();
     end_tx.send(()).unwrap();
     keeper.join().unwrap();
+    let label = slots.map_or("default slots".to_owned(), |n| format!("{n} slot(s)"));
     assert!(
-        pending.contains(&live),
-        "the live thread {live} has no PENDING entry ({} entries)",
-        pending.len()
+        state.holds(live),
+        "[{label}] the live thread {live} has no entry: {state:?}"
     );
-    drop(agent);
     assert!(
         left.is_empty(),
-        "{} of {THREADS} ended threads still hold a PENDING entry: {left:?}",
+        "[{label}] {} of {THREADS} ended threads still hold an entry: {left:?}",
         left.len()
+    );
+    // A claim for each held slot, none left by the 200 that ended. The two
+    // maps are read one after the other while this process's other threads
+    // (the agent's output readers) may claim or free one: a few apart.
+    assert!(
+        state.claims.abs_diff(state.slot_owners.len()) <= 2,
+        "[{label}] claims and held slots differ: {state:?}"
+    );
+    if slots.is_some() {
+        assert!(
+            state.slot_owners.len() <= 1 && state.claims <= 1,
+            "[{label}] {state:?}"
+        );
+    }
+    // Every thread's exchange was captured, both ways, whatever its entry.
+    let hello = "68656c6c6f";
+    let done = agent.wait_for(Duration::from_secs(10), |records| {
+        tids.iter().all(|&tid| {
+            ["egress", "ingress"].iter().all(|dir| {
+                records.iter().any(|r| {
+                    r["type"] == "data"
+                        && r["tid"] == tid
+                        && r["direction"] == *dir
+                        && r["payload_hex"] == hello
+                })
+            })
+        })
+    });
+    let records = agent.stop().unwrap();
+    let missing: Vec<u32> = tids
+        .iter()
+        .copied()
+        .filter(|&tid| {
+            records
+                .iter()
+                .filter(|r| r["type"] == "data" && r["tid"] == tid && r["payload_hex"] == hello)
+                .count()
+                < 2
+        })
+        .collect();
+    assert!(
+        done,
+        "[{label}] {} of {THREADS} threads' exchanges not captured both ways: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
     );
 }

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::{
     kernel::{
         kfunc::KfuncChoice,
-        loader::{Floor, LoadOptions, Transport, TransportChoice},
+        loader::{DEFAULT_PENDING_SLOTS, Floor, LoadOptions, Transport, TransportChoice},
     },
     pipeline::{Discard, Pipeline, default_buffer_bytes},
 };
@@ -135,6 +135,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         tls: Default::default(),
         // The capture benchmark reports the programs' run time.
         program_stats: true,
+        pending_slots: DEFAULT_PENDING_SLOTS,
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

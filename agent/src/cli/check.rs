@@ -8,7 +8,7 @@ use crate::{
     kernel::{
         features::{self, Report, Row},
         kfunc::KfuncChoice,
-        loader::{LoadOptions, Probes, TransportChoice},
+        loader::{DEFAULT_PENDING_SLOTS, LoadOptions, Probes, TransportChoice},
     },
     runtime::follow::{self, Follower, RuntimeChoice},
     tls::{self, TlsChoice, TlsFollower},
@@ -36,6 +36,7 @@ fn trial_load(report: &mut Report) {
         runtimes: Default::default(),
         tls: Default::default(),
         program_stats: false,
+        pending_slots: DEFAULT_PENDING_SLOTS,
     };
     // The runtime and TLS probes are loaded on every kernel check runs on,
     // whether or not an interpreter or a TLS library is in use.

@@ -14,7 +14,7 @@ use crate::{
     config::{CaptureConfig, ConfigError},
     kernel::{
         kfunc::KfuncChoice,
-        loader::{LoadOptions, Transport, TransportChoice},
+        loader::{DEFAULT_PENDING_SLOTS, LoadOptions, Transport, TransportChoice},
     },
     pipeline::default_buffer_bytes,
     runtime::follow::RuntimeChoice,
@@ -88,6 +88,19 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "on|off", env = "ZEROTRACE_PROGRAM_STATS",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub program_stats: Option<bool>,
+    /// Per-thread call slots in the kernel, a power of two (tests make
+    /// threads share them: a thread whose slot another holds uses a hash
+    /// map instead).
+    #[arg(long, hide = true, env = "ZEROTRACE_PENDING_SLOTS",
+          default_value_t = DEFAULT_PENDING_SLOTS, value_parser = pending_slots)]
+    pub pending_slots: u32,
+}
+
+fn pending_slots(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n <= 1 << 22 => Ok(n),
+        _ => Err(format!("{value:?} is not a power of two up to 4194304")),
+    }
 }
 
 impl CaptureArgs {
@@ -118,6 +131,7 @@ impl CaptureArgs {
                 .unwrap_or_default(),
             tls: self.tls.or(file.tls).unwrap_or_default(),
             program_stats: self.program_stats.or(file.program_stats).unwrap_or(false),
+            pending_slots: self.pending_slots,
         }
     }
 

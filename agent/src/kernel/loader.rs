@@ -192,7 +192,14 @@ pub struct LoadOptions {
     pub tls: crate::tls::TlsChoice,
     /// Whether the kernel counts each program's runs and run time.
     pub program_stats: bool,
+    /// Per-thread call slots in the kernel (a power of two): threads whose
+    /// slot another holds use a hash map instead ([`DEFAULT_PENDING_SLOTS`]).
+    pub pending_slots: u32,
 }
+
+/// Enough slots that threads seldom share one on a busy host (thread ids
+/// are handed out in order); 1.8 MiB of kernel memory.
+pub const DEFAULT_PENDING_SLOTS: u32 = 32_768;
 
 /// How one program load (verification) went, for logs and the startup trace.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -394,6 +401,7 @@ impl Probes {
             },
             ring_check_bytes,
             ring_wake_bytes,
+            pending_slot_mask: opts.pending_slots - 1,
             offsets,
         };
         let max_cpu = cpus.iter().copied().max().unwrap_or(0) + 1;
@@ -406,6 +414,7 @@ impl Probes {
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(maps::EVENTS_RINGBUF, ring_bytes)
             .map_max_entries(maps::SCRATCH, max_cpu)
+            .map_max_entries(maps::PENDING_SLOTS, opts.pending_slots)
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
