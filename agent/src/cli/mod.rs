@@ -171,3 +171,19 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pending_slots;
+
+    #[test]
+    fn pending_slots_takes_powers_of_two_only() {
+        assert_eq!(pending_slots("1"), Ok(1));
+        assert_eq!(pending_slots("32768"), Ok(32_768));
+        assert_eq!(pending_slots("4194304"), Ok(1 << 22));
+        for bad in ["0", "3", "1000", "8388608", "-1", "many"] {
+            let err = pending_slots(bad).unwrap_err();
+            assert!(err.contains("power of two"), "{bad}: {err}");
+        }
+    }
+}
