@@ -110,12 +110,12 @@ static KFUNC_ARGS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0)
 static PENDING_SLOTS: Array<syscalls::PendingSlot> = Array::with_max_entries(1, 0);
 
 /// pid_tgid → the same for a thread whose slot another thread holds; and
-/// one entry per held slot, its claim (`syscalls::add_entry`). One entry
-/// per thread that made a traced syscall or called a TLS library, removed
-/// by `sched_process_exit`: bounded by the host's live threads. A plain
-/// preallocated hash, not an LRU one, whose list upkeep cost more than the
-/// rest of the enter hook; a thread that finds it full is not traced, and
-/// counted (PendingFull).
+/// one entry per held slot, its claim (`syscalls::add_entry`). Either way
+/// one entry per thread that made a traced syscall or called a TLS
+/// library, removed by `sched_process_exit`: bounded by the host's live
+/// threads. A plain preallocated hash, not an LRU one, whose list upkeep
+/// cost more than the rest of the enter hook; a thread that finds it full
+/// is not traced, and counted (PendingFull).
 #[map(name = "PENDING")]
 static PENDING: HashMap<u64, syscalls::PendingCall> = HashMap::with_max_entries(65536, 0);
 
