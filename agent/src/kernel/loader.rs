@@ -372,6 +372,10 @@ impl Probes {
                 opts.capture_bytes
             );
         }
+        // The kernel finds a thread's slot by masking its id.
+        if !opts.pending_slots.is_power_of_two() {
+            bail!("{} pending slots is not a power of two", opts.pending_slots);
+        }
         raise_memlock();
         let (tracefs, _) = tracefs::ensure_mounted()?;
         let btf = Btf::from_sys_fs()?;
