@@ -6,9 +6,17 @@
 //! returns before the sender's exit hook runs, so a server's span lies
 //! within its caller's.
 //!
+//! A receive needs no enter hook where the kernel lends the exit hook the
+//! thread's saved registers (`bpf_task_pt_regs`, 5.15+, x86-64): its
+//! arguments are still there when it returns, and a receive is stamped at
+//! exit anyway. Each hook avoided spares the traced thread the trace
+//! event's dispatch as well as the program ([`sys_exit_receive`]). Sends
+//! keep theirs: they are stamped when they begin.
+//!
 //! Record layout of `syscalls/sys_enter_*`: 8 bytes of common fields, the
 //! syscall number, then each argument as 8 bytes from offset 16.
-//! `syscalls/sys_exit_*`: the return value (`long ret`) at offset 16.
+//! `syscalls/sys_exit_*`: the syscall number (`int`) at offset 8, the
+//! return value (`long ret`) at offset 16.
 
 use agent_common::{
     Counter, DataEvent, Direction, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, Syscall,
@@ -17,7 +25,10 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -374,7 +385,8 @@ pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Exit of every data syscall: emits what really moved.
+/// Exit of every data syscall whose enter hook saved its arguments: emits
+/// what really moved.
 #[tracepoint]
 pub fn sys_exit_data(ctx: TracePointContext) -> u32 {
     let _ = try_sys_exit_data(&ctx);
@@ -388,6 +400,102 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
     if moved <= 0 || call.syscall == CONNECT || call.syscall == OWN_CONNECT {
         return Ok(());
     }
+    emit(ctx, pid_tgid, &call, moved as u64)
+}
+
+/// x86-64 numbers of the receives [`sys_exit_receive`] serves.
+const NR_READ: i32 = 0;
+const NR_READV: i32 = 19;
+const NR_RECVFROM: i32 = 45;
+const NR_RECVMSG: i32 = 47;
+
+/// The first four syscall arguments as the thread entered the kernel with
+/// them: x86-64's `struct pt_regs` (di, si, dx, r10 at 112, 104, 96, 56), a
+/// layout ptrace's `user_regs_struct` fixes. A syscall moving bytes does not
+/// write them, so they still hold at its exit.
+struct EntryArgs {
+    di: u64,
+    si: u64,
+    dx: u64,
+    r10: u64,
+}
+
+impl EntryArgs {
+    #[inline(always)]
+    fn of_current_thread() -> Self {
+        // SAFETY: helpers without preconditions. The registers pointer is
+        // typed by the kernel's BTF, so the verifier checks each load
+        // against `struct pt_regs` and makes it fault-safe.
+        unsafe {
+            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+            Self {
+                di: regs.add(14).read(),
+                si: regs.add(13).read(),
+                dx: regs.add(12).read(),
+                r10: regs.add(7).read(),
+            }
+        }
+    }
+}
+
+/// `syscalls/sys_exit_*`: the syscall's number.
+#[inline(always)]
+fn syscall_nr(ctx: &TracePointContext) -> i32 {
+    // SAFETY: sys_exit records hold `int __syscall_nr` at offset 8.
+    unsafe { ctx.as_ptr().cast::<u8>().add(8).cast::<i32>().read() }
+}
+
+/// Exit of a receive (read, readv, recvfrom, recvmsg) that no enter hook
+/// saw: its arguments are read from the thread's saved registers. The
+/// agent attaches it in place of the receives' enter hooks and their
+/// [`sys_exit_data`] where the kernel allows it (see the module docs).
+///
+/// The fd is resolved at exit. Should another thread close it and reuse
+/// its number while this call blocks, the bytes would be put on the new
+/// connection; a close of a socket another thread reads is rare, and
+/// servers shut it down first, which ends the read.
+#[tracepoint]
+pub fn sys_exit_receive(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit_receive(&ctx);
+    0
+}
+
+fn try_sys_exit_receive(ctx: &TracePointContext) -> Result<(), ()> {
+    let moved = ret(ctx);
+    if moved <= 0 {
+        return Ok(());
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !selected((pid_tgid >> 32) as u32) {
+        return Ok(());
+    }
+    let args = EntryArgs::of_current_thread();
+    let (syscall, ptr, len, vectored) = match syscall_nr(ctx) {
+        NR_READ => (Syscall::Read, args.si, args.dx, false),
+        NR_READV => (Syscall::Readv, args.si, args.dx, true),
+        NR_RECVFROM if args.r10 & MSG_PEEK == 0 => (Syscall::Recvfrom, args.si, args.dx, false),
+        NR_RECVMSG if args.dx & MSG_PEEK == 0 => {
+            let (iov, n) = msghdr_iov(args.si);
+            (Syscall::Recvmsg, iov, n, true)
+        }
+        _ => return Ok(()),
+    };
+    let fd = args.di as i32;
+    let conn_id = match socket::known_state(pid_tgid, fd) {
+        socket::Known::Untraced => return Ok(()),
+        socket::Known::Tracked(conn_id) => conn_id,
+        socket::Known::Unknown => 0,
+    };
+    let mut call = PendingCall::new(syscall as u8, fd, ptr, len, vectored);
+    call.conn_id = conn_id;
+    // SAFETY: read at once; only this thread writes its entry.
+    call.tls = entry(pid_tgid).map_or(0, |entry| unsafe { (*entry).tls });
+    emit(ctx, pid_tgid, &call, moved as u64)
+}
+
+/// Emits the `moved` bytes of `call`, a data syscall that returned.
+#[inline(always)]
+fn emit(ctx: &TracePointContext, pid_tgid: u64, call: &PendingCall, moved: u64) -> Result<(), ()> {
     let conn_id = if call.conn_id != 0 {
         call.conn_id
     } else {
@@ -402,7 +510,7 @@ fn try_sys_exit_data(ctx: &TracePointContext) -> Result<(), ()> {
         tls::inside_call(pid_tgid, call.fd)
     };
     let (syscall, moved, ptr, vectored) = match inside {
-        tls::Inside::No => (call.syscall, moved as u64, call.ptr, call.vectored),
+        tls::Inside::No => (call.syscall, moved, call.ptr, call.vectored),
         tls::Inside::Ciphertext => return Ok(()),
         // Stamped as the socket send that carries it.
         tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),

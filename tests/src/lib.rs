@@ -81,6 +81,7 @@ pub fn agent_programs_loaded() -> Vec<String> {
         .filter(|n| {
             [
                 "sys_exit_data",
+                "sys_exit_receive",
                 "sys_enter_read",
                 "sched_process_for",
                 "sys_enter_close",

@@ -513,6 +513,13 @@ fn check_reports_this_kernel_truthfully() {
             "{why}"
         );
     }
+    // Receives go without enter hooks exactly where bpftool finds the
+    // helper that lends their exit hook the registers.
+    assert_eq!(
+        row("receives without enter hooks")["available"],
+        kernel_lends_registers(),
+        "{report}"
+    );
     let text = Command::new(agent_bin()).arg("check").output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
@@ -739,4 +746,149 @@ fn threads_leave_no_pending_call(slots: Option<&str>) {
         missing.len(),
         &missing[..missing.len().min(20)]
     );
+}
+
+/// A server that takes each message through another receive syscall —
+/// recvfrom, recvmsg, read, readv (two buffers), recv_into — and peeks at
+/// the first two first (recvfrom and recvmsg with MSG_PEEK). Prints its pid,
+/// then waits for a line on stdin before it connects to itself.
+const RECEIVES_PY: &str = r#"
+import os, socket, sys, threading
+MSGS = [b"recvfrom-%02d:" % i + bytes(range(48, 48 + 20 + i)) for i in range(5)]
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+def client():
+    c = socket.create_connection(srv.getsockname())
+    for m in MSGS:
+        c.sendall(m)
+        assert c.recv(2, socket.MSG_WAITALL) == b"ok"
+    c.close()
+t = threading.Thread(target=client)
+t.start()
+conn, _ = srv.accept()
+fd = conn.fileno()
+def whole(got, n, more):
+    while len(got) < n:
+        got += more(n - len(got))
+    return got
+n = len(MSGS[0]); conn.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+assert conn.recv(n, socket.MSG_WAITALL) == MSGS[0]; conn.sendall(b"ok")
+n = len(MSGS[1]); conn.recvmsg(n, 0, socket.MSG_PEEK | socket.MSG_WAITALL)
+assert conn.recvmsg(n, 0, socket.MSG_WAITALL)[0] == MSGS[1]; conn.sendall(b"ok")
+n = len(MSGS[2])
+assert whole(b"", n, lambda k: os.read(fd, k)) == MSGS[2]; conn.sendall(b"ok")
+n = len(MSGS[3]); a, b = bytearray(5), bytearray(n - 5)
+got = os.readv(fd, [a, b])
+assert bytes(a + b)[:got] == MSGS[3][:got]
+assert whole(bytes(a + b)[:got], n, lambda k: os.read(fd, k)) == MSGS[3]; conn.sendall(b"ok")
+n = len(MSGS[4]); buf = bytearray(n)
+got = conn.recv_into(buf, n, socket.MSG_WAITALL)
+assert bytes(buf[:got]) == MSGS[4]; conn.sendall(b"ok")
+t.join()
+conn.close()
+sys.stdout.write(b"".join(MSGS).hex() + "\n")
+"#;
+
+/// Whether the kernel lends tracepoint programs a thread's saved registers
+/// (bpftool's own probe), so receives need no enter hook.
+fn kernel_lends_registers() -> bool {
+    let probe = run(Command::new("bpftool").args(["feature", "probe", "kernel", "--json"]))
+        .expect("bpftool feature probe");
+    let features: Value = serde_json::from_str(&probe).unwrap();
+    features["helpers"]["tracepoint_available_helpers"]
+        .as_array()
+        .is_some_and(|h| h.iter().any(|n| n == "bpf_task_pt_regs"))
+}
+
+/// Every receive syscall is reported once with what it read, and a peek
+/// never (its bytes are read again): both with the receives' arguments
+/// read at exit (where the kernel allows it) and saved by enter hooks.
+#[test]
+fn each_receive_syscall_is_captured_once_and_peeks_never() {
+    if !can_trace() {
+        return;
+    }
+    let lends = kernel_lends_registers();
+    for (choice, expected) in [
+        ("auto", if lends { "registers" } else { "saved" }),
+        ("enter", "saved"),
+    ] {
+        let mut child = Command::new("python3")
+            .args(["-c", RECEIVES_PY])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line.trim().to_owned();
+        let agent = Agent::start(&["--pid", &pid, "--receive-args", choice]).unwrap();
+        writeln!(child.stdin.as_mut().unwrap()).unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "[{choice}] the script failed"
+        );
+        let sent: Vec<u8> = (0..line.trim().len() / 2)
+            .map(|i| u8::from_str_radix(&line.trim()[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let pid: u32 = pid.parse().unwrap();
+        let done = agent.wait_for(Duration::from_secs(10), |r| {
+            r.iter()
+                .filter(|x| x["type"] == "close" && x["pid"] == pid)
+                .count()
+                >= 2
+        });
+        let records = agent.stop().unwrap();
+        assert!(done, "[{choice}] no close records: {}", brief(&records));
+        assert_eq!(summary(&records)["receives"], expected, "[{choice}]");
+        assert_eq!(summary(&records)["lost"], 0);
+        let data = data_of(&records, pid);
+        let server: Vec<&Value> = data
+            .iter()
+            .copied()
+            .filter(|r| r["role"] == "server")
+            .collect();
+        assert_eq!(
+            stream(&server, "ingress"),
+            sent,
+            "[{choice}] the server's receives differ from what was sent: {}",
+            brief(&records)
+        );
+        let mut syscalls: Vec<&str> = server
+            .iter()
+            .filter(|r| r["direction"] == "ingress")
+            .map(|r| r["syscall"].as_str().unwrap())
+            .collect();
+        syscalls.dedup();
+        // The short reads os.read may need add reads, never other calls.
+        assert_eq!(
+            syscalls.first(),
+            Some(&"recvfrom"),
+            "[{choice}] {syscalls:?}"
+        );
+        for call in ["recvmsg", "read", "readv"] {
+            assert!(
+                syscalls.contains(&call),
+                "[{choice}] no {call}: {syscalls:?}"
+            );
+        }
+        assert_eq!(
+            syscalls.last(),
+            Some(&"recvfrom"),
+            "[{choice}] {syscalls:?}"
+        );
+        // The client's acknowledgements, read with recvfrom.
+        let client: Vec<&Value> = data
+            .iter()
+            .copied()
+            .filter(|r| r["role"] == "client")
+            .collect();
+        assert_eq!(stream(&client, "ingress"), b"okokokokok", "[{choice}]");
+    }
 }

@@ -138,6 +138,16 @@ fn the_documented_capabilities_are_enough_to_trace_http() {
             .env("OTEL_BSP_SCHEDULE_DELAY", "200");
         let agent = Agent::spawn(cmd, "tracing")
             .unwrap_or_else(|e| panic!("{identity:?} with {caps:?}: {e:#}"));
+        // The documented capabilities keep the cheaper receive path (the
+        // verifier lets only CAP_PERFMON read the registers it uses).
+        assert!(
+            !agent
+                .stderr_lines
+                .iter()
+                .any(|l| l.contains("receives keep their enter hooks")),
+            "{identity:?}: {:?}",
+            agent.stderr_lines
+        );
         let eff = effective_caps(agent.pid());
         // setpriv execs the agent: this is the agent's own mask. Four bits,
         // not the 40-odd of full root.

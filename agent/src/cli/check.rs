@@ -8,7 +8,7 @@ use crate::{
     kernel::{
         features::{self, Report, Row},
         kfunc::KfuncChoice,
-        loader::{DEFAULT_PENDING_SLOTS, LoadOptions, Probes, TransportChoice},
+        loader::{DEFAULT_PENDING_SLOTS, LoadOptions, Probes, ReceiveArgs, TransportChoice},
     },
     runtime::follow::{self, Follower, RuntimeChoice},
     tls::{self, TlsChoice, TlsFollower},
@@ -37,6 +37,7 @@ fn trial_load(report: &mut Report) {
         tls: Default::default(),
         program_stats: false,
         pending_slots: DEFAULT_PENDING_SLOTS,
+        receive_args: Default::default(),
     };
     // The runtime and TLS probes are loaded on every kernel check runs on,
     // whether or not an interpreter or a TLS library is in use.
@@ -45,6 +46,7 @@ fn trial_load(report: &mut Report) {
         p.load_tls_probes()?;
         Ok(p)
     });
+    let mut receives = None;
     let (programs, layer) = match loaded {
         Ok(mut probes) => {
             // Runtime probes go on every interpreter running now (the
@@ -66,6 +68,7 @@ fn trial_load(report: &mut Report) {
                 .filter(|a| a.outcome.is_ok())
                 .count();
             let layer = probes.kernel_functions.clone();
+            receives = Some(probes.receives);
             (
                 Ok(format!(
                     "{} programs verified, {attached} probes attached",
@@ -91,6 +94,17 @@ fn trial_load(report: &mut Report) {
     report
         .rows
         .push(Row::new("kernel-function layer", false, layer));
+    let receives = match receives {
+        Some(ReceiveArgs::Registers) => Ok(ReceiveArgs::Registers.as_str().to_owned()),
+        Some(ReceiveArgs::Saved) => Err(format!(
+            "{} (reading them at exit needs bpf_task_pt_regs, Linux 5.15+ on x86-64)",
+            ReceiveArgs::Saved.as_str()
+        )),
+        None => Err("not tried: the programs did not load".to_owned()),
+    };
+    report
+        .rows
+        .push(Row::new("receives without enter hooks", false, receives));
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {

@@ -14,7 +14,9 @@ use crate::{
     config::{CaptureConfig, ConfigError},
     kernel::{
         kfunc::KfuncChoice,
-        loader::{DEFAULT_PENDING_SLOTS, LoadOptions, Transport, TransportChoice},
+        loader::{
+            DEFAULT_PENDING_SLOTS, LoadOptions, ReceiveArgsChoice, Transport, TransportChoice,
+        },
     },
     pipeline::default_buffer_bytes,
     runtime::follow::RuntimeChoice,
@@ -94,6 +96,17 @@ pub struct CaptureArgs {
     #[arg(long, hide = true, env = "ZEROTRACE_PENDING_SLOTS",
           default_value_t = DEFAULT_PENDING_SLOTS, value_parser = pending_slots)]
     pub pending_slots: u32,
+    /// auto: receives go without enter hooks where the kernel lends their
+    /// exit hook the thread's registers; enter: always with enter hooks
+    /// (side-by-side measurements, tests of the fallback).
+    #[arg(
+        long,
+        hide = true,
+        value_enum,
+        env = "ZEROTRACE_RECEIVE_ARGS",
+        default_value = "auto"
+    )]
+    pub receive_args: ReceiveArgsChoice,
 }
 
 fn pending_slots(value: &str) -> Result<u32, String> {
@@ -132,6 +145,7 @@ impl CaptureArgs {
             tls: self.tls.or(file.tls).unwrap_or_default(),
             program_stats: self.program_stats.or(file.program_stats).unwrap_or(false),
             pending_slots: self.pending_slots,
+            receive_args: self.receive_args,
         }
     }
 

@@ -93,9 +93,49 @@ pub struct Hook {
     pub tracepoint: &'static str,
     /// The agent refuses to start without it.
     pub essential: bool,
+    /// Attached only when the receives' arguments reach their exit hook
+    /// this way; `None`: always.
+    pub receives: Option<ReceiveArgs>,
+}
+
+/// How a receive's arguments reach the hook at its exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiveArgs {
+    /// Saved per thread by an enter hook on each receive.
+    #[default]
+    Saved,
+    /// Read from the thread's saved registers at exit (`bpf_task_pt_regs`,
+    /// 5.15+, x86-64): no enter hook on receives.
+    Registers,
+}
+
+impl ReceiveArgs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Saved => "saved at enter",
+            Self::Registers => "read from registers at exit",
+        }
+    }
+}
+
+/// Which [`ReceiveArgs`] the agent may use (a hidden flag, for side-by-side
+/// measurements and tests of the fallback).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiveArgsChoice {
+    /// Registers where the kernel allows it, else saved.
+    #[default]
+    Auto,
+    /// Always saved by enter hooks.
+    Enter,
 }
 
 impl Hook {
+    fn wanted(&self, receives: ReceiveArgs) -> bool {
+        self.receives.is_none_or(|r| r == receives)
+    }
+
     /// sendfile's tracepoints are only needed when the kernel-function layer
     /// (which sees sendfile inside the TCP send functions) is not running.
     fn covered_by_kernel_functions(&self) -> bool {
@@ -114,8 +154,20 @@ const fn hook(
         category,
         tracepoint,
         essential,
+        receives: None,
     }
 }
+
+/// A receive's hook, attached only with `receives`.
+const fn receive(receives: ReceiveArgs, hook: Hook) -> Hook {
+    Hook {
+        receives: Some(receives),
+        ..hook
+    }
+}
+
+/// The program that serves receives without an enter hook.
+const RECEIVE_EXIT: &str = "sys_exit_receive";
 
 /// Every attachment, in attach order (exits before enters, so no enter
 /// record waits for an exit hook that is not there yet).
@@ -123,20 +175,51 @@ pub const HOOKS: &[Hook] = &[
     hook("sched_process_fork", "sched", "sched_process_fork", true),
     hook("sched_process_exec", "sched", "sched_process_exec", true),
     hook("sched_process_exit", "sched", "sched_process_exit", true),
-    hook("sys_exit_data", "syscalls", "sys_exit_read", true),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_exit_data", "syscalls", "sys_exit_read", true),
+    ),
+    receive(
+        ReceiveArgs::Registers,
+        hook(RECEIVE_EXIT, "syscalls", "sys_exit_read", true),
+    ),
     hook("sys_exit_data", "syscalls", "sys_exit_write", true),
-    hook("sys_exit_data", "syscalls", "sys_exit_readv", false),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_exit_data", "syscalls", "sys_exit_readv", false),
+    ),
+    receive(
+        ReceiveArgs::Registers,
+        hook(RECEIVE_EXIT, "syscalls", "sys_exit_readv", false),
+    ),
     hook("sys_exit_data", "syscalls", "sys_exit_writev", false),
     hook("sys_exit_data", "syscalls", "sys_exit_sendto", false),
-    hook("sys_exit_data", "syscalls", "sys_exit_recvfrom", false),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_exit_data", "syscalls", "sys_exit_recvfrom", false),
+    ),
+    receive(
+        ReceiveArgs::Registers,
+        hook(RECEIVE_EXIT, "syscalls", "sys_exit_recvfrom", false),
+    ),
     hook("sys_exit_data", "syscalls", "sys_exit_sendmsg", false),
-    hook("sys_exit_data", "syscalls", "sys_exit_recvmsg", false),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_exit_data", "syscalls", "sys_exit_recvmsg", false),
+    ),
+    receive(
+        ReceiveArgs::Registers,
+        hook(RECEIVE_EXIT, "syscalls", "sys_exit_recvmsg", false),
+    ),
     hook("sys_exit_data", "syscalls", "sys_exit_sendfile64", false),
     hook("sys_exit_connect", "syscalls", "sys_exit_connect", true),
     hook("sys_exit_accept", "syscalls", "sys_exit_accept", false),
     hook("sys_exit_accept", "syscalls", "sys_exit_accept4", true),
     hook("sys_enter_close", "syscalls", "sys_enter_close", true),
-    hook("sys_enter_read", "syscalls", "sys_enter_read", true),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_enter_read", "syscalls", "sys_enter_read", true),
+    ),
     hook("sys_enter_write", "syscalls", "sys_enter_write", true),
     hook(
         "sys_enter_sendfile64",
@@ -144,17 +227,26 @@ pub const HOOKS: &[Hook] = &[
         "sys_enter_sendfile64",
         false,
     ),
-    hook("sys_enter_readv", "syscalls", "sys_enter_readv", false),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_enter_readv", "syscalls", "sys_enter_readv", false),
+    ),
     hook("sys_enter_writev", "syscalls", "sys_enter_writev", false),
     hook("sys_enter_sendto", "syscalls", "sys_enter_sendto", false),
-    hook(
-        "sys_enter_recvfrom",
-        "syscalls",
-        "sys_enter_recvfrom",
-        false,
+    receive(
+        ReceiveArgs::Saved,
+        hook(
+            "sys_enter_recvfrom",
+            "syscalls",
+            "sys_enter_recvfrom",
+            false,
+        ),
     ),
     hook("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", false),
-    hook("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
+    receive(
+        ReceiveArgs::Saved,
+        hook("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", false),
+    ),
     hook("sys_enter_connect", "syscalls", "sys_enter_connect", true),
     // Libraries loaded after start (a TLS library by dlopen) are found
     // through it; without it they are found at the process's first traffic.
@@ -195,6 +287,8 @@ pub struct LoadOptions {
     /// Per-thread call slots in the kernel (a power of two): threads whose
     /// slot another holds use a hash map instead ([`DEFAULT_PENDING_SLOTS`]).
     pub pending_slots: u32,
+    /// Whether receives may go without enter hooks ([`ReceiveArgs`]).
+    pub receive_args: ReceiveArgsChoice,
 }
 
 /// Enough slots that threads seldom share one on a busy host (thread ids
@@ -292,6 +386,8 @@ pub struct Probes {
     pub attachments: Vec<Attachment>,
     /// The kernel-function layer in use, or why there is none.
     pub kernel_functions: KfuncLayer,
+    /// How the receives' exit hook gets their arguments.
+    pub receives: ReceiveArgs,
     /// Tracepoint links by program, so [`Probes::detach`] can take them.
     links: Vec<(&'static str, TracePointLinkId)>,
     /// Uprobe links (TLS libraries, runtimes) by program, likewise.
@@ -320,6 +416,40 @@ fn program_stats(wanted: bool) -> Option<OwnedFd> {
                  or sysctl kernel.bpf_stats_enabled=1"
             );
             None
+        }
+    }
+}
+
+/// How receives will reach their exit hook under `choice`: from the
+/// registers when the kernel verifies [`RECEIVE_EXIT`] (it needs
+/// `bpf_task_pt_regs`, 5.15+; its register layout is x86-64's), else saved
+/// by enter hooks. Returns the load, when it succeeded, for the startup trace.
+fn receive_args(ebpf: &mut Ebpf, choice: ReceiveArgsChoice) -> (ReceiveArgs, Option<ProgramLoad>) {
+    if choice == ReceiveArgsChoice::Enter || !cfg!(target_arch = "x86_64") {
+        return (ReceiveArgs::Saved, None);
+    }
+    let Some(Ok(program)) = ebpf
+        .program_mut(RECEIVE_EXIT)
+        .map(<&mut TracePoint>::try_from)
+    else {
+        log::warn!(
+            "program {RECEIVE_EXIT} missing from the object: receives keep their enter hooks"
+        );
+        return (ReceiveArgs::Saved, None);
+    };
+    let load = ProgramLoad::measure(RECEIVE_EXIT, "tracepoint", || {
+        program.load()?;
+        Ok(verified_instructions(program.info().ok()))
+    });
+    match &load.error {
+        None => (ReceiveArgs::Registers, Some(load)),
+        Some(error) => {
+            log::info!(
+                "receives keep their enter hooks: the kernel refused {RECEIVE_EXIT}, which \
+                 reads their arguments at exit (bpf_task_pt_regs, Linux 5.15+): {}",
+                error.lines().next().unwrap_or_default()
+            );
+            (ReceiveArgs::Saved, None)
         }
     }
 }
@@ -429,15 +559,20 @@ impl Probes {
             loads: Vec::new(),
             attachments: Vec::new(),
             kernel_functions: KfuncLayer::default(),
+            receives: ReceiveArgs::Saved,
             links: Vec::new(),
             uprobe_links: Vec::new(),
             stats,
         };
         probes.select_processes(opts)?;
-        probes.attach_hooks(|hook| !hook.covered_by_kernel_functions())?;
+        let (receives, load) = receive_args(&mut probes.ebpf, opts.receive_args);
+        probes.receives = receives;
+        probes.loads.extend(load);
+        probes.attach_hooks(|hook| hook.wanted(receives) && !hook.covered_by_kernel_functions())?;
         probes.kernel_functions = kfunc::attach(&mut probes, &btf, opts.kernel_functions)?;
         if probes.kernel_functions.active.is_none() {
-            probes.attach_hooks(Hook::covered_by_kernel_functions)?;
+            probes
+                .attach_hooks(|hook| hook.wanted(receives) && hook.covered_by_kernel_functions())?;
         }
         Ok(probes)
     }
@@ -872,7 +1007,9 @@ const FLOOR_RAW: &str = "floor_raw";
 impl Floor {
     /// `raw`: the empty program on the raw `sys_enter` and `sys_exit`
     /// tracepoints instead (every syscall of every process).
-    pub fn attach(raw: bool) -> anyhow::Result<Self> {
+    /// `receives`: as the agent would run ([`ReceiveArgs`]), so the floor
+    /// is called where the agent's programs would be.
+    pub fn attach(raw: bool, receives: ReceiveArgsChoice) -> anyhow::Result<Self> {
         raise_memlock();
         let (tracefs, _) = tracefs::ensure_mounted()?;
         anyhow::ensure!(
@@ -902,13 +1039,14 @@ impl Floor {
                 _stats: Some(stats),
             });
         }
+        let (receives, _) = receive_args(&mut ebpf, receives);
         let program: &mut TracePoint = ebpf
             .program_mut(FLOOR)
             .context("program floor missing from the object")?
             .try_into()?;
         program.load().context("loading the floor program")?;
         let mut attached = 0;
-        for hook in HOOKS {
+        for hook in HOOKS.iter().filter(|hook| hook.wanted(receives)) {
             if tracefs::has_tracepoint(&tracefs, hook.category, hook.tracepoint) {
                 program
                     .attach(hook.category, hook.tracepoint)
@@ -916,7 +1054,10 @@ impl Floor {
                 attached += 1;
             }
         }
-        log::info!("floor program attached to {attached} tracepoints");
+        log::info!(
+            "floor program attached to {attached} tracepoints (receives' arguments {})",
+            receives.as_str()
+        );
         Ok(Self {
             ebpf,
             name: FLOOR,

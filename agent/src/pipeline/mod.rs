@@ -170,6 +170,8 @@ impl Every {
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PipelineStats {
     pub transport: &'static str,
+    /// How receives reach their exit hook.
+    pub receives: crate::kernel::loader::ReceiveArgs,
     pub reader: ReaderStats,
     pub kernel: KernelCounters,
     pub data_events: u64,
@@ -344,6 +346,7 @@ impl Pipeline {
         let attributed = &self.path.attributor;
         PipelineStats {
             transport: self.probes.transport.name(),
+            receives: self.probes.receives,
             reader: self.reader.stats(),
             kernel: self.probes.counters().unwrap_or_default(),
             data_events: attributed.data_events,

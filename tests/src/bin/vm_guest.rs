@@ -1108,8 +1108,28 @@ fn verify(events: &[Value], t: &Traffic) -> Result<String, String> {
             lost.map_or("missing".to_string(), |n| n.to_string())
         ));
     }
+    // (5) Receives go without enter hooks from 5.15 on (their exit hook
+    // reads the registers, bpf_task_pt_regs) and keep them before.
+    let receives = summary.get("receives").and_then(Value::as_str);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    let expected = if (major, minor) >= (5, 15) {
+        "registers"
+    } else {
+        "saved"
+    };
+    if receives != Some(expected) {
+        return Err(format!(
+            "receives' arguments {receives:?} on {}, expected {expected:?}; summary: {summary}",
+            release.trim()
+        ));
+    }
     Ok(format!(
-        "conn={}>{} events={breakdown} lost=0",
+        "conn={}>{} events={breakdown} lost=0 receives={expected}",
         t.server, t.client
     ))
 }

@@ -1122,8 +1122,11 @@ fn nesting_cost(
             };
             let unit_ns = k1.get("runtime_unit_new").unwrap_or(&0.0)
                 - k0.get("runtime_unit_new").unwrap_or(&0.0);
-            let exit_ns =
-                k1.get("sys_exit_data").unwrap_or(&0.0) - k0.get("sys_exit_data").unwrap_or(&0.0);
+            // Both data exit hooks read the unit.
+            let exit_ns: f64 = ["sys_exit_data", "sys_exit_receive"]
+                .iter()
+                .map(|p| k1.get(*p).unwrap_or(&0.0) - k0.get(*p).unwrap_or(&0.0))
+                .sum();
             println!(
                 "{}",
                 json!({

@@ -159,11 +159,11 @@ fn render(cells: &[Value], m: &Machine, seconds: u32) -> String {
             "The app (Debian's python3.11, asyncio, `/async`, wrk -c16) with the agent's \
              `--runtimes off` and `auto`, alternating over three rounds. App CPU per \
              request includes the uprobe traps; the probe's own BPF time and the extra \
-             reads in `sys_exit_data` are from the kernel's run-time statistics.\n\n",
+             reads in the data exit hooks (`sys_exit_data`, `sys_exit_receive`) are from the kernel's run-time statistics.\n\n",
         );
         let _ = writeln!(
             md,
-            "| round | runtimes | req/s | app CPU µs/req | agent CPU µs/req | unit probe runs/req | unit probe ns/req | sys_exit_data ns/req |"
+            "| round | runtimes | req/s | app CPU µs/req | agent CPU µs/req | unit probe runs/req | unit probe ns/req | data exits ns/req |"
         );
         let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
         for c in &cost {
