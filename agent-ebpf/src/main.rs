@@ -1,11 +1,13 @@
 //! zerotrace kernel programs.
 //!
 //! Syscall tracepoints see every socket read and write of selected processes;
-//! the enter hook remembers the call's arguments per thread, the exit hook
-//! copies what really moved and hands it to userspace over the ring buffer or
-//! the perf event array. Kernel-function probes (fexit or kprobe) add what
-//! bypasses those syscalls; probes on TLS libraries give the plaintext of
-//! encrypted connections. Maps are bounded; every drop is counted.
+//! the enter hook remembers the call's arguments per thread (a receive's
+//! exit hook reads them from the thread's registers where the kernel allows
+//! it), the exit hook copies what really moved and hands it to userspace over
+//! the ring buffer or the perf event array. Kernel-function probes (fexit or
+//! kprobe) add what bypasses those syscalls; probes on TLS libraries give the
+//! plaintext of encrypted connections. Maps are bounded; every drop is
+//! counted.
 #![no_std]
 #![no_main]
 
