@@ -121,8 +121,7 @@ impl ReceiveArgs {
 
 /// Which [`ReceiveArgs`] the agent may use (a hidden flag, for side-by-side
 /// measurements and tests of the fallback).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReceiveArgsChoice {
     /// Registers where the kernel allows it, else saved.
     #[default]
@@ -424,7 +423,10 @@ fn program_stats(wanted: bool) -> Option<OwnedFd> {
 /// registers when the kernel verifies [`RECEIVE_EXIT`] (it needs
 /// `bpf_task_pt_regs`, 5.15+; its register layout is x86-64's), else saved
 /// by enter hooks. Returns the load, when it succeeded, for the startup trace.
-fn receive_args(ebpf: &mut Ebpf, choice: ReceiveArgsChoice) -> (ReceiveArgs, Option<ProgramLoad>) {
+fn choose_receive_args(
+    ebpf: &mut Ebpf,
+    choice: ReceiveArgsChoice,
+) -> (ReceiveArgs, Option<ProgramLoad>) {
     if choice == ReceiveArgsChoice::Enter || !cfg!(target_arch = "x86_64") {
         return (ReceiveArgs::Saved, None);
     }
@@ -565,7 +567,7 @@ impl Probes {
             stats,
         };
         probes.select_processes(opts)?;
-        let (receives, load) = receive_args(&mut probes.ebpf, opts.receive_args);
+        let (receives, load) = choose_receive_args(&mut probes.ebpf, opts.receive_args);
         probes.receives = receives;
         probes.loads.extend(load);
         probes.attach_hooks(|hook| hook.wanted(receives) && !hook.covered_by_kernel_functions())?;
@@ -1039,7 +1041,7 @@ impl Floor {
                 _stats: Some(stats),
             });
         }
-        let (receives, _) = receive_args(&mut ebpf, receives);
+        let (receives, _) = choose_receive_args(&mut ebpf, receives);
         let program: &mut TracePoint = ebpf
             .program_mut(FLOOR)
             .context("program floor missing from the object")?

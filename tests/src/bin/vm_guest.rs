@@ -566,6 +566,21 @@ fn reports_verified_instructions(osrelease: &str) -> bool {
     (major, minor) >= (5, 16)
 }
 
+/// How a kernel of this release lets the agent's receives reach their exit
+/// hook: from the registers from 5.15 on (`bpf_task_pt_regs`), saved by
+/// enter hooks before.
+fn expected_receives(osrelease: &str) -> &'static str {
+    let mut parts = osrelease
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (5, 15) {
+        "registers"
+    } else {
+        "saved"
+    }
+}
+
 fn verify_self_spans(
     spans: &[JsonSpan],
     path: &str,
@@ -1108,20 +1123,10 @@ fn verify(events: &[Value], t: &Traffic) -> Result<String, String> {
             lost.map_or("missing".to_string(), |n| n.to_string())
         ));
     }
-    // (5) Receives go without enter hooks from 5.15 on (their exit hook
-    // reads the registers, bpf_task_pt_regs) and keep them before.
-    let receives = summary.get("receives").and_then(Value::as_str);
+    // (5) How receives reached their exit hook, as this kernel allows.
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut version = release
-        .trim()
-        .split(['.', '-'])
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
-    let expected = if (major, minor) >= (5, 15) {
-        "registers"
-    } else {
-        "saved"
-    };
+    let expected = expected_receives(release.trim());
+    let receives = summary.get("receives").and_then(Value::as_str);
     if receives != Some(expected) {
         return Err(format!(
             "receives' arguments {receives:?} on {}, expected {expected:?}; summary: {summary}",
@@ -1175,8 +1180,35 @@ mod tests {
             v.push(data("tcp_sendpage", "egress", 4096, &[]));
         }
         v.push(data("tcp_sendpage", "egress", BODY_LEN - 24 * 4096, &[]));
-        v.push(json!({"type": "summary", "lost": 0}));
+        v.push(json!({"type": "summary", "lost": 0, "receives": this_kernels_receives()}));
         v
+    }
+
+    fn this_kernels_receives() -> &'static str {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        expected_receives(release.trim())
+    }
+
+    #[test]
+    fn knows_which_kernels_read_receives_at_exit() {
+        assert_eq!(expected_receives("5.10.0-46-cloud-amd64"), "saved");
+        assert_eq!(expected_receives("5.14.21"), "saved");
+        assert_eq!(expected_receives("5.15.0-1-amd64"), "registers");
+        assert_eq!(expected_receives("6.1.0-57-cloud-amd64"), "registers");
+        assert_eq!(expected_receives("6.12.117+deb12-cloud-amd64"), "registers");
+    }
+
+    #[test]
+    fn the_wrong_receive_mode_fails() {
+        let mut events = good();
+        let wrong = if this_kernels_receives() == "saved" {
+            "registers"
+        } else {
+            "saved"
+        };
+        events.last_mut().unwrap()["receives"] = wrong.into();
+        let err = verify(&events, &traffic()).unwrap_err();
+        assert!(err.contains("receives' arguments"), "{err}");
     }
 
     #[test]
