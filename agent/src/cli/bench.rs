@@ -16,13 +16,11 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
+use super::ReceiveArgsFlag;
 use crate::{
     kernel::{
         kfunc::KfuncChoice,
-        loader::{
-            DEFAULT_PENDING_SLOTS, Floor, LoadOptions, ReceiveArgsChoice, Transport,
-            TransportChoice,
-        },
+        loader::{DEFAULT_PENDING_SLOTS, Floor, LoadOptions, Transport, TransportChoice},
     },
     pipeline::{Discard, Pipeline, default_buffer_bytes},
 };
@@ -39,15 +37,8 @@ pub struct BenchArgs {
     /// Bytes per message written by the load generator.
     #[arg(long, default_value_t = 64)]
     message_size: usize,
-    /// As `zerotrace run --receive-args`.
-    #[arg(
-        long,
-        hide = true,
-        value_enum,
-        env = "ZEROTRACE_RECEIVE_ARGS",
-        default_value = "auto"
-    )]
-    receive_args: ReceiveArgsChoice,
+    #[command(flatten)]
+    receive_args: ReceiveArgsFlag,
 }
 
 #[derive(Args, Debug)]
@@ -102,22 +93,15 @@ pub struct FloorArgs {
     /// On the raw sys_enter and sys_exit tracepoints instead of the agent's.
     #[arg(long)]
     raw: bool,
-    /// As `zerotrace run --receive-args`: the agent's tracepoints under it.
-    #[arg(
-        long,
-        hide = true,
-        value_enum,
-        env = "ZEROTRACE_RECEIVE_ARGS",
-        default_value = "auto"
-    )]
-    receive_args: ReceiveArgsChoice,
+    #[command(flatten)]
+    receive_args: ReceiveArgsFlag,
 }
 
 /// `zerotrace bench-floor`: attaches the floor (see [`Floor`]), prints
 /// `{"runs":…,"run_ns":…}` at start and for every line read on stdin, and
 /// detaches at end of input.
 pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
-    let floor = Floor::attach(args.raw, args.receive_args)?;
+    let floor = Floor::attach(args.raw, args.receive_args.choice)?;
     let report = || -> anyhow::Result<()> {
         let stats = floor.stats()?;
         println!(
@@ -157,7 +141,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         // The capture benchmark reports the programs' run time.
         program_stats: true,
         pending_slots: DEFAULT_PENDING_SLOTS,
-        receive_args: args.receive_args,
+        receive_args: args.receive_args.choice,
     };
     let mut pipeline = Pipeline::start(&opts)?;
     let before = pipeline.probes.program_stats();

@@ -96,17 +96,25 @@ pub struct CaptureArgs {
     #[arg(long, hide = true, env = "ZEROTRACE_PENDING_SLOTS",
           default_value_t = DEFAULT_PENDING_SLOTS, value_parser = pending_slots)]
     pub pending_slots: u32,
-    /// auto: receives go without enter hooks where the kernel lends their
-    /// exit hook the thread's registers; enter: always with enter hooks
-    /// (side-by-side measurements, tests of the fallback).
+    #[command(flatten)]
+    pub receive_args: ReceiveArgsFlag,
+}
+
+/// The hidden `--receive-args` switch of every command that loads the
+/// programs. auto: receives go without enter hooks where the kernel lends
+/// their exit hook the thread's registers; enter: always with enter hooks
+/// (side-by-side measurements, tests of the fallback).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ReceiveArgsFlag {
     #[arg(
-        long,
+        long = "receive-args",
+        value_name = "auto|enter",
         hide = true,
         value_enum,
         env = "ZEROTRACE_RECEIVE_ARGS",
         default_value = "auto"
     )]
-    pub receive_args: ReceiveArgsChoice,
+    pub choice: ReceiveArgsChoice,
 }
 
 fn pending_slots(value: &str) -> Result<u32, String> {
@@ -145,7 +153,7 @@ impl CaptureArgs {
             tls: self.tls.or(file.tls).unwrap_or_default(),
             program_stats: self.program_stats.or(file.program_stats).unwrap_or(false),
             pending_slots: self.pending_slots,
-            receive_args: self.receive_args,
+            receive_args: self.receive_args.choice,
         }
     }
 
