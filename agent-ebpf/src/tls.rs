@@ -111,7 +111,10 @@ pub fn tls_read_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`.
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`,
+/// or OpenSSL's `ssl_read_internal` behind it and `SSL_read`, which has the
+/// same arguments and returns 1 on success too (the agent probes it in
+/// their place where it finds it).
 #[uprobe]
 pub fn tls_read_ex_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, Syscall::TlsRead, true);
@@ -125,7 +128,8 @@ pub fn tls_write_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `int SSL_write_ex(SSL *ssl, const void *buf, size_t num, size_t *written)`.
+/// `int SSL_write_ex(SSL *ssl, const void *buf, size_t num, size_t *written)`,
+/// or `ssl_write_internal` behind it and `SSL_write` (as for reads).
 #[uprobe]
 pub fn tls_write_ex_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, Syscall::TlsWrite, true);

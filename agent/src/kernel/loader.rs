@@ -255,15 +255,24 @@ pub const HOOKS: &[Hook] = &[
 /// The return probe on a runtime's unit allocators.
 const UNIT_PROBE: &str = "runtime_unit_new";
 
-/// TLS library functions probed: (symbol, entry program, whether the shared
-/// return program [`TLS_RETURN`] goes on it too).
+/// TLS library functions probed: (function, entry program, whether the
+/// shared return program [`TLS_RETURN`] goes on it too). The last two have
+/// no exported symbol: where OpenSSL's reads (writes) both go through one
+/// internal function with the `_ex` signature, it is found from the calls
+/// and probed in place of the four public ones (`tls::library`).
 pub const TLS_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("SSL_read", "tls_read_enter", true),
     ("SSL_read_ex", "tls_read_ex_enter", true),
     ("SSL_write", "tls_write_enter", true),
     ("SSL_write_ex", "tls_write_ex_enter", true),
     ("SSL_free", "tls_free", false),
+    (SHARED_READ, "tls_read_ex_enter", true),
+    (SHARED_WRITE, "tls_write_ex_enter", true),
 ];
+/// OpenSSL's (1.1.1 to 3.x) function behind `SSL_read` and `SSL_read_ex`.
+pub const SHARED_READ: &str = "ssl_read_internal";
+/// OpenSSL's function behind `SSL_write` and `SSL_write_ex`.
+pub const SHARED_WRITE: &str = "ssl_write_internal";
 /// The return probe of the TLS reads and writes.
 const TLS_RETURN: &str = "tls_return";
 

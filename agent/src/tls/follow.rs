@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::library::{self, Library, Version};
 use crate::{
     IdMap,
-    kernel::loader::{Probes, uprobe_attach_error},
+    kernel::loader::{Probes, SHARED_READ, SHARED_WRITE, uprobe_attach_error},
 };
 
 /// `capture.tls`: whether TLS libraries are probed.
@@ -394,11 +394,7 @@ impl TlsFollower {
                             } else {
                                 format!("first mapped by pid {pid}")
                             },
-                            functions
-                                .iter()
-                                .map(|&(name, _)| name)
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            probed_names(&functions)
                         );
                         FileVerdict::Probed(version)
                     }
@@ -419,6 +415,20 @@ impl TlsFollower {
         }
         self.reports.push(report);
     }
+}
+
+/// The probed functions for the log, saying which public ones an internal
+/// one stands for.
+fn probed_names(functions: &[(&str, u64)]) -> String {
+    functions
+        .iter()
+        .map(|&(name, _)| match name {
+            SHARED_READ => format!("{name} (for SSL_read, SSL_read_ex)"),
+            SHARED_WRITE => format!("{name} (for SSL_write, SSL_write_ex)"),
+            _ => name.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn name_of(version: Option<&Version>) -> String {

@@ -3,9 +3,10 @@
 use std::{fs::File, path::Path};
 
 use agent_common::TlsLayout;
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, read::ReadCache};
+use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, read::ReadCache};
 
-use crate::kernel::loader::TLS_FUNCTIONS;
+use crate::kernel::loader::{SHARED_READ, SHARED_WRITE, TLS_FUNCTIONS};
 
 /// What one mapped file is, as far as TLS goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,10 +112,121 @@ pub fn inspect(file: File, name: &str) -> Result<Library, String> {
             }
         ));
     }
-    Ok(Library::OpenSsl {
-        functions: exported,
-        version,
-    })
+    let functions = match shared_entries(&elf) {
+        Some(shared) => exported
+            .into_iter()
+            .filter(|&(name, _)| !THROUGH_SHARED.contains(&name))
+            .chain(shared)
+            .collect(),
+        None => exported,
+    };
+    Ok(Library::OpenSsl { functions, version })
+}
+
+/// The public functions whose calls all pass through [`SHARED_READ`] and
+/// [`SHARED_WRITE`].
+const THROUGH_SHARED: [&str; 4] = ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"];
+
+/// Where OpenSSL's reads, and its writes, meet: `SSL_read` and
+/// `SSL_read_ex` both call one internal function with the `_ex` signature
+/// (`ssl_read_internal(ssl, buf, num, &readbytes)`, OpenSSL 1.1.1 to 3.x),
+/// and the writes call `ssl_write_internal`. Probing those instead of the
+/// four public functions is cheaper per call: a uprobe hit costs least
+/// where the kernel can emulate the instruction probed, and the internal
+/// functions begin with a `push` (emulated on recent kernels) where the
+/// public ones begin with a stack adjustment the kernel must single-step,
+/// a second trap (bench/results/uprobe-trap.md).
+///
+/// Found, not assumed. Each public pair's first call must go straight to
+/// the same function of this file's code that no exported symbol names,
+/// and `SSL_read` (`SSL_write`) must pass it a pointer into its own frame,
+/// where the count it converts to an `int` lands. Anything else (LibreSSL,
+/// a build that inlined the function) keeps the public functions probed.
+fn shared_entries<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+) -> Option<[(&'static str, u64); 2]> {
+    let read = shared_callee(elf, "SSL_read", "SSL_read_ex")?;
+    let write = shared_callee(elf, "SSL_write", "SSL_write_ex")?;
+    if read == write {
+        return None;
+    }
+    Some([
+        (SHARED_READ, file_offset(elf, read)?),
+        (SHARED_WRITE, file_offset(elf, write)?),
+    ])
+}
+
+/// The function `narrow` and `ex` both call first (see [`shared_entries`]).
+fn shared_callee<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    narrow: &str,
+    ex: &str,
+) -> Option<u64> {
+    let (target, frame_arg) = first_call(elf, narrow)?;
+    let (ex_target, _) = first_call(elf, ex)?;
+    let exported = elf
+        .dynamic_symbols()
+        .any(|s| s.is_definition() && s.address() == target);
+    let in_code = elf.sections().any(|s| {
+        s.kind() == SectionKind::Text
+            && s.name() == Ok(".text")
+            && (s.address()..s.address() + s.size()).contains(&target)
+    });
+    (frame_arg && target == ex_target && !exported && in_code).then_some(target)
+}
+
+/// The target of the first call in exported function `name`, read in
+/// order up to its first return, and whether the fourth argument register
+/// holds an address in the caller's frame there.
+fn first_call<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    name: &str,
+) -> Option<(u64, bool)> {
+    /// Far more than the wrappers need before their call.
+    const LOOK: u64 = 96;
+    let sym = elf
+        .dynamic_symbols()
+        .find(|s| s.is_definition() && s.name() == Ok(name))?;
+    let at = sym.address();
+    let len = if sym.size() == 0 {
+        LOOK
+    } else {
+        sym.size().min(LOOK)
+    };
+    let code = elf
+        .sections()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&at))?
+        .data_range(at, len)
+        .ok()??;
+    first_call_in(code, at)
+}
+
+/// [`first_call`] of the machine code `code` found at address `at`.
+fn first_call_in(code: &[u8], at: u64) -> Option<(u64, bool)> {
+    let mut frame_arg = false;
+    for i in Decoder::with_ip(64, code, at, DecoderOptions::NONE).into_iter() {
+        if i.is_invalid() || i.mnemonic() == Mnemonic::Ret {
+            return None;
+        }
+        if i.mnemonic() == Mnemonic::Call {
+            return (i.code() == Code::Call_rel32_64).then(|| (i.near_branch64(), frame_arg));
+        }
+        if i.op0_kind() == OpKind::Register
+            && matches!(
+                i.op0_register(),
+                Register::RCX | Register::ECX | Register::CX
+            )
+        {
+            frame_arg = match i.code() {
+                Code::Mov_rm64_r64 | Code::Mov_r64_rm64 => {
+                    i.op1_kind() == OpKind::Register && i.op1_register() == Register::RSP
+                }
+                Code::Lea_r64_m => i.memory_base() == Register::RSP,
+                _ => false,
+            };
+        }
+    }
+    None
 }
 
 /// Where the code at `vaddr` lies in the file: through the loadable
@@ -215,32 +327,43 @@ mod tests {
         let Library::OpenSsl { functions, .. } = inspect(file, "libssl.so.3").unwrap() else {
             panic!("libssl.so.3 is OpenSSL");
         };
-        for f in [
-            "SSL_read",
-            "SSL_write",
-            "SSL_read_ex",
-            "SSL_write_ex",
-            "SSL_free",
-        ] {
-            assert!(
-                functions.iter().any(|&(n, _)| n == f),
-                "{f} in {functions:?}"
-            );
-        }
-        // The offsets are where `nm -D` puts the functions (a shared
-        // library's text is mapped at its file offset).
+        // Debian's OpenSSL 3.0: the reads and the writes each meet in one
+        // internal function, probed in place of the public four.
+        let names: Vec<&str> = functions.iter().map(|&(n, _)| n).collect();
+        assert_eq!(names, ["SSL_free", SHARED_READ, SHARED_WRITE]);
+        // The offsets are where `nm -D` puts SSL_free (a shared library's
+        // text is mapped at its file offset) and where objdump says
+        // SSL_read and SSL_write call.
+        let lib = dir.join("libssl.so.3");
         let nm = std::process::Command::new("nm")
             .args(["-D", "--defined-only"])
-            .arg(dir.join("libssl.so.3"))
-            .output();
-        if let Ok(nm) = nm {
-            let text = String::from_utf8_lossy(&nm.stdout);
-            let read = text
-                .lines()
-                .find(|l| l.ends_with(" SSL_read") || l.contains(" SSL_read@"))
+            .arg(&lib)
+            .output()
+            .expect("nm (binutils)");
+        let text = String::from_utf8_lossy(&nm.stdout);
+        let at = |name: &str| {
+            text.lines()
+                .find(|l| l.ends_with(&format!(" {name}")) || l.contains(&format!(" {name}@")))
                 .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
-                .expect("nm lists SSL_read");
-            assert!(functions.contains(&("SSL_read", read)), "{functions:?}");
+                .unwrap_or_else(|| panic!("nm lists {name}"))
+        };
+        assert!(functions.contains(&("SSL_free", at("SSL_free"))));
+        for (public, shared) in [("SSL_read", SHARED_READ), ("SSL_write", SHARED_WRITE)] {
+            let start = at(public);
+            let dump = std::process::Command::new("objdump")
+                .args(["-d", "--no-show-raw-insn"])
+                .arg(format!("--start-address={start:#x}"))
+                .arg(format!("--stop-address={:#x}", start + 64))
+                .arg(&lib)
+                .output()
+                .expect("objdump (binutils)");
+            let dump = String::from_utf8_lossy(&dump.stdout);
+            let called = dump
+                .lines()
+                .find_map(|l| l.split_once("\tcall ")?.1.split_whitespace().next())
+                .and_then(|t| u64::from_str_radix(t, 16).ok())
+                .unwrap_or_else(|| panic!("a call in {public}:\n{dump}"));
+            assert!(functions.contains(&(shared, called)), "{functions:?}");
         }
         let version = version_of(&dir.join("libcrypto.so.3")).expect("libcrypto names its version");
         assert_eq!(version.flavour, "OpenSSL");
@@ -259,6 +382,38 @@ mod tests {
         );
     }
 
+    /// Debian OpenSSL 3.0.19's SSL_read and SSL_read_ex, up to their call.
+    const SSL_READ: &[u8] = &[
+        0x48, 0x83, 0xec, 0x18, // sub $0x18,%rsp
+        0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0, // mov %fs:0x28,%rax
+        0x48, 0x89, 0x44, 0x24, 0x08, // mov %rax,0x8(%rsp)
+        0x31, 0xc0, // xor %eax,%eax
+        0x85, 0xd2, // test %edx,%edx
+        0x78, 0x2f, // js
+        0x48, 0x89, 0xe1, // mov %rsp,%rcx
+        0x48, 0x63, 0xd2, // movslq %edx,%rdx
+        0xe8, 0x3d, 0xfe, 0xff, 0xff, // call 0x35290
+    ];
+    const SSL_READ_EX: &[u8] = &[
+        0x48, 0x83, 0xec, 0x08, // sub $0x8,%rsp
+        0xe8, 0xc7, 0xfd, 0xff, 0xff, // call 0x35290
+    ];
+
+    #[test]
+    fn first_calls_and_their_fourth_argument() {
+        assert_eq!(first_call_in(SSL_READ, 0x35430), Some((0x35290, true)));
+        assert_eq!(first_call_in(SSL_READ_EX, 0x354c0), Some((0x35290, false)));
+        // The frame address overwritten before the call: not passed.
+        let mut clobbered = SSL_READ.to_vec();
+        clobbered.splice(30..30, [0x31, 0xc9]); // xor %ecx,%ecx
+        assert_eq!(first_call_in(&clobbered, 0x35430).map(|c| c.1), Some(false));
+        // A return before any call, an indirect call, or no call at all:
+        // nothing to follow.
+        assert_eq!(first_call_in(&[0xc3, 0xe8, 0, 0, 0, 0], 0x1000), None);
+        assert_eq!(first_call_in(&[0xff, 0xd0], 0x1000), None); // call *%rax
+        assert_eq!(first_call_in(&SSL_READ[..27], 0x35430), None);
+    }
+
     #[test]
     fn node_links_openssl_into_its_executable() {
         let Some(node) = std::env::var_os("PATH").and_then(|paths| {
@@ -274,8 +429,10 @@ mod tests {
         let Library::OpenSsl { functions, version } = library else {
             panic!("node exports OpenSSL: {library:?}");
         };
-        assert!(functions.iter().any(|&(n, _)| n == "SSL_read"));
-        assert!(functions.iter().any(|&(n, _)| n == "SSL_write"));
+        // The public functions, or the internal ones they share.
+        let has = |f: &str| functions.iter().any(|&(n, _)| n == f);
+        assert!(has("SSL_read") || has(SHARED_READ), "{functions:?}");
+        assert!(has("SSL_write") || has(SHARED_WRITE), "{functions:?}");
         assert_eq!(version.expect("node names its OpenSSL").flavour, "OpenSSL");
     }
 }

@@ -5,7 +5,9 @@
 //! Probes on OpenSSL's `SSL_read`/`SSL_write` (and the `_ex` variants) give
 //! that plaintext as data records of the connection, so the protocol
 //! parsers, nesting and linking work on it unchanged (kernel side:
-//! `agent-ebpf/src/tls.rs`).
+//! `agent-ebpf/src/tls.rs`). Where the library's code shows the four going
+//! through two internal functions, those are probed instead: a cheaper
+//! trap per call (`library::shared_entries`).
 //!
 //! Probes go on library *files*, once each: a shared `libssl.so.3` serves
 //! every process that maps it, now or later; OpenSSL linked into an
