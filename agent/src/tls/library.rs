@@ -83,8 +83,12 @@ pub fn inspect(file: File, name: &str) -> Result<Library, String> {
     // Offsets are worked out here rather than by symbol name at attach
     // time: bundled copies (Python wheels rewritten by patchelf) have
     // section layouts a name look-up at attach time does not resolve.
+    // The shared entries are only ever found from the calls: were a build
+    // to export them, probing them by name as well as the public four
+    // would see each call twice.
     let exported: Vec<(&'static str, u64)> = TLS_FUNCTIONS
         .iter()
+        .filter(|&&(symbol, _, _)| symbol != SHARED_READ && symbol != SHARED_WRITE)
         .filter_map(|&(symbol, _, _)| {
             let sym = elf
                 .dynamic_symbols()
