@@ -131,9 +131,12 @@ static RUNTIMES: HashMap<u32, ThreadLayout> = HashMap::with_max_entries(4096, 0)
 #[map(name = "RUNTIMES_FOLLOWED")]
 static RUNTIMES_FOLLOWED: Array<u32> = Array::with_max_entries(1, 0);
 
-/// pid_tgid → a TLS library read or write in flight on that thread.
+/// pid_tgid → a TLS library read or write in flight on that thread. A
+/// plain hash, not an LRU one (whose inserts and removals take list locks):
+/// each thread has at most one entry, which its return probe or its exit
+/// (`sched_process_exit`) removes.
 #[map(name = "TLS_CALLS")]
-static TLS_CALLS: LruHashMap<u64, tls::TlsCall> = LruHashMap::with_max_entries(16384, 0);
+static TLS_CALLS: HashMap<u64, tls::TlsCall> = HashMap::with_max_entries(16384, 0);
 
 /// (tgid, TLS session object) → its socket and unfinished write.
 #[map(name = "TLS_SESSIONS")]

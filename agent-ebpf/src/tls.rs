@@ -12,23 +12,26 @@
 //! ciphertext record for it), else the one remembered for the session
 //! object from an earlier call (a read served from the library's buffer
 //! makes no socket call). Where the library's layout is known, the
-//! session's BIO fd is read too and must agree; a disagreement is counted
+//! session's BIO fd is read too and must agree, each time a session is
+//! seen on a socket it was not remembered on; a disagreement is counted
 //! and nothing is sent, because a wrong connection would mean wrong spans.
 //!
 //! Probes sit on the library file, so every process mapping it runs them;
 //! unselected processes leave at once. OpenSSL is C with ordinary stacks,
 //! so return probes (uretprobes) are safe here.
 
-use agent_common::{Counter, DataEvent, EventKind, Syscall, TlsLayout, TlsSessionKey};
+use agent_common::{
+    Counter, DataEvent, EventKind, Syscall, TRANSPORT_PERF, TlsLayout, TlsSessionKey,
+};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 
 use crate::{
     TLS_CALLS, TLS_LAYOUTS, TLS_SESSIONS,
-    emit::{ScratchGuard, count, note_lost, output_data},
+    emit::{ScratchGuard, count, note_lost, output_data, ring_data},
     process::selected,
     runtime, socket,
     syscalls::{SIZE_MASK, copy_user, mark_tls},
@@ -181,6 +184,9 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         _pad: 0,
         session: call.session,
     };
+    // TLS_SESSIONS is an LRU map, where an update replaces the element
+    // (a free one taken, the old one given back): written only on change.
+    let known = remembered(&key);
     if call.sent != 0 {
         // A write whose plaintext went out at its socket call: remember
         // what a retry must not send again (its unfinished part).
@@ -189,29 +195,41 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
             _pad: 0,
             retry_len: call.len.saturating_sub(moved),
         };
-        let _ = TLS_SESSIONS.insert(&key, &session, 0);
+        if !known.is_some_and(|k| k.fd == session.fd && k.retry_len == session.retry_len) {
+            let _ = TLS_SESSIONS.insert(&key, &session, 0);
+        }
         return Ok(());
     }
     if moved == 0 {
         return Ok(());
     }
-    let own = session_fd(tgid, call.session);
+    // A session already remembered on this socket needs no check: the
+    // library does a descriptor BIO's socket calls on the BIO's fd, and
+    // the check (four user reads) ran when the socket was first seen.
+    let settled = call.fd >= 0 && known.is_some_and(|k| k.fd == call.fd && k.retry_len == 0);
+    let own = if settled {
+        None
+    } else {
+        session_fd(tgid, call.session)
+    };
     let fd = if call.fd >= 0 {
         if own.is_some_and(|own| own != call.fd) {
             count(Counter::TlsSocketMismatch, 1);
             return Ok(());
         }
-        let session = TlsSession {
-            fd: call.fd,
-            _pad: 0,
-            retry_len: 0,
-        };
-        let _ = TLS_SESSIONS.insert(&key, &session, 0);
+        if !settled {
+            let session = TlsSession {
+                fd: call.fd,
+                _pad: 0,
+                retry_len: 0,
+            };
+            let _ = TLS_SESSIONS.insert(&key, &session, 0);
+        }
         call.fd
     } else if let Some(own) = own {
         own
-    } else if let Some(fd) = remembered(&key) {
-        fd
+    } else if let Some(known) = known {
+        known.fd
     } else {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
@@ -221,43 +239,61 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
     };
-    let Some(mut guard) = ScratchGuard::acquire() else {
-        note_lost(conn.conn_id, call.syscall, moved);
-        return Err(());
-    };
-    let scratch = guard.get();
     let want = if moved < u64::from(crate::config!(capture_bytes)) {
         moved
     } else {
         u64::from(crate::config!(capture_bytes))
     };
+    let (unit, unit_seq) = runtime::current_unit(tgid);
+    // A read's bytes are stamped by its first socket call when it made one.
+    let ts_ns = if call.ts_ns != 0 {
+        call.ts_ns
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    };
+    let event = DataEvent {
+        header: socket::header_at(
+            EventKind::Data,
+            call.syscall,
+            pid_tgid,
+            fd,
+            conn.conn_id,
+            ts_ns,
+        ),
+        total_bytes: moved,
+        unit_seq,
+        unit,
+        ..Default::default()
+    };
+    // The plaintext is one buffer: straight into the ring buffer, as a
+    // clear-text receive's bytes go.
+    if crate::config!(transport) != TRANSPORT_PERF {
+        ring_data(&event, call.buf, want);
+        return Ok(());
+    }
+    let Some(mut guard) = ScratchGuard::acquire() else {
+        note_lost(conn.conn_id, call.syscall, moved);
+        return Err(());
+    };
+    let scratch = guard.get();
     let captured = if copy_user(&mut scratch.payload, 0, call.buf, want) {
         want & SIZE_MASK
     } else {
         0
     };
-    let (unit, unit_seq) = runtime::current_unit(tgid);
-    scratch.event = DataEvent {
-        header: socket::header(EventKind::Data, call.syscall, pid_tgid, fd, conn.conn_id),
-        total_bytes: moved,
-        captured: captured as u32,
-        unit_seq,
-        unit,
-        ..Default::default()
-    };
-    if call.ts_ns != 0 {
-        scratch.event.header.ts_ns = call.ts_ns;
-    }
+    scratch.event = event;
+    scratch.event.captured = captured as u32;
     let len = core::mem::size_of::<DataEvent>() as u64 + captured;
     output_data(ctx, &mut scratch.event, len, captured);
     Ok(())
 }
 
-/// The socket remembered for a session from an earlier call.
+/// What is remembered for a session from earlier calls.
 #[inline(always)]
-fn remembered(key: &TlsSessionKey) -> Option<i32> {
+fn remembered(key: &TlsSessionKey) -> Option<TlsSession> {
     // SAFETY: copied out at once.
-    unsafe { TLS_SESSIONS.get(key) }.map(|s| s.fd)
+    unsafe { TLS_SESSIONS.get(key) }.copied()
 }
 
 /// The fd of the session's read BIO when the process's library layout is
