@@ -93,6 +93,11 @@ pub struct FloorArgs {
     /// On the raw sys_enter and sys_exit tracepoints instead of the agent's.
     #[arg(long)]
     raw: bool,
+    /// Leave the kernel's run-time statistics off: `run_ns` grows only while
+    /// the caller turns them on (`sysctl kernel.bpf_stats_enabled=1`), so
+    /// the load in between runs without their cost.
+    #[arg(long)]
+    no_stats: bool,
     #[command(flatten)]
     receive_args: ReceiveArgsFlag,
 }
@@ -101,7 +106,7 @@ pub struct FloorArgs {
 /// `{"runs":…,"run_ns":…}` at start and for every line read on stdin, and
 /// detaches at end of input.
 pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
-    let floor = Floor::attach(args.raw, args.receive_args.choice)?;
+    let floor = Floor::attach(args.raw, args.receive_args.choice, !args.no_stats)?;
     let report = || -> anyhow::Result<()> {
         let stats = floor.stats()?;
         println!(

@@ -1020,15 +1020,23 @@ impl Floor {
     /// tracepoints instead (every syscall of every process).
     /// `receives`: as the agent would run ([`ReceiveArgs`]), so the floor
     /// is called where the agent's programs would be.
-    pub fn attach(raw: bool, receives: ReceiveArgsChoice) -> anyhow::Result<Self> {
+    /// `stats`: turn the kernel's run-time statistics on for as long as the
+    /// floor is attached; without, [`Floor::stats`] counts only while
+    /// something else has them on (`sysctl kernel.bpf_stats_enabled`), so a
+    /// caller can measure throughput without their cost.
+    pub fn attach(raw: bool, receives: ReceiveArgsChoice, stats: bool) -> anyhow::Result<Self> {
         raise_memlock();
         let (tracefs, _) = tracefs::ensure_mounted()?;
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this build has no eBPF object (built with AYA_BUILD_SKIP or for fuzzing)"
         );
-        let stats = enable_stats(Stats::RunTime)
-            .context("BPF run-time statistics (they need CAP_SYS_ADMIN)")?;
+        let stats = stats
+            .then(|| {
+                enable_stats(Stats::RunTime)
+                    .context("BPF run-time statistics (they need CAP_SYS_ADMIN)")
+            })
+            .transpose()?;
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .context("loading the eBPF object")?;
@@ -1047,7 +1055,7 @@ impl Floor {
             return Ok(Self {
                 ebpf,
                 name: FLOOR_RAW,
-                _stats: Some(stats),
+                _stats: stats,
             });
         }
         let (receives, _) = choose_receive_args(&mut ebpf, receives);
@@ -1072,7 +1080,7 @@ impl Floor {
         Ok(Self {
             ebpf,
             name: FLOOR,
-            _stats: Some(stats),
+            _stats: stats,
         })
     }
 

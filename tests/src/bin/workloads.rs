@@ -666,43 +666,99 @@ fn program_stats(cmd: &mut Command) {
 
 /// One run with the floor (`zerotrace bench-floor`: an empty program on
 /// the agent's tracepoints) instead of the agent: the bare cost of being
-/// called on every traced syscall, per request.
+/// called on every traced syscall. As with the agent, the load runs
+/// without run-time statistics (its throughput is the floor's own) and a
+/// [`KERNEL_WINDOW_SECONDS`] load with them on gives the ns per request.
+/// An agent from before `--no-stats` keeps them on throughout.
 fn floor_run(servers: &Servers, workload: Workload, seconds: u64) -> anyhow::Result<Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut child = Command::new(agent_bin())
-        .arg("bench-floor")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting zerotrace bench-floor")?;
-    let mut input = child.stdin.take().context("bench-floor stdin")?;
-    let mut output = BufReader::new(child.stdout.take().context("bench-floor stdout")?);
-    let mut read = || -> anyhow::Result<(f64, f64)> {
+    let (mut floor, stats_throughout) = match Floor::start(false) {
+        Ok(floor) => (floor, false),
+        Err(e) => {
+            eprintln!("[workloads] bench-floor --no-stats: {e:#}; statistics on throughout");
+            (Floor::start(true)?, true)
+        }
+    };
+    let measured = servers.measured_load(workload, seconds)?;
+    let (window, (runs, ns)) = {
+        let _stats = (!stats_throughout).then(HostProgramStats::on).transpose()?;
+        let before = floor.read()?;
+        let (window, _) = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?;
+        let after = floor.read()?;
+        (window, (after.0 - before.0, after.1 - before.1))
+    };
+    drop(floor);
+    let requests = window.requests.max(1) as f64;
+    Ok(merge(
+        load_fields(&measured),
+        json!({
+            "kernel_ns_per_request": ns / requests,
+            "kernel_window_requests": window.requests,
+            "bpf_runs": runs,
+            "bpf_run_seconds": ns / 1e9,
+            "floor_stats_throughout": stats_throughout,
+        }),
+    ))
+}
+
+/// A running `zerotrace bench-floor`: each [`Floor::read`] asks it for the
+/// floor program's runs and run time so far.
+struct Floor {
+    child: std::process::Child,
+    input: Option<std::process::ChildStdin>,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Floor {
+    /// Starts it and waits until every tracepoint is attached (its first
+    /// line); `stats`: with the statistics on for its whole life.
+    fn start(stats: bool) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("bench-floor");
+        if !stats {
+            cmd.arg("--no-stats");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting zerotrace bench-floor")?;
+        let input = child.stdin.take();
+        let output = std::io::BufReader::new(child.stdout.take().context("bench-floor stdout")?);
+        let mut floor = Self {
+            child,
+            input,
+            output,
+        };
+        floor.line()?;
+        Ok(floor)
+    }
+
+    /// Runs and run-time ns so far.
+    fn read(&mut self) -> anyhow::Result<(f64, f64)> {
+        use std::io::Write;
+        writeln!(self.input.as_mut().context("bench-floor stdin")?)?;
+        self.line()
+    }
+
+    fn line(&mut self) -> anyhow::Result<(f64, f64)> {
+        use std::io::BufRead;
         let mut line = String::new();
-        output.read_line(&mut line)?;
+        self.output.read_line(&mut line)?;
         let v: Value = serde_json::from_str(line.trim())
             .with_context(|| format!("bench-floor said {line:?}"))?;
         Ok((
             v["runs"].as_f64().unwrap_or(0.0),
             v["run_ns"].as_f64().unwrap_or(0.0),
         ))
-    };
-    // The first line comes once every tracepoint is attached.
-    let (runs0, ns0) = read()?;
-    let measured = servers.measured_load(workload, seconds)?;
-    writeln!(input)?;
-    let (runs1, ns1) = read()?;
-    drop(input);
-    child.wait()?;
-    let requests = measured.0.requests.max(1) as f64;
-    Ok(merge(
-        load_fields(&measured),
-        json!({
-            "kernel_ns_per_request": (ns1 - ns0) / requests,
-            "bpf_runs": runs1 - runs0,
-            "bpf_run_seconds": (ns1 - ns0) / 1e9,
-        }),
-    ))
+    }
+}
+
+/// Detaches it: end of input.
+impl Drop for Floor {
+    fn drop(&mut self) {
+        drop(self.input.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// `perf record` of process `pid` for `seconds` into `file`: the
