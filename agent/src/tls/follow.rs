@@ -231,25 +231,25 @@ impl TlsFollower {
         if !self.enabled() {
             return "off".to_owned();
         }
-        let mut followed: Vec<&str> = Vec::new();
-        let mut not = 0;
-        for r in &self.reports {
-            if r.followed {
-                if !followed.contains(&r.library.as_str()) {
-                    followed.push(&r.library);
+        let not = self.reports.iter().filter(|r| !r.followed).count();
+        // Named from the probed files, not from the bounded per-process
+        // reports, which may no longer hold the process that mapped one.
+        let mut names: Vec<String> = Vec::new();
+        let mut files = 0;
+        for verdict in self.files.values() {
+            if let FileVerdict::Probed(version) = verdict {
+                files += 1;
+                let name = name_of(version.as_ref());
+                if !names.contains(&name) {
+                    names.push(name);
                 }
-            } else {
-                not += 1;
             }
         }
-        let files = self
-            .files
-            .values()
-            .filter(|v| matches!(v, FileVerdict::Probed(_)))
-            .count();
+        names.sort();
         let mut line = match files {
             0 => "no TLS library probed yet".to_owned(),
-            n => format!("{n} TLS library files probed ({})", followed.join(", ")),
+            1 => format!("1 TLS library file probed ({})", names.join(", ")),
+            n => format!("{n} TLS library files probed ({})", names.join(", ")),
         };
         if not > 0 {
             line.push_str(&format!(
@@ -544,6 +544,36 @@ mod tests {
         assert!(bad.contains("\"gnutls\""), "{bad}");
         let yaml: TlsChoice = serde_yaml_ng::from_str("off").unwrap();
         assert_eq!(yaml, TlsChoice::Off);
+    }
+
+    /// The line names what was probed even when no per-process report of
+    /// it is left (they are bounded; a short-lived client's goes first).
+    #[test]
+    fn summary_names_the_probed_files() {
+        let mut follower = TlsFollower::new(TlsChoice::Auto);
+        assert_eq!(follower.summary(), "no TLS library probed yet");
+        let version = |minor| Version {
+            flavour: "OpenSSL",
+            number: (3, minor, 1),
+            text: String::new(),
+        };
+        follower
+            .files
+            .insert((1, 1), FileVerdict::Probed(Some(version(5))));
+        assert_eq!(
+            follower.summary(),
+            "1 TLS library file probed (OpenSSL 3.5.1)"
+        );
+        follower
+            .files
+            .insert((1, 2), FileVerdict::Probed(Some(version(0))));
+        follower.files.insert((1, 3), FileVerdict::Probed(None));
+        follower.files.insert((1, 4), FileVerdict::NotTls);
+        assert_eq!(
+            follower.summary(),
+            "3 TLS library files probed (OpenSSL, OpenSSL 3.0.1, OpenSSL 3.5.1)"
+        );
+        assert_eq!(TlsFollower::new(TlsChoice::Off).summary(), "off");
     }
 
     #[test]
