@@ -186,8 +186,8 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
     };
     // TLS_SESSIONS is an LRU map, where an update replaces the element
     // (a free one taken, the old one given back): written only on change.
-    let known = remembered(&key);
     if call.sent != 0 {
+        let known = remembered(&key);
         // A write whose plaintext went out at its socket call: remember
         // what a retry must not send again (its unfinished part).
         let session = TlsSession {
@@ -203,6 +203,7 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
     if moved == 0 {
         return Ok(());
     }
+    let known = remembered(&key);
     // A session already remembered on this socket needs no check: the
     // library does a descriptor BIO's socket calls on the BIO's fd, and
     // the check (four user reads) ran when the socket was first seen.

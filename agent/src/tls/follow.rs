@@ -234,22 +234,21 @@ impl TlsFollower {
         let not = self.reports.iter().filter(|r| !r.followed).count();
         // Named from the probed files, not from the bounded per-process
         // reports, which may no longer hold the process that mapped one.
-        let mut names: Vec<String> = Vec::new();
-        let mut files = 0;
-        for verdict in self.files.values() {
-            if let FileVerdict::Probed(version) = verdict {
-                files += 1;
-                let name = name_of(version.as_ref());
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-        }
-        names.sort();
-        let mut line = match files {
+        let probed: Vec<&Option<Version>> = self
+            .files
+            .values()
+            .filter_map(|v| match v {
+                FileVerdict::Probed(version) => Some(version),
+                _ => None,
+            })
+            .collect();
+        let names: std::collections::BTreeSet<String> =
+            probed.iter().map(|v| name_of(v.as_ref())).collect();
+        let names = names.into_iter().collect::<Vec<_>>().join(", ");
+        let mut line = match probed.len() {
             0 => "no TLS library probed yet".to_owned(),
-            1 => format!("1 TLS library file probed ({})", names.join(", ")),
-            n => format!("{n} TLS library files probed ({})", names.join(", ")),
+            1 => format!("1 TLS library file probed ({names})"),
+            n => format!("{n} TLS library files probed ({names})"),
         };
         if not > 0 {
             line.push_str(&format!(
