@@ -1681,9 +1681,11 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = (&'a [u8], &'a [u8]);
 
+    // Inlined into the loops that walk a head: it runs once per line.
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let (line, ended) = match memchr::memchr(b'\n', self.rest) {
+            let (line, ended) = match find_byte::<b'\n'>(self.rest) {
                 Some(eol) => {
                     let line = &self.rest[..eol];
                     self.rest = &self.rest[eol + 1..];
@@ -1702,7 +1704,7 @@ impl<'a> Iterator for Fields<'a> {
             if matches!(line[0], b' ' | b'\t') {
                 continue;
             }
-            let Some(colon) = colon_at(line) else {
+            let Some(colon) = find_byte::<b':'>(line) else {
                 continue;
             };
             let name = match self.role {
@@ -1714,21 +1716,23 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
-/// Where the first `:` of `line` is, eight bytes at a time: names are
-/// short, so a vector search's set-up costs more than it saves, and a
-/// byte loop was the largest part of walking a head's fields.
-fn colon_at(line: &[u8]) -> Option<usize> {
+/// Where the first `B` of `bytes` is, eight bytes at a time: header
+/// lines and names are short, so a vector search's set-up costs more than
+/// it saves. A byte loop was the largest part of walking a head's fields,
+/// and `memchr` for each line's end half of what was left.
+#[inline(always)]
+fn find_byte<const B: u8>(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    const COLONS: u64 = u64::from_ne_bytes([b':'; 8]);
-    let mut words = line.chunks_exact(8);
+    let wanted = u64::from_ne_bytes([B; 8]);
+    let mut words = bytes.chunks_exact(8);
     let mut at = 0;
     for word in &mut words {
-        let mut bytes = [0; 8];
-        bytes.copy_from_slice(word);
-        // A zero byte where a colon was; borrows can mark bytes after the
+        let mut eight = [0; 8];
+        eight.copy_from_slice(word);
+        // A zero byte where a `B` was; borrows can mark bytes after the
         // first zero, never before it, so the lowest mark is exact.
-        let x = u64::from_le_bytes(bytes) ^ COLONS;
+        let x = u64::from_le_bytes(eight) ^ wanted;
         let marks = x.wrapping_sub(ONES) & !x & HIGHS;
         if marks != 0 {
             return Some(at + marks.trailing_zeros() as usize / 8);
@@ -1738,7 +1742,7 @@ fn colon_at(line: &[u8]) -> Option<usize> {
     words
         .remainder()
         .iter()
-        .position(|&c| c == b':')
+        .position(|&c| c == B)
         .map(|p| at + p)
 }
 
@@ -1913,25 +1917,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn colon_at_finds_the_first_colon_as_a_byte_loop_does() {
-        // Every length up to four words, a colon (or none) at every place,
-        // over bytes that differ from a colon by one bit or by a borrow.
-        for len in 0..33 {
-            for colon in (0..len).map(Some).chain([None]) {
-                for filler in [b'9', b';', b'\xba', b'\0', b'x'] {
-                    let mut line = vec![filler; len];
-                    if let Some(at) = colon {
-                        line[at] = b':';
-                        // A second colon after the first must not win.
-                        if at + 3 < len {
-                            line[at + 3] = b':';
+    fn find_byte_finds_the_first_as_a_byte_loop_does() {
+        // Every length up to four words, the byte (or none) at every place,
+        // over bytes that differ from it by one bit or by a borrow.
+        fn check<const B: u8>(fillers: [u8; 6]) {
+            for len in 0..33 {
+                for first in (0..len).map(Some).chain([None]) {
+                    for filler in fillers {
+                        let mut line = vec![filler; len];
+                        if let Some(at) = first {
+                            line[at] = B;
+                            // A second one after the first must not win.
+                            if at + 3 < len {
+                                line[at + 3] = B;
+                            }
                         }
+                        let expected = line.iter().position(|&c| c == B);
+                        assert_eq!(find_byte::<B>(&line), expected, "{line:?}");
                     }
-                    let expected = line.iter().position(|&c| c == b':');
-                    assert_eq!(colon_at(&line), expected, "{line:?}");
                 }
             }
         }
+        check::<b':'>([b'9', b';', b'\xba', b'\0', b'x', b'\n']);
+        check::<b'\n'>([b'\x0b', b'\x08', b'\x8a', b'\0', b'\r', b'\t']);
     }
 
     /// The end of a head found byte by byte, for [`scan_eoh`] to agree with.

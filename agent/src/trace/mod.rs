@@ -270,6 +270,10 @@ pub struct Tracer {
     /// The tenant of spans without one, shared: an empty `Arc<[_]>` made
     /// per span would still allocate its counts.
     no_tenant: Arc<[KeyValue]>,
+    /// The last tenant a request carried, shared with the next request
+    /// that carries the same values: requests come in runs of one tenant,
+    /// and building the list took an allocation per request.
+    last_tenant: Option<Arc<[KeyValue]>>,
     pub stats: TraceStats,
     /// Connections to mute in the kernel, taken by the loop after each round.
     pub mutes: Vec<Mute>,
@@ -313,6 +317,7 @@ impl Tracer {
             clock_offset: clock_offset(),
             events: Vec::new(),
             no_tenant: Arc::from(Vec::new()),
+            last_tenant: None,
             stats: TraceStats::default(),
             mutes: Vec::new(),
         }
@@ -560,20 +565,7 @@ impl Tracer {
             Direction::Ingress => Side::Server,
             Direction::Egress => Side::Client,
         };
-        // Shared by every span of the request's trace on this host.
-        let mut found = self.opts.header_rules.iter().filter_map(|(rule, key)| {
-            request
-                .extra
-                .iter()
-                .find(|(name, _)| **name == *rule.header)
-                .map(|(_, value)| KeyValue::new(key.clone(), Value::from(Arc::clone(value))))
-        });
-        // One allocation for the usual single tenant header.
-        let own_tenant: Option<Arc<[KeyValue]>> = match (found.next(), found.next()) {
-            (None, _) => None,
-            (Some(only), None) => Some(Arc::from([only])),
-            (Some(a), Some(b)) => Some([a, b].into_iter().chain(found).collect()),
-        };
+        let own_tenant = self.tenant_of(&request);
         self.begin(
             conn,
             Start {
@@ -589,6 +581,42 @@ impl Tracer {
                 content: Some(Content::of(request)),
             },
         );
+    }
+
+    /// The tenant attributes `request` carries itself, shared by every
+    /// span of its trace on this host; `None` without any.
+    fn tenant_of(&mut self, request: &Request) -> Option<Arc<[KeyValue]>> {
+        let found = || {
+            self.opts.header_rules.iter().filter_map(|(rule, key)| {
+                request
+                    .extra
+                    .iter()
+                    .find(|(name, _)| **name == *rule.header)
+                    .map(|(_, value)| (key, value))
+            })
+        };
+        found().next()?;
+        if let Some(last) = &self.last_tenant {
+            let mut last_values = last.iter();
+            let same = found().all(|(key, value)| {
+                last_values.next().is_some_and(|kv| {
+                    kv.key == *key
+                        && matches!(&kv.value, Value::String(s) if s.as_str() == &**value)
+                })
+            }) && last_values.next().is_none();
+            if same {
+                return Some(Arc::clone(last));
+            }
+        }
+        let mut kvs =
+            found().map(|(key, value)| KeyValue::new(key.clone(), Value::from(Arc::clone(value))));
+        // One allocation for the usual single tenant header.
+        let tenant: Arc<[KeyValue]> = match (kvs.next(), kvs.next()) {
+            (Some(only), None) => Arc::from([only]),
+            (a, b) => a.into_iter().chain(b).chain(kvs).collect(),
+        };
+        self.last_tenant = Some(Arc::clone(&tenant));
+        Some(tenant)
     }
 
     /// A request began: decide the span's ids and parent now, so spans
@@ -1226,6 +1254,56 @@ mod tests {
 
     fn nanos(t: std::time::SystemTime) -> u64 {
         t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+
+    /// Each request's span carries its own tenant, across connections and
+    /// on one kept connection, whether it repeats the last one's, changes
+    /// it or carries none; repeated tenants share one list.
+    #[test]
+    fn each_request_keeps_its_own_tenant() {
+        let (mut t, mut rx) = tracer();
+        let a = conn(1, Role::Server, SERVER, "127.0.0.1:40001");
+        let b = conn(2, Role::Server, SERVER, "127.0.0.1:40002");
+        t.on_record(Record::Opened(&a));
+        t.on_record(Record::Opened(&b));
+        let tenants = [
+            (&a, Some("t1")),
+            (&a, Some("t1")),
+            (&b, Some("t1")),
+            (&a, Some("t2")),
+            (&a, None),
+            (&b, Some("t1")),
+            (&b, Some("t22")),
+        ];
+        let mut ts = 100;
+        for (c, tenant) in tenants {
+            let req = match tenant {
+                Some(id) => format!("GET /x HTTP/1.1\r\nHost: a\r\nx-tenant-id: {id}\r\n\r\n"),
+                None => "GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+            };
+            data(&mut t, c, 11, ts, Syscall::Read, req.as_bytes());
+            data(&mut t, c, 11, ts + 10, Syscall::Write, RESP);
+            ts += 100;
+        }
+        let spans = exported(&mut t, &mut rx);
+        let got: Vec<Option<String>> = spans.iter().map(|s| attr(s, "tenant.id")).collect();
+        let want: Vec<Option<String>> = tenants
+            .iter()
+            .map(|(_, id)| id.map(str::to_string))
+            .collect();
+        assert_eq!(got, want);
+
+        let with = |id: &str| Request {
+            extra: vec![(Arc::from("x-tenant-id"), Arc::from(id))],
+            ..Request::default()
+        };
+        let first = t.tenant_of(&with("t3")).unwrap();
+        let again = t.tenant_of(&with("t3")).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "a repeated tenant is shared");
+        let other = t.tenant_of(&with("t4")).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(other[0].value.as_str(), "t4");
+        assert!(t.tenant_of(&Request::default()).is_none());
     }
 
     /// A response the transport lost does not give the request before it
