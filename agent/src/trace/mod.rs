@@ -903,11 +903,14 @@ impl Tracer {
             .as_ref()
             .map(|r| r.end.ts_ns)
             .or(exchange.response_lost.map(|at| at.ts_ns));
-        let routes = Arc::clone(&self.opts.routes);
         let at = self.endpoints(conn);
-        self.finish(conn, exchange.request.seq, start_ns, end_ns, |side| {
-            http::describe(side, &exchange, at, &routes)
-        });
+        self.finish(
+            conn,
+            exchange.request.seq,
+            start_ns,
+            end_ns,
+            |side, routes| http::describe(side, &exchange, at, routes),
+        );
     }
 
     fn finish_db(&mut self, conn: &Connection, call: &DbCall) {
@@ -923,7 +926,7 @@ impl Tracer {
         let end_ns = (!call.unanswered).then_some(call.end.ts_ns);
         let seq = call.seq;
         let start_ns = call.start.ts_ns;
-        self.finish(conn, seq, start_ns, end_ns, |side| {
+        self.finish(conn, seq, start_ns, end_ns, |side, _| {
             db::describe(system, side, call, at)
         });
     }
@@ -945,14 +948,16 @@ impl Tracer {
         }
     }
 
-    /// A request's span is complete: `describe` names it for its side.
+    /// A request's span is complete: `describe` names it for its side
+    /// (with the configured HTTP routes at hand: a clone of their `Arc`
+    /// per span, for the borrow, was an atomic add and subtract apiece).
     fn finish(
         &mut self,
         conn: &Connection,
         seq: u64,
         start_ns: u64,
         end_ns: Option<u64>,
-        describe: impl FnOnce(Side) -> Described,
+        describe: impl FnOnce(Side, &Routes) -> Described,
     ) {
         let addrs = (conn.local.id(), conn.remote.id());
         let Some(state) = self.conns.get_mut(&conn.conn_id) else {
@@ -994,7 +999,7 @@ impl Tracer {
             self.stats.spans_unsampled += 1;
             return;
         }
-        let described = describe(begun.side);
+        let described = describe(begun.side, &self.opts.routes);
         let mut attributes = described.attributes;
         for kv in begun.tenant.iter() {
             attributes.value(kv.key.as_str(), &kv.value);
