@@ -1246,3 +1246,100 @@ fn a_libssl_replaced_on_disk_is_probed_through_the_process_mapping() {
         "{entries:?}"
     );
 }
+
+/// Where OpenSSL was built with control-flow protection (Ubuntu, Fedora,
+/// RHEL 9), every probed function begins with `endbr64`, which the kernel
+/// can only single-step. The agent puts the probes of `ssl_read_internal`
+/// and `ssl_write_internal` on the `push` after it (emulated, one trap
+/// instead of two), and the entry and return programs still read the
+/// arguments and the result: each request is one span with its status,
+/// and the server's span of it its body size. The library is Ubuntu
+/// 22.04's libssl3 (`cargo xtask setup` fetches it), loaded through
+/// `LD_LIBRARY_PATH`.
+#[test]
+fn a_cet_built_libssl_is_probed_past_endbr64_and_still_traced() {
+    if !can_trace() {
+        return;
+    }
+    let lib_dir = cet_libssl_dir();
+    let lib = format!("{lib_dir}/libssl.so.3");
+    let ca = TestCa::new().unwrap();
+    let nginx = Nginx::start_tls(free_port(), &ca).unwrap();
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let mut agent = agent_for(&rx, &[]);
+    let mut client =
+        LazyHttps::start_with_env(&ca, nginx.port, &[("LD_LIBRARY_PATH", &lib_dir)]).unwrap();
+    // The first request loads the library; the agent probes it when it is
+    // mapped.
+    assert_eq!(client.get("/index.html").unwrap(), 200);
+    assert!(
+        mapped_libssl(client.pid).contains(&lib),
+        "the client does not run {lib}: {:?}",
+        mapped_libssl(client.pid)
+    );
+    let line = agent
+        .wait_for_stderr(&format!("probed in {lib} "), WAIT)
+        .unwrap();
+    assert!(
+        line.contains("probed past endbr64: ssl_read_internal, ssl_write_internal"),
+        "{line}"
+    );
+    // The probes are in: every request from now on is a span.
+    let asked = [
+        ("/a.txt", 200_u16, 333_i64),
+        ("/missing.txt", 404, 0),
+        ("/b.txt", 200, 4444),
+        ("/a.txt", 200, 333),
+    ];
+    for (path, status, _) in asked {
+        assert_eq!(client.get(path).unwrap(), status, "{path}");
+    }
+    let pid = client.pid;
+    let index = nginx.url("/index.html");
+    let after_load = |s: &ReceivedSpan| s.attr_str("url.full") != Some(index.as_str());
+    rx.wait_for(WAIT, "the client's spans", |s| {
+        of_pid(s, pid, "CLIENT")
+            .into_iter()
+            .filter(|c| after_load(c))
+            .count()
+            >= asked.len()
+    })
+    .unwrap();
+    let spans = stop(agent, &rx);
+    let mut clients: Vec<&ReceivedSpan> = of_pid(&spans, pid, "CLIENT")
+        .into_iter()
+        .filter(|c| after_load(c))
+        .collect();
+    assert_eq!(clients.len(), asked.len(), "{}", shown(&spans));
+    clients.sort_by_key(|c| c.start_ns);
+    for (client, (path, status, size)) in clients.iter().zip(asked) {
+        assert_eq!(client.attr_str("url.full"), Some(nginx.url(path).as_str()));
+        assert_eq!(client.attr_str("http.request.method"), Some("GET"));
+        assert_eq!(
+            client.attr_i64("http.response.status_code"),
+            Some(i64::from(status)),
+            "{}",
+            client.brief()
+        );
+        let server = served(&spans, client);
+        assert_eq!(server.attr_str("url.path"), Some(path));
+        if status == 200 {
+            assert_eq!(server.attr_i64("http.response.body.size"), Some(size));
+        }
+    }
+}
+
+/// The CET-built libssl `cargo xtask setup` unpacked.
+fn cet_libssl_dir() -> String {
+    let dir = std::env::var("ZEROTRACE_CET_LIBSSL").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/zerotrace/cet-libssl/lib",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    assert!(
+        std::path::Path::new(&dir).join("libssl.so.3").is_file(),
+        "no CET-built libssl in {dir}: run `cargo xtask setup`"
+    );
+    dir
+}

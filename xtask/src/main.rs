@@ -332,6 +332,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     c.env("ZEROTRACE_DIST_IMAGE", &image.archive);
     // The Python OTel SDK and rotel that `setup` installed (tests/src/otlp.rs).
     c.env("ZEROTRACE_VENV", setup::otel_venv_dir()?);
+    // Ubuntu's CET-built libssl that `setup` unpacked (tests/tests/tls.rs).
+    c.env("ZEROTRACE_CET_LIBSSL", setup::cet_libssl_dir()?.join("lib"));
     if !ctx.is_root {
         // Build as the calling user (target/ stays theirs), run each test binary as root.
         ctx.require_sudo("cargo xtask test")?;

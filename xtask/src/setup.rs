@@ -10,7 +10,9 @@
 //! its OTLP exporters and the rotel collector (the tests' real OTLP exporter
 //! and collector) plus what the test apps in tests/apps import (FastAPI,
 //! uvicorn, Flask, psycopg, PyMySQL, redis-py) and the Kubernetes manifest
-//! validator the deployment tests use (kubernetes-validate).
+//! validator the deployment tests use (kubernetes-validate). And one
+//! OpenSSL built with control-flow protection (Ubuntu 22.04's libssl3), for
+//! the test of where the TLS probes go on such builds.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -68,6 +70,7 @@ pub fn full(ctx: &Ctx) -> Result<()> {
     packages(ctx)?;
     musl(ctx)?;
     otel_venv(ctx)?;
+    cet_libssl(ctx)?;
     kernel_report();
     say!("setup", "done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -451,6 +454,82 @@ pub fn vm_packages(ctx: &Ctx) -> Result<()> {
     }
     apt_install(ctx, &missing)?;
     say!("setup", "vm packages: installed {}", missing.join(" "));
+    Ok(())
+}
+
+/// Ubuntu 22.04's libssl3 as released (the release pocket never changes),
+/// built with `-fcf-protection`: its functions begin with `endbr64`, where
+/// Debian's do not. tests/tests/tls.rs runs a client on it through
+/// `LD_LIBRARY_PATH` to check that the TLS probes skip the `endbr64`.
+const CET_LIBSSL_DEB: &str = "libssl3_3.0.2-0ubuntu1_amd64.deb";
+const CET_LIBSSL_SHA256: &str = "11a83260542e05aebbbafce9164d594287d2584be80972e08708528fe06f80d3";
+const CET_LIBSSL_MIRRORS: &[&str] = &[
+    "http://archive.ubuntu.com/ubuntu/pool/main/o/openssl/",
+    "http://security.ubuntu.com/ubuntu/pool/main/o/openssl/",
+];
+
+/// `~/.cache/zerotrace/cet-libssl`: `lib/libssl.so.3` and `lib/libcrypto.so.3`.
+pub fn cet_libssl_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/zerotrace/cet-libssl"))
+}
+
+/// Fetches and unpacks [`CET_LIBSSL_DEB`] unless it is there; the package
+/// is checked against its pinned SHA-256 before use.
+pub fn cet_libssl(ctx: &Ctx) -> Result<()> {
+    let dir = cet_libssl_dir()?;
+    let lib = dir.join("lib");
+    if lib.join("libssl.so.3").is_file() && lib.join("libcrypto.so.3").is_file() {
+        say!("setup", "CET-built libssl: present ({})", lib.display());
+        return Ok(());
+    }
+    let work = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let deb = work.join(CET_LIBSSL_DEB);
+    let mut errors = Vec::new();
+    for mirror in CET_LIBSSL_MIRRORS {
+        let url = format!("{mirror}{CET_LIBSSL_DEB}");
+        let fetched = run(ctx
+            .cmd("curl")
+            .args(["-fsSL", "--retry", "3", "--max-time", "300", "-o"])
+            .arg(&deb)
+            .arg(&url));
+        match fetched {
+            Ok(()) => break,
+            Err(e) => {
+                let _ = fs::remove_file(&deb);
+                errors.push(format!("{url}: {e:#}"));
+            }
+        }
+    }
+    if !deb.is_file() {
+        bail!(
+            "cannot download Ubuntu's libssl3 (a test fixture): {}",
+            errors.join("; ")
+        );
+    }
+    let sum = output(ctx.cmd("sha256sum").arg(&deb))?;
+    if sum.split_whitespace().next() != Some(CET_LIBSSL_SHA256) {
+        bail!(
+            "{} has SHA-256 {sum}, not {CET_LIBSSL_SHA256}",
+            deb.display()
+        );
+    }
+    let root = work.join("root");
+    run(ctx.cmd("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    let unpacked = root.join("usr/lib/x86_64-linux-gnu");
+    let staged = work.join("lib");
+    fs::create_dir_all(&staged)?;
+    for name in ["libssl.so.3", "libcrypto.so.3"] {
+        fs::copy(unpacked.join(name), staged.join(name))
+            .with_context(|| format!("{name} missing from {CET_LIBSSL_DEB}"))?;
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    fs::rename(&staged, &lib)?;
+    let _ = fs::remove_dir_all(&work);
+    say!("setup", "CET-built libssl: installed ({})", lib.display());
     Ok(())
 }
 

@@ -32,6 +32,7 @@ use super::{
     btf::Btf,
     kfunc::{self, KfuncChoice, KfuncLayer},
     offsets, tracefs,
+    uprobe_site::Site,
 };
 
 /// The verifier's instruction count, where the kernel reports it.
@@ -314,6 +315,16 @@ pub struct ProgramLoad {
     pub instructions: Option<u32>,
     /// Why the kernel refused it, with the end of the verifier log.
     pub error: Option<String>,
+}
+
+/// What an attachment's target adds when its probe is past the entry
+/// (`uprobe_site`).
+fn past_endbr64(site: Site) -> String {
+    if site.skipped == 0 {
+        String::new()
+    } else {
+        format!(" (probed at +{}, past endbr64)", site.skipped)
+    }
 }
 
 /// How one attach went.
@@ -709,15 +720,16 @@ impl Probes {
             .context("program runtime_unit_new missing from the object")?
             .try_into()?;
         for &offset in offsets {
+            let site = Site::in_file(file, offset);
             let started = SystemTime::now();
             let clock = Instant::now();
             let outcome = program
-                .attach(offset, file, UProbeScope::AllProcesses)
+                .attach(site.offset, file, UProbeScope::AllProcesses)
                 .map(|id| self.uprobe_links.push((UNIT_PROBE, id)))
                 .map_err(|e| load_error_text(&e));
             self.attachments.push(Attachment {
                 program: UNIT_PROBE,
-                target: format!("{}+{offset:#x}", file.display()),
+                target: format!("{}+{offset:#x}{}", file.display(), past_endbr64(site)),
                 kind: "uretprobe",
                 started,
                 duration: clock.elapsed(),
@@ -792,17 +804,23 @@ impl Probes {
     /// their file offsets) in `file`, once per file: every process that maps it is covered, and
     /// the programs leave unselected processes at once. The return probe
     /// goes on before the entry probe, so no call is entered unseen by its
-    /// return.
+    /// return. Both go where [`Site`] says; returns the functions probed
+    /// past an `endbr64`.
     pub fn attach_tls_probes(
         &mut self,
         file: &Path,
         functions: &[(&str, u64)],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<&'static str>> {
         self.load_tls_probes()?;
+        let mut moved = Vec::new();
         for &(symbol, entry, returns) in TLS_FUNCTIONS {
             let Some(&(_, offset)) = functions.iter().find(|&&(name, _)| name == symbol) else {
                 continue;
             };
+            let site = Site::in_file(file, offset);
+            if site.skipped > 0 {
+                moved.push(symbol);
+            }
             let programs = [(returns, TLS_RETURN, "uretprobe"), (true, entry, "uprobe")];
             for (_, program_name, kind) in programs.into_iter().filter(|p| p.0) {
                 let program: &mut UProbe = self
@@ -813,12 +831,12 @@ impl Probes {
                 let started = SystemTime::now();
                 let clock = Instant::now();
                 let outcome = program
-                    .attach(offset, file, UProbeScope::AllProcesses)
+                    .attach(site.offset, file, UProbeScope::AllProcesses)
                     .map(|id| self.uprobe_links.push((program_name, id)))
                     .map_err(|e| load_error_text(&e));
                 self.attachments.push(Attachment {
                     program: program_name,
-                    target: format!("{}:{symbol}", file.display()),
+                    target: format!("{}:{symbol}{}", file.display(), past_endbr64(site)),
                     kind,
                     started,
                     duration: clock.elapsed(),
@@ -830,7 +848,7 @@ impl Probes {
                 }
             }
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Tells the kernel where `tgid`'s TLS library keeps a session's socket.

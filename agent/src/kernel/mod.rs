@@ -7,3 +7,4 @@ pub mod kfunc;
 pub mod loader;
 pub mod offsets;
 pub mod tracefs;
+pub mod uprobe_site;

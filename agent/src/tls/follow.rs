@@ -383,9 +383,9 @@ impl TlsFollower {
                         .and_then(|c| library::version_of(&c.open_at))
                 });
                 match attached {
-                    Ok(()) => {
+                    Ok(moved) => {
                         log::info!(
-                            "tls: {} probed in {} ({}, {took:.1?}): {}",
+                            "tls: {} probed in {} ({}, {took:.1?}): {}{}",
                             name_of(version.as_ref()),
                             m.path,
                             if pid == 0 {
@@ -393,7 +393,8 @@ impl TlsFollower {
                             } else {
                                 format!("first mapped by pid {pid}")
                             },
-                            probed_names(&functions)
+                            probed_names(&functions),
+                            past_endbr64(&moved)
                         );
                         FileVerdict::Probed(version)
                     }
@@ -428,6 +429,16 @@ fn probed_names(functions: &[(&str, u64)]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The log's note of the functions probed past their `endbr64`
+/// (`kernel::uprobe_site`): a cheaper trap on CET builds.
+fn past_endbr64(moved: &[&str]) -> String {
+    if moved.is_empty() {
+        String::new()
+    } else {
+        format!("; probed past endbr64: {}", moved.join(", "))
+    }
 }
 
 fn name_of(version: Option<&Version>) -> String {
