@@ -57,9 +57,18 @@ fn read_unit(layout: ThreadLayout) -> Option<(u64, u32)> {
     if tstate == 0 {
         return None;
     }
+    let unit_at = tstate + u64::from(layout.unit_off);
+    // Every CPython the agent knows keeps the counter right after the
+    // context: one read for both, where each user read is a helper call
+    // with its own checks (this runs on every data record of the process).
+    if layout.seq_off == layout.unit_off + 8 {
+        // SAFETY: as above.
+        let [unit, seq]: [u64; 2] =
+            unsafe { bpf_probe_read_user(unit_at as *const [u64; 2]) }.ok()?;
+        return Some((unit, seq as u32));
+    }
     // SAFETY: as above.
-    let unit: u64 =
-        unsafe { bpf_probe_read_user((tstate + u64::from(layout.unit_off)) as *const u64) }.ok()?;
+    let unit: u64 = unsafe { bpf_probe_read_user(unit_at as *const u64) }.ok()?;
     // SAFETY: as above.
     let seq: u64 =
         unsafe { bpf_probe_read_user((tstate + u64::from(layout.seq_off)) as *const u64) }.ok()?;
