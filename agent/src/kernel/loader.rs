@@ -319,7 +319,7 @@ pub struct ProgramLoad {
 
 /// What an attachment's target adds when its probe is past the entry
 /// (`uprobe_site`).
-fn past_endbr64(site: Site) -> String {
+fn site_note(site: Site) -> String {
     if site.skipped == 0 {
         String::new()
     } else {
@@ -729,7 +729,7 @@ impl Probes {
                 .map_err(|e| load_error_text(&e));
             self.attachments.push(Attachment {
                 program: UNIT_PROBE,
-                target: format!("{}+{offset:#x}{}", file.display(), past_endbr64(site)),
+                target: format!("{}+{offset:#x}{}", file.display(), site_note(site)),
                 kind: "uretprobe",
                 started,
                 duration: clock.elapsed(),
@@ -836,7 +836,7 @@ impl Probes {
                     .map_err(|e| load_error_text(&e));
                 self.attachments.push(Attachment {
                     program: program_name,
-                    target: format!("{}:{symbol}{}", file.display(), past_endbr64(site)),
+                    target: format!("{}:{symbol}{}", file.display(), site_note(site)),
                     kind,
                     started,
                     duration: clock.elapsed(),
