@@ -35,7 +35,8 @@ pub struct Site {
 
 impl Site {
     /// The site for a function whose code at file offset `entry` begins
-    /// with `code` (its first bytes; fewer than six leave it at the entry).
+    /// with `code` (its first bytes; too few to hold the instruction after
+    /// an `endbr64` leave it at the entry).
     pub fn of(entry: u64, code: &[u8]) -> Self {
         let skipped = match code {
             [a, b, c, d, rest @ ..] if [*a, *b, *c, *d] == ENDBR64 && emulated_push(rest) => 4,
