@@ -52,7 +52,7 @@ pub enum EventKind {
     /// A runtime made a new unit of work ([`UnitEvent`]).
     Unit = 4,
     /// A process mapped a file executable (a library loaded at exec or by
-    /// `dlopen`): header only, `fd` is the mapped file's descriptor.
+    /// `dlopen`): [`MappedEvent`], `fd` is the mapped file's descriptor.
     Mapped = 5,
     /// The agent itself connected ([`ConnOpenEvent`], addresses only): the
     /// traced process at the other end (a collector, a TLS terminator in
@@ -388,6 +388,20 @@ impl Default for UnixOpenEvent {
     }
 }
 
+/// A process mapped a file executable ([`EventKind::Mapped`]), and which
+/// file: the agent looks at a process's maps again only for a file it has
+/// not judged yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappedEvent {
+    pub header: EventHeader,
+    /// The file's device as the kernel keeps it (`MAJOR << 20 | MINOR`),
+    /// and its inode; both 0 when the kernel could not read them.
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
 /// The process closed the connection's fd.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -423,10 +437,14 @@ pub struct KernelOffsets {
     pub unix_address_len: u32,
     pub unix_address_name: u32,
     /// `sock.sk_socket`, `socket_alloc.vfs_inode` (a socket's inode
-    /// follows it) and `inode.i_ino`: a unix end's inode number.
+    /// follows it) and `inode.i_ino`: a unix end's inode number, and a
+    /// mapped file's.
     pub sk_socket: u32,
     pub socket_alloc_inode: u32,
     pub inode_ino: u32,
+    /// `inode.i_sb` and `super_block.s_dev`: a mapped file's device.
+    pub inode_sb: u32,
+    pub sb_dev: u32,
     /// Offset of `child_pid` in the sched_process_fork tracepoint record.
     pub fork_child_pid: u32,
     /// `task_struct.thread.fsbase`: a thread's TLS base (x86-64).
@@ -601,11 +619,12 @@ mod tests {
         assert_eq!(size_of::<TlsSessionKey>(), 16);
         assert_eq!(size_of::<ConnOpenEvent>(), 32 + 8 + 48);
         assert_eq!(size_of::<ConnCloseEvent>(), 32);
+        assert_eq!(size_of::<MappedEvent>(), 32 + 16);
         assert_eq!(size_of::<UnixOpenEvent>(), 32 + 40 + 108 + 20);
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<SocketInfo>(), 24);
         assert_eq!(size_of::<SockConn>(), 16);
-        assert_eq!(size_of::<KernelConfig>(), 28 + 25 * 4);
+        assert_eq!(size_of::<KernelConfig>(), 28 + 27 * 4);
     }
 
     #[test]

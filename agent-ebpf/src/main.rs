@@ -63,6 +63,8 @@ static CONFIG: KernelConfig = KernelConfig {
         sk_socket: 0,
         socket_alloc_inode: 0,
         inode_ino: 0,
+        inode_sb: 0,
+        sb_dev: 0,
         fork_child_pid: 0,
         task_fsbase: 0,
     },

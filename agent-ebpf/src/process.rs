@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use agent_common::{EventHeader, EventKind};
+use agent_common::{EventKind, MappedEvent};
 
 use crate::{
     TLS_CALLS, TRACED_COMMS, TRACED_PIDS, config, emit::output_urgent_record, socket, syscalls,
@@ -94,7 +94,9 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 /// `mmap(addr, len, prot, flags, fd, off)`: a selected process maps a file
 /// executable — the dynamic loader placing a library, at exec or for a
 /// `dlopen` — so the agent looks for libraries it probes (a TLS library
-/// loaded after start). Anonymous and non-executable mappings are ignored.
+/// loaded after start). The record names the file, so that the agent
+/// skips one it has judged already. Anonymous and non-executable mappings
+/// are ignored.
 #[tracepoint]
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     // SAFETY: sys_enter records hold six 8-byte arguments from offset 16.
@@ -111,7 +113,13 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     if !selected((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let record: EventHeader = socket::header(EventKind::Mapped, 0, pid_tgid, fd as i32, 0);
+    let (dev, ino) = socket::file_id(fd as i32).unwrap_or((0, 0));
+    let record = MappedEvent {
+        header: socket::header(EventKind::Mapped, 0, pid_tgid, fd as i32, 0),
+        dev,
+        _pad: 0,
+        ino,
+    };
     // The agent probes a newly loaded TLS library before its first use.
     output_urgent_record(&ctx, &record);
     0

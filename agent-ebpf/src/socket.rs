@@ -58,11 +58,12 @@ fn read<T>(base: u64, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }
 }
 
-/// Looks up `fd` of the current task. `Err` when kernel memory could not be read.
+/// The `struct file *` of `fd` in the current task; 0 when there is none.
+/// `Err` when kernel memory could not be read.
 #[inline(always)]
-pub fn walk(fd: i32) -> Result<Walk, i32> {
+fn file_of(fd: i32) -> Result<u64, i32> {
     if fd < 0 {
-        return Ok(Walk::Other);
+        return Ok(0);
     }
     // SAFETY: helper without preconditions.
     let task = unsafe { bpf_get_current_task() };
@@ -70,10 +71,27 @@ pub fn walk(fd: i32) -> Result<Walk, i32> {
     let fdt: u64 = read(files, config!(offsets.files_fdt))?;
     let max_fds: u32 = read(fdt, config!(offsets.fdtable_max_fds))?;
     if fd as u32 >= max_fds {
-        return Ok(Walk::Other);
+        return Ok(0);
     }
     let fd_array: u64 = read(fdt, config!(offsets.fdtable_fd))?;
-    let file: u64 = read(fd_array + (fd as u64) * 8, 0)?;
+    read(fd_array + (fd as u64) * 8, 0)
+}
+
+/// The device (the kernel's `dev_t`) and inode of the file open as `fd`.
+#[inline(always)]
+pub fn file_id(fd: i32) -> Option<(u32, u64)> {
+    let file = file_of(fd).ok().filter(|&f| f != 0)?;
+    let inode: u64 = read(file, config!(offsets.file_inode)).ok()?;
+    let ino: u64 = read(inode, config!(offsets.inode_ino)).ok()?;
+    let sb: u64 = read(inode, config!(offsets.inode_sb)).ok()?;
+    let dev: u32 = read(sb, config!(offsets.sb_dev)).ok()?;
+    Some((dev, ino))
+}
+
+/// Looks up `fd` of the current task. `Err` when kernel memory could not be read.
+#[inline(always)]
+pub fn walk(fd: i32) -> Result<Walk, i32> {
+    let file = file_of(fd)?;
     if file == 0 {
         return Ok(Walk::Other);
     }

@@ -416,6 +416,69 @@ fn metrics_endpoint_serves_valid_prometheus_text_and_health() {
     drop(agent);
 }
 
+/// A process start costs the agent no look at the process's maps for the
+/// libraries it has judged before. `curl --version` maps some 40
+/// libraries executable each time it starts; once they are judged, the
+/// kernel's record names each file and the agent skips it: only libssl, a
+/// probed library whose processes are followed, has the process looked at.
+/// Fails where the record's file differs from the one maps shows.
+#[test]
+fn a_library_judged_before_is_not_looked_for_again_when_a_process_maps_it() {
+    if !can_trace() {
+        return;
+    }
+    let rx = Receiver::start(Protocol::Grpc).unwrap();
+    let port = free_port();
+    let agent = agent_for(&rx, &["--listen", &format!("127.0.0.1:{port}")]);
+    let curl_version = || run(Command::new("curl").arg("--version")).unwrap();
+    let mapped = || {
+        let metrics = parse_prometheus(&get(port, "/metrics").1);
+        let count = |action| {
+            sample(
+                &metrics,
+                "zerotrace_tls_mapped_files_total",
+                Some(("action", action)),
+            )
+        };
+        (count("looked"), count("skipped"))
+    };
+    // The snapshot behind /metrics is refreshed every second.
+    let settled = |enough: &dyn Fn((f64, f64)) -> bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = mapped();
+            if enough(now) || Instant::now() > deadline {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // The first start has its libraries judged.
+    curl_version();
+    let (looked, skipped) = settled(&|(looked, _)| looked > 0.0);
+    assert!(looked > 0.0, "no mapping looked at");
+    const STARTS: u32 = 5;
+    for _ in 0..STARTS {
+        curl_version();
+    }
+    let floor = skipped + f64::from(STARTS * 20);
+    let (looked_after, skipped_after) = settled(&|(_, skipped)| skipped >= floor);
+    assert!(
+        skipped_after >= floor,
+        "{STARTS} starts of curl skipped {} mappings ({} looked at)",
+        skipped_after - skipped,
+        looked_after - looked
+    );
+    // Other processes on the host may map new files meanwhile.
+    assert!(
+        (looked_after - looked) * 4.0 <= skipped_after - skipped,
+        "looked at {} mappings, skipped {}",
+        looked_after - looked,
+        skipped_after - skipped
+    );
+    drop(agent);
+}
+
 /// Run-time statistics cost every BPF program on the host two clock reads
 /// per run, so they are counted only when asked: by default the interval
 /// spans and /metrics carry no program figures rather than zeros. While

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, Role, Syscall, UNIX_NAME_LOCAL,
-    UNIX_NAME_PEER, UNIX_PATH_MAX, UnitEvent, UnixOpenEvent,
+    ConnOpenEvent, DataEvent, Direction, EventHeader, EventKind, MappedEvent, Role, Syscall,
+    UNIX_NAME_LOCAL, UNIX_NAME_PEER, UNIX_PATH_MAX, UnitEvent, UnixOpenEvent,
 };
 use thiserror::Error;
 
@@ -40,7 +40,7 @@ pub enum Event<'a> {
     /// A followed runtime made a unit of work.
     Unit(UnitEvent),
     /// The process mapped a file executable (a library, at exec or dlopen).
-    Mapped(EventHeader),
+    Mapped(Mapped),
     /// The agent itself connected: its local address, never traced.
     OwnConnect(SocketAddr, EventHeader),
 }
@@ -76,6 +76,20 @@ impl Lost {
     }
 }
 
+/// One number per device, the same from /proc/PID/maps, from `stat` and
+/// from the kernel's records.
+pub fn dev_number(major: u32, minor: u32) -> u64 {
+    (u64::from(major) << 32) | u64::from(minor)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    pub header: EventHeader,
+    /// The file, as the key /proc/PID/maps gives it (`dev_number` of its
+    /// device, inode); `None` when the kernel could not read it.
+    pub file: Option<(u64, u64)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
     pub header: EventHeader,
@@ -92,7 +106,8 @@ impl Event<'_> {
             Event::Open(o) => &o.header,
             Event::Close(h) => h,
             Event::Unit(u) => &u.header,
-            Event::Mapped(h) | Event::OwnConnect(_, h) => h,
+            Event::Mapped(m) => &m.header,
+            Event::OwnConnect(_, h) => h,
         }
     }
 }
@@ -194,7 +209,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         }
         EventKind::ConnClose => Ok(Event::Close(header)),
         EventKind::Unit => Ok(Event::Unit(read(bytes)?)),
-        EventKind::Mapped => Ok(Event::Mapped(header)),
+        EventKind::Mapped => {
+            let mapped: MappedEvent = read(bytes)?;
+            // The kernel's dev_t: 12 bits of major above 20 of minor.
+            let (major, minor) = (mapped.dev >> 20, mapped.dev & 0xf_ffff);
+            Ok(Event::Mapped(Mapped {
+                header,
+                file: (mapped.ino != 0).then(|| (dev_number(major, minor), mapped.ino)),
+            }))
+        }
         EventKind::OwnConnect => {
             let open: ConnOpenEvent = read(bytes)?;
             let local = address(open.family, open.local_addr, open.local_port)?;
@@ -243,6 +266,32 @@ pub(crate) mod tests {
         assert_eq!(d.total_bytes, 10);
         assert_eq!(d.direction, Direction::Egress);
         assert_eq!(d.header, event.header);
+    }
+
+    /// The kernel's `dev_t` (12 bits of major above 20 of minor) comes out
+    /// as the key maps and `stat` give the same file.
+    #[test]
+    fn a_mapped_record_names_its_file_as_stat_does() {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata("/proc/self/exe").unwrap();
+        let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+        let mut mapped = MappedEvent {
+            header: header(EventKind::Mapped, 0),
+            dev: major << 20 | minor,
+            _pad: 0,
+            ino: md.ino(),
+        };
+        let Event::Mapped(m) = decode(&as_bytes(&mapped)).unwrap() else {
+            panic!("not a mapping")
+        };
+        assert_eq!(m.file, Some((dev_number(major, minor), md.ino())));
+        assert_eq!(m.header.fd, 7);
+        // Unread by the kernel: no file named, so the agent looks.
+        mapped.ino = 0;
+        let Event::Mapped(m) = decode(&as_bytes(&mapped)).unwrap() else {
+            panic!("not a mapping")
+        };
+        assert_eq!(m.file, None);
     }
 
     #[test]

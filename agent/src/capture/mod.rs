@@ -6,7 +6,7 @@ pub mod reader;
 mod ring;
 
 pub use endpoint::{EndId, Endpoint, UnixEnd};
-pub use event::{Data, DecodeError, Event, Lost, Open, decode};
+pub use event::{Data, DecodeError, Event, Lost, Mapped, Open, decode, dev_number};
 pub use reader::{Reader, ReaderStats};
 
 /// Now on the clock the kernel stamps records with (CLOCK_MONOTONIC, what

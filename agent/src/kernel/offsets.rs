@@ -21,6 +21,9 @@ pub fn resolve(btf: &Btf, tracefs: &Path) -> anyhow::Result<KernelOffsets> {
         file_inode: m("file", "f_inode")?,
         file_private_data: m("file", "private_data")?,
         inode_mode: m("inode", "i_mode")?,
+        inode_ino: m("inode", "i_ino")?,
+        inode_sb: m("inode", "i_sb")?,
+        sb_dev: m("super_block", "s_dev")?,
         socket_type: m("socket", "type")?,
         socket_sk: m("socket", "sk")?,
         // struct sock starts with struct sock_common (__sk_common).
@@ -50,7 +53,6 @@ fn unix_offsets(btf: &Btf) -> KernelOffsets {
             unix_address_name: m("unix_address", "name")?,
             sk_socket: m("sock", "sk_socket")?,
             socket_alloc_inode: m("socket_alloc", "vfs_inode")?,
-            inode_ino: m("inode", "i_ino")?,
             ..KernelOffsets::default()
         })
     })();

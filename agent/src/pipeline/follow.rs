@@ -75,7 +75,7 @@ impl Followers {
                 self.tls.observe(data.header.tgid, probes);
             }
             // New code in a process (exec, dlopen): maybe a TLS library.
-            Event::Mapped(header) => self.tls.mapped(header.tgid, now),
+            Event::Mapped(mapped) => self.tls.mapped(mapped.header.tgid, mapped.file, now),
             _ => {}
         }
     }

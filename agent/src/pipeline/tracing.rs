@@ -95,6 +95,10 @@ impl<'a> Tracing<'a> {
             connections_muted: self.muted,
             muted_calls: s.kernel.muted_calls,
             stream_holes: self.tracer.stats.stream_holes,
+            mapped_looks: {
+                let tls = &pipeline.followers.tls;
+                [tls.mapped_looked, tls.mapped_skipped]
+            },
             programs: pipeline
                 .probes
                 .program_stats()

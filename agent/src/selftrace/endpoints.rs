@@ -96,6 +96,9 @@ pub struct MetricsSnapshot {
     pub muted_calls: u64,
     /// Records that came after lost records of their own connection.
     pub stream_holes: u64,
+    /// Executable mappings after which a process's maps were read again
+    /// for TLS libraries, and those of files judged before (not read).
+    pub mapped_looks: [u64; 2],
     /// Per loaded eBPF program.
     pub programs: Vec<ProgramRun>,
 }
@@ -465,6 +468,18 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut encoder,
+            "zerotrace_tls_mapped_files_total",
+            "Files processes mapped executable, by whether the agent read the process's maps again to look for a TLS library (skipped for a file it has judged before).",
+            Counter,
+            [
+                ("looked", s.mapped_looks[0]),
+                ("skipped", s.mapped_looks[1]),
+            ]
+            .into_iter()
+            .map(|(action, n)| ([("action", action)], n)),
+        )?;
+        family(
+            &mut encoder,
             "zerotrace_tls_connections_total",
             "Closed encrypted connections, by whether their plaintext was read (a TLS library not followed leaves it unread).",
             Counter,
@@ -706,6 +721,7 @@ mod tests {
             connections_muted: 1015,
             muted_calls: 1016,
             stream_holes: 1017,
+            mapped_looks: [1018, 1019],
             programs: vec![
                 ProgramRun {
                     program: "sys_exit_read".into(),
@@ -798,6 +814,15 @@ mod tests {
         assert_eq!(value("zerotrace_connections_muted_total", &[]), 1015.0);
         assert_eq!(value("zerotrace_muted_calls_total", &[]), 1016.0);
         assert_eq!(value("zerotrace_stream_holes_total", &[]), 1017.0);
+        let action = |a| [("action", a)];
+        assert_eq!(
+            value("zerotrace_tls_mapped_files_total", &action("looked")),
+            1018.0
+        );
+        assert_eq!(
+            value("zerotrace_tls_mapped_files_total", &action("skipped")),
+            1019.0
+        );
 
         let read = [("program", "sys_exit_read"), ("kind", "tracepoint")];
         let odd = [("program", r#"odd "name" \ here"#), ("kind", "fentry")];
@@ -815,7 +840,7 @@ mod tests {
         );
         assert!(!text.contains("nanoseconds"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("{}"), "{text}");
-        assert_eq!(samples.len(), 21, "{text}");
+        assert_eq!(samples.len(), 23, "{text}");
 
         // A new snapshot replaces the old one.
         state.update(MetricsSnapshot {
@@ -835,7 +860,7 @@ mod tests {
     fn every_snapshot_renders_a_valid_exposition() {
         let empty = render_metrics(MetricsSnapshot::default()).unwrap();
         let samples = check_exposition(&empty).unwrap_or_else(|e| panic!("{e}\n{empty}"));
-        assert_eq!(samples.len(), 17, "{empty}");
+        assert_eq!(samples.len(), 19, "{empty}");
         assert!(
             !empty.contains("bpf_program"),
             "no programs, no program families:\n{empty}"

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::library::{self, Library, Version};
 use crate::{
     IdMap,
+    capture::dev_number,
     kernel::loader::{Probes, SHARED_READ, SHARED_WRITE, uprobe_attach_error},
 };
 
@@ -106,15 +107,55 @@ pub struct TlsFollower {
     layouts: IdMap<u32, ()>,
     /// The latest verdicts, newest last (bounded).
     pub reports: Vec<ProcessTls>,
+    /// Executable mappings that had the process looked at again, and
+    /// those of a file judged before, which needed no look.
+    pub mapped_looked: u64,
+    pub mapped_skipped: u64,
 }
 
-/// One file-backed executable mapping.
+/// One file a process maps (or one of the system's libraries).
 struct Mapped {
     file: (u64, u64),
     path: String,
-    /// Where the agent opens it: through the process's root, or its
-    /// `map_files` entry when the file on disk is gone or replaced.
-    open_at: PathBuf,
+    /// The process and one of its mappings of the file; `None` for a
+    /// system library looked at before any process maps it.
+    by: Option<MappedBy>,
+}
+
+/// Where a process maps a file: enough to open the very file it runs.
+struct MappedBy {
+    pid: u32,
+    /// The mapping's address range as maps shows it, `start-end`.
+    range: String,
+    /// maps says the file was deleted.
+    deleted: bool,
+}
+
+impl Mapped {
+    /// Where the agent opens the file: through the process's root, or its
+    /// `map_files` entry when the file on disk is gone or replaced (a
+    /// package upgrade: probes must go on the inode the process runs).
+    ///
+    /// It costs a `stat`, so it is asked only of a file not judged yet: a
+    /// process is looked at again each time it maps code, and a `stat` of
+    /// each of its files every time made a Python start cost the agent
+    /// about 9 ms (some 60 files, a dozen looks).
+    fn open_at(&self) -> PathBuf {
+        let Some(by) = &self.by else {
+            return PathBuf::from(&self.path);
+        };
+        let rooted = PathBuf::from(format!("/proc/{}/root{}", by.pid, self.path));
+        let same = !by.deleted
+            && std::fs::metadata(&rooted).is_ok_and(|md| {
+                use std::os::unix::fs::MetadataExt;
+                md.ino() == self.file.1
+            });
+        if same {
+            rooted
+        } else {
+            PathBuf::from(format!("/proc/{}/map_files/{}", by.pid, by.range))
+        }
+    }
 }
 
 impl TlsFollower {
@@ -127,6 +168,8 @@ impl TlsFollower {
             logged: HashMap::new(),
             layouts: IdMap::default(),
             reports: Vec::new(),
+            mapped_looked: 0,
+            mapped_skipped: 0,
         }
     }
 
@@ -157,13 +200,12 @@ impl TlsFollower {
             let m = Mapped {
                 file,
                 path: (*path).to_owned(),
-                open_at: PathBuf::from(path),
+                by: None,
             };
-            let libcrypto = path.replace("libssl", "libcrypto");
             let beside = [Mapped {
                 file: (0, 0),
-                path: libcrypto.clone(),
-                open_at: libcrypto.into(),
+                path: path.replace("libssl", "libcrypto"),
+                by: None,
             }];
             let verdict = self.judge(0, &m, &beside, probes);
             self.files.insert(file, verdict);
@@ -181,12 +223,24 @@ impl TlsFollower {
         }
     }
 
-    /// `tgid` mapped a file executable: look again at once, and once more
-    /// a little later.
-    pub fn mapped(&mut self, tgid: u32, now: Instant) {
-        if self.enabled() {
-            self.rescan.insert(tgid, (now, false));
+    /// `tgid` mapped `file` executable: look again at once, and once more
+    /// a little later; unless the file is one already judged not to be a
+    /// TLS library. A process maps most of its libraries at exec, each a
+    /// record, and a look reads all its maps: looking again for every one
+    /// made an exec of `curl` (some 40 libraries) cost the agent a few
+    /// milliseconds. A file the kernel could not name is looked for.
+    pub fn mapped(&mut self, tgid: u32, file: Option<(u64, u64)>, now: Instant) {
+        if !self.enabled() {
+            return;
         }
+        if let Some(file) = file
+            && matches!(self.files.get(&file), Some(FileVerdict::NotTls))
+        {
+            self.mapped_skipped += 1;
+            return;
+        }
+        self.mapped_looked += 1;
+        self.rescan.insert(tgid, (now, false));
     }
 
     /// Looks again at the processes that mapped new code.
@@ -349,17 +403,18 @@ impl TlsFollower {
     /// it is OpenSSL.
     fn judge(&self, pid: u32, m: &Mapped, maps: &[Mapped], probes: &mut Probes) -> FileVerdict {
         let name = basename(&m.path);
+        let open_at = m.open_at();
         // Only regular files: opening a mapped device (a GPU, a shared
         // memory driver) could reach its driver.
-        if !std::fs::metadata(&m.open_at).is_ok_and(|md| md.is_file()) {
+        if !std::fs::metadata(&open_at).is_ok_and(|md| md.is_file()) {
             return FileVerdict::NotTls;
         }
-        let file = match std::fs::File::open(&m.open_at) {
+        let file = match std::fs::File::open(&open_at) {
             Ok(f) => f,
             Err(e) => {
                 // Most maps are ordinary libraries: only a TLS name is worth a line.
                 return if name.starts_with("libssl.so") {
-                    FileVerdict::Failed(None, format!("{}: {e}", m.open_at.display()))
+                    FileVerdict::Failed(None, format!("{}: {e}", open_at.display()))
                 } else {
                     FileVerdict::NotTls
                 };
@@ -374,13 +429,13 @@ impl TlsFollower {
                 // Probes first: a library just loaded may be used within
                 // milliseconds; its version only refines the report.
                 let clock = Instant::now();
-                let attached = probes.attach_tls_probes(&m.open_at, &functions);
+                let attached = probes.attach_tls_probes(&open_at, &functions);
                 let took = clock.elapsed();
                 // A shared libssl names its version in the libcrypto next to it.
                 let version = version.or_else(|| {
                     maps.iter()
                         .find(|c| basename(&c.path).starts_with("libcrypto"))
-                        .and_then(|c| library::version_of(&c.open_at))
+                        .and_then(|c| library::version_of(&c.open_at()))
                 });
                 match attached {
                     Ok(moved) => {
@@ -454,9 +509,11 @@ fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let mut out: Vec<Mapped> = Vec::new();
     for line in text.lines() {
-        // start-end perms offset dev inode path
-        let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(_perms), Some(_), Some(dev), Some(inode)) = (
+        // start-end perms offset dev inode, then blanks and the path
+        // (which may hold blanks itself).
+        let mut fields = line.splitn(6, ' ');
+        let (Some(range), Some(_perms), Some(_), Some(dev), Some(inode), Some(path)) = (
+            fields.next(),
             fields.next(),
             fields.next(),
             fields.next(),
@@ -465,7 +522,7 @@ fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
         ) else {
             continue;
         };
-        let path = fields.collect::<Vec<_>>().join(" ");
+        let path = path.trim_start();
         // Not only executable mappings: the loader maps a library's first
         // segment read-only and its code just after, and the mmap record
         // that brings the agent here comes before that code mapping.
@@ -479,27 +536,18 @@ fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
         if inode == 0 || out.iter().any(|m| m.file == (dev, inode)) {
             continue;
         }
-        let (path, gone) = match path.strip_suffix(" (deleted)") {
-            Some(p) => (p.to_owned(), true),
+        let (path, deleted) = match path.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
             None => (path, false),
-        };
-        let rooted = PathBuf::from(format!("/proc/{pid}/root{path}"));
-        // The file on disk may have been replaced (a package upgrade):
-        // probes must go on the inode the process runs.
-        let same = !gone
-            && std::fs::metadata(&rooted).is_ok_and(|md| {
-                use std::os::unix::fs::MetadataExt;
-                md.ino() == inode
-            });
-        let open_at = if same {
-            rooted
-        } else {
-            PathBuf::from(format!("/proc/{pid}/map_files/{range}"))
         };
         out.push(Mapped {
             file: (dev, inode),
-            path,
-            open_at,
+            path: path.to_owned(),
+            by: Some(MappedBy {
+                pid,
+                range: range.to_owned(),
+                deleted,
+            }),
         });
     }
     Ok(out)
@@ -511,11 +559,6 @@ fn parse_dev(dev: &str) -> u64 {
     let major = u32::from_str_radix(major, 16).unwrap_or(0);
     let minor = u32::from_str_radix(minor, 16).unwrap_or(0);
     dev_number(major, minor)
-}
-
-/// One number per device, the same from maps and from `stat`.
-fn dev_number(major: u32, minor: u32) -> u64 {
-    (u64::from(major) << 32) | u64::from(minor)
 }
 
 /// One line per process library: followed, or why not.
@@ -556,6 +599,27 @@ mod tests {
         assert_eq!(yaml, TlsChoice::Off);
     }
 
+    /// A mapping of a file judged not to be a TLS library needs no look at
+    /// the process; any other does: a new file, a probed library (the
+    /// process must be followed), or a file the kernel could not name.
+    #[test]
+    fn only_a_file_not_judged_not_tls_has_the_process_looked_at() {
+        let mut follower = TlsFollower::new(TlsChoice::Auto);
+        let now = Instant::now();
+        follower.files.insert((1, 2), FileVerdict::NotTls);
+        follower.files.insert((1, 4), FileVerdict::Probed(None));
+        follower.mapped(7, Some((1, 2)), now);
+        assert!(follower.rescan.is_empty());
+        for (pid, file) in [(8, Some((1, 3))), (9, Some((1, 4))), (10, None)] {
+            follower.mapped(pid, file, now);
+            assert!(follower.rescan.contains_key(&pid), "pid {pid}");
+        }
+        assert_eq!((follower.mapped_looked, follower.mapped_skipped), (3, 1));
+        let mut off = TlsFollower::new(TlsChoice::Off);
+        off.mapped(11, Some((1, 3)), now);
+        assert!(off.rescan.is_empty());
+    }
+
     /// The line names what was probed even when no per-process report of
     /// it is left (they are bounded; a short-lived client's goes first).
     #[test]
@@ -594,11 +658,13 @@ mod tests {
             .filter(|m| basename(&m.path).starts_with("libc.so"))
             .collect();
         assert_eq!(libc.len(), 1, "one entry per file");
-        assert!(libc[0].open_at.exists());
+        let open_at = libc[0].open_at();
+        assert!(open_at.starts_with("/proc"), "{open_at:?}");
+        assert!(open_at.exists());
         assert_eq!(parse_dev("fd:01"), (0xfd << 32) | 1);
         // The same file by stat: the same key, so it is probed once.
         use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(&libc[0].open_at).unwrap();
+        let md = std::fs::metadata(&open_at).unwrap();
         let by_stat = dev_number(libc::major(md.dev()), libc::minor(md.dev()));
         assert_eq!((by_stat, md.ino()), libc[0].file);
     }
