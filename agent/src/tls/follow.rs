@@ -114,7 +114,7 @@ pub struct TlsFollower {
 }
 
 /// One file a process maps (or one of the system's libraries).
-struct Mapped {
+struct MappedFile {
     file: (u64, u64),
     path: String,
     /// The process and one of its mappings of the file; `None` for a
@@ -131,15 +131,15 @@ struct MappedBy {
     deleted: bool,
 }
 
-impl Mapped {
+impl MappedFile {
     /// Where the agent opens the file: through the process's root, or its
     /// `map_files` entry when the file on disk is gone or replaced (a
     /// package upgrade: probes must go on the inode the process runs).
     ///
     /// It costs a `stat`, so it is asked only of a file not judged yet: a
-    /// process is looked at again each time it maps code, and a `stat` of
-    /// each of its files every time made a Python start cost the agent
-    /// about 9 ms (some 60 files, a dozen looks).
+    /// process is looked at again when it maps new code, and a `stat` of
+    /// every file it maps at every look was most of what a process start
+    /// cost the agent (bench/results/process-start.md).
     fn open_at(&self) -> PathBuf {
         let Some(by) = &self.by else {
             return PathBuf::from(&self.path);
@@ -197,12 +197,12 @@ impl TlsFollower {
             if self.files.contains_key(&file) {
                 continue;
             }
-            let m = Mapped {
+            let m = MappedFile {
                 file,
                 path: (*path).to_owned(),
                 by: None,
             };
-            let beside = [Mapped {
+            let beside = [MappedFile {
                 file: (0, 0),
                 path: path.replace("libssl", "libcrypto"),
                 by: None,
@@ -401,7 +401,13 @@ impl TlsFollower {
 
     /// Inspects a file the first time any process maps it, probing it when
     /// it is OpenSSL.
-    fn judge(&self, pid: u32, m: &Mapped, maps: &[Mapped], probes: &mut Probes) -> FileVerdict {
+    fn judge(
+        &self,
+        pid: u32,
+        m: &MappedFile,
+        maps: &[MappedFile],
+        probes: &mut Probes,
+    ) -> FileVerdict {
         let name = basename(&m.path);
         let open_at = m.open_at();
         // Only regular files: opening a mapped device (a GPU, a shared
@@ -505,9 +511,9 @@ fn basename(path: &str) -> &str {
 }
 
 /// The distinct files `pid` maps.
-fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
+fn file_maps(pid: u32) -> std::io::Result<Vec<MappedFile>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut out: Vec<Mapped> = Vec::new();
+    let mut out: Vec<MappedFile> = Vec::new();
     for line in text.lines() {
         // start-end perms offset dev inode, then blanks and the path
         // (which may hold blanks itself).
@@ -540,7 +546,7 @@ fn file_maps(pid: u32) -> std::io::Result<Vec<Mapped>> {
             Some(p) => (p, true),
             None => (path, false),
         };
-        out.push(Mapped {
+        out.push(MappedFile {
             file: (dev, inode),
             path: path.to_owned(),
             by: Some(MappedBy {
@@ -653,7 +659,7 @@ mod tests {
     #[test]
     fn own_maps_list_libc_once() {
         let maps = file_maps(std::process::id()).unwrap();
-        let libc: Vec<&Mapped> = maps
+        let libc: Vec<&MappedFile> = maps
             .iter()
             .filter(|m| basename(&m.path).starts_with("libc.so"))
             .collect();
