@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use agent_common::MappedEvent;
 use libfuzzer_sys::fuzz_target;
 use zerotrace::capture::{DecodeError, Event, decode};
 use zerotrace::conn::{ConnTable, early::EarlyQueue, seed::Seed};
@@ -64,8 +65,12 @@ fuzz_target!(|data: &[u8]| {
             Ok(Event::Unit(unit)) => {
                 assert!(std::mem::size_of_val(&unit) <= record.len());
             }
-            // A file mapped executable: header only.
-            Ok(Event::Mapped(header)) => assert!(std::mem::size_of_val(&header) <= record.len()),
+            // A file mapped executable: a fixed-size record naming the
+            // file, or no file when the kernel could not read its inode.
+            Ok(Event::Mapped(mapped)) => {
+                assert!(std::mem::size_of::<MappedEvent>() <= record.len());
+                assert!(mapped.file.is_none_or(|(_, ino)| ino != 0));
+            }
             Ok(Event::OwnConnect(_, header)) => {
                 assert!(std::mem::size_of_val(&header) <= record.len());
             }
