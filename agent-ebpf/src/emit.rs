@@ -216,9 +216,13 @@ pub struct RingRecord<const N: usize> {
 /// sizes that holds `want`; the reader goes by `captured`, not by the
 /// record's length. At most four times the bytes a record needs are
 /// reserved (for a small one), which the ring's wake-up threshold absorbs.
+/// A record that copies nothing (`sendfile`) reserves no payload: sized by
+/// the bytes it moved, a large file's took 8 KiB of ring for 64 bytes.
 #[inline(always)]
 pub fn ring_data(event: &DataEvent, src: u64, want: u64) -> bool {
-    if want <= 128 {
+    if src == 0 {
+        ring_data_in::<0>(event, 0, 0)
+    } else if want <= 128 {
         ring_data_in::<128>(event, src, want)
     } else if want <= 512 {
         ring_data_in::<512>(event, src, want)
