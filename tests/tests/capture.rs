@@ -213,6 +213,76 @@ fn captures_a_write_of_the_largest_record_size_whole_on_each_transport() {
     }
 }
 
+/// A `sendfile` record carries the count, not the bytes: the ring holds it
+/// in a record of its own size, not in one sized by the bytes it moved.
+#[test]
+fn a_record_that_copies_nothing_takes_no_payload_room_in_the_ring() {
+    if !can_trace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, vec![b'z'; 16384]).unwrap();
+    // An untraced sink, so that only the sender's records are in the ring.
+    let mut sink = spawn_python(
+        "import socket\n\
+         s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen()\n\
+         print(s.getsockname()[1], flush=True)\n\
+         c,_=s.accept()\n\
+         while c.recv(65536): pass\n",
+    );
+    let mut port = String::new();
+    BufReader::new(sink.stdout.as_mut().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let _sink = Guard(sink);
+    let script = format!(
+        "import os,socket,sys\n\
+         sys.stdin.readline()\n\
+         c=socket.create_connection(('127.0.0.1',{port}))\n\
+         with open('{file}','rb') as f:\n\
+         \x20   for _ in range(20): os.sendfile(c.fileno(), f.fileno(), 0, 16384)\n\
+         c.close()\n\
+         print('done', flush=True)\n",
+        port = port.trim(),
+        file = file.display()
+    );
+    let mut sender = spawn_python(&script);
+    let pid = sender.id();
+    let agent = Agent::start(&["--transport", "ringbuf", "--pid", &pid.to_string()]).unwrap();
+    sender.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert!(read_all(&mut sender).contains("done"));
+    sender.wait().unwrap();
+    agent.wait_for(Duration::from_secs(5), |r| {
+        r.iter().any(|x| x["type"] == "close" && x["pid"] == pid)
+    });
+    let records = agent.stop().unwrap();
+    let sent: Vec<&Value> = data_of(&records, pid)
+        .into_iter()
+        .filter(|r| r["syscall"] == "sendfile")
+        .collect();
+    let bytes: u64 = sent.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(bytes, 20 * 16384, "{}", brief(&records));
+    assert!(
+        sent.iter().all(|r| r["captured"] == 0),
+        "{}",
+        brief(&records)
+    );
+    // Every record the ring held, by its reserved length: a sendfile record
+    // sized by its 16 KiB would take 8 KiB (the default capture) each.
+    let reader = &summary(&records)["reader"];
+    let (ring_bytes, ring_records) = (
+        reader["bytes"].as_u64().unwrap(),
+        reader["records"].as_u64().unwrap(),
+    );
+    assert!(ring_records >= sent.len() as u64, "{reader}");
+    assert!(
+        ring_bytes < ring_records * 512,
+        "{ring_bytes} bytes of ring for {ring_records} records, {} of them sendfile's",
+        sent.len()
+    );
+}
+
 /// A loopback Redis server with a client connected before the agent starts.
 #[test]
 fn captures_a_redis_connection_opened_before_the_agent() {
