@@ -79,14 +79,7 @@ pub struct Ring {
     /// The producer page, then the data pages twice.
     producer: Mapping,
     page: usize,
-    mask: usize,
-    publish_every: usize,
-    /// How far this reader has read.
-    pos: usize,
-    /// How far the kernel has been told it has read.
-    published: usize,
-    /// A record header made no sense: reading stopped (said once).
-    broken: bool,
+    cursor: Cursor,
 }
 
 // SAFETY: the mappings are owned by the ring and only read (or, the
@@ -112,15 +105,10 @@ impl Ring {
             consumer,
             producer,
             page,
-            mask: size - 1,
-            publish_every: PUBLISH_EVERY.min(size / 8),
-            pos: 0,
-            published: 0,
-            broken: false,
+            cursor: Cursor::new(size, 0),
         };
         // A map in use before (pinned) starts where its last reader left off.
-        ring.pos = ring.consumer_pos().load(Ordering::Acquire);
-        ring.published = ring.pos;
+        ring.cursor = Cursor::new(size, ring.positions().1.load(Ordering::Acquire));
         Ok(ring)
     }
 
@@ -128,58 +116,101 @@ impl Ring {
         self._map.fd().as_fd()
     }
 
-    fn consumer_pos(&self) -> &AtomicUsize {
-        // SAFETY: the consumer page starts with the kernel's `unsigned
-        // long consumer_pos`, aligned, shared with the kernel.
-        unsafe { self.consumer.at.cast::<AtomicUsize>().as_ref() }
-    }
-
-    fn producer_pos(&self) -> usize {
-        // SAFETY: as above, the producer page's `producer_pos`. The kernel
-        // stores it with release after the record header; acquire pairs.
-        unsafe { self.producer.at.cast::<AtomicUsize>().as_ref() }.load(Ordering::Acquire)
-    }
-
-    fn publish(&mut self) {
-        if self.published != self.pos {
-            // Release: the kernel may reuse the space once it sees this.
-            self.consumer_pos().store(self.pos, Ordering::Release);
-            self.published = self.pos;
+    /// The kernel's `producer_pos` and `consumer_pos`: each page starts
+    /// with its `unsigned long`, aligned, shared with the kernel.
+    fn positions(&self) -> (&AtomicUsize, &AtomicUsize) {
+        // SAFETY: both pages are mapped for the ring's life; the kernel
+        // stores `producer_pos` with release after the record header, and
+        // reads `consumer_pos`, which only this reader writes.
+        unsafe {
+            (
+                self.producer.at.cast::<AtomicUsize>().as_ref(),
+                self.consumer.at.cast::<AtomicUsize>().as_ref(),
+            )
         }
     }
 
     /// Hands every committed record to `on_record`, in order, and returns
     /// how many. A record the kernel is still writing ends the drain: the
     /// next one starts there.
-    pub fn drain(&mut self, mut on_record: impl FnMut(&[u8])) -> u64 {
+    pub fn drain(&mut self, on_record: impl FnMut(&[u8])) -> u64 {
+        // SAFETY: the data pages follow the producer page, mapped twice in
+        // a row, `size` bytes each: what `Cursor::drain` asks for.
+        let data = unsafe { self.producer.at.as_ptr().cast::<u8>().add(self.page) };
+        let mut cursor = self.cursor;
+        let (producer, consumer) = self.positions();
+        // SAFETY: as above; the mappings outlive the call.
+        let records = unsafe { cursor.drain(data, producer, consumer, on_record) };
+        self.cursor = cursor;
+        records
+    }
+}
+
+/// Where the reader is in the ring, apart from the memory it reads.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    mask: usize,
+    publish_every: usize,
+    /// How far this reader has read.
+    pos: usize,
+    /// How far the kernel has been told it has read.
+    published: usize,
+    /// A record header made no sense: reading stopped (said once).
+    broken: bool,
+}
+
+impl Cursor {
+    fn new(size: usize, pos: usize) -> Self {
+        Self {
+            mask: size - 1,
+            publish_every: PUBLISH_EVERY.min(size / 8),
+            pos,
+            published: pos,
+            broken: false,
+        }
+    }
+
+    fn publish(&mut self, consumer: &AtomicUsize) {
+        if self.published != self.pos {
+            // Release: the kernel may reuse the space once it sees this.
+            consumer.store(self.pos, Ordering::Release);
+            self.published = self.pos;
+        }
+    }
+
+    /// Reads the records from `pos` up to the producer's position.
+    ///
+    /// # Safety
+    ///
+    /// `data` points at the ring's `size` data bytes followed by the same
+    /// bytes again (the kernel's double mapping), valid for reads during
+    /// the call.
+    unsafe fn drain(
+        &mut self,
+        data: *const u8,
+        producer: &AtomicUsize,
+        consumer: &AtomicUsize,
+        mut on_record: impl FnMut(&[u8]),
+    ) -> u64 {
         let mut records = 0;
         if self.broken {
             return records;
         }
-        let mut end = self.producer_pos();
+        let mut end = producer.load(Ordering::Acquire);
         loop {
             if self.pos == end {
-                self.publish();
+                self.publish(consumer);
                 // Records committed while this drain ran.
                 fence(Ordering::SeqCst);
-                end = self.producer_pos();
+                end = producer.load(Ordering::Acquire);
                 if self.pos == end {
                     break;
                 }
             }
             let offset = self.pos & self.mask;
-            let data = self.page;
-            // SAFETY: the data pages are mapped twice after the producer
-            // page, so `offset` (< size) plus a header lies inside them.
-            let header = unsafe {
-                &*self
-                    .producer
-                    .at
-                    .as_ptr()
-                    .cast::<u8>()
-                    .add(data + offset)
-                    .cast::<AtomicU32>()
-            };
+            // SAFETY: `offset` (< size) plus a header lies inside the two
+            // copies of the data; headers are 8-aligned.
+            let header = unsafe { &*data.add(offset).cast::<AtomicU32>() };
             // Acquire pairs with the kernel's commit (an xchg clearing BUSY).
             let word = header.load(Ordering::Acquire);
             if word & BUSY_BIT != 0 {
@@ -195,27 +226,22 @@ impl Ring {
             }
             if word & DISCARD_BIT == 0 {
                 // SAFETY: a committed record of `len` bytes after its
-                // header; with the second mapping, offset + 8 + len stays
+                // header; with the second copy, offset + 8 + len stays
                 // within the 2 × size data bytes.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(
-                        self.producer
-                            .at
-                            .as_ptr()
-                            .cast::<u8>()
-                            .add(data + offset + HEADER_BYTES),
-                        len,
-                    )
-                };
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(data.add(offset + HEADER_BYTES), len) };
                 on_record(bytes);
                 records += 1;
             }
             self.pos += (HEADER_BYTES + len).next_multiple_of(8);
             if self.pos.wrapping_sub(self.published) >= self.publish_every {
-                self.publish();
+                self.publish(consumer);
             }
         }
-        self.publish();
+        self.publish(consumer);
         records
     }
 }
+
+#[cfg(test)]
+mod tests;
