@@ -100,54 +100,60 @@ impl Ring {
         let fd = map.fd().as_fd();
         let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?;
-        let mut ring = Self {
+        // A map in use before (pinned) starts where its last reader left off.
+        let pos = positions(&producer, &consumer).1.load(Ordering::Acquire);
+        Ok(Self {
             _map: map,
             consumer,
             producer,
             page,
-            cursor: Cursor::new(size, 0),
-        };
-        // A map in use before (pinned) starts where its last reader left off.
-        ring.cursor = Cursor::new(size, ring.positions().1.load(Ordering::Acquire));
-        Ok(ring)
+            cursor: Cursor::new(size, pos),
+        })
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self._map.fd().as_fd()
     }
 
-    /// The kernel's `producer_pos` and `consumer_pos`: each page starts
-    /// with its `unsigned long`, aligned, shared with the kernel.
-    fn positions(&self) -> (&AtomicUsize, &AtomicUsize) {
-        // SAFETY: both pages are mapped for the ring's life; the kernel
-        // stores `producer_pos` with release after the record header, and
-        // reads `consumer_pos`, which only this reader writes.
-        unsafe {
-            (
-                self.producer.at.cast::<AtomicUsize>().as_ref(),
-                self.consumer.at.cast::<AtomicUsize>().as_ref(),
-            )
-        }
-    }
-
     /// Hands every committed record to `on_record`, in order, and returns
     /// how many. A record the kernel is still writing ends the drain: the
     /// next one starts there.
     pub fn drain(&mut self, on_record: impl FnMut(&[u8])) -> u64 {
+        let Self {
+            producer,
+            consumer,
+            page,
+            cursor,
+            ..
+        } = self;
         // SAFETY: the data pages follow the producer page, mapped twice in
         // a row, `size` bytes each: what `Cursor::drain` asks for.
-        let data = unsafe { self.producer.at.as_ptr().cast::<u8>().add(self.page) };
-        let mut cursor = self.cursor;
-        let (producer, consumer) = self.positions();
+        let data = unsafe { producer.at.as_ptr().cast::<u8>().add(*page) };
+        let (producer, consumer) = positions(producer, consumer);
         // SAFETY: as above; the mappings outlive the call.
-        let records = unsafe { cursor.drain(data, producer, consumer, on_record) };
-        self.cursor = cursor;
-        records
+        unsafe { cursor.drain(data, producer, consumer, on_record) }
+    }
+}
+
+/// The kernel's `producer_pos` and `consumer_pos`: each page starts with
+/// its `unsigned long`, aligned, shared with the kernel.
+fn positions<'a>(
+    producer: &'a Mapping,
+    consumer: &'a Mapping,
+) -> (&'a AtomicUsize, &'a AtomicUsize) {
+    // SAFETY: both pages stay mapped while their `Mapping`s live; the
+    // kernel stores `producer_pos` with release after the record header,
+    // and reads `consumer_pos`, which only this reader writes.
+    unsafe {
+        (
+            producer.at.cast::<AtomicUsize>().as_ref(),
+            consumer.at.cast::<AtomicUsize>().as_ref(),
+        )
     }
 }
 
 /// Where the reader is in the ring, apart from the memory it reads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct Cursor {
     mask: usize,
     publish_every: usize,
