@@ -104,6 +104,25 @@ fn curl(url: &str, out: &std::path::Path) -> u32 {
     pid
 }
 
+/// Runs a Python `script` that waits for a line on stdin, does its I/O,
+/// closes its socket and prints `done`, under an agent tracing only it
+/// (with `args` besides); returns its pid and the agent's records.
+fn trace_script(script: &str, args: &[&str]) -> (u32, Vec<Value>) {
+    let mut child = spawn_python(script);
+    let pid = child.id();
+    let pid_arg = pid.to_string();
+    let mut all = args.to_vec();
+    all.extend(["--pid", &pid_arg]);
+    let agent = Agent::start(&all).unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert!(read_all(&mut child).contains("done"));
+    child.wait().unwrap();
+    agent.wait_for(Duration::from_secs(5), |r| {
+        r.iter().any(|x| x["type"] == "close" && x["pid"] == pid)
+    });
+    (pid, agent.stop().unwrap())
+}
+
 fn opens_of(records: &[Value], pid: u32) -> Vec<&Value> {
     records
         .iter()
@@ -247,16 +266,7 @@ fn a_record_that_copies_nothing_takes_no_payload_room_in_the_ring() {
         port = port.trim(),
         file = file.display()
     );
-    let mut sender = spawn_python(&script);
-    let pid = sender.id();
-    let agent = Agent::start(&["--transport", "ringbuf", "--pid", &pid.to_string()]).unwrap();
-    sender.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    assert!(read_all(&mut sender).contains("done"));
-    sender.wait().unwrap();
-    agent.wait_for(Duration::from_secs(5), |r| {
-        r.iter().any(|x| x["type"] == "close" && x["pid"] == pid)
-    });
-    let records = agent.stop().unwrap();
+    let (pid, records) = trace_script(&script, &["--transport", "ringbuf"]);
     let sent: Vec<&Value> = data_of(&records, pid)
         .into_iter()
         .filter(|r| r["syscall"] == "sendfile")
@@ -380,16 +390,7 @@ fn regular_files_and_pipes_produce_no_events() {
         dir = dir.path().display(),
         port = server.port
     );
-    let mut child = spawn_python(&script);
-    let pid = child.id();
-    let agent = Agent::start(&["--pid", &pid.to_string()]).unwrap();
-    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    assert!(read_all(&mut child).contains("done"));
-    child.wait().unwrap();
-    agent.wait_for(Duration::from_secs(5), |r| {
-        r.iter().any(|x| x["type"] == "close" && x["pid"] == pid)
-    });
-    let records = agent.stop().unwrap();
+    let (pid, records) = trace_script(&script, &[]);
     let data = data_of(&records, pid);
     assert!(
         !data.is_empty(),
