@@ -539,6 +539,11 @@ pub const SOCKET_IGNORED: u8 = 2;
 /// A connection the agent muted (written by the agent): its data is no
 /// longer copied, its close is still reported.
 pub const SOCKET_MUTED: u8 = 3;
+/// A connection whose calls the agent still wants but not their bytes
+/// (written by the agent): it carries the agent's own exports, where which
+/// thread reads them matters (a proxy's onward hop is known by it), not
+/// what they say. Its records come with no payload.
+pub const SOCKET_BLIND: u8 = 4;
 
 /// SOCKETS value: what the kernel remembers about one (tgid, fd).
 #[repr(C)]

@@ -8,9 +8,9 @@
 //! as it pairs TCP 4-tuples, plus the listener's name.
 
 use agent_common::{
-    ConnCloseEvent, ConnOpenEvent, Counter, EventHeader, EventKind, Role, SOCKET_IGNORED,
-    SOCKET_MUTED, SOCKET_TRACKED, SockConn, SocketInfo, SocketKey, UNIX_NAME_LOCAL, UNIX_NAME_PEER,
-    UNIX_PATH_MAX, UnixOpenEvent,
+    ConnCloseEvent, ConnOpenEvent, Counter, EventHeader, EventKind, Role, SOCKET_BLIND,
+    SOCKET_IGNORED, SOCKET_MUTED, SOCKET_TRACKED, SockConn, SocketInfo, SocketKey, UNIX_NAME_LOCAL,
+    UNIX_NAME_PEER, UNIX_PATH_MAX, UnixOpenEvent,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -413,7 +413,7 @@ pub fn lookup<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) -> Option<SocketI
     };
     // SAFETY: the value is copied out at once.
     match unsafe { SOCKETS.get(&key) } {
-        Some(info) if info.state == SOCKET_TRACKED => Some(*info),
+        Some(info) if reported(info.state) => Some(*info),
         Some(_) => None,
         None => register(ctx, pid_tgid, fd, Role::Unknown),
     }
@@ -429,15 +429,25 @@ pub fn known(pid_tgid: u64, fd: i32) -> Option<SocketInfo> {
     };
     // SAFETY: the value is copied out at once.
     match unsafe { SOCKETS.get(&key) } {
-        Some(info) if info.state == SOCKET_TRACKED => Some(*info),
+        Some(info) if reported(info.state) => Some(*info),
         _ => None,
     }
 }
 
+/// Whether the calls of a socket in `state` are reported: a traced
+/// connection's, or a blind one's (without their bytes).
+#[inline(always)]
+pub fn reported(state: u8) -> bool {
+    state == SOCKET_TRACKED || state == SOCKET_BLIND
+}
+
 /// What SOCKETS already says of an fd.
+#[derive(Clone, Copy)]
 pub enum Known {
     /// A traced connection.
     Tracked(u64),
+    /// A traced connection whose bytes are not copied ([`SOCKET_BLIND`]).
+    Blind(u64),
     /// Needs no copying: not a traced socket, or a connection the agent
     /// muted (counted).
     Untraced,
@@ -454,12 +464,27 @@ pub fn known_state(pid_tgid: u64, fd: i32) -> Known {
     // SAFETY: the value is read at once.
     match unsafe { SOCKETS.get(&key) } {
         Some(info) if info.state == SOCKET_TRACKED => Known::Tracked(info.conn_id),
+        Some(info) if info.state == SOCKET_BLIND => Known::Blind(info.conn_id),
         Some(info) if info.state == SOCKET_MUTED => {
             count(Counter::MutedCalls, 1);
             Known::Untraced
         }
         Some(_) => Known::Untraced,
         None => Known::Unknown,
+    }
+}
+
+impl Known {
+    /// For a data call's hooks: `None` when it needs no record,
+    /// else the connection (0: not known yet) and whether it is blind.
+    #[inline(always)]
+    pub fn for_call(self) -> Option<(u64, bool)> {
+        match self {
+            Known::Tracked(conn_id) => Some((conn_id, false)),
+            Known::Blind(conn_id) => Some((conn_id, true)),
+            Known::Unknown => Some((0, false)),
+            Known::Untraced => None,
+        }
     }
 }
 
@@ -474,7 +499,7 @@ pub fn forget<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32) {
         return;
     };
     let _ = SOCKETS.remove(&key);
-    if info.state == SOCKET_TRACKED || info.state == SOCKET_MUTED {
+    if reported(info.state) || info.state == SOCKET_MUTED {
         let _ = SOCK_CONNS.remove(&info.sk);
         forget_lost(info.conn_id);
         let event = ConnCloseEvent {

@@ -19,8 +19,8 @@
 //! return value (`long ret`) at offset 16.
 
 use agent_common::{
-    Counter, DataEvent, Direction, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, Syscall,
-    TRANSPORT_PERF,
+    Counter, DataEvent, Direction, EventKind, MAX_CAPTURE_BYTES, MAX_IOVECS, Role, SOCKET_BLIND,
+    Syscall, TRANSPORT_PERF,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -70,6 +70,9 @@ pub struct PendingCall {
     /// syscall moves bytes of the file it resolved at entry, so this is
     /// the right one even if another thread reuses the fd meanwhile.
     conn_id: u64,
+    /// Non-zero when the enter hook found the connection blind: its bytes
+    /// are not copied ([`agent_common::SOCKET_BLIND`]).
+    blind: u8,
 }
 
 impl PendingCall {
@@ -85,6 +88,7 @@ impl PendingCall {
             len,
             ts_ns: 0,
             conn_id: 0,
+            blind: 0,
         }
     }
 }
@@ -263,13 +267,12 @@ fn remember(syscall: Syscall, fd: i32, ptr: u64, len: u64, vectored: bool) {
     if !selected((pid_tgid >> 32) as u32) {
         return;
     }
-    let conn_id = match socket::known_state(pid_tgid, fd) {
-        socket::Known::Untraced => return,
-        socket::Known::Tracked(conn_id) => conn_id,
-        socket::Known::Unknown => 0,
+    let Some((conn_id, blind)) = socket::known_state(pid_tgid, fd).for_call() else {
+        return;
     };
     let mut call = PendingCall::new(syscall as u8, fd, ptr, len, vectored);
     call.conn_id = conn_id;
+    call.blind = blind as u8;
     if syscall.direction() == Direction::Egress {
         // SAFETY: helper without preconditions.
         call.ts_ns = unsafe { bpf_ktime_get_ns() };
@@ -481,13 +484,12 @@ fn try_sys_exit_receive(ctx: &TracePointContext) -> Result<(), ()> {
         _ => return Ok(()),
     };
     let fd = args.di as i32;
-    let conn_id = match socket::known_state(pid_tgid, fd) {
-        socket::Known::Untraced => return Ok(()),
-        socket::Known::Tracked(conn_id) => conn_id,
-        socket::Known::Unknown => 0,
+    let Some((conn_id, blind)) = socket::known_state(pid_tgid, fd).for_call() else {
+        return Ok(());
     };
     let mut call = PendingCall::new(syscall as u8, fd, ptr, len, vectored);
     call.conn_id = conn_id;
+    call.blind = blind as u8;
     // SAFETY: read at once; only this thread writes its entry.
     call.tls = entry(pid_tgid).map_or(0, |entry| unsafe { (*entry).tls });
     emit(ctx, pid_tgid, &call, moved as u64)
@@ -496,10 +498,11 @@ fn try_sys_exit_receive(ctx: &TracePointContext) -> Result<(), ()> {
 /// Emits the `moved` bytes of `call`, a data syscall that returned.
 #[inline(always)]
 fn emit(ctx: &TracePointContext, pid_tgid: u64, call: &PendingCall, moved: u64) -> Result<(), ()> {
-    let conn_id = if call.conn_id != 0 {
-        call.conn_id
+    let (conn_id, blind) = if call.conn_id != 0 {
+        (call.conn_id, call.blind != 0)
     } else {
-        socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?.conn_id
+        let info = socket::lookup(ctx, pid_tgid, call.fd).ok_or(())?;
+        (info.conn_id, info.state == SOCKET_BLIND)
     };
     // Inside a TLS library call these bytes are ciphertext: a read's
     // plaintext is sent when the call returns, a write's now, in place of
@@ -515,6 +518,9 @@ fn emit(ctx: &TracePointContext, pid_tgid: u64, call: &PendingCall, moved: u64) 
         // Stamped as the socket send that carries it.
         tls::Inside::Write { buf, len } => (Syscall::TlsWrite as u8, len, buf, 0),
     };
+    // A blind connection's record goes without its bytes: nothing to copy
+    // from (see `ring_data` and the staging copy below).
+    let ptr = if blind { 0 } else { ptr };
     let want = min(moved, u64::from(config!(capture_bytes)));
     let (unit, unit_seq) = runtime::current_unit((pid_tgid >> 32) as u32);
     // SAFETY: helper without preconditions.

@@ -21,7 +21,7 @@
 //! so return probes (uretprobes) are safe here.
 
 use agent_common::{
-    Counter, DataEvent, EventKind, Syscall, TRANSPORT_PERF, TlsLayout, TlsSessionKey,
+    Counter, DataEvent, EventKind, SOCKET_BLIND, Syscall, TRANSPORT_PERF, TlsLayout, TlsSessionKey,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -240,7 +240,15 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         count(Counter::TlsNoSocket, 1);
         return Ok(());
     };
-    let want = if moved < u64::from(crate::config!(capture_bytes)) {
+    // A blind connection's plaintext is not copied either.
+    let buf = if conn.state == SOCKET_BLIND {
+        0
+    } else {
+        call.buf
+    };
+    let want = if buf == 0 {
+        0
+    } else if moved < u64::from(crate::config!(capture_bytes)) {
         moved
     } else {
         u64::from(crate::config!(capture_bytes))
@@ -270,7 +278,7 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
     // The plaintext is one buffer: straight into the ring buffer, as a
     // clear-text receive's bytes go.
     if crate::config!(transport) != TRANSPORT_PERF {
-        ring_data(&event, call.buf, want);
+        ring_data(&event, buf, want);
         return Ok(());
     }
     let Some(mut guard) = ScratchGuard::acquire() else {
@@ -278,7 +286,7 @@ fn try_tls_return(ctx: &RetProbeContext) -> Result<(), ()> {
         return Err(());
     };
     let scratch = guard.get();
-    let captured = if copy_user(&mut scratch.payload, 0, call.buf, want) {
+    let captured = if want != 0 && copy_user(&mut scratch.payload, 0, buf, want) {
         want & SIZE_MASK
     } else {
         0

@@ -157,6 +157,14 @@ impl Rotel {
             .clone()
     }
 
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .id()
+    }
+
     /// Names of the spans rotel printed so far (its `Name           : …` lines).
     pub fn span_names(&self) -> Vec<String> {
         span_names(&self.log())

@@ -5,7 +5,8 @@
 //! a CA that did not sign the collector's certificate fails every export,
 //! counted in /metrics and logged as an error, while the agent runs on; a
 //! bad PEM file stops the start with exit code 2. The agent's own TLS
-//! exports are never traced.
+//! exports are never traced, and a collector on this host reads them
+//! without the kernel copying their bytes.
 
 use std::{
     process::{Command, Stdio},
@@ -15,7 +16,7 @@ use std::{
 
 use zerotrace_tests::{
     Agent, agent_bin, can_trace, free_port,
-    rotel::Rotel,
+    rotel::{Rotel, span_names},
     servers::{PythonApp, curl},
     spans::WAIT,
     stats::metric,
@@ -227,6 +228,77 @@ fn a_same_host_proxys_hop_to_the_collector_is_not_traced() {
         "nginx's hop to rotel's HTTP port {port} was traced:\n{}",
         s.rotel.log()
     );
+}
+
+/// A collector on this host reads the agent's exports through traced
+/// syscalls. The kernel goes on reporting those reads (a proxy's onward hop
+/// is known by them, see above) but copies none of their bytes: the spans
+/// would be copied once more for every hop, to be thrown away.
+#[test]
+fn a_same_host_collectors_reads_of_the_exports_are_not_copied() {
+    if !can_trace() {
+        return;
+    }
+    let rotel = Rotel::start().unwrap();
+    let listen = free_port();
+    let addr = format!("127.0.0.1:{listen}");
+    let pid = rotel.pid().to_string();
+    // Only rotel is traced; the agent's interval spans are the exports.
+    let agent = Agent::run(
+        &[
+            "--listen",
+            &addr,
+            "--pid",
+            &pid,
+            "--telemetry-interval",
+            "1",
+            "--otlp-endpoint",
+            &rotel.grpc_endpoint(),
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[BATCH],
+    )
+    .unwrap();
+    let exports = |at_least: usize| {
+        rotel
+            .wait_for_log(WAIT, &format!("{at_least} interval spans"), |log| {
+                span_names(log)
+                    .iter()
+                    .filter(|n| *n == "ebpf.buffer.read")
+                    .count()
+                    >= at_least
+            })
+            .unwrap();
+        // /metrics is refreshed once a second.
+        thread::sleep(Duration::from_millis(1500));
+        let read = |name| metric(listen, name).unwrap_or(0.0);
+        (
+            read("zerotrace_events_total"),
+            read("zerotrace_event_bytes_total"),
+        )
+    };
+    // The first export may be read before the agent has told the kernel.
+    let seen = rotel
+        .span_names()
+        .iter()
+        .filter(|n| *n == "ebpf.buffer.read")
+        .count();
+    let (records_before, bytes_before) = exports(seen.max(2));
+    let (records_after, bytes_after) = exports(seen.max(2) + 4);
+    let (records, bytes) = (records_after - records_before, bytes_after - bytes_before);
+    assert!(
+        records >= 4.0,
+        "rotel's reads of 4 exports are reported: {records} records"
+    );
+    // A record without payload is its header, under 128 bytes; one export
+    // of an interval span with its resource is over 500.
+    assert!(
+        bytes / records < 128.0,
+        "{bytes} bytes in {records} records: rotel's reads of the exports were copied"
+    );
+    assert!(metric(listen, "zerotrace_connections_muted_total").unwrap_or(0.0) >= 1.0);
+    drop(agent);
 }
 
 /// Runs the agent with `args` and metrics on a free port; makes spans the

@@ -12,8 +12,8 @@ use std::{
 
 use agent_common::{
     CONFIG_GLOBAL, COUNTER_SLOTS, Counter, FILTER_ALL, FILTER_SELECTED, KernelConfig,
-    MAX_CAPTURE_BYTES, SOCKET_MUTED, SOCKET_TRACKED, SocketInfo, SocketKey, TRANSPORT_PERF,
-    TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps, ring_wake,
+    MAX_CAPTURE_BYTES, SOCKET_BLIND, SOCKET_MUTED, SOCKET_TRACKED, SocketInfo, SocketKey,
+    TRANSPORT_PERF, TRANSPORT_RINGBUF, ThreadLayout, TlsLayout, maps, ring_wake,
 };
 use anyhow::{Context, bail};
 use aya::{
@@ -975,10 +975,11 @@ impl Probes {
     }
 
     /// Stops the kernel copying the data of connection `conn_id` on
-    /// (`tgid`, `fd`); its close is still reported. Only that connection:
-    /// when the fd already holds another one, nothing changes. Returns
-    /// whether it was muted.
-    pub fn mute(&mut self, tgid: u32, fd: i32, conn_id: u64) -> bool {
+    /// (`tgid`, `fd`); its close is still reported, and when `blind` its
+    /// calls too, without their bytes. Only that connection: when the fd
+    /// already holds another one, nothing changes. Returns whether it was
+    /// muted.
+    pub fn mute(&mut self, tgid: u32, fd: i32, conn_id: u64, blind: bool) -> bool {
         let Some(map) = self.ebpf.map_mut(maps::SOCKETS) else {
             return false;
         };
@@ -988,7 +989,7 @@ impl Probes {
         let key = SocketKey { tgid, fd };
         match map.get(&key, 0) {
             Ok(mut info) if info.conn_id == conn_id && info.state == SOCKET_TRACKED => {
-                info.state = SOCKET_MUTED;
+                info.state = if blind { SOCKET_BLIND } else { SOCKET_MUTED };
                 // BPF_EXIST (2): never re-creates an entry the kernel
                 // removed at close in the meantime.
                 map.insert(key, info, 2).is_ok()

@@ -141,7 +141,7 @@ impl Consumer for Tracing<'_> {
         self.state.heartbeat();
         self.tracer.end_round(crate::capture::monotonic_ns());
         for m in self.tracer.mutes.drain(..) {
-            if pipeline.probes.mute(m.tgid, m.fd, m.conn_id) {
+            if pipeline.probes.mute(m.tgid, m.fd, m.conn_id, m.blind) {
                 self.muted += 1;
             }
         }

@@ -441,7 +441,7 @@ impl Collector for SnapshotCollector {
             ("zerotrace_export_errors_total", "Spans whose export failed.", Counter, &[], s.export_errors),
             ("zerotrace_export_queue_spans", "Spans waiting in the export queue.", Gauge, &[], s.queue_depth),
             ("zerotrace_connections_open", "Connections being traced.", Gauge, &[], s.connections_open),
-            ("zerotrace_connections_muted_total", "Connections the kernel stopped copying: their protocol is unknown, or their process is excluded.", Counter, &[], s.connections_muted),
+            ("zerotrace_connections_muted_total", "Connections the kernel stopped copying: their protocol is unknown, their process is excluded, or they carry the agent's own exports.", Counter, &[], s.connections_muted),
             ("zerotrace_muted_calls_total", "Socket calls of muted connections the kernel did not copy.", Counter, &[], s.muted_calls),
             ("zerotrace_stream_holes_total", "Holes in connections' streams left by lost records: the messages they cut end early or unanswered instead of pairing with later ones.", Counter, &[], s.stream_holes),
         ];

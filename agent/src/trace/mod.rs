@@ -141,12 +141,17 @@ pub struct TraceStats {
 const MAX_MUTES: usize = 4096;
 
 /// A connection whose bytes the tracer will never use (its protocol is
-/// unknown, or its process excluded): the kernel may stop copying them.
+/// unknown, its process excluded, or it carries the agent's own exports):
+/// the kernel may stop copying them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mute {
     pub conn_id: u64,
     pub tgid: u32,
     pub fd: i32,
+    /// Its calls are still reported, without their bytes: a connection
+    /// carrying exports, whose reader's next connection may forward them
+    /// (see `Adjacency::connected`).
+    pub blind: bool,
 }
 
 /// How a request begins, whatever its protocol.
@@ -346,6 +351,7 @@ impl Tracer {
                     state.ignored = true;
                     state.exports = true;
                     self.stats.connections_ignored += 1;
+                    self.mute(conn, true);
                 }
                 self.conns.insert(conn.conn_id, state);
             }
@@ -357,18 +363,23 @@ impl Tracer {
                 let Some(state) = self.conns.get_mut(&conn.conn_id) else {
                     return;
                 };
+                let mut blind = false;
                 if state.fresh {
                     state.fresh = false;
                     if !state.ignored && conn.remote.inet().is_some_and(|r| self.own.knows(r)) {
                         state.ignored = true;
                         state.exports = true;
                         self.stats.connections_ignored += 1;
+                        blind = true;
                     }
                 }
                 if state.ignored {
                     if state.exports {
                         self.adjacency
                             .on_exports((conn.tgid, data.header.tid), conn.conn_id);
+                    }
+                    if blind {
+                        self.mute(conn, true);
                     }
                     return;
                 }
@@ -473,9 +484,12 @@ impl Tracer {
         if ignored {
             self.stats.connections_ignored += 1;
         }
-        // Exports stay: a proxy's forwarding of them is followed by their data.
         if excluded {
-            self.mute(conn);
+            self.mute(conn, false);
+        } else if exports {
+            // Its calls stay: a proxy's forwarding of them is known by
+            // which thread reads them. Their bytes (the spans) go unread.
+            self.mute(conn, true);
         }
         ConnTrace {
             session: Session::new(
@@ -496,14 +510,15 @@ impl Tracer {
         }
     }
 
-    /// Asks for `conn` to be muted in the kernel (fd-less connections,
-    /// seen by kernel functions only, cannot be).
-    fn mute(&mut self, conn: &Connection) {
+    /// Asks for `conn` to be muted in the kernel, or made `blind` (fd-less
+    /// connections, seen by kernel functions only, cannot be).
+    fn mute(&mut self, conn: &Connection, blind: bool) {
         if conn.fd >= 0 && self.mutes.len() < MAX_MUTES {
             self.mutes.push(Mute {
                 conn_id: conn.conn_id,
                 tgid: conn.tgid,
                 fd: conn.fd,
+                blind,
             });
         }
     }
@@ -534,7 +549,7 @@ impl Tracer {
                         .get(&conn.conn_id)
                         .is_some_and(|c| c.session.tls() == Tls::None);
                     if clear {
-                        self.mute(conn);
+                        self.mute(conn, false);
                     }
                 }
                 Event::Db(DbEvent::Request { seq, start }) => {
@@ -1869,7 +1884,8 @@ mod tests {
             [Mute {
                 conn_id: 1,
                 tgid: 10,
-                fd: 1
+                fd: 1,
+                blind: false,
             }]
         );
         // Encrypted: its plaintext would come through the same kernel
@@ -1901,6 +1917,37 @@ mod tests {
         t.on_record(Record::Opened(&app));
         data(&mut t, &app, 5, 5, Syscall::Write, REQ);
         assert_eq!(t.mutes.len(), 1, "HTTP over a unix socket is traced");
+    }
+
+    /// A collector on this host reading the agent's exports: its calls
+    /// stay (a proxy's onward hop is known by them), their bytes are not
+    /// copied — whether the agent's connect was known at the accept or only
+    /// at the first byte.
+    #[test]
+    fn a_connection_carrying_the_exports_is_made_blind_once() {
+        let (mut t, mut rx) = tracer();
+        t.own.insert("127.0.0.1:50000".parse().unwrap());
+        let known = conn(1, Role::Server, "127.0.0.1:4317", "127.0.0.1:50000");
+        t.on_record(Record::Opened(&known));
+        data(&mut t, &known, 5, 1, Syscall::Read, REQ);
+        data(&mut t, &known, 5, 2, Syscall::Write, RESP);
+        let blind = |c: &Connection| Mute {
+            conn_id: c.conn_id,
+            tgid: c.tgid,
+            fd: c.fd,
+            blind: true,
+        };
+        assert_eq!(t.mutes, [blind(&known)]);
+        t.mutes.clear();
+        let later = conn(2, Role::Server, "127.0.0.1:4317", "127.0.0.1:50001");
+        t.on_record(Record::Opened(&later));
+        assert!(t.mutes.is_empty(), "{:?}", t.mutes);
+        t.own.insert("127.0.0.1:50001".parse().unwrap());
+        data(&mut t, &later, 5, 3, Syscall::Read, REQ);
+        data(&mut t, &later, 5, 4, Syscall::Write, RESP);
+        assert_eq!(t.mutes, [blind(&later)]);
+        let spans = exported(&mut t, &mut rx);
+        assert!(spans.is_empty(), "the exports are not traced: {spans:?}");
     }
 
     #[test]
