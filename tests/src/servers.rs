@@ -76,6 +76,11 @@ impl Nginx {
         Self::start_with(upstream_port, None)
     }
 
+    /// The master process (the worker is its child).
+    pub fn pid(&self) -> u32 {
+        self.master.id()
+    }
+
     /// The same server over TLS only (`listen … ssl`, HTTP/1.1): the
     /// certificate of `ca` for 127.0.0.1; `/api/` is still proxied to the
     /// app in clear text.

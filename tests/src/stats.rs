@@ -120,6 +120,58 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     })
 }
 
+/// User + system CPU seconds of process `root` and every process below it
+/// (all their threads; a server's workers and backends are its children),
+/// from /proc/PID/stat. Processes that exited in between are not counted.
+pub fn tree_cpu_seconds(root: u32) -> f64 {
+    // pid → (parent, ticks)
+    let mut procs = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: ppid is field 4, utime
+        // 14, stime 15.
+        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(ppid), Some(utime), Some(stime)) = (field(4), field(14), field(15)) {
+            procs.insert(pid, (ppid as u32, utime + stime));
+        }
+    }
+    let below_root = |mut pid: u32| {
+        // Bounded: a parent chain is short, and a cycle cannot happen in
+        // one snapshot but costs nothing to guard against.
+        for _ in 0..64 {
+            if pid == root {
+                return true;
+            }
+            match procs.get(&pid) {
+                Some(&(parent, _)) if parent != 0 => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let ticks: u64 = procs
+        .iter()
+        .filter(|(pid, _)| below_root(**pid))
+        .map(|(_, (_, ticks))| ticks)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
 /// CPU time the whole host spent busy (every CPU, user + system + irq,
 /// not idle or iowait), seconds, from /proc/stat.
 pub fn host_busy_seconds() -> f64 {

@@ -30,7 +30,10 @@ use zerotrace_tests::{
     nesting,
     otlp::{Protocol, Receiver},
     servers::{Nginx, PythonApp, curl},
-    stats::{get_raw, host_busy_seconds, metrics, metrics_text, parse_metric_by, proc_stats},
+    stats::{
+        get_raw, host_busy_seconds, metrics, metrics_text, parse_metric_by, proc_stats,
+        tree_cpu_seconds,
+    },
     tls::TestCa,
 };
 
@@ -401,12 +404,32 @@ impl Servers {
         Ok(servers)
     }
 
-    /// Runs `workload` for about `seconds`; also returns the host's busy
-    /// CPU seconds over the run.
-    fn measured_load(&self, workload: Workload, seconds: u64) -> anyhow::Result<(LoadResult, f64)> {
+    /// Runs `workload` for about `seconds`, measuring the host's and the
+    /// server's CPU time over the run.
+    fn measured_load(&self, workload: Workload, seconds: u64) -> anyhow::Result<Measured> {
+        let server = self.server_pid(workload);
         let busy = host_busy_seconds();
-        let r = self.load(workload, seconds)?;
-        Ok((r, host_busy_seconds() - busy))
+        let served = tree_cpu_seconds(server);
+        let load = self.load(workload, seconds)?;
+        Ok(Measured {
+            server_cpu_seconds: tree_cpu_seconds(server) - served,
+            host_busy_seconds: host_busy_seconds() - busy,
+            load,
+        })
+    }
+
+    /// The process (with its children) that serves `workload`: the traced
+    /// application, whose own threads run the programs of its syscalls.
+    fn server_pid(&self, workload: Workload) -> u32 {
+        match workload {
+            Workload::Nginx => self.nginx.pid(),
+            Workload::NginxHttps => self.nginx_https.pid(),
+            Workload::Redis => self.redis.pid,
+            Workload::RedisUnix => self.redis_unix.server.id(),
+            Workload::UnixUnknown => self.pingpong.server.id(),
+            Workload::Pgbench => self.pg.pid,
+            Workload::Fastapi => self.models.pid,
+        }
     }
 
     /// Runs `workload` for about `seconds`.
@@ -533,14 +556,27 @@ fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, name: &s
     after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
 }
 
-fn load_fields((r, busy): &(LoadResult, f64)) -> Value {
-    let host_cpu_us_per_request = if r.requests > 0 {
-        busy * 1e6 / r.requests as f64
-    } else {
-        0.0
+/// A load and the CPU time spent while it ran.
+struct Measured {
+    load: LoadResult,
+    /// Every CPU's busy time.
+    host_busy_seconds: f64,
+    /// The serving processes' own user + system time.
+    server_cpu_seconds: f64,
+}
+
+fn load_fields(m: &Measured) -> Value {
+    let r = &m.load;
+    let per_request = |seconds: f64| {
+        if r.requests > 0 {
+            seconds * 1e6 / r.requests as f64
+        } else {
+            0.0
+        }
     };
     json!({
-        "host_cpu_us_per_request": host_cpu_us_per_request,
+        "host_cpu_us_per_request": per_request(m.host_busy_seconds),
+        "server_cpu_us_per_request": per_request(m.server_cpu_seconds),
         "requests": r.requests,
         "seconds": r.seconds,
         "rps": r.rate(),
@@ -582,7 +618,7 @@ fn traced_run(
         let status = perf.wait()?;
         anyhow::ensure!(status.success(), "perf record failed: {status}");
     }
-    let result = &measured.0;
+    let result = &measured.load;
     let m2 = drain(port);
     let p1 = proc_stats(pid).context("agent gone")?;
 
@@ -630,7 +666,7 @@ fn kernel_window(servers: &Servers, workload: Workload, port: u16) -> anyhow::Re
     };
     let k0 = program_seconds(port);
     let r0 = program_runs(port);
-    let (load, _) = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?;
+    let load = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?.load;
     let k1 = program_seconds(port);
     let r1 = program_runs(port);
     let requests = load.requests.max(1) as f64;
@@ -682,7 +718,7 @@ fn floor_run(servers: &Servers, workload: Workload, seconds: u64) -> anyhow::Res
     let (window, (runs, ns)) = {
         let _stats = (!stats_throughout).then(HostProgramStats::on).transpose()?;
         let before = floor.read()?;
-        let (window, _) = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?;
+        let window = servers.measured_load(workload, KERNEL_WINDOW_SECONDS)?.load;
         let after = floor.read()?;
         (window, (after.0 - before.0, after.1 - before.1))
     };

@@ -142,6 +142,11 @@ struct Summary {
     floor_ns: f64,
     host_cpu_off_us: f64,
     host_cpu_on_us: f64,
+    /// The serving processes' own CPU per request (medians; 0 where the
+    /// runs did not measure it).
+    server_cpu_off_us: f64,
+    server_cpu_floor_us: f64,
+    server_cpu_on_us: f64,
     /// Largest over the runs with the agent.
     peak_rss_mib: f64,
     spans_made: f64,
@@ -276,6 +281,9 @@ fn summarize(runs: &[Value]) -> Vec<Summary> {
             floor_ns: med(&floor, "kernel_ns_per_request"),
             host_cpu_off_us: med(&off, "host_cpu_us_per_request"),
             host_cpu_on_us: med(&on, "host_cpu_us_per_request"),
+            server_cpu_off_us: med(&off, "server_cpu_us_per_request"),
+            server_cpu_floor_us: med(&floor, "server_cpu_us_per_request"),
+            server_cpu_on_us: med(&on, "server_cpu_us_per_request"),
             peak_rss_mib: on
                 .iter()
                 .map(|r| num(r, "agent_peak_rss_kib"))
@@ -316,13 +324,13 @@ fn floor_change(w: &Summary) -> String {
 
 fn summary_table(s: &[Summary]) -> String {
     let mut t = String::from(
-        "| workload | rounds | req/s off | req/s on | throughput | throughput, floor | p50 ms off → on | p99 ms off → on | agent CPU µs/req | agent CPU µs/span | kernel ns/req (BPF stats) | floor ns/req | kernel × floor | host CPU µs/req off → on | agent peak RSS |\n\
-         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| workload | rounds | req/s off | req/s on | throughput | throughput, floor | p50 ms off → on | p99 ms off → on | agent CPU µs/req | agent CPU µs/span | kernel ns/req (BPF stats) | floor ns/req | kernel × floor | host CPU µs/req off → on | server CPU µs/req off → floor → on | agent peak RSS |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for w in s {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} ({} … {}) | {} | {:.2} → {:.2} ({}) | {:.2} → {:.2} ({}) | {:.1} | {:.2} | {} | {} | {} | {:.1} → {:.1} | {:.1} MiB |",
+            "| {} | {} | {} | {} | {} ({} … {}) | {} | {:.2} → {:.2} ({}) | {:.2} → {:.2} ({}) | {:.1} | {:.2} | {} | {} | {} | {:.1} → {:.1} | {} | {:.1} MiB |",
             w.workload,
             w.rounds,
             grouped(w.rps_off),
@@ -352,10 +360,30 @@ fn summary_table(s: &[Summary]) -> String {
             },
             w.host_cpu_off_us,
             w.host_cpu_on_us,
+            server_cpu(w),
             w.peak_rss_mib,
         );
     }
     t
+}
+
+/// The server's own CPU per request without the agent, with the empty
+/// programs and with the agent, and the growth of the last.
+fn server_cpu(w: &Summary) -> String {
+    if w.server_cpu_off_us <= 0.0 {
+        return "–".into();
+    }
+    let floor = if w.server_cpu_floor_us > 0.0 {
+        format!("{:.1} → ", w.server_cpu_floor_us)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:.1} → {floor}{:.1} ({})",
+        w.server_cpu_off_us,
+        w.server_cpu_on_us,
+        pct_change(w.server_cpu_on_us / w.server_cpu_off_us)
+    )
 }
 
 fn accounting_table(s: &[Summary]) -> String {
@@ -401,8 +429,8 @@ fn kernel_table(s: &[Summary]) -> String {
 
 fn runs_table(runs: &[Value]) -> String {
     let mut t = String::from(
-        "| workload | round | agent | requests | req/s | p50 ms | p99 ms | agent CPU µs/req | kernel ns/req | host CPU µs/req |\n\
-         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| workload | round | agent | requests | req/s | p50 ms | p99 ms | agent CPU µs/req | kernel ns/req | host CPU µs/req | server CPU µs/req |\n\
+         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in runs {
         let opt = |key: &str, f: &dyn Fn(f64) -> String| {
@@ -410,7 +438,7 @@ fn runs_table(runs: &[Value]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {} | {:.1} | {} |",
             r["workload"].as_str().unwrap_or("?"),
             num(r, "round"),
             r["mode"].as_str().unwrap_or("?"),
@@ -421,6 +449,7 @@ fn runs_table(runs: &[Value]) -> String {
             opt("agent_cpu_us_per_request", &|v| format!("{v:.1}")),
             opt("kernel_ns_per_request", &|v| grouped(v)),
             num(r, "host_cpu_us_per_request"),
+            opt("server_cpu_us_per_request", &|v| format!("{v:.1}")),
         );
     }
     t
@@ -433,17 +462,28 @@ fn targets_table(s: &[Summary]) -> String {
     for (name, limit) in [("nginx", 25.0), ("fastapi", 2.0)] {
         if let Some(w) = find(name) {
             let loss = (1.0 - w.throughput_ratio) * 100.0;
-            let floor = if w.floor_throughput_ratio > 0.0 {
-                format!(
-                    " (the empty programs alone: {:.1} %)",
+            let mut why = Vec::new();
+            if w.floor_throughput_ratio > 0.0 {
+                why.push(format!(
+                    "the empty programs alone: {:.1} %",
                     (1.0 - w.floor_throughput_ratio) * 100.0
-                )
-            } else {
+                ));
+            }
+            // How much of the loss the application pays in its own threads.
+            if w.server_cpu_off_us > 0.0 {
+                why.push(format!(
+                    "the server's own CPU per request {}",
+                    pct_change(w.server_cpu_on_us / w.server_cpu_off_us)
+                ));
+            }
+            let why = if why.is_empty() {
                 String::new()
+            } else {
+                format!(" ({})", why.join("; "))
             };
             rows.push((
                 format!("throughput loss at {name} saturation ≤ {limit} %"),
-                format!("{loss:.1} %{floor}"),
+                format!("{loss:.1} %{why}"),
                 Some(loss <= limit),
             ));
         }
@@ -543,7 +583,12 @@ fn render(runs: &[Value], s: &[Summary], m: &Machine, opts: &Options) -> String 
          bench/results/program-stats.md), so throughput, latency and agent CPU are those of the \
          defaults (before 2026-12-05 the statistics were on for the whole run and these figures \
          paid for them); host CPU is the busy time of all CPUs (/proc/stat) over the load, per \
-         request, so its growth is the whole cost of tracing on this host. A third run per \
+         request, so its growth is the whole cost of tracing on this host; server CPU is the \
+         user+system time of the serving processes alone (the server and its children: nginx's \
+         master and worker, PostgreSQL's backends, uvicorn) per request, whose growth is what the \
+         traced application itself pays, in its own threads (the programs its syscalls run, \
+         the syscalls' slower traced path, the probes' traps), apart from the CPUs it shares \
+         with the agent. A third run per \
          round has no agent but the *floor*: the eBPF object's empty program attached to the \
          same tracepoints (`zerotrace bench-floor`), measured the same way (its load without \
          the statistics, its kernel time over a window with them on; before 2026-12-06 they \
@@ -671,6 +716,7 @@ mod tests {
             "requests": rps * 10.0, "seconds": 10.0, "rps": rps,
             "p50_ms": 1.0, "p99_ms": p99, "errors": 0,
             "host_cpu_us_per_request": if mode == "on" { 30.0 } else { 20.0 },
+            "server_cpu_us_per_request": match mode { "on" => 12.0, "floor" => 11.0, _ => 10.0 },
         });
         if mode == "on" {
             let extra = serde_json::json!({
@@ -735,13 +781,13 @@ mod tests {
         let s = summarize(&runs());
         let t = summary_table(&s);
         assert!(
-            t.contains("| nginx | 3 | 1,000 | 960 | -4.0 % (-10.0 % … -1.0 %) | -0.5 % | 1.00 → 1.00 (±0.0 %) | 2.00 → 2.00 (±0.0 %) | 5.0 | 5.00 | 900 | 300 | 3.0 | 20.0 → 30.0 | 43.0 MiB |"),
+            t.contains("| nginx | 3 | 1,000 | 960 | -4.0 % (-10.0 % … -1.0 %) | -0.5 % | 1.00 → 1.00 (±0.0 %) | 2.00 → 2.00 (±0.0 %) | 5.0 | 5.00 | 900 | 300 | 3.0 | 20.0 → 30.0 | 10.0 → 11.0 → 12.0 (+20.0 %) | 43.0 MiB |"),
             "{t}"
         );
         let targets = targets_table(&s);
         assert!(
             targets.contains(
-                "| throughput loss at nginx saturation ≤ 25 % | 4.0 % (the empty programs alone: 0.5 %) | yes |"
+                "| throughput loss at nginx saturation ≤ 25 % | 4.0 % (the empty programs alone: 0.5 %; the server's own CPU per request +20.0 %) | yes |"
             ),
             "{targets}"
         );
