@@ -122,7 +122,9 @@ pub fn proc_stats(pid: u32) -> Option<ProcStats> {
 
 /// User + system CPU seconds of process `root` and every process below it
 /// (all their threads; a server's workers and backends are its children),
-/// from /proc/PID/stat. Processes that exited in between are not counted.
+/// from /proc/PID/stat. A child that exited and was waited for is counted
+/// in its parent's children's times (PostgreSQL's backends end with their
+/// connections).
 pub fn tree_cpu_seconds(root: u32) -> f64 {
     // pid → (parent, ticks)
     let mut procs = std::collections::HashMap::new();
@@ -138,14 +140,16 @@ pub fn tree_cpu_seconds(root: u32) -> f64 {
             continue;
         };
         // Fields after the parenthesised command: ppid is field 4, utime
-        // 14, stime 15.
+        // 14, stime 15, the waited-for children's cutime 16 and cstime 17.
         let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-        if let (Some(ppid), Some(utime), Some(stime)) = (field(4), field(14), field(15)) {
-            procs.insert(pid, (ppid as u32, utime + stime));
+        let own = field(14).zip(field(15)).map(|(u, s)| u + s);
+        let children = field(16).zip(field(17)).map(|(u, s)| u + s);
+        if let (Some(ppid), Some(own), Some(children)) = (field(4), own, children) {
+            procs.insert(pid, (ppid as u32, own + children));
         }
     }
     let below_root = |mut pid: u32| {
