@@ -98,14 +98,9 @@ pub struct ProcStats {
 /// process is gone.
 pub fn proc_stats(pid: u32) -> Option<ProcStats> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold
-    // spaces: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3)?.parse::<u64>().ok();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu_seconds = (ticks(14)? + ticks(15)?) as f64 / hz;
+    // utime and stime.
+    let fields = StatFields::of(&stat)?;
+    let cpu_seconds = (fields.get(14)? + fields.get(15)?) as f64 / ticks_per_second();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| {
         status
@@ -139,13 +134,12 @@ pub fn tree_cpu_seconds(root: u32) -> f64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        // Fields after the parenthesised command: ppid is field 4, utime
-        // 14, stime 15, the waited-for children's cutime 16 and cstime 17.
-        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 2..]) else {
+        let Some(fields) = StatFields::of(&stat) else {
             continue;
         };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        // ppid, then utime and stime, then the waited-for children's
+        // cutime and cstime.
+        let field = |n| fields.get(n);
         let own = field(14).zip(field(15)).map(|(u, s)| u + s);
         let children = field(16).zip(field(17)).map(|(u, s)| u + s);
         if let (Some(ppid), Some(own), Some(children)) = (field(4), own, children) {
@@ -171,9 +165,7 @@ pub fn tree_cpu_seconds(root: u32) -> f64 {
         .filter(|(pid, _)| below_root(**pid))
         .map(|(_, (_, ticks))| ticks)
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
+    ticks as f64 / ticks_per_second()
 }
 
 /// CPU time the whole host spent busy (every CPU, user + system + irq,
@@ -199,9 +191,29 @@ pub fn host_busy_seconds() -> f64 {
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, t)| t)
         .sum();
+    busy as f64 / ticks_per_second()
+}
+
+/// The fields of a /proc/PID/stat line after the command name, which is
+/// in parentheses and may hold spaces; numbered as proc(5) numbers them.
+struct StatFields<'a>(Vec<&'a str>);
+
+impl<'a> StatFields<'a> {
+    fn of(stat: &'a str) -> Option<Self> {
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        Some(Self(rest.split_whitespace().collect()))
+    }
+
+    /// Field `n` (state is 3, ppid 4, utime 14, …) as a number.
+    fn get(&self, n: usize) -> Option<u64> {
+        self.0.get(n.checked_sub(3)?)?.parse().ok()
+    }
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    busy as f64 / hz
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 #[cfg(test)]
@@ -229,5 +241,32 @@ mod tests {
         assert!(s.rss_kib > 0 && s.peak_rss_kib >= s.rss_kib, "{s:?}");
         assert!(proc_stats(u32::MAX).is_none());
         assert!(host_busy_seconds() > 0.0);
+    }
+
+    #[test]
+    fn a_process_tree_counts_its_live_children_and_those_waited_for() {
+        let me = std::process::id();
+        let spin = || {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        };
+        let before = tree_cpu_seconds(me);
+        let mut live = spin();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let during = tree_cpu_seconds(me);
+        live.kill().unwrap();
+        live.wait().unwrap();
+        assert!(during - before >= 0.15, "a live child: {before} → {during}");
+        let mut ended = spin();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        ended.kill().unwrap();
+        ended.wait().unwrap();
+        let after = tree_cpu_seconds(me);
+        // Both children are gone; their time stays, in this process's
+        // children's times.
+        assert!(after - during >= 0.15, "waited for: {during} → {after}");
+        assert_eq!(tree_cpu_seconds(u32::MAX), 0.0);
     }
 }
